@@ -1,0 +1,1 @@
+"""pgguard.wire package."""
