@@ -1,0 +1,354 @@
+"""One agent session: start-up, then the client <-> upstream relay with the gate in the path.
+
+The relay is callback-driven (``Link.on_data``): client bytes go through the ``FrontendScanner``;
+pass-through runs and allowed messages are written upstream in one write per chunk, so the hot
+path has no per-message copies and no task switches. Only a held statement creates a task, and
+only that session waits: its client transport stops reading until the decision arrives.
+
+A refused statement is never forwarded. In its place the server receives a statement it rejects
+with a syntax error naming a random marker (a Query for Query/FunctionCall, a named Parse in an
+extended-protocol pipeline), and the ``BackendTracker`` swaps that one ErrorResponse for
+pgguard's. The server thus raises the error at exactly the right point of the stream: it aborts
+the transaction block and skips the pipeline up to Sync, so client and server agree on the
+transaction state as if PostgreSQL itself had refused the statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pgguard.errors import PgGuardError, ProtocolViolation, UpstreamUnavailable
+from pgguard.proxy import gate as g
+from pgguard.proxy import upstream
+from pgguard.proxy.link import Link, LinkClosed
+from pgguard.proxy.startup import AgentLogin, authenticate
+from pgguard.wire import extended as x
+from pgguard.wire import messages as m
+from pgguard.wire.framing import BackendTracker, Frame, FrontendScanner
+
+if TYPE_CHECKING:
+    from pgguard.proxy.server import ProxyContext
+
+log = logging.getLogger(__name__)
+_session_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Session:
+    """What is known about one agent session; the gate sees it through ``SessionView``."""
+
+    session_id: str
+    agent: str
+    owner: str
+    database: str
+    client_address: str
+    tracker: BackendTracker = field(default_factory=BackendTracker)
+
+    @property
+    def application_name(self) -> str:
+        return self.tracker.parameters.get("application_name", "")
+
+    @property
+    def txn_status(self) -> bytes:
+        return self.tracker.txn_status
+
+    @property
+    def server_parameters(self) -> dict[str, str]:
+        return self.tracker.parameters
+
+
+def error_message(error: PgGuardError) -> bytes:
+    return m.error_response(
+        error.severity, error.sqlstate, error.message, detail=error.detail, hint=error.hint
+    )
+
+
+class Connection:
+    """Drives one client connection from its StartupMessage to its close."""
+
+    def __init__(self, ctx: ProxyContext, client: Link, client_address: str) -> None:
+        self.ctx = ctx
+        self.client = client
+        self.client_address = client_address
+        self.session: Session | None = None
+        self.upstream: Link | None = None
+        self.backend_key: tuple[int, bytes] | None = None
+        self._scanner = FrontendScanner(ctx.settings.limits.max_message_bytes)
+        self._extended = x.ExtendedState()
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._held: tuple[Frame, g.Hold] | None = None
+        self._hold_task: asyncio.Task[None] | None = None
+        self._zcount = 0  # Query/FunctionCall frames forwarded (each ends with ReadyForQuery)
+        self._terminating = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def serve(self, startup: m.StartupMessage, channel_binding: bytes | None, pipelined: bytes) -> None:
+        """Authenticate, connect upstream, relay until either side closes."""
+        try:
+            async with asyncio.timeout(self.ctx.settings.limits.startup_timeout):
+                login = await authenticate(self.client, startup, self.ctx.agents, channel_binding, pipelined)
+                up = await self._connect_upstream(login)
+            self._start_relay(login, up)
+            await self._done
+        except TimeoutError:
+            self.fail(ProtocolViolation("timeout during connection start-up"))
+        except LinkClosed:
+            pass
+        except upstream.UpstreamError as exc:
+            self._send_and_close(exc.raw)
+        except PgGuardError as exc:
+            self.fail(exc)
+        finally:
+            self._cleanup()
+
+    async def _connect_upstream(self, login: AgentLogin) -> upstream.UpstreamSession:
+        up = await upstream.connect(
+            self.ctx.settings.upstream, login.version, login.parameters, login.database
+        )
+        if self.client.closed:
+            up.link.abort()
+            raise LinkClosed("client closed the connection during start-up")
+        return up
+
+    def _start_relay(self, login: AgentLogin, up: upstream.UpstreamSession) -> None:
+        session = Session(
+            session_id=f"{self.ctx.instance_id}-{next(_session_ids)}",
+            agent=login.agent.name,
+            owner=login.agent.owner,
+            database=login.database,
+            client_address=self.client_address,
+            tracker=BackendTracker(up.parameters),
+        )
+        session.tracker.txn_status = up.txn_status
+        self.session = session
+        self.upstream = up.link
+        self.backend_key = (up.pid, up.key)
+        self.ctx.register(self)
+        log.info(
+            "session %s: agent %s connected to database %s from %s",
+            session.session_id, session.agent, session.database, self.client_address,
+        )
+        notices = b"".join(
+            m.error_response("NOTICE", "00000", text, notice=True)
+            for text in self.ctx.gate.session_notices(session)
+        )
+        # The welcome ends with ReadyForQuery (6 bytes); notices go just before it.
+        welcome = up.welcome[:-6] + notices + up.welcome[-6:]
+        self.client.write(login.sasl_final + m.auth_ok() + welcome)
+        up.link.on_data = self._from_server
+        up.link.on_close = self._upstream_closed
+        self.client.on_close = self._client_closed
+        self.client.on_data = self._from_client
+        self.client.peer, up.link.peer = up.link, self.client
+        pending_server = up.link.take_buffered()
+        if pending_server:
+            self._from_server(pending_server)
+        pending_client = login.leftover + self.client.take_buffered()
+        if pending_client:
+            self._from_client(pending_client)
+        if self.client.closed:
+            self._client_closed(None)
+
+    def _cleanup(self) -> None:
+        self.ctx.unregister(self)
+        if self._hold_task is not None:
+            self._hold_task.cancel()
+        if self.upstream is not None:
+            self.upstream.on_close = None
+            self.upstream.close()
+        self.client.on_close = None
+        self.client.close()
+        if self.session is not None:
+            log.info("session %s: closed", self.session.session_id)
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def fail(self, error: PgGuardError) -> None:
+        """Send ``error`` to the client (FATAL ends the session)."""
+        if error.severity == "FATAL":
+            log.info("closing client %s: %s (%s)", self.client_address, error.message, error.sqlstate)
+            self._send_and_close(error_message(error))
+        else:
+            self.client.write(error_message(error))
+
+    def _send_and_close(self, data: bytes) -> None:
+        self.client.write(data)
+        self.client.close()
+        self._finish()
+
+    def _client_closed(self, exc: Exception | None) -> None:
+        if self._held is not None:
+            self.ctx.gate.cancel_hold(self._session())
+        self._finish()
+
+    def _upstream_closed(self, exc: Exception | None) -> None:
+        if not self._terminating and not self.client.closed and self.session is not None:
+            if not self.session.tracker.saw_fatal:
+                self.client.write(error_message(UpstreamUnavailable(
+                    "the upstream server closed the connection unexpectedly"
+                )))
+        self.client.close()
+        self._finish()
+
+    def _session(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    # --- cancel -------------------------------------------------------------------------------
+
+    async def cancel(self) -> None:
+        """A CancelRequest matched this session: end a hold, or cancel the running statement."""
+        if self._held is not None and self.ctx.gate.cancel_hold(self._session()):
+            return
+        if self.backend_key is not None:
+            await upstream.send_cancel(self.ctx.settings.upstream, *self.backend_key)
+
+    # --- relay: server -> client ----------------------------------------------------------------
+
+    def _from_server(self, data: bytes) -> None:
+        try:
+            self.client.write(self._session().tracker.feed(data))
+        except ProtocolViolation as exc:
+            log.error("session %s: upstream broke the protocol: %s", self._session().session_id, exc)
+            self.fail(UpstreamUnavailable("the upstream server sent an invalid message"))
+
+    # --- relay: client -> server ----------------------------------------------------------------
+
+    def _from_client(self, data: bytes) -> None:
+        self._scanner.receive_data(data)
+        if self._held is None:
+            self._pump()
+
+    def _pump(self) -> None:
+        out: list[bytes] = []
+        try:
+            self._scan(out)
+        except ProtocolViolation as exc:
+            self._write_upstream(out)
+            self.fail(exc)
+            return
+        except PgGuardError as exc:  # a gate that raised: never forward, end the session
+            log.exception("session %s: gate failed", self._session().session_id)
+            self._write_upstream(out)
+            self.fail(ProtocolViolation(f"pgguard could not decide on a statement: {exc.message}"))
+            return
+        self._write_upstream(out)
+
+    def _write_upstream(self, out: list[bytes]) -> None:
+        if out and self.upstream is not None:
+            self.upstream.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _scan(self, out: list[bytes]) -> None:
+        scanner = self._scanner
+        while (event := scanner.next_event()) is not None:
+            if type(event) is bytes:
+                out.append(event)
+                continue
+            assert isinstance(event, Frame)
+            verdict = self._decide(event)
+            if verdict is g.ALLOW or type(verdict) is g.Allow:
+                self._forwarding(event)
+                out.append(event.raw)
+            elif isinstance(verdict, g.Deny):
+                out.append(self._refusal(event, verdict.error))
+            else:
+                assert isinstance(verdict, g.Hold)
+                self._hold(event, verdict)
+                return
+
+    def _decide(self, frame: Frame) -> g.Verdict:
+        """Track extended-protocol state and ask the gate about messages that carry SQL."""
+        session = self._session()
+        kind = frame.type
+        if kind == m.F_QUERY:
+            return self.ctx.gate.check(session, g.SqlEvent("query", _query_text(frame.body)))
+        if kind == m.F_PARSE:
+            parse = x.decode_parse(frame.body)
+            verdict = self.ctx.gate.check(session, g.SqlEvent("parse", parse.sql, statement=parse.statement))
+            if not isinstance(verdict, g.Deny):
+                self._extended.parsed(parse)
+            return verdict
+        if kind == m.F_BIND:
+            self._extended.bound(x.decode_bind(frame.body))
+            return g.ALLOW
+        if kind == m.F_EXECUTE:
+            return self._decide_execute(session, x.decode_portal_name(frame.body))
+        if kind == m.F_CLOSE:
+            self._extended.closed(*x.decode_close(frame.body))
+            return g.ALLOW
+        if kind == m.F_FUNCTION_CALL:
+            return self.ctx.gate.check_function_call(session)
+        if kind == m.F_TERMINATE:
+            self._terminating = True
+        return g.ALLOW
+
+    def _decide_execute(self, session: Session, portal_name: str) -> g.Verdict:
+        portal = self._extended.portal(portal_name)
+        if portal is None:
+            # Unknown to us means unknown to the server too (it will raise "portal does not
+            # exist"); judge it as an empty statement so the gate still sees the Execute.
+            return self.ctx.gate.check(session, g.SqlEvent("execute", b"", portal=portal_name))
+        sql = portal.candidates[-1] if portal.candidates else b""
+        return self.ctx.gate.check(
+            session,
+            g.SqlEvent(
+                "execute", sql, statement=portal.statement, portal=portal_name,
+                candidates=portal.candidates, bind=portal.bind,
+            ),
+        )
+
+    def _forwarding(self, frame: Frame) -> None:
+        if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
+            self._zcount += 1
+
+    def _refusal(self, frame: Frame, error: PgGuardError) -> bytes:
+        """What goes upstream instead of a refused message (see the module docstring)."""
+        marker = f"pgguard_refused_{secrets.token_hex(8)}"
+        group = self._zcount + self._scanner.syncs
+        self._session().tracker.replace_error(marker.encode("ascii"), error_message(error), group)
+        if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
+            self._zcount += 1
+            return m.query(marker)
+        return m.parse(marker, marker)
+
+    # --- holds ----------------------------------------------------------------------------------
+
+    def _hold(self, frame: Frame, hold: g.Hold) -> None:
+        self._held = (frame, hold)
+        self.client.pause_reading("hold")
+        self._hold_task = asyncio.get_running_loop().create_task(self._await_hold(frame, hold))
+
+    async def _await_hold(self, frame: Frame, hold: g.Hold) -> None:
+        try:
+            outcome = await hold.decision
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # fail closed: an error while waiting is a refusal
+            log.exception("session %s: hold failed", self._session().session_id)
+            outcome = g.Deny(PgGuardError(f"pgguard could not complete the approval: {exc}"))
+        self._held = None
+        self._hold_task = None
+        if self.upstream is None or self.client.closed:
+            return
+        if isinstance(outcome, g.Deny):
+            self.upstream.write(self._refusal(frame, outcome.error))
+        else:
+            self._forwarding(frame)
+            self.upstream.write(frame.raw)
+        self.client.resume_reading("hold")
+        self._pump()
+
+
+def _query_text(body: bytes) -> bytes:
+    if not body.endswith(b"\0"):
+        raise ProtocolViolation("invalid Query message: missing terminator")
+    return body[:-1]
+

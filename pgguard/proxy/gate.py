@@ -1,0 +1,112 @@
+"""The gate: the one place where the proxy decides what happens to a statement.
+
+Every message that carries SQL - a simple Query, a Parse, and the Execute of a bound portal (with
+its Bind parameters) - reaches ``Gate.check`` as a ``SqlEvent``; a FunctionCall reaches
+``Gate.check_function_call``. The answer is a ``Verdict``:
+
+* ``ALLOW`` - forward the original bytes unchanged;
+* ``Deny(error)`` - never forward; the connection substitutes a statement the server rejects, so
+  the client and the server agree on the transaction state, and the client sees ``error``;
+* ``Hold(future)`` - only this client's session waits for the future's Allow/Deny.
+
+``check`` is synchronous on purpose: the common case (allow) costs no task switch. This base gate
+allows all SQL and refuses the function-call message, which names a function by OID and carries
+no SQL a policy could read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from pgguard.errors import PgGuardError, PolicyDenied
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    error: PgGuardError
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    decision: asyncio.Future[Allow | Deny]
+    request_id: str = ""
+
+
+Verdict = Allow | Deny | Hold
+ALLOW = Allow()
+
+
+@dataclass(frozen=True, slots=True)
+class SqlEvent:
+    """A statement on its way upstream.
+
+    ``sql`` is the raw statement text from the wire. For an Execute, ``candidates`` holds every
+    text the portal's prepared statement may have (see ``pgguard.wire.extended``) and ``bind`` the
+    Bind message body with its parameters.
+    """
+
+    kind: Literal["query", "parse", "execute"]
+    sql: bytes
+    statement: str = ""
+    portal: str = ""
+    candidates: tuple[bytes, ...] = ()
+    bind: bytes | None = None
+
+
+class SessionView(Protocol):
+    """What the gate may know about the session a statement comes from."""
+
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def agent(self) -> str: ...
+    @property
+    def owner(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def client_address(self) -> str: ...
+    @property
+    def application_name(self) -> str: ...
+    @property
+    def txn_status(self) -> bytes: ...
+    @property
+    def server_parameters(self) -> dict[str, str]: ...
+
+
+@dataclass
+class Gate:
+    """Allows every statement; refuses the function-call message. Policies subclass this."""
+
+    allow_function_call: bool = False
+    notices: list[str] = field(default_factory=list)
+
+    def check(self, session: SessionView, event: SqlEvent) -> Verdict:
+        return ALLOW
+
+    def check_function_call(self, session: SessionView) -> Verdict:
+        if self.allow_function_call:
+            return ALLOW
+        return Deny(
+            PolicyDenied(
+                "pgguard refuses the function-call protocol message",
+                detail="A FunctionCall ('F') message calls a function by OID without SQL text, "
+                "so no policy can inspect it.",
+                hint="Call the function with a SQL statement (SELECT fn(...)) instead.",
+            )
+        )
+
+    def session_notices(self, session: SessionView) -> list[str]:
+        """NOTICE texts sent to each agent right after it connects."""
+        return list(self.notices)
+
+    def cancel_hold(self, session: SessionView) -> bool:
+        """Cancel the session's held statement, if any; True when there was one."""
+        return False

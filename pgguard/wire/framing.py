@@ -1,0 +1,382 @@
+"""Incremental framing of the PostgreSQL byte streams, in both directions (sans-IO).
+
+Four decoders, one per situation:
+
+* ``StartupDecoder`` - the untyped first messages (SSLRequest, GSSENCRequest, CancelRequest,
+  StartupMessage; protocol docs 53.2.1 and 53.7), capped like the server caps them.
+* ``MessageDecoder`` - whole typed messages, for the authentication phases where every message
+  is looked at.
+* ``FrontendScanner`` - the client's stream once the session is established. It only cuts out
+  the messages the proxy must inspect (those carrying SQL, or changing what later SQL means) and
+  hands everything else back as pass-through byte runs, never copying more than it must. Large
+  pass-through messages (COPY data) stream through without being buffered.
+* ``BackendTracker`` - the server's stream: observes ReadyForQuery (transaction status) and
+  ParameterStatus, forwards bytes unchanged, and can replace the ErrorResponse of a statement the
+  proxy substituted (see ``pgguard.proxy.gate``) with the proxy's own error.
+
+"Need more data" is a ``None`` return, never an exception. A peer that breaks the protocol gets a
+``ProtocolViolation``; the caller answers it with FATAL 08P01 and closes that one connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+from pgguard.errors import ProtocolViolation
+from pgguard.wire import messages as m
+from pgguard.wire.messages import FirstMessage, decode_first_message
+
+_U32 = struct.Struct("!I")
+_unpack_u32 = _U32.unpack_from
+
+# 53.7/postgres.c: the server caps startup packets at 10000 bytes (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET = 10_000
+# postgres.c SocketBackend: "small" messages (Describe, Close, Execute, Sync, Flush, Terminate,
+# CopyDone, CopyFail) are capped at PQ_SMALL_MESSAGE_LIMIT; the others at a large limit.
+SMALL_MESSAGE_LIMIT = 10_000
+
+_INSPECTED = frozenset(b"QPBECFX")
+_PASSED = frozenset(b"DSHdcf")
+_SMALL = frozenset(b"EDCSHXcf")
+_FATAL_FIELDS = (b"SFATAL\0", b"SPANIC\0")
+
+
+class StartupDecoder:
+    """Decodes the untyped first message(s) of a connection."""
+
+    def __init__(self, initial: bytes = b"") -> None:
+        self._buf = bytearray(initial)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_message(self) -> FirstMessage | None:
+        if len(self._buf) < 4:
+            return None
+        length = _unpack_u32(self._buf, 0)[0]
+        if length < 8 or length > MAX_STARTUP_PACKET:
+            raise ProtocolViolation("invalid length of startup packet")
+        if len(self._buf) < length:
+            return None
+        body = bytes(self._buf[4:length])
+        del self._buf[:length]
+        return decode_first_message(body)
+
+    @property
+    def trailing_data(self) -> bytes:
+        return bytes(self._buf)
+
+
+class MessageDecoder:
+    """Decodes whole typed messages: ``(type, body)`` pairs."""
+
+    def __init__(self, max_length: int) -> None:
+        self._buf = bytearray()
+        self._max = max_length
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_message(self) -> tuple[int, bytes] | None:
+        if len(self._buf) < 5:
+            return None
+        type_byte = self._buf[0]
+        length = _unpack_u32(self._buf, 1)[0]
+        if length < 4 or length > self._max:
+            raise ProtocolViolation(f"invalid message length {length} for message type 0x{type_byte:02x}")
+        if len(self._buf) < length + 1:
+            return None
+        body = bytes(self._buf[5 : length + 1])
+        del self._buf[: length + 1]
+        return type_byte, body
+
+    def take_remaining(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class Frame:
+    """One inspected frontend message: its type, its body, and its original bytes."""
+
+    __slots__ = ("body", "raw", "type")
+
+    def __init__(self, type_byte: int, body: bytes, raw: bytes) -> None:
+        self.type = type_byte
+        self.body = body
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"Frame({chr(self.type)!r}, {len(self.body)} bytes)"
+
+
+class FrontendScanner:
+    """Cuts the inspected messages out of the client's stream; everything else passes as runs.
+
+    ``next_event`` returns, in stream order, either ``bytes`` to forward unchanged, a ``Frame``
+    the caller must decide on, or ``None`` when more data is needed. Concatenating every returned
+    run and every forwarded frame's ``raw`` reproduces the input exactly.
+    """
+
+    __slots__ = ("_buf", "_max", "_pos", "_skip", "syncs")
+
+    def __init__(self, max_message: int) -> None:
+        self.syncs = 0  # Sync messages passed so far; each ends an extended-protocol group
+        self._buf = b""
+        self._pos = 0
+        self._skip = 0
+        self._max = max_message
+
+    def receive_data(self, data: bytes) -> None:
+        if self._pos < len(self._buf):
+            self._buf = self._buf[self._pos :] + data
+        else:
+            self._buf = data
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> bytes | Frame | None:
+        buf = self._buf
+        pos = self._pos
+        n = len(buf)
+        if self._skip:
+            take = min(self._skip, n - pos)
+            if take == 0:
+                return None
+            self._skip -= take
+            self._pos = pos + take
+            return buf[pos : pos + take]
+        start = pos
+        while pos + 5 <= n:
+            type_byte = buf[pos]
+            length = _unpack_u32(buf, pos + 1)[0]
+            end = pos + 1 + length
+            if type_byte in _INSPECTED:
+                if pos > start:
+                    break
+                self._check_length(type_byte, length)
+                if end > n:
+                    return None
+                self._pos = end
+                raw = buf if (pos == 0 and end == n) else buf[pos:end]
+                return Frame(type_byte, buf[pos + 5 : end], raw)
+            if type_byte not in _PASSED:
+                if pos > start:
+                    break  # hand over the good bytes first; the bad message raises next call
+                raise ProtocolViolation(f"invalid frontend message type {type_byte}")
+            self._check_length(type_byte, length)
+            if type_byte == 0x53:
+                self.syncs += 1
+            if end > n:
+                self._skip = end - n
+                pos = n
+                break
+            pos = end
+        if pos == start:
+            return None
+        self._pos = pos
+        return buf if (start == 0 and pos == n) else buf[start:pos]
+
+    def _check_length(self, type_byte: int, length: int) -> None:
+        limit = SMALL_MESSAGE_LIMIT if type_byte in _SMALL else self._max
+        if length < 4 or length > limit:
+            raise ProtocolViolation(
+                f"invalid message length {length} for message type {chr(type_byte)!r}"
+            )
+        if type_byte in (m.F_SYNC, m.F_FLUSH, m.F_TERMINATE, m.F_COPY_DONE) and length != 4:
+            raise ProtocolViolation(f"invalid length for message type {chr(type_byte)!r}")
+
+
+class _Replacement:
+    __slots__ = ("group", "marker", "replacement")
+
+    def __init__(self, marker: bytes, replacement: bytes, group: int) -> None:
+        self.marker = marker
+        self.replacement = replacement
+        self.group = group
+
+
+class BackendTracker:
+    """Follows the server's stream: transaction status, reported parameters, error rewriting.
+
+    ``feed`` returns the bytes to forward to the client: the same object it was given, unless a
+    pending replacement rewrote an ErrorResponse.
+    """
+
+    __slots__ = (
+        "_head",
+        "_held",
+        "_partial_type",
+        "_partial_want",
+        "_pending",
+        "_replacements",
+        "_skip",
+        "parameters",
+        "ready_count",
+        "saw_fatal",
+        "txn_status",
+    )
+
+    def __init__(self, parameters: dict[str, str] | None = None) -> None:
+        self.txn_status = b"I"
+        self.parameters: dict[str, str] = dict(parameters or {})
+        self.ready_count = 0  # ReadyForQuery messages seen since the session started
+        self.saw_fatal = False  # the server sent a FATAL error (it is about to close)
+        self._skip = 0
+        self._head = b""  # start of a header already forwarded, kept to read its length
+        self._held = b""  # rewriting mode: bytes not yet forwarded (an incomplete message)
+        self._partial_type = 0
+        self._partial_want = 0
+        self._pending = bytearray()
+        self._replacements: deque[_Replacement] = deque()
+
+    def replace_error(self, marker: bytes, replacement: bytes, group: int) -> None:
+        """The ErrorResponse containing ``marker`` (in Sync group ``group``) becomes ``replacement``."""
+        self._replacements.append(_Replacement(marker, replacement, group))
+
+    def feed(self, data: bytes) -> bytes:
+        if self._replacements:
+            return self._feed_rewriting(data)
+        self._observe(data)
+        return data
+
+    # --- fast path: observe only -------------------------------------------------------------
+
+    def _observe(self, data: bytes) -> None:
+        pos = 0
+        n = len(data)
+        if self._skip:
+            take = min(self._skip, n)
+            self._skip -= take
+            pos = take
+        if self._partial_want:
+            pos = self._continue_partial(data, pos)
+        if self._head:
+            data = self._head + data[pos:]
+            self._head = b""
+            pos = 0
+            n = len(data)
+        while pos + 5 <= n:
+            type_byte = data[pos]
+            length = _unpack_u32(data, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"server sent invalid message length {length}")
+            end = pos + 1 + length
+            if type_byte == 0x5A or type_byte == 0x53:  # 'Z' ReadyForQuery, 'S' ParameterStatus
+                if end > n:
+                    self._partial_type = type_byte
+                    self._partial_want = end - n
+                    self._pending = bytearray(data[pos + 5 :])
+                    return
+                self._handle(type_byte, data[pos + 5 : end])
+            elif type_byte == 0x45 and end <= n:  # 'E': remember a FATAL before the close
+                self.saw_fatal = self.saw_fatal or data.startswith(_FATAL_FIELDS, pos + 5)
+            elif end > n:
+                self._skip = end - n
+                return
+            pos = end
+        if pos < n:
+            self._head = data[pos:]
+
+    def _continue_partial(self, data: bytes, pos: int) -> int:
+        take = min(self._partial_want, len(data) - pos)
+        self._pending += data[pos : pos + take]
+        self._partial_want -= take
+        if not self._partial_want:
+            self._handle(self._partial_type, bytes(self._pending))
+            self._pending = bytearray()
+        return pos + take
+
+    def _handle(self, type_byte: int, body: bytes) -> None:
+        if type_byte == 0x5A:
+            self.ready_count += 1
+            if len(body) != 1 or body not in (b"I", b"T", b"E"):
+                raise ProtocolViolation("server sent an invalid ReadyForQuery")
+            self.txn_status = body
+        else:
+            name, value = m.decode_parameter_status(body)
+            self.parameters[name] = value
+
+    # --- slow path: whole messages, so an ErrorResponse can be replaced ------------------------
+
+    def _feed_rewriting(self, data: bytes) -> bytes:
+        # Bytes of a message whose start was already forwarded on the fast path go out unchanged;
+        # after that, whole messages are held in _held until complete so an error can be swapped.
+        consumed = self._finish_forwarded(data)
+        out = [data[:consumed]] if consumed else []
+        buf = self._held + data[consumed:]
+        pos = 0
+        n = len(buf)
+        while pos + 5 <= n:
+            type_byte = buf[pos]
+            length = _unpack_u32(buf, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"server sent invalid message length {length}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            body = buf[pos + 5 : end]
+            if type_byte == m.B_ERROR:
+                out.append(self._maybe_replace(body, buf[pos:end]))
+            else:
+                if type_byte == 0x5A or type_byte == 0x53:
+                    self._handle(type_byte, body)
+                    if type_byte == 0x5A:
+                        self._expire_replacements()
+                out.append(buf[pos:end])
+            pos = end
+        self._held = buf[pos:]
+        if not self._replacements and self._held:
+            # Back to the fast path: forward the incomplete tail and let _observe track it.
+            tail, self._held = self._held, b""
+            self._observe(tail)
+            out.append(tail)
+        return b"".join(out)
+
+    def _finish_forwarded(self, data: bytes) -> int:
+        """Consume the rest of a message the fast path already began forwarding."""
+        pos = 0
+        if self._head:
+            need = 5 - len(self._head)
+            if len(data) < need:
+                self._head += data
+                return len(data)
+            header = self._head + data[:need]
+            self._head = b""
+            pos = need
+            body_len = _unpack_u32(header, 1)[0] - 4
+            if body_len < 0:
+                raise ProtocolViolation("server sent invalid message length")
+            if header[0] in (0x5A, 0x53):
+                self._partial_type = header[0]
+                self._partial_want = body_len
+                self._pending = bytearray()
+            else:
+                self._skip = body_len
+        if self._skip:
+            take = min(self._skip, len(data) - pos)
+            self._skip -= take
+            pos += take
+        if self._partial_want:
+            pos = self._continue_partial(data, pos)
+        return pos
+
+    def _maybe_replace(self, body: bytes, raw: bytes) -> bytes:
+        for item in self._replacements:
+            if item.marker in body:
+                self._replacements.remove(item)
+                return item.replacement
+        return raw
+
+    def _expire_replacements(self) -> None:
+        done = self.ready_count
+        while self._replacements and self._replacements[0].group < done:
+            self._replacements.popleft()
+
+    @property
+    def rewriting(self) -> bool:
+        return bool(self._replacements)
