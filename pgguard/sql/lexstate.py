@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 DEFAULT_MAX_SQL_BYTES = 1 << 20
 """Statements larger than this are not parsed (classification would block the event loop)."""
 
 # Client-only encodings whose multibyte characters may contain ASCII bytes such as 0x5C (backslash)
 # or 0x27 (quote) as trailing bytes: a byte-wise reading can disagree about where a string ends.
-_ASCII_UNSAFE_ENCODINGS = frozenset({"SJIS", "SHIFTJIS2004", "BIG5", "GBK", "UHC", "GB18030", "JOHAB"})
+_ASCII_UNSAFE_ENCODINGS = frozenset(
+    {"SJIS", "SHIFTJIS2004", "BIG5", "GBK", "UHC", "GB18030", "JOHAB"}
+)
 
 # Server-capable encodings: every byte of a multibyte character has the high bit set, so ASCII
 # bytes always mean what they mean in ASCII and token boundaries do not depend on the mapping.
@@ -83,17 +86,22 @@ class LexState:
 
 
 DEFAULT_LEX_STATE = LexState()
+PENDING_LEX_STATE = LexState(standard_conforming_strings=False, client_encoding="PENDING")
+"""For text sent after a statement that changes lexing, before the server has confirmed the new
+state (pipelining): any backslash or non-ASCII byte makes such text a hazard, and it is held."""
 
 
 class UnreadableSQL(ValueError):
     """The text cannot be read the way the server would read it; the reason never quotes it."""
 
 
+@lru_cache(maxsize=256)
 def canonical_encoding(name: str) -> str:
     """PostgreSQL matches encoding names ignoring case and punctuation ('utf-8' is UTF8)."""
     return _NON_ALNUM.sub("", name.upper())
 
 
+@lru_cache(maxsize=256)
 def encoding_is_ascii_unsafe(name: str) -> bool:
     """True for client encodings where an ASCII byte can be part of a multibyte character."""
     canon = canonical_encoding(name)
@@ -123,9 +131,9 @@ def decode_sql(data: str | bytes, lex: LexState, max_bytes: int = DEFAULT_MAX_SQ
 
 
 def _decode_bytes(data: bytes, client_encoding: str) -> str:
-    canon = canonical_encoding(client_encoding)
     if data.isascii():
         return data.decode("ascii")
+    canon = canonical_encoding(client_encoding)
     codec = _PYTHON_CODECS.get(canon)
     if codec is not None:
         try:
@@ -137,9 +145,9 @@ def _decode_bytes(data: bytes, client_encoding: str) -> str:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             return data.decode("latin-1")
-    if canon in _LATIN1_STANDINS:
-        return data.decode("latin-1")
-    raise UnreadableSQL("client encoding is not one pgguard can read")
+    # ASCII-safe stand-ins, and unknown encodings (always a lexing hazard when non-ASCII, so the
+    # statement is held): latin-1 keeps every byte, so categories are still computed.
+    return data.decode("latin-1")
 
 
 def lexing_hazard(text: str | bytes, lex: LexState) -> str | None:
@@ -149,6 +157,8 @@ def lexing_hazard(text: str | bytes, lex: LexState) -> str | None:
     with an ASCII-unsafe client encoding only non-ASCII bytes can swallow a quote or backslash;
     text without them is lexed identically, so it is not held for the session state alone.
     """
+    if lex_state_is_default(lex):
+        return None
     if not lex.standard_conforming_strings:
         has_backslash = (b"\\" in text) if isinstance(text, bytes) else ("\\" in text)
         if has_backslash:
@@ -160,6 +170,7 @@ def lexing_hazard(text: str | bytes, lex: LexState) -> str | None:
     return None
 
 
+@lru_cache(maxsize=256)
 def lex_state_is_default(lex: LexState) -> bool:
     """True when libpg_query's reading is the server's reading for every possible text."""
     return lex.standard_conforming_strings and not encoding_is_ascii_unsafe(lex.client_encoding)

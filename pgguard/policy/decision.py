@@ -1,0 +1,93 @@
+"""The values that cross the policy boundary: what the proxy passes in and gets back.
+
+Owns: `Context` (who is asking, where, in which session state), `StatementVerdict` and `Decision`
+(with `to_json`, the exact shape of the `pgguard classify` contract).
+
+Invariants: values are frozen. Reasons never contain literal values from the SQL. `privileged` is
+True for anything that could not be fully read; in observe mode `action` is still the would-be
+action and `observe` tells the proxy not to act on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pgguard.policy.session import SessionTracker
+from pgguard.sql.classify import StatementFacts
+from pgguard.sql.lexstate import DEFAULT_LEX_STATE, LexState
+
+Mode = Literal["enforce", "observe"]
+ActionName = Literal["allow", "hold", "deny"]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who sends the statement, to which database, in what session state."""
+
+    agent: str
+    database: str
+    lex: LexState = DEFAULT_LEX_STATE
+    session: SessionTracker | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatementVerdict:
+    """One statement's kind, categories, matching rules and action."""
+
+    kind: str
+    categories: tuple[str, ...]
+    rules: tuple[str, ...]
+    action: ActionName
+    rule: str
+    reasons: tuple[str, ...]
+    functions: tuple[str, ...] = ()
+    relations: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "categories": list(self.categories),
+            "rules": list(self.rules),
+            "action": self.action,
+            "decided_by": self.rule,
+            "reasons": list(self.reasons),
+            "functions": list(self.functions),
+            "relations": list(self.relations),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy outcome for one SQL string (all of its statements)."""
+
+    action: ActionName
+    privileged: bool
+    categories: tuple[str, ...]
+    rule_ids: tuple[str, ...]
+    reasons: tuple[str, ...]
+    statements: tuple[StatementVerdict, ...]
+    fingerprint: str
+    hold_timeout_s: float
+    approver_groups: tuple[str, ...]
+    observe: bool
+    changes_lexing: bool = False
+    facts: tuple[StatementFacts, ...] = field(default=(), repr=False, compare=False)
+    """Per-statement facts (categories, functions, relations; `text` blanked) for
+    `SessionTracker.remember_all` when the proxy tracks protocol-level named statements."""
+
+    def to_json(self) -> dict[str, object]:
+        """The `pgguard classify --json` object (contract keys first, extras after)."""
+        return {
+            "privileged": self.privileged,
+            "categories": list(self.categories),
+            "action": self.action,
+            "statements": [s.to_json() for s in self.statements],
+            "rule_ids": list(self.rule_ids),
+            "reasons": list(self.reasons),
+            "fingerprint": self.fingerprint,
+            "hold_timeout_s": self.hold_timeout_s,
+            "approver_groups": list(self.approver_groups),
+            "observe": self.observe,
+            "changes_lexing": self.changes_lexing,
+        }

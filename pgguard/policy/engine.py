@@ -1,0 +1,244 @@
+"""The policy engine: SQL text + context → Decision, on every statement's path.
+
+Owns: `PolicyEngine` (load, classify, new_session) and its two caches.
+
+Invariants:
+- `classify` never raises and never answers `allow` for text it could not fully read: undecodable
+  text, a NUL byte, oversized text, parse failures and internal errors are `unparseable`
+  statements; a session state that changes lexing holds the statement (built-in, not a rule).
+- Caching never changes an answer. The exact cache is keyed by the raw text and everything in the
+  context that matters (agent, database, lex state); decisions that read or change session state
+  (PREPARE, EXECUTE, DEALLOCATE) are never cached. The shape cache is keyed by the text with its
+  constants replaced (`normalized_key`) and only holds decisions proven independent of constant
+  values (`StatementFacts.cacheable`), in the default lex state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from pgguard.policy.cache import BoundedCache
+from pgguard.policy.decision import ActionName, Context, Decision, Mode, StatementVerdict
+from pgguard.policy.loader import LoadedPolicy, load_policy
+from pgguard.policy.rules import Judgement, judge_statement, stricter
+from pgguard.policy.session import SessionTracker
+from pgguard.sql.classify import StatementFacts, classify_text, unparseable_facts
+from pgguard.sql.kinds import UNPARSEABLE
+from pgguard.sql.lexstate import (
+    DEFAULT_MAX_SQL_BYTES,
+    LexState,
+    UnreadableSQL,
+    decode_sql,
+    lex_state_is_default,
+    lexing_hazard,
+)
+from pgguard.sql.parse import ParseFailure, fingerprint, normalized_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOLD_TIMEOUT_S = 300.0
+LEX_HAZARD_RULE = "builtin.lex-hazard"
+NO_COMMON_APPROVER_RULE = "builtin.no-common-approver"
+MAX_CACHED_TEXT = 16 * 1024
+OBSERVE_MODE_NOTICE = (
+    "pgguard is in OBSERVE mode: no statement is held or denied; "
+    "every statement's would-be action is computed and logged"
+)
+
+CacheKey = tuple[str | bytes, str, str, LexState]
+
+
+class PolicyEngine:
+    """Compiled rules plus caches; one instance serves every connection."""
+
+    def __init__(
+        self,
+        policy: LoadedPolicy,
+        *,
+        mode: Mode = "enforce",
+        max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES,
+        cache_size: int = 8192,
+    ) -> None:
+        self.policy = policy
+        self.mode: Mode = mode
+        self.max_sql_bytes = max_sql_bytes
+        self._exact: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
+        self._shape: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
+
+    @classmethod
+    def load(
+        cls,
+        rules_dir: Path | None = None,
+        *,
+        mode: Mode = "enforce",
+        max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES,
+        cache_size: int = 8192,
+    ) -> PolicyEngine:
+        """Load and validate rules (None: the shipped rules); raises RulesError naming file:line."""
+        if mode not in ("enforce", "observe"):
+            raise ValueError(f"unknown policy mode {mode!r} (expected 'enforce' or 'observe')")
+        engine = cls(
+            load_policy(rules_dir), mode=mode, max_sql_bytes=max_sql_bytes, cache_size=cache_size
+        )
+        if mode == "observe":
+            log.warning("%s", OBSERVE_MODE_NOTICE.upper())
+        return engine
+
+    def new_session(self) -> SessionTracker:
+        """Fresh per-connection state (prepared statement names)."""
+        return SessionTracker()
+
+    def classify(self, sql: str | bytes, ctx: Context) -> Decision:
+        """Decide what to do with one SQL string. Pure apart from caches and ctx.session."""
+        try:
+            decision = self._classify(sql, ctx)
+        except Exception:  # never raise into the proxy; fail closed instead
+            log.exception("classifier failed; treating the statement as unparseable")
+            facts = (unparseable_facts("internal error while classifying"),)
+            decision = self._decide(facts, ctx, "", None)
+        if self.mode == "observe" and decision.action != "allow":
+            log.info(
+                "observe mode: would %s statement %s (%s)",
+                decision.action,
+                decision.fingerprint or "<unparseable>",
+                ", ".join(decision.rule_ids),
+            )
+        return decision
+
+    def _classify(self, sql: str | bytes, ctx: Context) -> Decision:
+        if not isinstance(sql, str | bytes):
+            sql = bytes(sql)  # type: ignore[unreachable]  # bytearray/memoryview off the wire
+        small = len(sql) <= MAX_CACHED_TEXT
+        key: CacheKey = (sql, ctx.agent, ctx.database, ctx.lex)
+        if small:
+            hit = self._exact.get(key)
+            if hit is not None:
+                return hit
+        try:
+            text = decode_sql(sql, ctx.lex, self.max_sql_bytes)
+        except UnreadableSQL as exc:
+            decision = self._decide((unparseable_facts(str(exc)),), ctx, "", None)
+            if small:
+                self._exact.put(key, decision)
+            return decision
+        hazard = lexing_hazard(text, ctx.lex)
+        shape_key: CacheKey | None = None
+        if small and hazard is None and lex_state_is_default(ctx.lex):
+            normalized = normalized_key(text)
+            if normalized is not None:
+                shape_key = (normalized, ctx.agent, ctx.database, ctx.lex)
+                hit = self._shape.get(shape_key)
+                if hit is not None:
+                    return hit
+        try:
+            facts = classify_text(text, self.policy.catalog)
+        except ParseFailure as exc:
+            facts = (unparseable_facts(f"PostgreSQL's parser rejects it: {exc}"),)
+        parsed = not any(f.kind == UNPARSEABLE for f in facts)
+        decision = self._decide(facts, ctx, fingerprint(text) if parsed else "", hazard)
+        if small and not any(_touches_session(f) for f in facts):
+            self._exact.put(key, decision)
+            if shape_key is not None and facts and all(f.cacheable for f in facts):
+                self._shape.put(shape_key, decision)
+        return decision
+
+    def _decide(
+        self,
+        facts: tuple[StatementFacts, ...],
+        ctx: Context,
+        fp: str,
+        hazard: str | None,
+    ) -> Decision:
+        session = ctx.session if ctx.session is not None else SessionTracker()
+        verdicts: list[StatementVerdict] = []
+        judgements: list[Judgement] = []
+        resolved_all: list[StatementFacts] = []
+        for item in facts:
+            resolved = session.resolve(item)
+            judgement = judge_statement(self.policy.rules, resolved, ctx.agent, ctx.database)
+            if item.prepares is not None:
+                session.remember(item.prepares, item)
+            resolved_all.append(resolved)
+            judgements.append(judgement)
+            verdicts.append(_verdict(resolved, judgement))
+        return self._combine(tuple(verdicts), judgements, tuple(resolved_all), fp, hazard)
+
+    def _combine(
+        self,
+        verdicts: tuple[StatementVerdict, ...],
+        judgements: list[Judgement],
+        facts: tuple[StatementFacts, ...],
+        fp: str,
+        hazard: str | None,
+    ) -> Decision:
+        action: ActionName = "allow"
+        for judgement in judgements:
+            action = stricter(action, judgement.action)
+        categories = _union(v.categories for v in verdicts)
+        reasons = list(_union(v.reasons for v in verdicts))
+        rule_ids = [j.deciding_rule for j in judgements if j.action == action and j.deciding_rule]
+        held = [j for j in judgements if j.action == "hold"]
+        timeout = min(
+            (j.hold_timeout_s or DEFAULT_HOLD_TIMEOUT_S for j in held),
+            default=DEFAULT_HOLD_TIMEOUT_S,
+        )
+        approvers, conflict = _common_approvers(held)
+        if hazard is not None:
+            action = stricter(action, "hold")
+            rule_ids.append(LEX_HAZARD_RULE)
+            reasons.append(hazard)
+        if conflict and action == "hold":
+            action = "deny"
+            rule_ids = [NO_COMMON_APPROVER_RULE]
+            reasons.append("no approver group may approve every held statement; send them apart")
+        return Decision(
+            action=action,
+            privileged=bool(categories) or hazard is not None,
+            categories=categories,
+            rule_ids=tuple(dict.fromkeys(rule_ids)),
+            reasons=tuple(dict.fromkeys(reasons)),
+            statements=verdicts,
+            fingerprint=fp,
+            hold_timeout_s=timeout,
+            approver_groups=approvers,
+            observe=self.mode == "observe",
+            changes_lexing=any(f.changes_lexing for f in facts),
+            # Without text: a shape-cache hit must not carry another statement's literals.
+            facts=tuple(replace(f, text="") for f in facts),
+        )
+
+
+def _verdict(facts: StatementFacts, judgement: Judgement) -> StatementVerdict:
+    return StatementVerdict(
+        kind=facts.kind,
+        categories=facts.categories,
+        rules=judgement.matched,
+        action=judgement.action,
+        rule=judgement.deciding_rule,
+        reasons=facts.reasons,
+        functions=facts.flagged_functions,
+        relations=facts.relations,
+    )
+
+
+def _union(parts: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+    out: dict[str, None] = {}
+    for part in parts:
+        out.update(dict.fromkeys(part))
+    return tuple(out)
+
+
+def _common_approvers(held: list[Judgement]) -> tuple[tuple[str, ...], bool]:
+    """Groups allowed to approve every held statement; (groups, True) if no group can."""
+    restricted = [set(j.approvers) for j in held if j.approvers]
+    if not restricted:
+        return (), False
+    common = set.intersection(*restricted)
+    return tuple(sorted(common)), not common
+
+
+def _touches_session(facts: StatementFacts) -> bool:
+    return bool(facts.executes or facts.deallocates) or facts.prepares is not None

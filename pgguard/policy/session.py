@@ -1,0 +1,104 @@
+"""Per-connection memory of prepared statements, so that `EXECUTE name` is judged by its body.
+
+Owns: `SessionTracker`. SQL-level PREPARE and protocol-level named Parse messages share one
+namespace in PostgreSQL, so both are remembered here.
+
+Invariant (monotone on purpose): what a name stands for only ever grows. The tracker learns of a
+PREPARE when it is classified, before the server has run (or rejected) it, so it cannot know
+whether a later PREPARE or DEALLOCATE of the same name took effect. Keeping the union of every
+body ever prepared under a name means `EXECUTE name` is never judged by a harmless body while the
+server holds a privileged one. An unknown name is treated as opaque code.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+
+from pgguard.sql.classify import StatementFacts
+from pgguard.sql.kinds import EXECUTE
+
+_UNKNOWN_REASON = "EXECUTE of a prepared statement pgguard has not seen"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSummary:
+    """The union of everything ever prepared under one name in this session."""
+
+    categories: tuple[str, ...]
+    reasons: tuple[str, ...]
+    kinds: tuple[str, ...]
+    functions: tuple[str, ...]
+    flagged_functions: tuple[str, ...]
+    relations: tuple[str, ...]
+
+
+def _union(*parts: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(item for part in parts for item in part))
+
+
+class SessionTracker:
+    """Prepared-statement names of one client connection and what each may run."""
+
+    def __init__(self) -> None:
+        self._prepared: dict[str, PreparedSummary] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, name: str, body: StatementFacts) -> None:
+        """Record that `name` was (or may have been) prepared with this body."""
+        with self._lock:
+            old = self._prepared.get(name)
+            parts: list[PreparedSummary | StatementFacts] = [body] if old is None else [old, body]
+            self._prepared[name] = PreparedSummary(
+                categories=_union(*(p.categories for p in parts)),
+                reasons=_union(*(p.reasons for p in parts)),
+                kinds=_union(*(p.kinds for p in parts)),
+                functions=_union(*(p.functions for p in parts)),
+                flagged_functions=_union(*(p.flagged_functions for p in parts)),
+                relations=_union(*(p.relations for p in parts)),
+            )
+
+    def knows(self, name: str) -> bool:
+        with self._lock:
+            return name in self._prepared
+
+    def names(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._prepared)
+
+    def resolve(self, facts: StatementFacts) -> StatementFacts:
+        """Facts of a statement that EXECUTEs prepared names, widened by what those names run."""
+        if not facts.executes:
+            return facts
+        categories = list(facts.categories)
+        reasons = list(facts.reasons)
+        kinds, functions, flagged, relations = [facts.kinds], [facts.functions], [], []
+        flagged.append(facts.flagged_functions)
+        relations.append(facts.relations)
+        with self._lock:
+            summaries = [self._prepared.get(name) for name in facts.executes]
+        for name, summary in zip(facts.executes, summaries, strict=True):
+            if summary is None:
+                categories.append(EXECUTE)
+                reasons.append(_UNKNOWN_REASON)
+                continue
+            categories.extend(summary.categories)
+            reasons.extend(f"prepared statement {name}: {r}" for r in summary.reasons)
+            kinds.append(summary.kinds)
+            functions.append(summary.functions)
+            flagged.append(summary.flagged_functions)
+            relations.append(summary.relations)
+        return replace(
+            facts,
+            categories=_union(tuple(categories)),
+            reasons=_union(tuple(reasons)),
+            kinds=_union(*kinds),
+            functions=_union(*functions),
+            flagged_functions=_union(*flagged),
+            relations=_union(*relations),
+        )
+
+    def remember_all(self, name: str, bodies: tuple[StatementFacts, ...]) -> None:
+        """Record a protocol-level named Parse (its Decision.facts) under `name`."""
+        for body in bodies:
+            self.remember(name, body)

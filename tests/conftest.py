@@ -1,0 +1,66 @@
+"""Session fixtures: one upstream PostgreSQL and one proxy shared by the integration tests.
+
+The upstream is an embedded server (pgserver's binaries) unless ``PGGUARD_TEST_UPSTREAM_DSN``
+names an existing one (it must allow a superuser login; tests needing the embedded server's
+extra roles skip themselves then).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pgguard.embedded import EmbeddedPostgres
+from tests.support import ProxyThread, agent_settings
+
+UPSTREAM_ENV = "PGGUARD_TEST_UPSTREAM_DSN"
+
+
+@pytest.fixture(scope="session")
+def embedded_pg() -> Iterator[EmbeddedPostgres | None]:
+    if os.environ.get(UPSTREAM_ENV):
+        yield None
+        return
+    pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="pgguard-test-")) / "data")
+    pg.start()
+    pg.psql("CREATE DATABASE allowed_db")
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture(scope="session")
+def upstream_dsn(embedded_pg: EmbeddedPostgres | None) -> str:
+    """pgguard's upstream DSN (the proxy's own credentials)."""
+    if embedded_pg is None:
+        return os.environ[UPSTREAM_ENV]
+    return embedded_pg.unix_dsn()
+
+
+@pytest.fixture(scope="session")
+def direct_dsn(embedded_pg: EmbeddedPostgres | None) -> str:
+    """A DSN for talking to the upstream directly over TCP, for direct-vs-proxy comparisons."""
+    if embedded_pg is None:
+        return os.environ[UPSTREAM_ENV]
+    return embedded_pg.tcp_dsn()
+
+
+@pytest.fixture(scope="session")
+def need_embedded(embedded_pg: EmbeddedPostgres | None) -> EmbeddedPostgres:
+    if embedded_pg is None:
+        pytest.skip(f"needs the embedded server (unset {UPSTREAM_ENV})")
+    return embedded_pg
+
+
+@pytest.fixture(scope="session")
+def proxy(upstream_dsn: str) -> Iterator[ProxyThread]:
+    thread = ProxyThread(agent_settings(upstream_dsn)).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()

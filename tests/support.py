@@ -1,0 +1,165 @@
+"""Test support: an embedded or external upstream, a proxy on its own thread, a raw client.
+
+The proxy runs on a dedicated thread with its own event loop, exactly as ``pgguard serve`` runs
+it, so synchronous clients (psql subprocesses, psycopg) and asyncio clients (asyncpg, on the test
+loop) all reach it over real sockets without blocking it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import struct
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgguard.proxy.gate import Gate
+from pgguard.proxy.server import ProxyServer
+from pgguard.settings import Settings
+from pgguard.wire import messages as m
+from pgguard.wire.scram import ScramClient
+
+AGENT = "agent"
+AGENT_PASSWORD = "agent-password"
+OWNER = "alice@example.com"
+
+
+class ProxyThread:
+    """A ProxyServer on its own thread and event loop."""
+
+    def __init__(self, settings: Settings, gate: Gate | None = None) -> None:
+        self.settings = settings
+        self._gate = gate
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: ProxyServer | None = None
+
+    def start(self) -> ProxyThread:
+        self._thread.start()
+        self.server = ProxyServer(self.settings, self._gate)
+        self.call(self.server.start())
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    def dsn(self, user: str = AGENT, password: str = AGENT_PASSWORD, dbname: str = "postgres", **params: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in {"sslmode": "disable", **params}.items())
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}?{query}"
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self.server is not None:
+            self.call(self.server.shutdown(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def agent_settings(upstream_dsn: str, **overrides: Any) -> Settings:
+    agents = overrides.pop("agents", [
+        {"name": AGENT, "password": AGENT_PASSWORD, "owner": OWNER},
+        {"name": "limited", "password": "limited-password", "owner": "bob@example.com",
+         "databases": ["allowed_db"]},
+    ])
+    return Settings.load(
+        listen={"host": "127.0.0.1", "port": 0, **overrides.pop("listen", {})},
+        upstream={"dsn": upstream_dsn, **overrides.pop("upstream", {})},
+        agents=agents,
+        **overrides,
+    )
+
+
+# --- a raw protocol client, for byte-level tests ------------------------------------------------
+
+
+@dataclass
+class RawClient:
+    """A blocking PostgreSQL client that speaks the protocol byte by byte, for adversity tests."""
+
+    sock: socket.socket
+    buffer: bytes = b""
+    received: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @classmethod
+    def connect(cls, port: int, timeout: float = 10) -> RawClient:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        return cls(sock)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_message(self) -> tuple[str, bytes]:
+        while True:
+            if len(self.buffer) >= 5:
+                length = struct.unpack("!I", self.buffer[1:5])[0]
+                if len(self.buffer) >= length + 1:
+                    type_char = chr(self.buffer[0])
+                    body = self.buffer[5 : length + 1]
+                    self.buffer = self.buffer[length + 1 :]
+                    return type_char, body
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self.buffer += chunk
+
+    def recv_until(self, type_char: str) -> list[tuple[str, bytes]]:
+        out = []
+        while True:
+            msg = self.recv_message()
+            out.append(msg)
+            if msg[0] == type_char:
+                return out
+
+    def recv_byte(self) -> bytes:
+        if self.buffer:
+            b, self.buffer = self.buffer[:1], self.buffer[1:]
+            return b
+        return self.sock.recv(1)
+
+    def is_closed(self, timeout: float = 5) -> bool:
+        """True when the server closed the connection (after draining what it sent)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buffer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def startup(self, user: str = AGENT, database: str = "postgres", version: int = m.PROTOCOL_3_0, **params: str) -> None:
+        self.send(m.startup_message(version, [("user", user), ("database", database), *params.items()]))
+
+    def login(self, user: str = AGENT, password: str = AGENT_PASSWORD, database: str = "postgres", **params: str) -> list[tuple[str, bytes]]:
+        """Start up and authenticate with SCRAM; returns the messages up to ReadyForQuery."""
+        self.startup(user, database, **params)
+        type_char, body = self.recv_message()
+        while type_char == "v":
+            type_char, body = self.recv_message()
+        assert type_char == "R" and m.decode_auth_code(body) == m.AUTH_SASL, (type_char, body)
+        scram = ScramClient(password, m.decode_sasl_mechanisms(body), None)
+        self.send(m.sasl_initial_response(scram.mechanism, scram.first()))
+        type_char, body = self.recv_message()
+        if type_char == "E":
+            return [(type_char, body)]
+        self.send(m.password_message(scram.final(body[4:])))
+        return self.recv_until("Z")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def error_fields(body: bytes) -> m.ErrorFields:
+    return m.decode_error_fields(body)
