@@ -1,4 +1,5 @@
-"""pgguard: a PostgreSQL wire-protocol proxy that puts a human in the loop of AI agents' database access."""
+"""pgguard: a PostgreSQL wire-protocol proxy that puts a human in the loop of AI agents'
+database access."""
 
 from __future__ import annotations
 

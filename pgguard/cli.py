@@ -82,7 +82,8 @@ async def _serve(settings: Settings) -> None:
 @app.command()
 def demo(
     keep_running: Annotated[
-        bool, typer.Option("--keep-running", help="Keep the proxy up after the script, until Ctrl-C.")
+        bool,
+        typer.Option("--keep-running", help="Keep the proxy up after the script, until Ctrl-C."),
     ] = False,
 ) -> None:
     """Embedded PostgreSQL + pgguard + a scripted agent session, end to end."""

@@ -38,7 +38,8 @@ INSERT INTO customers (name, email, ssn) VALUES
     ('Ada Lovelace', 'ada@example.com', '123-45-6789'),
     ('Alan Turing', 'alan@example.org', '987-65-4321'),
     ('Grace Hopper', 'grace@example.net', '555-12-3456');
-INSERT INTO products (title, price) VALUES ('keyboard', 49.90), ('monitor', 219.00), ('mouse', 19.50);
+INSERT INTO products (title, price)
+    VALUES ('keyboard', 49.90), ('monitor', 219.00), ('mouse', 19.50);
 INSERT INTO orders (customer_id, product_id, quantity) VALUES (1, 2, 1), (2, 1, 2), (3, 3, 4);
 """
 
@@ -57,8 +58,14 @@ async def run_demo(*, keep_running: bool = False) -> None:
         settings = Settings.load(
             listen={"host": "127.0.0.1", "port": 0},
             upstream={"dsn": pg.unix_dsn(dbname=DEMO_DATABASE)},
-            agents=[{"name": DEMO_AGENT, "password": DEMO_PASSWORD, "owner": "alice@example.com",
-                     "databases": [DEMO_DATABASE]}],
+            agents=[
+                {
+                    "name": DEMO_AGENT,
+                    "password": DEMO_PASSWORD,
+                    "owner": "alice@example.com",
+                    "databases": [DEMO_DATABASE],
+                }
+            ],
         )
         server = ProxyServer(settings, build_gate(settings))
         await server.start()
@@ -92,7 +99,9 @@ async def _agent_session(console: Console, dsn: str) -> None:
         for row in rows:
             table.add_row(row["name"], row["title"], str(row["quantity"]))
         console.print(table)
-        await conn.execute("INSERT INTO orders (customer_id, product_id, quantity) VALUES ($1, $2, $3)", 1, 3, 2)
+        await conn.execute(
+            "INSERT INTO orders (customer_id, product_id, quantity) VALUES ($1, $2, $3)", 1, 3, 2
+        )
         count = await conn.fetchval("SELECT count(*) FROM orders")
         console.print(f"agent: INSERT INTO orders ... -> allowed; orders now {count}")
     finally:

@@ -79,7 +79,7 @@ def _parse_keyvalue(text: str) -> dict[str, str]:
         match = _KV.match(text, pos)
         if not match:
             if text[pos:].strip():
-                raise ValueError(f"invalid connection string near {text[pos:pos + 20]!r}")
+                raise ValueError(f"invalid connection string near {text[pos : pos + 20]!r}")
             break
         key, value = match.group(1), match.group(2)
         if value.startswith("'"):

@@ -98,7 +98,9 @@ class EmbeddedPostgres:
     def superuser_dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@/{dbname}?host={self.socket_dir}&port={self.port}"
 
-    def tcp_dsn(self, role: str = "pgguard_scram", dbname: str = "postgres", sslmode: str = "disable") -> str:
+    def tcp_dsn(
+        self, role: str = "pgguard_scram", dbname: str = "postgres", sslmode: str = "disable"
+    ) -> str:
         password = UPSTREAM_ROLES[role][0]
         return f"postgresql://{role}:{password}@127.0.0.1:{self.port}/{dbname}?sslmode={sslmode}"
 
@@ -108,10 +110,26 @@ class EmbeddedPostgres:
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         result = subprocess.run(
-            [str(self._bin / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
-             "-h", str(self.socket_dir), "-p", str(self.port), "-U", SUPERUSER, "-d", dbname,
-             "-c", sql],
-            check=True, capture_output=True, text=True,
+            [
+                str(self._bin / "psql"),
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return result.stdout
 
@@ -127,7 +145,9 @@ class EmbeddedPostgres:
         if self._run_as is None:
             return
         if not _user_exists(self._run_as):
-            subprocess.run(["useradd", "-s", "/bin/false", self._run_as], check=True, capture_output=True)
+            subprocess.run(
+                ["useradd", "-s", "/bin/false", self._run_as], check=True, capture_output=True
+            )
         entry = pwd.getpwnam(self._run_as)
         for path in (self.datadir, self.socket_dir):
             os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -148,10 +168,20 @@ class EmbeddedPostgres:
             raise RuntimeError(f"pg_ctl {args[0]} failed: {exc.stderr}\n{tail}") from exc
 
     def _initdb(self) -> None:
-        self._run([
-            str(self._bin / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER,
-            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
-        ])
+        self._run(
+            [
+                str(self._bin / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                SUPERUSER,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]
+        )
         conf = [
             f"port = {self.port}",
             "listen_addresses = '127.0.0.1'",

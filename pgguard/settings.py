@@ -60,7 +60,9 @@ class ListenSettings(_Section):
 
 class UpstreamSettings(_Section):
     dsn: SecretStr = SecretStr("postgresql://postgres@localhost:5432/postgres")
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        None
+    )
     sslrootcert: Path | None = None
     connect_timeout: float = Field(10.0, gt=0)
 

@@ -52,7 +52,13 @@ class ProxyThread:
         assert self.server is not None
         return self.server.port
 
-    def dsn(self, user: str = AGENT, password: str = AGENT_PASSWORD, dbname: str = "postgres", **params: str) -> str:
+    def dsn(
+        self,
+        user: str = AGENT,
+        password: str = AGENT_PASSWORD,
+        dbname: str = "postgres",
+        **params: str,
+    ) -> str:
         query = "&".join(f"{k}={v}" for k, v in {"sslmode": "disable", **params}.items())
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}?{query}"
 
@@ -65,11 +71,18 @@ class ProxyThread:
 
 
 def agent_settings(upstream_dsn: str, **overrides: Any) -> Settings:
-    agents = overrides.pop("agents", [
-        {"name": AGENT, "password": AGENT_PASSWORD, "owner": OWNER},
-        {"name": "limited", "password": "limited-password", "owner": "bob@example.com",
-         "databases": ["allowed_db"]},
-    ])
+    agents = overrides.pop(
+        "agents",
+        [
+            {"name": AGENT, "password": AGENT_PASSWORD, "owner": OWNER},
+            {
+                "name": "limited",
+                "password": "limited-password",
+                "owner": "bob@example.com",
+                "databases": ["allowed_db"],
+            },
+        ],
+    )
     return Settings.load(
         listen={"host": "127.0.0.1", "port": 0, **overrides.pop("listen", {})},
         upstream={"dsn": upstream_dsn, **overrides.pop("upstream", {})},
@@ -139,16 +152,31 @@ class RawClient:
         except TimeoutError:
             return False
 
-    def startup(self, user: str = AGENT, database: str = "postgres", version: int = m.PROTOCOL_3_0, **params: str) -> None:
-        self.send(m.startup_message(version, [("user", user), ("database", database), *params.items()]))
+    def startup(
+        self,
+        user: str = AGENT,
+        database: str = "postgres",
+        version: int = m.PROTOCOL_3_0,
+        **params: str,
+    ) -> None:
+        self.send(
+            m.startup_message(version, [("user", user), ("database", database), *params.items()])
+        )
 
-    def login(self, user: str = AGENT, password: str = AGENT_PASSWORD, database: str = "postgres", **params: str) -> list[tuple[str, bytes]]:
+    def login(
+        self,
+        user: str = AGENT,
+        password: str = AGENT_PASSWORD,
+        database: str = "postgres",
+        **params: str,
+    ) -> list[tuple[str, bytes]]:
         """Start up and authenticate with SCRAM; returns the messages up to ReadyForQuery."""
         self.startup(user, database, **params)
         type_char, body = self.recv_message()
         while type_char == "v":
             type_char, body = self.recv_message()
-        assert type_char == "R" and m.decode_auth_code(body) == m.AUTH_SASL, (type_char, body)
+        assert type_char == "R", (type_char, body)
+        assert m.decode_auth_code(body) == m.AUTH_SASL
         scram = ScramClient(password, m.decode_sasl_mechanisms(body), None)
         self.send(m.sasl_initial_response(scram.mechanism, scram.first()))
         type_char, body = self.recv_message()

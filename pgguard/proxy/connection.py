@@ -88,11 +88,15 @@ class Connection:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def serve(self, startup: m.StartupMessage, channel_binding: bytes | None, pipelined: bytes) -> None:
+    async def serve(
+        self, startup: m.StartupMessage, channel_binding: bytes | None, pipelined: bytes
+    ) -> None:
         """Authenticate, connect upstream, relay until either side closes."""
         try:
             async with asyncio.timeout(self.ctx.settings.limits.startup_timeout):
-                login = await authenticate(self.client, startup, self.ctx.agents, channel_binding, pipelined)
+                login = await authenticate(
+                    self.client, startup, self.ctx.agents, channel_binding, pipelined
+                )
                 up = await self._connect_upstream(login)
             self._start_relay(login, up)
             await self._done
@@ -132,7 +136,10 @@ class Connection:
         self.ctx.register(self)
         log.info(
             "session %s: agent %s connected to database %s from %s",
-            session.session_id, session.agent, session.database, self.client_address,
+            session.session_id,
+            session.agent,
+            session.database,
+            self.client_address,
         )
         notices = b"".join(
             m.error_response("NOTICE", "00000", text, notice=True)
@@ -174,7 +181,9 @@ class Connection:
     def fail(self, error: PgGuardError) -> None:
         """Send ``error`` to the client (FATAL ends the session)."""
         if error.severity == "FATAL":
-            log.info("closing client %s: %s (%s)", self.client_address, error.message, error.sqlstate)
+            log.info(
+                "closing client %s: %s (%s)", self.client_address, error.message, error.sqlstate
+            )
             self._send_and_close(error_message(error))
         else:
             self.client.write(error_message(error))
@@ -190,11 +199,11 @@ class Connection:
         self._finish()
 
     def _upstream_closed(self, exc: Exception | None) -> None:
-        if not self._terminating and not self.client.closed and self.session is not None:
-            if not self.session.tracker.saw_fatal:
-                self.client.write(error_message(UpstreamUnavailable(
-                    "the upstream server closed the connection unexpectedly"
-                )))
+        session = self.session
+        expected = self._terminating or self.client.closed or session is None
+        if not expected and session is not None and not session.tracker.saw_fatal:
+            lost = UpstreamUnavailable("the upstream server closed the connection unexpectedly")
+            self.client.write(error_message(lost))
         self.client.close()
         self._finish()
 
@@ -217,7 +226,9 @@ class Connection:
         try:
             self.client.write(self._session().tracker.feed(data))
         except ProtocolViolation as exc:
-            log.error("session %s: upstream broke the protocol: %s", self._session().session_id, exc)
+            log.error(
+                "session %s: upstream broke the protocol: %s", self._session().session_id, exc
+            )
             self.fail(UpstreamUnavailable("the upstream server sent an invalid message"))
 
     # --- relay: client -> server ----------------------------------------------------------------
@@ -272,7 +283,9 @@ class Connection:
             return self.ctx.gate.check(session, g.SqlEvent("query", _query_text(frame.body)))
         if kind == m.F_PARSE:
             parse = x.decode_parse(frame.body)
-            verdict = self.ctx.gate.check(session, g.SqlEvent("parse", parse.sql, statement=parse.statement))
+            verdict = self.ctx.gate.check(
+                session, g.SqlEvent("parse", parse.sql, statement=parse.statement)
+            )
             if not isinstance(verdict, g.Deny):
                 self._extended.parsed(parse)
             return verdict
@@ -300,8 +313,12 @@ class Connection:
         return self.ctx.gate.check(
             session,
             g.SqlEvent(
-                "execute", sql, statement=portal.statement, portal=portal_name,
-                candidates=portal.candidates, bind=portal.bind,
+                "execute",
+                sql,
+                statement=portal.statement,
+                portal=portal_name,
+                candidates=portal.candidates,
+                bind=portal.bind,
             ),
         )
 
@@ -351,4 +368,3 @@ def _query_text(body: bytes) -> bytes:
     if not body.endswith(b"\0"):
         raise ProtocolViolation("invalid Query message: missing terminator")
     return body[:-1]
-

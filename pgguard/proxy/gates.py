@@ -7,5 +7,5 @@ from pgguard.settings import Settings
 
 
 def build_gate(settings: Settings) -> Gate:
-    """The gate for ``settings``: today the pass-through gate (SQL allowed, FunctionCall refused)."""
+    """The gate for ``settings``: the pass-through gate (SQL allowed, FunctionCall refused)."""
     return Gate()

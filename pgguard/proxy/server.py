@@ -163,7 +163,9 @@ class ProxyServer:
             header = await _recv_exactly(loop, sock, 8)
             length, code = _U32.unpack(header[:4])[0], _U32.unpack(header[4:])[0]
             if length < 8 or length > MAX_STARTUP_PACKET:
-                await loop.sock_sendall(sock, error_message(ProtocolViolation("invalid length of startup packet")))
+                await loop.sock_sendall(
+                    sock, error_message(ProtocolViolation("invalid length of startup packet"))
+                )
                 return None
             if length == 8 and code == m.SSL_REQUEST_CODE:
                 if self.ctx.tls is None:
@@ -180,7 +182,9 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         link = Link("client")
         await loop.connect_accepted_socket(
-            lambda: link, sock, ssl=self.ctx.tls if tls else None,
+            lambda: link,
+            sock,
+            ssl=self.ctx.tls if tls else None,
             ssl_handshake_timeout=self.settings.limits.startup_timeout if tls else None,
         )
         if direct:
@@ -190,7 +194,7 @@ class ProxyServer:
             # PostgreSQL cannot be confused into speaking to us.
             if ssl_object is None or ssl_object.selected_alpn_protocol() != "postgresql":
                 link.abort()
-                raise ProtocolViolation("direct TLS connection without ALPN \"postgresql\"")
+                raise ProtocolViolation('direct TLS connection without ALPN "postgresql"')
         return link
 
     async def _serve(self, link: Link, address: str, initial: bytes, tls: bool) -> None:
@@ -226,7 +230,9 @@ class ProxyServer:
         conn = Connection(self.ctx, link, address)
         self.ctx.connections.add(conn)
         try:
-            await conn.serve(first, self.ctx.channel_binding if tls else None, decoder.trailing_data)
+            await conn.serve(
+                first, self.ctx.channel_binding if tls else None, decoder.trailing_data
+            )
         finally:
             self.ctx.connections.discard(conn)
 
@@ -263,8 +269,8 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
         try:
             data = sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
-            ready = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _set_once, ready)
             try:
                 await ready
             finally:
@@ -273,6 +279,11 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
         if not data:
             raise LinkClosed("client closed the connection")
         return data
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

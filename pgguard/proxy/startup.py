@@ -137,8 +137,6 @@ async def _password_message(link: Link, decoder: MessageDecoder) -> bytes:
         if msg is not None:
             type_byte, body = msg
             if type_byte != m.F_PASSWORD:
-                raise ProtocolViolation(
-                    f"expected SASL response, got message type {type_byte}"
-                )
+                raise ProtocolViolation(f"expected SASL response, got message type {type_byte}")
             return body
         decoder.receive_data(await link.read())

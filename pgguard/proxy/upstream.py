@@ -108,7 +108,10 @@ async def _negotiate_tls(link: Link, dsn: Dsn, settings: UpstreamSettings, mode:
     assert link.transport is not None
     try:
         transport = await loop.start_tls(
-            link.transport, link, context, server_hostname=dsn.host if context.check_hostname else None
+            link.transport,
+            link,
+            context,
+            server_hostname=dsn.host if context.check_hostname else None,
         )
     except (ssl.SSLError, OSError) as exc:
         raise UpstreamUnavailable(f"TLS handshake with the upstream server failed: {exc}") from exc
@@ -159,7 +162,7 @@ async def _authenticate(link: Link, decoder: MessageDecoder, dsn: Dsn, tls: bool
         if type_byte == m.B_ERROR:
             raise _server_error(body)
         if type_byte == m.B_NEGOTIATE_VERSION:
-            continue  # the server speaks an older minor version; see connection.py on why that is fine
+            continue  # an older minor version is fine: see startup.negotiate_version
         if type_byte != m.B_AUTH:
             raise UpstreamUnavailable("the upstream server sent an unexpected message during login")
         code = m.decode_auth_code(body)
@@ -168,7 +171,9 @@ async def _authenticate(link: Link, decoder: MessageDecoder, dsn: Dsn, tls: bool
         if code == m.AUTH_CLEARTEXT:
             link.write(m.password_message(m.cstring(_password(dsn))))
         elif code == m.AUTH_MD5:
-            link.write(m.password_message(md5_password(_password(dsn), dsn.user, body[4:8]) + b"\0"))
+            link.write(
+                m.password_message(md5_password(_password(dsn), dsn.user, body[4:8]) + b"\0")
+            )
         elif code == m.AUTH_SASL:
             scram = ScramClient(_password(dsn), m.decode_sasl_mechanisms(body), _binding(link, tls))
             link.write(m.sasl_initial_response(scram.mechanism, scram.first()))
@@ -177,7 +182,9 @@ async def _authenticate(link: Link, decoder: MessageDecoder, dsn: Dsn, tls: bool
         elif code == m.AUTH_SASL_FINAL and scram is not None:
             scram.verify(body[4:])
         else:
-            raise UpstreamUnavailable(f"the upstream server asks for an unsupported authentication method ({code})")
+            raise UpstreamUnavailable(
+                f"the upstream server asks for an unsupported authentication method ({code})"
+            )
 
 
 def _password(dsn: Dsn) -> str:

@@ -84,7 +84,9 @@ class MessageDecoder:
         type_byte = self._buf[0]
         length = _unpack_u32(self._buf, 1)[0]
         if length < 4 or length > self._max:
-            raise ProtocolViolation(f"invalid message length {length} for message type 0x{type_byte:02x}")
+            raise ProtocolViolation(
+                f"invalid message length {length} for message type 0x{type_byte:02x}"
+            )
         if len(self._buf) < length + 1:
             return None
         body = bytes(self._buf[5 : length + 1])
@@ -235,7 +237,8 @@ class BackendTracker:
         self._replacements: deque[_Replacement] = deque()
 
     def replace_error(self, marker: bytes, replacement: bytes, group: int) -> None:
-        """The ErrorResponse containing ``marker`` (in Sync group ``group``) becomes ``replacement``."""
+        """The ErrorResponse containing ``marker`` (in Sync group ``group``) becomes
+        ``replacement``."""
         self._replacements.append(_Replacement(marker, replacement, group))
 
     def feed(self, data: bytes) -> bytes:

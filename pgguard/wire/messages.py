@@ -33,7 +33,9 @@ PROTOCOL_3_2 = protocol_version(3, 2)
 PROTOCOL_LATEST = PROTOCOL_3_2
 
 TLS_HANDSHAKE_BYTE = 0x16  # first byte of a TLS record: PostgreSQL 17 direct SSL (53.2.10)
-MAX_CANCEL_KEY = 256  # 53.7 BackendKeyData: "The minimum and maximum key length are 4 and 256 bytes"
+MAX_CANCEL_KEY = (
+    256  # 53.7 BackendKeyData: "The minimum and maximum key length are 4 and 256 bytes"
+)
 
 # --- Frontend (client -> server) message types ---
 F_QUERY = ord("Q")

@@ -98,7 +98,7 @@ class Verifier:
 
     @classmethod
     def parse(cls, text: str) -> Verifier:
-        """Parse ``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>``; ValueError if malformed."""
+        """Parse ``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`` (ValueError if bad)."""
         try:
             method, params, keys = text.split("$")
             iterations_text, salt_text = params.split(":")

@@ -41,7 +41,9 @@ def test_multi_statement_simple_query_psycopg(proxy: ProxyThread, direct_dsn: st
         with psycopg.connect(dsn, autocommit=True) as conn:
             cur = conn.cursor()
             # No parameters: psycopg sends one simple Query with three statements.
-            cur.execute("SELECT 1 AS a; SELECT 'two' AS b, 2.5 AS c; SELECT count(*) FROM relay_items")
+            cur.execute(
+                "SELECT 1 AS a; SELECT 'two' AS b, 2.5 AS c; SELECT count(*) FROM relay_items"
+            )
             sets = []
             while True:
                 sets.append(([d.name for d in cur.description or []], cur.fetchall()))
@@ -75,24 +77,38 @@ def test_psql_session_matches_direct(proxy: ProxyThread, direct_dsn: str) -> Non
 # --- extended protocol --------------------------------------------------------------------------
 
 
-async def test_asyncpg_extended_protocol_matches_direct(proxy: ProxyThread, direct_dsn: str) -> None:
+async def test_asyncpg_extended_protocol_matches_direct(
+    proxy: ProxyThread, direct_dsn: str
+) -> None:
     results = []
     for dsn in both(proxy, direct_dsn):
         conn = await asyncpg.connect(dsn)
         try:
-            stmt = await conn.prepare("SELECT id, name, payload FROM relay_items WHERE id = ANY($1::int[]) ORDER BY id")
+            stmt = await conn.prepare(
+                "SELECT id, name, payload FROM relay_items WHERE id = ANY($1::int[]) ORDER BY id"
+            )
             first = await stmt.fetch([1, 2, 3])
             again = await stmt.fetch([150, 199])
             async with conn.transaction():
-                cursor_rows = [r async for r in conn.cursor("SELECT id FROM relay_items ORDER BY id", prefetch=7)]
-            await conn.executemany("INSERT INTO relay_items VALUES ($1, $2, NULL) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name", [(1000 + i, f"n{i}") for i in range(20)])
+                cursor_rows = [
+                    r
+                    async for r in conn.cursor("SELECT id FROM relay_items ORDER BY id", prefetch=7)
+                ]
+            await conn.executemany(
+                "INSERT INTO relay_items VALUES ($1, $2, NULL)"
+                " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+                [(1000 + i, f"n{i}") for i in range(20)],
+            )
             count = await conn.fetchval("SELECT count(*) FROM relay_items WHERE id >= 1000")
             await conn.execute("DELETE FROM relay_items WHERE id >= 1000")
-            results.append(([tuple(r) for r in first], [tuple(r) for r in again], len(cursor_rows), count))
+            results.append(
+                ([tuple(r) for r in first], [tuple(r) for r in again], len(cursor_rows), count)
+            )
         finally:
             await conn.close()
     assert results[0] == results[1]
-    assert results[0][2] == 200 and results[0][3] == 20
+    assert results[0][2] == 200
+    assert results[0][3] == 20
 
 
 def test_psycopg_pipeline_and_named_statements(proxy: ProxyThread, direct_dsn: str) -> None:
@@ -101,12 +117,19 @@ def test_psycopg_pipeline_and_named_statements(proxy: ProxyThread, direct_dsn: s
         with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
             rows = []
             with conn.pipeline():
-                curs = [conn.execute("SELECT name FROM relay_items WHERE id = %s", (i,)) for i in range(1, 30)]
+                curs = [
+                    conn.execute("SELECT name FROM relay_items WHERE id = %s", (i,))
+                    for i in range(1, 30)
+                ]
             for cur in curs:
                 rows.append(cur.fetchone())
             # prepare_threshold=0 makes psycopg use named prepared statements (Parse 'S_n').
             for i in range(3):
-                rows.append(conn.execute("SELECT %s::int + id FROM relay_items WHERE id = 1", (i,)).fetchone())
+                rows.append(
+                    conn.execute(
+                        "SELECT %s::int + id FROM relay_items WHERE id = 1", (i,)
+                    ).fetchone()
+                )
             results.append(rows)
     assert results[0] == results[1]
     assert results[0][0] == ("item 1",)
@@ -146,7 +169,9 @@ def test_copy_both_ways_with_megabytes(proxy: ProxyThread, direct_dsn: str) -> N
                 for start in range(0, len(data), 65536):
                     copy.write(data[start : start + 65536])
             out = io.BytesIO()
-            with conn.cursor().copy("COPY (SELECT * FROM copy_target ORDER BY id) TO STDOUT") as copy:
+            with conn.cursor().copy(
+                "COPY (SELECT * FROM copy_target ORDER BY id) TO STDOUT"
+            ) as copy:
                 for chunk in copy:
                     out.write(chunk)
             outputs.append(out.getvalue())
@@ -158,9 +183,11 @@ def test_copy_from_stdin_failure_is_relayed(proxy: ProxyThread, direct_dsn: str)
     for dsn in both(proxy, direct_dsn):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE TEMP TABLE copy_bad (id int)")
-            with pytest.raises(psycopg.errors.InvalidTextRepresentation) as info:
-                with conn.cursor().copy("COPY copy_bad FROM STDIN") as copy:
-                    copy.write(b"1\nnot-a-number\n")
+            with (
+                pytest.raises(psycopg.errors.InvalidTextRepresentation) as info,
+                conn.cursor().copy("COPY copy_bad FROM STDIN") as copy,
+            ):
+                copy.write(b"1\nnot-a-number\n")
             messages.append(str(info.value).splitlines()[0])
             assert conn.execute("SELECT count(*) FROM copy_bad").fetchone() == (0,)
     assert messages[0] == messages[1]
@@ -174,7 +201,9 @@ async def test_listen_notify_and_backend_pid(proxy: ProxyThread) -> None:
     sender = await asyncpg.connect(proxy.dsn())
     try:
         received: asyncio.Queue[tuple[int, str, str]] = asyncio.Queue()
-        await listener.add_listener("pgguard_chan", lambda _c, pid, ch, payload: received.put_nowait((pid, ch, payload)))
+        await listener.add_listener(
+            "pgguard_chan", lambda _c, pid, ch, payload: received.put_nowait((pid, ch, payload))
+        )
         sender_pid = await sender.fetchval("SELECT pg_backend_pid()")
         await sender.execute("NOTIFY pgguard_chan, 'hello'")
         pid, channel, payload = await asyncio.wait_for(received.get(), 10)
@@ -190,25 +219,42 @@ def test_notice_and_parameter_status(proxy: ProxyThread, direct_dsn: str) -> Non
     seen = []
     for dsn in both(proxy, direct_dsn):
         notices: list[str] = []
+
+        def on_notice(diag: psycopg.errors.Diagnostic, notices: list[str] = notices) -> None:
+            notices.append(diag.message_primary or "")
+
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+            conn.add_notice_handler(on_notice)
             conn.execute("DO $$ BEGIN RAISE NOTICE 'note %', 42; END $$")
             conn.execute("SET application_name = 'relay-test'")
             conn.execute("SET TimeZone = 'Asia/Tokyo'")
-            seen.append((notices, conn.info.parameter_status("application_name"),
-                         conn.info.parameter_status("TimeZone"), conn.info.server_version))
+            seen.append(
+                (
+                    notices,
+                    conn.info.parameter_status("application_name"),
+                    conn.info.parameter_status("TimeZone"),
+                    conn.info.server_version,
+                )
+            )
     assert seen[0] == seen[1]
-    assert seen[0][0] == ["note 42"] and seen[0][1] == "relay-test"
+    assert seen[0][0] == ["note 42"]
+    assert seen[0][1] == "relay-test"
 
 
 def test_startup_parameters_are_forwarded(proxy: ProxyThread, direct_dsn: str) -> None:
     values = []
     for dsn in both(proxy, direct_dsn):
-        with psycopg.connect(dsn, options="-c search_path=pg_catalog,public -c work_mem=7MB",
-                             application_name="fwd-test") as conn:
-            values.append(conn.execute(
-                "SELECT current_setting('search_path'), current_setting('work_mem'), current_setting('application_name')"
-            ).fetchone())
+        with psycopg.connect(
+            dsn,
+            options="-c search_path=pg_catalog,public -c work_mem=7MB",
+            application_name="fwd-test",
+        ) as conn:
+            values.append(
+                conn.execute(
+                    "SELECT current_setting('search_path'), current_setting('work_mem'),"
+                    " current_setting('application_name')"
+                ).fetchone()
+            )
     assert values[0] == values[1] == ("pg_catalog,public", "7MB", "fwd-test")
 
 
@@ -240,7 +286,9 @@ async def test_fifty_concurrent_sessions(proxy: ProxyThread) -> None:
         try:
             total = 0
             for _ in range(10):
-                total += await conn.fetchval("SELECT count(*) FROM relay_items WHERE id <= $1", i + 1)
+                total += await conn.fetchval(
+                    "SELECT count(*) FROM relay_items WHERE id <= $1", i + 1
+                )
             await conn.fetchval("SELECT pg_sleep(0.05)")
             return total
         finally:
@@ -251,7 +299,10 @@ async def test_fifty_concurrent_sessions(proxy: ProxyThread) -> None:
 
 
 def test_cancel_reaches_the_right_backend(proxy: ProxyThread) -> None:
-    with psycopg.connect(proxy.dsn(), autocommit=True) as victim, psycopg.connect(proxy.dsn(), autocommit=True) as bystander:
+    with (
+        psycopg.connect(proxy.dsn(), autocommit=True) as victim,
+        psycopg.connect(proxy.dsn(), autocommit=True) as bystander,
+    ):
         # cancel_safe(): the blocking PQcancel of psycopg's binary build holds the GIL, which
         # would freeze the in-process proxy thread that must receive the CancelRequest.
         timer = threading.Timer(0.5, victim.cancel_safe)
@@ -265,7 +316,10 @@ def test_cancel_reaches_the_right_backend(proxy: ProxyThread) -> None:
 
 
 def test_pg_terminate_backend_uses_real_pid(proxy: ProxyThread) -> None:
-    with psycopg.connect(proxy.dsn(), autocommit=True) as victim, psycopg.connect(proxy.dsn(), autocommit=True) as killer:
+    with (
+        psycopg.connect(proxy.dsn(), autocommit=True) as victim,
+        psycopg.connect(proxy.dsn(), autocommit=True) as killer,
+    ):
         pid = victim.info.backend_pid
         assert victim.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
         assert killer.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
