@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pgguard.embedded import EmbeddedPostgres
-from tests.support import ProxyThread, agent_settings
+from tests.support import OPEN_RAW_CLIENTS, ProxyThread, agent_settings
 
 UPSTREAM_ENV = "PGGUARD_TEST_UPSTREAM_DSN"
 
@@ -64,3 +64,10 @@ def proxy(upstream_dsn: str) -> Iterator[ProxyThread]:
         yield thread
     finally:
         thread.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_clients() -> Iterator[None]:
+    yield
+    while OPEN_RAW_CLIENTS:
+        OPEN_RAW_CLIENTS.pop().close()

@@ -93,6 +93,8 @@ def agent_settings(upstream_dsn: str, **overrides: Any) -> Settings:
 
 # --- a raw protocol client, for byte-level tests ------------------------------------------------
 
+OPEN_RAW_CLIENTS: list[RawClient] = []  # closed after each test by a conftest fixture
+
 
 @dataclass
 class RawClient:
@@ -105,7 +107,9 @@ class RawClient:
     @classmethod
     def connect(cls, port: int, timeout: float = 10) -> RawClient:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        return cls(sock)
+        client = cls(sock)
+        OPEN_RAW_CLIENTS.append(client)
+        return client
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -175,6 +179,8 @@ class RawClient:
         type_char, body = self.recv_message()
         while type_char == "v":
             type_char, body = self.recv_message()
+        if type_char == "E":
+            return [(type_char, body)]
         assert type_char == "R", (type_char, body)
         assert m.decode_auth_code(body) == m.AUTH_SASL
         scram = ScramClient(password, m.decode_sasl_mechanisms(body), None)
@@ -183,7 +189,12 @@ class RawClient:
         if type_char == "E":
             return [(type_char, body)]
         self.send(m.password_message(scram.final(body[4:])))
-        return self.recv_until("Z")
+        out = []
+        while True:
+            msg = self.recv_message()
+            out.append(msg)
+            if msg[0] in ("Z", "E"):
+                return out
 
     def close(self) -> None:
         self.sock.close()
