@@ -35,10 +35,12 @@ MAX_STARTUP_PACKET = 10_000
 # postgres.c SocketBackend: "small" messages (Describe, Close, Execute, Sync, Flush, Terminate,
 # CopyDone, CopyFail) are capped at PQ_SMALL_MESSAGE_LIMIT; the others at a large limit.
 SMALL_MESSAGE_LIMIT = 10_000
+LARGE_MESSAGE_LIMIT = 0x3FFFFFFF  # PQ_LARGE_MESSAGE_LIMIT: 1 GB - 1
 
 _INSPECTED = frozenset(b"QPBECFX")
 _PASSED = frozenset(b"DSHdcf")
 _SMALL = frozenset(b"EDCSHXcf")
+_EMPTY = frozenset(b"SHXc")  # Sync, Flush, Terminate, CopyDone carry no body
 _FATAL_FIELDS = (b"SFATAL\0", b"SPANIC\0")
 
 
@@ -166,11 +168,10 @@ class FrontendScanner:
                 self._pos = end
                 raw = buf if (pos == 0 and end == n) else buf[pos:end]
                 return Frame(type_byte, buf[pos + 5 : end], raw)
-            if type_byte not in _PASSED:
+            if type_byte not in _PASSED or not self._length_ok(type_byte, length):
                 if pos > start:
                     break  # hand over the good bytes first; the bad message raises next call
-                raise ProtocolViolation(f"invalid frontend message type {type_byte}")
-            self._check_length(type_byte, length)
+                self._reject(type_byte, length)
             if type_byte == 0x53:
                 self.syncs += 1
             if end > n:
@@ -183,14 +184,28 @@ class FrontendScanner:
         self._pos = pos
         return buf if (start == 0 and pos == n) else buf[start:pos]
 
-    def _check_length(self, type_byte: int, length: int) -> None:
-        limit = SMALL_MESSAGE_LIMIT if type_byte in _SMALL else self._max
+    def _length_ok(self, type_byte: int, length: int) -> bool:
+        if type_byte in _SMALL:
+            limit = SMALL_MESSAGE_LIMIT
+        elif type_byte == m.F_COPY_DATA:
+            limit = LARGE_MESSAGE_LIMIT  # streamed, never buffered whole
+        else:
+            limit = self._max
         if length < 4 or length > limit:
-            raise ProtocolViolation(
-                f"invalid message length {length} for message type {chr(type_byte)!r}"
-            )
-        if type_byte in (m.F_SYNC, m.F_FLUSH, m.F_TERMINATE, m.F_COPY_DONE) and length != 4:
-            raise ProtocolViolation(f"invalid length for message type {chr(type_byte)!r}")
+            return False
+        return length == 4 or type_byte not in _EMPTY
+
+    def _check_length(self, type_byte: int, length: int) -> None:
+        if not self._length_ok(type_byte, length):
+            self._reject(type_byte, length)
+
+    @staticmethod
+    def _reject(type_byte: int, length: int) -> None:
+        if type_byte not in _INSPECTED and type_byte not in _PASSED:
+            raise ProtocolViolation(f"invalid frontend message type {type_byte}")
+        raise ProtocolViolation(
+            f"invalid message length {length} for message type {chr(type_byte)!r}"
+        )
 
 
 class _Replacement:

@@ -173,7 +173,7 @@ def _expect_len(body: bytes, n: int, what: str) -> None:
 
 def _decode_startup_parameters(body: bytes) -> tuple[tuple[str, str], ...]:
     # 53.7 StartupMessage: pairs of NUL-terminated strings, then a terminating NUL.
-    if not body.endswith(b"\0"):
+    if len(body) < 5 or not body.endswith(b"\0"):
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     payload = body[4:-1]
     if not payload:

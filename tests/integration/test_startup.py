@@ -14,7 +14,14 @@ import pytest
 
 from pgguard.embedded import EmbeddedPostgres, make_self_signed_certificate
 from pgguard.wire import messages as m
-from tests.support import AGENT, AGENT_PASSWORD, ProxyThread, RawClient, agent_settings, error_fields
+from tests.support import (
+    AGENT,
+    AGENT_PASSWORD,
+    ProxyThread,
+    RawClient,
+    agent_settings,
+    error_fields,
+)
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -98,7 +105,9 @@ def test_upstream_down_gives_08001(proxy: ProxyThread) -> None:
     port.bind(("127.0.0.1", 0))
     dead = port.getsockname()[1]
     port.close()
-    thread = ProxyThread(agent_settings(f"postgresql://u:p@127.0.0.1:{dead}/db?sslmode=disable")).start()
+    thread = ProxyThread(
+        agent_settings(f"postgresql://u:p@127.0.0.1:{dead}/db?sslmode=disable")
+    ).start()
     try:
         with pytest.raises(psycopg.OperationalError) as info:
             psycopg.connect(thread.dsn(), connect_timeout=10)
@@ -213,7 +222,10 @@ def tls_proxy(upstream_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> It
     (directory / "server.key").write_bytes(key)
     settings = agent_settings(
         upstream_dsn,
-        listen={"tls_cert": str(directory / "server.crt"), "tls_key": str(directory / "server.key")},
+        listen={
+            "tls_cert": str(directory / "server.crt"),
+            "tls_key": str(directory / "server.key"),
+        },
     )
     thread = ProxyThread(settings).start()
     try:
@@ -250,8 +262,13 @@ async def test_asyncpg_direct_tls(tls_proxy: ProxyThread) -> None:
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["postgresql"])  # PostgreSQL 17 requires it for direct TLS
     conn = await asyncpg.connect(
-        host="127.0.0.1", port=tls_proxy.port, user=AGENT, password=AGENT_PASSWORD,
-        database="postgres", ssl=context, direct_tls=True,
+        host="127.0.0.1",
+        port=tls_proxy.port,
+        user=AGENT,
+        password=AGENT_PASSWORD,
+        database="postgres",
+        ssl=context,
+        direct_tls=True,
     )
     try:
         assert await conn.fetchval("SELECT 3") == 3
@@ -296,7 +313,9 @@ def test_upstream_trust_over_unix_socket(need_embedded: EmbeddedPostgres) -> Non
         thread.stop()
 
 
-def test_wrong_upstream_password_is_not_blamed_on_the_agent(need_embedded: EmbeddedPostgres) -> None:
+def test_wrong_upstream_password_is_not_blamed_on_the_agent(
+    need_embedded: EmbeddedPostgres,
+) -> None:
     dsn = need_embedded.tcp_dsn().replace("scram-secret", "not-the-password")
     thread = ProxyThread(agent_settings(dsn)).start()
     try:
@@ -327,7 +346,9 @@ def test_upstream_tls(tls_upstream: EmbeddedPostgres) -> None:
     thread = ProxyThread(agent_settings(tls_upstream.tcp_dsn(sslmode="require"))).start()
     try:
         with psycopg.connect(thread.dsn()) as conn:
-            row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+            row = conn.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
             assert row == (True,)
     finally:
         thread.stop()
