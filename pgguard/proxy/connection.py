@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,9 @@ class Connection:
         self._held: tuple[Frame, g.Hold] | None = None
         self._hold_task: asyncio.Task[None] | None = None
         self._zcount = 0  # Query/FunctionCall frames forwarded (each ends with ReadyForQuery)
+        self._upstream_write: Callable[[bytes], None] = _discard
+        self._client_write: Callable[[bytes], None] = _discard
+        self._tracker_feed: Callable[[bytes], bytes] = bytes
         self._terminating = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -148,15 +152,21 @@ class Connection:
         # The welcome ends with ReadyForQuery (6 bytes); notices go just before it.
         welcome = up.welcome[:-6] + notices + up.welcome[-6:]
         self.client.write(login.sasl_final + m.auth_ok() + welcome)
-        up.link.on_data = self._from_server
+        pending_server = up.link.take_buffered()
+        pending_client = login.leftover + self.client.take_buffered()
+        up.link.relay_to(self._from_server)
         up.link.on_close = self._upstream_closed
         self.client.on_close = self._client_closed
-        self.client.on_data = self._from_client
+        self.client.relay_to(self._from_client)
         self.client.peer, up.link.peer = up.link, self.client
-        pending_server = up.link.take_buffered()
+        assert up.link.transport is not None
+        assert self.client.transport is not None
+        # Bound methods of the transports themselves: the relay writes without indirection.
+        self._upstream_write = up.link.transport.write
+        self._client_write = self.client.transport.write
+        self._tracker_feed = session.tracker.feed
         if pending_server:
             self._from_server(pending_server)
-        pending_client = login.leftover + self.client.take_buffered()
         if pending_client:
             self._from_client(pending_client)
         if self.client.closed:
@@ -224,7 +234,7 @@ class Connection:
 
     def _from_server(self, data: bytes) -> None:
         try:
-            self.client.write(self._session().tracker.feed(data))
+            self._client_write(self._tracker_feed(data))
         except ProtocolViolation as exc:
             log.error(
                 "session %s: upstream broke the protocol: %s", self._session().session_id, exc
@@ -234,9 +244,37 @@ class Connection:
     # --- relay: client -> server ----------------------------------------------------------------
 
     def _from_client(self, data: bytes) -> None:
-        self._scanner.receive_data(data)
-        if self._held is None:
-            self._pump()
+        scanner = self._scanner
+        if self._held is not None:
+            scanner.receive_data(data)
+            return
+        if scanner.idle:
+            self._fast_path(data)
+            if scanner.idle:
+                return
+        else:
+            scanner.receive_data(data)
+        self._pump()
+
+    def _fast_path(self, data: bytes) -> None:
+        """Decide in place and forward the chunk in one write (see FrontendScanner.scan_chunk)."""
+        try:
+            pos, verdict = self._scanner.scan_chunk(data, self._decide_at, g.ALLOW)
+        except PgGuardError as exc:
+            self._gate_failed(exc, [])
+            return
+        if pos:
+            self._upstream_write(data if pos == len(data) else data[:pos])
+        if verdict is not None:
+            frame = self._scanner.take_frame()
+            assert isinstance(verdict, (g.Deny, g.Hold))
+            self._apply(frame, verdict)
+
+    def _apply(self, frame: Frame, verdict: g.Deny | g.Hold) -> None:
+        if isinstance(verdict, g.Deny):
+            self._upstream_write(self._refusal(frame, verdict.error))
+        else:
+            self._hold(frame, verdict)
 
     def _pump(self) -> None:
         out: list[bytes] = []
@@ -246,43 +284,58 @@ class Connection:
             self._write_upstream(out)
             self.fail(exc)
             return
-        except PgGuardError as exc:  # a gate that raised: never forward, end the session
-            log.exception("session %s: gate failed", self._session().session_id)
-            self._write_upstream(out)
-            self.fail(ProtocolViolation(f"pgguard could not decide on a statement: {exc.message}"))
+        except PgGuardError as exc:
+            self._gate_failed(exc, out)
             return
         self._write_upstream(out)
 
+    def _gate_failed(self, exc: PgGuardError, out: list[bytes]) -> None:
+        if isinstance(exc, ProtocolViolation):
+            self._write_upstream(out)
+            self.fail(exc)
+            return
+        # A gate that raised: never forward the statement; end the session.
+        log.error("session %s: gate failed: %s", self._session().session_id, exc)
+        self._write_upstream(out)
+        self.fail(ProtocolViolation(f"pgguard could not decide on a statement: {exc.message}"))
+
     def _write_upstream(self, out: list[bytes]) -> None:
-        if out and self.upstream is not None:
-            self.upstream.write(out[0] if len(out) == 1 else b"".join(out))
+        if out:
+            self._upstream_write(out[0] if len(out) == 1 else b"".join(out))
 
     def _scan(self, out: list[bytes]) -> None:
         scanner = self._scanner
-        while (event := scanner.next_event()) is not None:
+        while self._held is None and (event := scanner.next_event()) is not None:
             if type(event) is bytes:
                 out.append(event)
                 continue
             assert isinstance(event, Frame)
-            verdict = self._decide(event)
-            if verdict is g.ALLOW or type(verdict) is g.Allow:
-                self._forwarding(event)
+            verdict = self._decide_at(event.type, event.raw, 0, len(event.raw))
+            if verdict is g.ALLOW:
                 out.append(event.raw)
-            elif isinstance(verdict, g.Deny):
-                out.append(self._refusal(event, verdict.error))
             else:
-                assert isinstance(verdict, g.Hold)
-                self._hold(event, verdict)
-                return
+                assert isinstance(verdict, (g.Deny, g.Hold))
+                self._write_upstream(out)
+                out.clear()
+                self._apply(event, verdict)
 
-    def _decide(self, frame: Frame) -> g.Verdict:
-        """Track extended-protocol state and ask the gate about messages that carry SQL."""
-        session = self._session()
-        kind = frame.type
+    def _decide_at(self, kind: int, data: bytes, start: int, end: int) -> g.Verdict:
+        """Track extended-protocol state and ask the gate about messages that carry SQL.
+
+        The message is ``data[start:end]``. ``ALLOW`` means forward it; its bookkeeping (the
+        count of messages that end with ReadyForQuery) is done here so both paths share it.
+        """
+        session = self.session
+        assert session is not None
         if kind == m.F_QUERY:
-            return self.ctx.gate.check(session, g.SqlEvent("query", _query_text(frame.body)))
+            if data[end - 1] != 0:
+                raise ProtocolViolation("invalid Query message: missing terminator")
+            verdict = self.ctx.gate.check(session, g.SqlEvent("query", data[start + 5 : end - 1]))
+            if verdict is g.ALLOW:
+                self._zcount += 1
+            return verdict
         if kind == m.F_PARSE:
-            parse = x.decode_parse(frame.body)
+            parse = x.decode_parse(data[start + 5 : end])
             verdict = self.ctx.gate.check(
                 session, g.SqlEvent("parse", parse.sql, statement=parse.statement)
             )
@@ -290,15 +343,18 @@ class Connection:
                 self._extended.parsed(parse)
             return verdict
         if kind == m.F_BIND:
-            self._extended.bound(x.decode_bind(frame.body))
+            self._extended.bound(x.decode_bind(data[start + 5 : end]))
             return g.ALLOW
         if kind == m.F_EXECUTE:
-            return self._decide_execute(session, x.decode_portal_name(frame.body))
+            return self._decide_execute(session, x.decode_portal_name(data[start + 5 : end]))
         if kind == m.F_CLOSE:
-            self._extended.closed(*x.decode_close(frame.body))
+            self._extended.closed(*x.decode_close(data[start + 5 : end]))
             return g.ALLOW
         if kind == m.F_FUNCTION_CALL:
-            return self.ctx.gate.check_function_call(session)
+            verdict = self.ctx.gate.check_function_call(session)
+            if verdict is g.ALLOW:
+                self._zcount += 1
+            return verdict
         if kind == m.F_TERMINATE:
             self._terminating = True
         return g.ALLOW
@@ -321,10 +377,6 @@ class Connection:
                 bind=portal.bind,
             ),
         )
-
-    def _forwarding(self, frame: Frame) -> None:
-        if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
-            self._zcount += 1
 
     def _refusal(self, frame: Frame, error: PgGuardError) -> bytes:
         """What goes upstream instead of a refused message (see the module docstring)."""
@@ -356,15 +408,14 @@ class Connection:
         if self.upstream is None or self.client.closed:
             return
         if isinstance(outcome, g.Deny):
-            self.upstream.write(self._refusal(frame, outcome.error))
+            self._upstream_write(self._refusal(frame, outcome.error))
         else:
-            self._forwarding(frame)
-            self.upstream.write(frame.raw)
+            if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
+                self._zcount += 1
+            self._upstream_write(frame.raw)
         self.client.resume_reading("hold")
         self._pump()
 
 
-def _query_text(body: bytes) -> bytes:
-    if not body.endswith(b"\0"):
-        raise ProtocolViolation("invalid Query message: missing terminator")
-    return body[:-1]
+def _discard(data: bytes) -> None:
+    """Writes before the relay starts go nowhere (there is no peer yet)."""

@@ -43,7 +43,7 @@ Verdict = Allow | Deny | Hold
 ALLOW = Allow()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SqlEvent:
     """A statement on its way upstream.
 

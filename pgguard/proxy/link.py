@@ -70,6 +70,20 @@ class Link(asyncio.Protocol):
         if self.peer is not None:
             self.peer.resume_reading("backpressure")
 
+    def relay_to(self, callback: Callable[[bytes], None]) -> None:
+        """From now on hand every chunk straight to ``callback``.
+
+        The instance attribute shadows ``data_received``, and ``set_protocol`` makes uvloop
+        (which caches the bound method) pick it up: one Python call per chunk instead of two.
+        """
+        self.on_data = callback
+        self.data_received = callback  # type: ignore[method-assign,assignment]
+        if self.transport is not None:
+            self.transport.set_protocol(self)
+        buffered = self.take_buffered()
+        if buffered:
+            callback(buffered)
+
     # --- reading in coroutine style ---------------------------------------------------------
 
     def _wake(self) -> None:

@@ -18,20 +18,24 @@ from pgguard.wire.messages import read_cstring
 _I16 = struct.Struct("!h")
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted dataclasses, not frozen: these are built for every extended-protocol message,
+# and a frozen dataclass's __init__ (object.__setattr__ per field) costs several times more.
+
+
+@dataclass(slots=True)
 class ParseMessage:
     statement: str
     sql: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BindMessage:
     portal: str
     statement: str
     body: bytes  # kept whole; parameters are only decoded when a decision needs them
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BoundPortal:
     statement: str
     candidates: tuple[bytes, ...]
@@ -39,37 +43,44 @@ class BoundPortal:
 
 
 def decode_parse(body: bytes) -> ParseMessage:
-    name, pos = read_cstring(body, 0)
-    sql, pos = read_cstring(body, pos)
-    if pos + 2 > len(body):
+    """Parse: statement name, query text, Int16 count of parameter type OIDs, the OIDs."""
+    name_end = body.find(b"\0")
+    sql_end = body.find(b"\0", name_end + 1) if name_end >= 0 else -1
+    if sql_end < 0 or sql_end + 3 > len(body):
         raise ProtocolViolation("malformed Parse message")
-    count = _I16.unpack_from(body, pos)[0]
-    if count < 0 or pos + 2 + 4 * count != len(body):
+    count = _I16.unpack_from(body, sql_end + 1)[0]
+    if count < 0 or sql_end + 3 + 4 * count != len(body):
         raise ProtocolViolation("malformed Parse message: parameter type count")
-    return ParseMessage(statement=_text(name), sql=sql)
+    return ParseMessage(_name(body, 0, name_end), body[name_end + 1 : sql_end])
 
 
 def decode_bind(body: bytes) -> BindMessage:
-    portal, pos = read_cstring(body, 0)
-    statement, _ = read_cstring(body, pos)
-    return BindMessage(portal=_text(portal), statement=_text(statement), body=body)
+    portal_end = body.find(b"\0")
+    statement_end = body.find(b"\0", portal_end + 1) if portal_end >= 0 else -1
+    if statement_end < 0:
+        raise ProtocolViolation("malformed Bind message")
+    return BindMessage(_name(body, 0, portal_end), _name(body, portal_end + 1, statement_end), body)
 
 
 def decode_portal_name(body: bytes) -> str:
     """Execute: portal name then Int32 row limit."""
-    name, pos = read_cstring(body, 0)
-    if pos + 4 != len(body):
+    end = body.find(b"\0")
+    if end < 0 or end + 5 != len(body):
         raise ProtocolViolation("malformed Execute message")
-    return _text(name)
+    return _name(body, 0, end)
 
 
 def decode_close(body: bytes) -> tuple[bytes, str]:
-    if not body or body[:1] not in (b"S", b"P"):
+    kind = body[:1]
+    end = body.find(b"\0", 1)
+    if kind not in (b"S", b"P") or end < 0 or end + 1 != len(body):
         raise ProtocolViolation("invalid CLOSE message subtype")
-    name, pos = read_cstring(body, 1)
-    if pos != len(body):
-        raise ProtocolViolation("malformed Close message")
-    return body[:1], _text(name)
+    return kind, _name(body, 1, end)
+
+
+def _name(body: bytes, start: int, end: int) -> str:
+    # Most drivers use the unnamed statement and portal; skip the decode for those.
+    return body[start:end].decode("utf-8", "surrogateescape") if end > start else ""
 
 
 def decode_bind_parameters(body: bytes) -> list[bytes | None]:
@@ -95,10 +106,6 @@ def decode_bind_parameters(body: bytes) -> list[bytes | None]:
     except struct.error as exc:
         raise ProtocolViolation("malformed Bind message") from exc
     return values
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
 
 
 class ExtendedState:

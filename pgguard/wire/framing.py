@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 
 from pgguard.errors import ProtocolViolation
 from pgguard.wire import messages as m
@@ -36,6 +37,8 @@ MAX_STARTUP_PACKET = 10_000
 # CopyDone, CopyFail) are capped at PQ_SMALL_MESSAGE_LIMIT; the others at a large limit.
 SMALL_MESSAGE_LIMIT = 10_000
 LARGE_MESSAGE_LIMIT = 0x3FFFFFFF  # PQ_LARGE_MESSAGE_LIMIT: 1 GB - 1
+
+Decider = Callable[[int, bytes, int, int], object]
 
 _INSPECTED = frozenset(b"QPBECFX")
 _PASSED = frozenset(b"DSHdcf")
@@ -142,6 +145,56 @@ class FrontendScanner:
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+    @property
+    def idle(self) -> bool:
+        """No buffered bytes and no message in flight: ``scan_chunk`` may be used."""
+        return not self._skip and self._pos >= len(self._buf)
+
+    def scan_chunk(self, data: bytes, decide: Decider, allow: object) -> tuple[int, object]:
+        """The fast path for a chunk that starts on a message boundary (``idle`` is True).
+
+        Calls ``decide(type, data, start, end)`` for each complete inspected message, in order,
+        and stops at the first answer that is not the ``allow`` sentinel (by identity). Returns
+        ``(pos, verdict)``: ``data[:pos]`` may be forwarded as it is; when ``verdict`` is not
+        None the message at ``pos`` got that answer and ``take_frame`` hands it over. Anything
+        after ``pos`` - an incomplete or invalid message - stays buffered for ``next_event``.
+        No Frame, no slice and no copy is made for allowed messages.
+        """
+        pos = 0
+        n = len(data)
+        max_len = self._max
+        while pos + 5 <= n:
+            type_byte = data[pos]
+            length = _unpack_u32(data, pos + 1)[0]
+            end = pos + 1 + length
+            if type_byte in _INSPECTED:
+                if length < 4 or length > max_len or end > n:
+                    break
+                if type_byte in _SMALL and length > SMALL_MESSAGE_LIMIT:
+                    break
+                verdict = decide(type_byte, data, pos, end)
+                if verdict is not allow:
+                    self._buf, self._pos = data, pos
+                    return pos, verdict
+            elif type_byte in _PASSED and self._length_ok(type_byte, length):
+                if type_byte == 0x53:
+                    self.syncs += 1
+                if end > n:
+                    self._skip = end - n
+                    pos = n
+                    break
+            else:
+                break
+            pos = end
+        self._buf, self._pos = data, pos
+        return pos, None
+
+    def take_frame(self) -> Frame:
+        """The complete inspected message at the current position (after ``scan_chunk``)."""
+        event = self.next_event()
+        assert isinstance(event, Frame)
+        return event
 
     def next_event(self) -> bytes | Frame | None:
         buf = self._buf

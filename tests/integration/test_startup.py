@@ -352,3 +352,19 @@ def test_upstream_tls(tls_upstream: EmbeddedPostgres) -> None:
             assert row == (True,)
     finally:
         thread.stop()
+
+
+def test_query_pipelined_with_the_last_authentication_message(proxy: ProxyThread) -> None:
+    from pgguard.wire.scram import ScramClient
+
+    raw = RawClient.connect(proxy.port)
+    raw.startup()
+    _, body = raw.recv_message()
+    scram = ScramClient(AGENT_PASSWORD, m.decode_sasl_mechanisms(body), None)
+    raw.send(m.sasl_initial_response(scram.mechanism, scram.first()))
+    _, body = raw.recv_message()
+    # The final SASL message and a Query in one packet: the Query must not be lost or reordered.
+    raw.send(m.password_message(scram.final(body[4:])) + m.query("SELECT 'pipelined'"))
+    replies = raw.recv_until("Z") + raw.recv_until("Z")
+    rows = [body for t, body in replies if t == "D"]
+    assert rows == [b"\x00\x01\x00\x00\x00\x09pipelined"]
