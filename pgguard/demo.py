@@ -104,5 +104,19 @@ async def _agent_session(console: Console, dsn: str) -> None:
         )
         count = await conn.fetchval("SELECT count(*) FROM orders")
         console.print(f"agent: INSERT INTO orders ... -> allowed; orders now {count}")
+        for statement in (
+            "COPY (SELECT name, email, ssn FROM customers) TO STDOUT",
+            "DROP TABLE orders",
+        ):
+            try:
+                await conn.execute(statement)
+                console.print(f"agent: {statement} -> [red]ran[/] (it should not have)")
+            except asyncpg.PostgresError as exc:
+                console.print(
+                    f"agent: {statement}\n  -> [yellow]stopped by pgguard[/] "
+                    f"(SQLSTATE {exc.sqlstate}): {exc}"
+                )
+        still = await conn.fetchval("SELECT count(*) FROM orders")
+        console.print(f"the orders table is intact ({still} rows); the customers' SSNs never left")
     finally:
         await conn.close()

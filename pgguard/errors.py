@@ -76,6 +76,12 @@ class PolicyDenied(PgGuardError):
     sqlstate = "42501"
 
 
+class StartupRefused(PolicyDenied):
+    """A connection refused by policy because of its start-up parameters."""
+
+    severity = "FATAL"
+
+
 class FeatureNotSupported(PgGuardError):
     """A protocol feature that pgguard refuses on purpose (function call, replication)."""
 

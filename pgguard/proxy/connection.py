@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pgguard.errors import PgGuardError, ProtocolViolation, UpstreamUnavailable
+from pgguard.errors import PgGuardError, ProtocolViolation, StartupRefused, UpstreamUnavailable
 from pgguard.proxy import gate as g
 from pgguard.proxy import upstream
 from pgguard.proxy.link import Link, LinkClosed
@@ -49,6 +49,16 @@ class Session:
     database: str
     client_address: str
     tracker: BackendTracker = field(default_factory=BackendTracker)
+    owed: Callable[[], int] = int  # ReadyForQuery messages still owed (set by the connection)
+    gate_state: object = None
+
+    @property
+    def ready_count(self) -> int:
+        return self.tracker.ready_count
+
+    @property
+    def replies_owed(self) -> int:
+        return self.owed()
 
     @property
     def application_name(self) -> str:
@@ -116,6 +126,9 @@ class Connection:
             self._cleanup()
 
     async def _connect_upstream(self, login: AgentLogin) -> upstream.UpstreamSession:
+        refusal = self.ctx.gate.check_startup(login.agent.name, login.database, login.parameters)
+        if refusal is not None:
+            raise StartupRefused(refusal.message, detail=refusal.detail, hint=refusal.hint)
         up = await upstream.connect(
             self.ctx.settings.upstream, login.version, login.parameters, login.database
         )
@@ -134,6 +147,7 @@ class Connection:
             tracker=BackendTracker(up.parameters),
         )
         session.tracker.txn_status = up.txn_status
+        session.owed = self._replies_owed
         self.session = session
         self.upstream = up.link
         self.backend_key = (up.pid, up.key)
@@ -171,6 +185,10 @@ class Connection:
             self._from_client(pending_client)
         if self.client.closed:
             self._client_closed(None)
+
+    def _replies_owed(self) -> int:
+        assert self.session is not None
+        return self._zcount + self._scanner.syncs - self.session.tracker.ready_count
 
     def _cleanup(self) -> None:
         self.ctx.unregister(self)

@@ -79,6 +79,15 @@ class SessionView(Protocol):
     def txn_status(self) -> bytes: ...
     @property
     def server_parameters(self) -> dict[str, str]: ...
+    @property
+    def ready_count(self) -> int:
+        """ReadyForQuery messages the server has sent in this session."""
+
+    @property
+    def replies_owed(self) -> int:
+        """ReadyForQuery messages the server still owes for what was forwarded."""
+
+    gate_state: object  # whatever the gate keeps per session
 
 
 @dataclass
@@ -102,6 +111,12 @@ class Gate:
                 hint="Call the function with a SQL statement (SELECT fn(...)) instead.",
             )
         )
+
+    def check_startup(
+        self, agent: str, database: str, parameters: list[tuple[str, str]]
+    ) -> PgGuardError | None:
+        """An error refusing the connection because of its start-up parameters, or None."""
+        return None
 
     def session_notices(self, session: SessionView) -> list[str]:
         """NOTICE texts sent to each agent right after it connects."""

@@ -1,0 +1,199 @@
+"""The policy gate: the classifier and the rules (``pgguard.policy``) behind ``Gate.check``.
+
+What it adds to the pass-through gate:
+
+* Query text is classified; ``deny`` refuses with 42501 naming the rule ids. ``hold`` also refuses
+  with 42501 for now, saying approval is required - until the approval flow exists, that is the
+  only fail-closed answer.
+* A Parse is classified so its facts are known when it is Executed (and, because protocol-level
+  and SQL-level prepared statements share one namespace, to a later SQL ``EXECUTE`` too). Only a
+  ``deny`` stops a Parse; everything else is decided at Execute, where the statement runs - judged
+  by the strictest of every text the statement name may hold.
+* The lexing state the classifier must assume comes from the server's ParameterStatus reports.
+  After a statement that may change it (SET client_encoding, standard_conforming_strings, RESET
+  ALL, ...) was forwarded, later statements are classified in the "pending" state until the
+  server's ReadyForQuery for it has arrived - so pipelined text is never read in a stale state.
+* Start-up parameters (``options=-c role=...`` and friends) are judged as the SET statements they
+  amount to; a parameter that is not plainly allowed refuses the connection.
+* ``[policy] mode = "observe"`` computes and logs every would-be action but never refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from pgguard.errors import PgGuardError, PolicyDenied
+from pgguard.policy import (
+    OBSERVE_MODE_NOTICE,
+    PENDING_LEX_STATE,
+    Context,
+    Decision,
+    LexState,
+    PolicyEngine,
+    SessionTracker,
+)
+from pgguard.proxy.gate import ALLOW, Deny, Gate, SessionView, SqlEvent, Verdict
+from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
+
+log = logging.getLogger(__name__)
+
+_ACTION_ORDER = {"allow": 0, "hold": 1, "deny": 2}
+
+
+@dataclass
+class _SessionPolicy:
+    """Per-session state the policy gate keeps (attached to the session)."""
+
+    tracker: SessionTracker
+    contexts: dict[tuple[bool, str], Context] = field(default_factory=dict)
+    lex_pending_until: int = 0  # ReadyForQuery count at which a lexing change is confirmed
+
+
+class PolicyGate(Gate):
+    def __init__(self, engine: PolicyEngine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    @property
+    def observe(self) -> bool:
+        return self.engine.mode == "observe"
+
+    # --- session lifecycle -----------------------------------------------------------------
+
+    def session_notices(self, session: SessionView) -> list[str]:
+        return [OBSERVE_MODE_NOTICE] if self.observe else []
+
+    def check_startup(
+        self, agent: str, database: str, parameters: list[tuple[str, str]]
+    ) -> PgGuardError | None:
+        """Judge start-up parameters as the SET statements they amount to."""
+        try:
+            settings = settings_from_startup(parameters)
+        except StartupOptionError as exc:
+            return PolicyDenied(f"pgguard refuses the startup parameter: {exc}")
+        ctx = Context(agent=agent, database=database)
+        for name, value in settings:
+            decision = self.engine.classify(_set_statement(name, value), ctx)
+            if decision.action != "allow" and not decision.observe:
+                return PolicyDenied(
+                    f'pgguard refuses the startup setting "{name}" '
+                    f"(rule {', '.join(decision.rule_ids) or 'default'})",
+                    hint="Connect without it; a setting that needs approval can be SET later.",
+                )
+        return None
+
+    # --- statements ------------------------------------------------------------------------
+
+    def check(self, session: SessionView, event: SqlEvent) -> Verdict:
+        state = self._state(session)
+        ctx = self._context(session, state)
+        if event.kind == "query":
+            decision = self.engine.classify(event.sql, ctx)
+            return self._verdict(session, state, decision, event)
+        if event.kind == "parse":
+            decision = self.engine.classify(event.sql, ctx)
+            if event.statement and decision.facts:
+                state.tracker.remember_all(event.statement, decision.facts)
+            if decision.action == "deny":
+                return self._verdict(session, state, decision, event)
+            self._note_lexing(session, state, decision)
+            return ALLOW
+        return self._check_execute(session, state, ctx, event)
+
+    def _check_execute(
+        self, session: SessionView, state: _SessionPolicy, ctx: Context, event: SqlEvent
+    ) -> Verdict:
+        if not event.candidates:
+            if event.statement == "" and not event.portal and not event.sql:
+                return ALLOW  # an Execute of a portal nobody bound: the server rejects it
+            # A statement prepared with SQL PREPARE and bound through the protocol: judge it
+            # as the EXECUTE it amounts to, so the session tracker supplies what it runs.
+            decision = self.engine.classify(f'EXECUTE "{_quote_ident(event.statement)}"', ctx)
+            return self._verdict(session, state, decision, event)
+        decisions = [self.engine.classify(text, ctx) for text in event.candidates]
+        strictest = max(decisions, key=lambda d: _ACTION_ORDER[d.action])
+        return self._verdict(session, state, strictest, event)
+
+    def _verdict(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> Verdict:
+        if decision.action == "allow":
+            self._note_lexing(session, state, decision)
+            return ALLOW
+        rules = ", ".join(decision.rule_ids) or "default"
+        if decision.observe:
+            log.warning(
+                "observe mode: session %s agent %s: would %s %s statement %s (rule %s)",
+                session.session_id,
+                session.agent,
+                decision.action,
+                event.kind,
+                decision.fingerprint or "<unparseable>",
+                rules,
+            )
+            self._note_lexing(session, state, decision)
+            return ALLOW
+        categories = ", ".join(decision.categories) or "none"
+        detail = "; ".join(decision.reasons) or None
+        log.info(
+            "session %s agent %s: %s %s statement %s (rule %s, categories %s)",
+            session.session_id,
+            session.agent,
+            decision.action,
+            event.kind,
+            decision.fingerprint or "<unparseable>",
+            rules,
+            categories,
+        )
+        if decision.action == "deny":
+            return Deny(
+                PolicyDenied(f"pgguard policy denies this statement (rule {rules})", detail=detail)
+            )
+        return Deny(
+            PolicyDenied(
+                f"pgguard: this statement requires approval "
+                f"(rule {rules}; categories {categories})",
+                detail=detail,
+                hint="Privileged statements wait for a human approval; "
+                "the approval flow is not enabled on this pgguard.",
+            )
+        )
+
+    # --- session state ---------------------------------------------------------------------
+
+    def _state(self, session: SessionView) -> _SessionPolicy:
+        state = session.gate_state
+        if state is None:
+            state = _SessionPolicy(tracker=self.engine.new_session())
+            session.gate_state = state
+        assert isinstance(state, _SessionPolicy)
+        return state
+
+    def _context(self, session: SessionView, state: _SessionPolicy) -> Context:
+        if state.lex_pending_until > session.ready_count:
+            return Context(session.agent, session.database, PENDING_LEX_STATE, state.tracker)
+        params = session.server_parameters
+        key = (
+            params.get("standard_conforming_strings", "on") == "on",
+            params.get("client_encoding", "UTF8"),
+        )
+        ctx = state.contexts.get(key)
+        if ctx is None:
+            ctx = Context(session.agent, session.database, LexState(*key), state.tracker)
+            state.contexts[key] = ctx
+        return ctx
+
+    def _note_lexing(self, session: SessionView, state: _SessionPolicy, decision: Decision) -> None:
+        if decision.changes_lexing:
+            # Confirmed by the ReadyForQuery that follows every reply owed so far.
+            state.lex_pending_until = session.ready_count + session.replies_owed + 1
+
+
+def _quote_ident(name: str) -> str:
+    return name.replace('"', '""')
+
+
+def _set_statement(name: str, value: str) -> str:
+    quoted = value.replace("'", "''")
+    return f"SET \"{_quote_ident(name)}\" TO '{quoted}'"
