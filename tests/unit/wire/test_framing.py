@@ -235,3 +235,77 @@ def test_error_response_round_trip() -> None:
     assert (fields.severity, fields.sqlstate, fields.message) == ("FATAL", "08P01", "bad\\0message")
     assert fields.get("D") == "d"
     assert fields.get("H") == "h"
+
+
+# --- the fast path: decide in place ----------------------------------------------------------
+
+ALLOW = object()
+REFUSE = object()
+
+
+def test_scan_chunk_forwards_whole_chunk_when_all_allowed() -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    def decide(kind: int, data: bytes, start: int, end: int) -> object:
+        seen.append((chr(kind), data[start:end]))
+        return ALLOW
+
+    scanner = FrontendScanner(1 << 20)
+    pos, verdict = scanner.scan_chunk(PIPELINE, decide, ALLOW)
+    assert (pos, verdict) == (len(PIPELINE), None)
+    assert seen == [("P", PARSE), ("B", BIND), ("E", EXECUTE), ("Q", QUERY)]
+    assert scanner.idle
+    assert scanner.syncs == 1
+
+
+def test_scan_chunk_stops_at_the_first_refusal_and_hands_over_the_frame() -> None:
+    def decide(kind: int, data: bytes, start: int, end: int) -> object:
+        return REFUSE if kind == ord("E") else ALLOW
+
+    scanner = FrontendScanner(1 << 20)
+    pos, verdict = scanner.scan_chunk(PIPELINE, decide, ALLOW)
+    assert verdict is REFUSE
+    assert PIPELINE[:pos] == PARSE + BIND + DESCRIBE
+    frame = scanner.take_frame()
+    assert frame.raw == EXECUTE
+    # The rest is left for the slow path, exactly once.
+    rest = drain(scanner)
+    assert rest[0] == SYNC
+    assert isinstance(rest[1], Frame)
+    assert rest[1].raw == QUERY
+
+
+def test_scan_chunk_leaves_an_incomplete_message_buffered() -> None:
+    calls: list[int] = []
+
+    def decide(kind: int, data: bytes, start: int, end: int) -> object:
+        calls.append(kind)
+        return ALLOW
+
+    scanner = FrontendScanner(1 << 20)
+    pos, verdict = scanner.scan_chunk(QUERY + QUERY[:7], decide, ALLOW)
+    assert (pos, verdict) == (len(QUERY), None)
+    assert calls == [ord("Q")]
+    assert not scanner.idle
+    scanner.receive_data(QUERY[7:])
+    (frame,) = drain(scanner)
+    assert isinstance(frame, Frame)
+    assert frame.raw == QUERY
+
+
+def test_scan_chunk_streams_a_partial_copy_message() -> None:
+    copy = b"d" + struct.pack("!I", 1004) + b"x" * 1000
+    scanner = FrontendScanner(1 << 20)
+    pos, verdict = scanner.scan_chunk(copy[:300], lambda *a: ALLOW, ALLOW)
+    assert (pos, verdict) == (300, None)
+    scanner.receive_data(copy[300:])
+    assert drain(scanner) == [copy[300:]]
+    assert scanner.idle
+
+
+def test_scan_chunk_leaves_an_invalid_message_for_the_slow_path_to_reject() -> None:
+    scanner = FrontendScanner(1 << 20)
+    pos, verdict = scanner.scan_chunk(SYNC + b"Z\x00\x00\x00\x05I", lambda *a: ALLOW, ALLOW)
+    assert (pos, verdict) == (len(SYNC), None)
+    with pytest.raises(ProtocolViolation):
+        scanner.next_event()
