@@ -26,6 +26,7 @@ from pgguard.policy.loader import LoadedPolicy, load_policy
 from pgguard.policy.rules import Judgement, judge_statement, stricter
 from pgguard.policy.session import SessionTracker
 from pgguard.sql.classify import StatementFacts, classify_text, unparseable_facts
+from pgguard.sql.fastkey import literal_blind_key
 from pgguard.sql.kinds import UNPARSEABLE
 from pgguard.sql.lexstate import (
     DEFAULT_MAX_SQL_BYTES,
@@ -67,6 +68,8 @@ class PolicyEngine:
         self.max_sql_bytes = max_sql_bytes
         self._exact: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
         self._shape: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
+        # Keyed by pgguard.sql.fastkey's literal-blind text; holds exactly what _shape holds.
+        self._blind: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
 
     @classmethod
     def load(
@@ -113,10 +116,18 @@ class PolicyEngine:
             sql = bytes(sql)  # type: ignore[unreachable]  # bytearray/memoryview off the wire
         small = len(sql) <= MAX_CACHED_TEXT
         key: CacheKey = (sql, ctx.agent, ctx.database, ctx.lex)
+        blind_key: CacheKey | None = None
         if small:
             hit = self._exact.get(key)
             if hit is not None:
                 return hit
+            if type(sql) is bytes and lex_state_is_default(ctx.lex):
+                blind = literal_blind_key(sql)
+                if blind is not None:
+                    blind_key = (blind, ctx.agent, ctx.database, ctx.lex)
+                    hit = self._blind.get(blind_key)
+                    if hit is not None:
+                        return hit
         try:
             text = decode_sql(sql, ctx.lex, self.max_sql_bytes)
         except UnreadableSQL as exc:
@@ -132,6 +143,10 @@ class PolicyEngine:
                 shape_key = (normalized, ctx.agent, ctx.database, ctx.lex)
                 hit = self._shape.get(shape_key)
                 if hit is not None:
+                    # Same literal-independent decision: texts sharing this one's blind key
+                    # differ from it only in literal values, so they normalize alike too.
+                    if blind_key is not None:
+                        self._blind.put(blind_key, hit)
                     return hit
         try:
             facts = classify_text(text, self.policy.catalog)
@@ -143,6 +158,8 @@ class PolicyEngine:
             self._exact.put(key, decision)
             if shape_key is not None and facts and all(f.cacheable for f in facts):
                 self._shape.put(shape_key, decision)
+                if blind_key is not None:
+                    self._blind.put(blind_key, decision)
         return decision
 
     def _decide(
