@@ -66,17 +66,22 @@ def serve(config: ConfigOption = None) -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    from pgguard.proxy.gates import build_gate
-    from pgguard.proxy.server import ProxyServer
+    from pgguard.errors import PgGuardError
+    from pgguard.proxy import assembly
 
-    server = ProxyServer(settings, build_gate(settings))
-    await server.start()
+    try:
+        running = await assembly.start(settings)
+    except PgGuardError as exc:
+        typer.echo(f"pgguard: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    if settings.policy.mode == "observe":
+        typer.echo("pgguard: OBSERVE MODE - nothing is held or denied, only logged", err=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.shutdown()
+    await running.stop()
 
 
 @app.command()
@@ -93,15 +98,14 @@ def demo(
         run_event_loop(run_demo(keep_running=keep_running))
 
 
-def _register_optional_commands() -> None:
-    try:
-        from pgguard.cli_policy import register
-    except ImportError:  # the policy commands arrive with the classifier
-        return
-    register(app)
+def _register_commands() -> None:
+    from pgguard import cli_approver, cli_policy
+
+    cli_policy.register(app)
+    cli_approver.register(app)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pgguard.embedded import EmbeddedPostgres
-from pgguard.proxy.gates import build_gate
+from pgguard.proxy.assembly import load_engine
+from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
 
@@ -67,7 +68,7 @@ async def run_demo(*, keep_running: bool = False) -> None:
                 }
             ],
         )
-        server = ProxyServer(settings, build_gate(settings))
+        server = ProxyServer(settings, PolicyGate(load_engine(settings)))
         await server.start()
         dsn = f"postgresql://{DEMO_AGENT}:{DEMO_PASSWORD}@127.0.0.1:{server.port}/{DEMO_DATABASE}"
         console.print(f"pgguard is listening. The agent's DSN:\n  [bold cyan]{dsn}[/]")

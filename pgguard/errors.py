@@ -76,6 +76,12 @@ class PolicyDenied(PgGuardError):
     sqlstate = "42501"
 
 
+class QueryCanceled(PgGuardError):
+    """The statement was cancelled (by the client, while it was held)."""
+
+    sqlstate = "57014"
+
+
 class StartupRefused(PolicyDenied):
     """A connection refused by policy because of its start-up parameters."""
 

@@ -120,6 +120,38 @@ class PolicySettings(_Section):
     mode: Literal["enforce", "observe"] = "enforce"
 
 
+class StateSettings(_Section):
+    dsn: SecretStr | None = None  # default: the upstream DSN
+    schema_name: str = Field("pgguard", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    timeout: float = Field(5.0, gt=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str = ""  # default: http://{host}:{port}
+
+    def base_url(self, port: int | None = None) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"http://{self.host}:{port if port is not None else self.port}"
+
+
+class TeamsSettings(_Section):
+    webhook_url: SecretStr | None = None
+    timeout: float = Field(10.0, gt=0)
+
+
+class ApproverSettings(_Section):
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    groups: list[str] = Field(default_factory=list)
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Settings(BaseSettings):
     """All of pgguard's configuration. Sections mirror the TOML tables."""
 
@@ -135,6 +167,10 @@ class Settings(BaseSettings):
     agents: list[AgentSettings] = Field(default_factory=list)
     limits: LimitsSettings = LimitsSettings()
     policy: PolicySettings = PolicySettings()
+    state: StateSettings = StateSettings()
+    http: HttpSettings = HttpSettings()
+    teams: TeamsSettings = TeamsSettings()
+    approvers: list[ApproverSettings] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("agents")
@@ -145,6 +181,21 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"duplicate agent names: {', '.join(duplicates)}")
         return agents
+
+    @field_validator("approvers")
+    @classmethod
+    def _unique_approvers(cls, approvers: list[ApproverSettings]) -> list[ApproverSettings]:
+        ids = [a.id for a in approvers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("approver ids must be unique")
+        tokens = [a.token_sha256 for a in approvers]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("two approvers share a token")
+        return approvers
+
+    def state_dsn(self) -> str:
+        chosen = self.state.dsn or self.upstream.dsn
+        return chosen.get_secret_value()
 
     @classmethod
     def settings_customise_sources(

@@ -202,3 +202,43 @@ class RawClient:
 
 def error_fields(body: bytes) -> m.ErrorFields:
     return m.decode_error_fields(body)
+
+
+class PgguardThread:
+    """All of pgguard (proxy, approvals, HTTP API) from ``assembly.start``, on its own loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.running: Any = None
+
+    def start(self) -> PgguardThread:
+        from pgguard.proxy import assembly
+
+        self._thread.start()
+        self.running = self.call(assembly.start(self.settings))
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def port(self) -> int:
+        return int(self.running.proxy.port)
+
+    @property
+    def http_url(self) -> str:
+        return str(self.running.http_url)
+
+    def dsn(
+        self, user: str = AGENT, password: str = AGENT_PASSWORD, dbname: str = "postgres"
+    ) -> str:
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.call(self.running.stop(2.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()

@@ -72,6 +72,8 @@ class Decision:
     approver_groups: tuple[str, ...]
     observe: bool
     changes_lexing: bool = False
+    min_approvals: int = 1  # distinct approvers a hold needs (the largest any held rule asks)
+    remember_s: float | None = None  # how long an approval covers repeats (all held rules agree)
     facts: tuple[StatementFacts, ...] = field(default=(), repr=False, compare=False)
     """Per-statement facts (categories, functions, relations; `text` blanked) for
     `SessionTracker.remember_all` when the proxy tracks protocol-level named statements."""
@@ -90,4 +92,6 @@ class Decision:
             "approver_groups": list(self.approver_groups),
             "observe": self.observe,
             "changes_lexing": self.changes_lexing,
+            "min_approvals": self.min_approvals,
+            "remember_s": self.remember_s,
         }

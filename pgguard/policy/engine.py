@@ -203,6 +203,9 @@ class PolicyEngine:
             default=DEFAULT_HOLD_TIMEOUT_S,
         )
         approvers, conflict = _common_approvers(held)
+        min_approvals = max((j.min_approvals for j in held), default=1)
+        remembers = [j.remember_s for j in held if j.remember_s is not None]
+        remember_s = min(remembers) if held and len(remembers) == len(held) else None
         if hazard is not None:
             action = stricter(action, "hold")
             rule_ids.append(LEX_HAZARD_RULE)
@@ -221,6 +224,8 @@ class PolicyEngine:
             fingerprint=fp,
             hold_timeout_s=timeout,
             approver_groups=approvers,
+            min_approvals=min_approvals,
+            remember_s=remember_s,
             observe=self.mode == "observe",
             changes_lexing=any(f.changes_lexing for f in facts),
             # Without text: a shape-cache hit must not carry another statement's literals.

@@ -95,9 +95,11 @@ class Rule(_Strict):
     action: Action
     approvers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     hold_timeout: float | str | None = None
+    min_approvals: Annotated[int, Field(ge=1, le=10)] = 1
+    remember: float | str | None = None
     examples: Examples = Field(default_factory=Examples)
 
-    @field_validator("hold_timeout")
+    @field_validator("hold_timeout", "remember")
     @classmethod
     def _duration(cls, value: float | str | None) -> float | None:
         if value is None:
@@ -107,13 +109,16 @@ class Rule(_Strict):
         else:
             parsed = _DURATION.fullmatch(value.strip())
             if parsed is None:
-                raise ValueError(
-                    "hold_timeout must be seconds or a duration like '90s', '5m', '2h'"
-                )
+                raise ValueError("must be seconds or a duration like '90s', '5m', '2h'")
             seconds = float(parsed.group(1)) * _UNITS[parsed.group(2)]
         if not 0 < seconds <= 7 * 24 * 3600:
-            raise ValueError("hold_timeout must be between 0 and 7 days")
+            raise ValueError("must be between 0 and 7 days")
         return seconds
+
+    @property
+    def remember_s(self) -> float | None:
+        value = self.remember
+        return float(value) if isinstance(value, int | float) else None
 
     @property
     def hold_timeout_s(self) -> float:

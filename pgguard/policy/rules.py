@@ -177,6 +177,8 @@ class Judgement:
     matched: tuple[str, ...]
     hold_timeout_s: float | None
     approvers: tuple[str, ...]
+    min_approvals: int = 1
+    remember_s: float | None = None
 
 
 def judge_statement(
@@ -202,6 +204,8 @@ def judge_statement(
             matched=matched_ids,
             hold_timeout_s=decider.rule.hold_timeout_s if action == "hold" else None,
             approvers=tuple(decider.rule.approvers),
+            min_approvals=decider.rule.min_approvals,
+            remember_s=decider.rule.remember_s if action == "hold" else None,
         )
     else:
         judgement = _fallback(facts, matched_ids)

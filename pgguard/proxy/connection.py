@@ -264,7 +264,11 @@ class Connection:
     def _from_client(self, data: bytes) -> None:
         scanner = self._scanner
         if self._held is not None:
+            # Keep reading while held, so a disconnect is seen at once (and cancels the
+            # request); what arrives waits in the scanner, up to one message's worth.
             scanner.receive_data(data)
+            if scanner.buffered > self.ctx.settings.limits.max_message_bytes:
+                self.client.pause_reading("hold")
             return
         if scanner.idle:
             self._fast_path(data)
@@ -410,7 +414,6 @@ class Connection:
 
     def _hold(self, frame: Frame, hold: g.Hold) -> None:
         self._held = (frame, hold)
-        self.client.pause_reading("hold")
         self._hold_task = asyncio.get_running_loop().create_task(self._await_hold(frame, hold))
 
     async def _await_hold(self, frame: Frame, hold: g.Hold) -> None:

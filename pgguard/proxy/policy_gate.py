@@ -20,10 +20,14 @@ What it adds to the pass-through gate:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from pgguard.errors import PgGuardError, PolicyDenied
+from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, extract_reason
+from pgguard.approvals.service import ApprovalService
+from pgguard.errors import AdminShutdown, PgGuardError, PolicyDenied, QueryCanceled
+from pgguard.masking import MaskingRules, mask_parameters, mask_sql
 from pgguard.policy import (
     OBSERVE_MODE_NOTICE,
     PENDING_LEX_STATE,
@@ -33,7 +37,8 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
-from pgguard.proxy.gate import ALLOW, Deny, Gate, SessionView, SqlEvent, Verdict
+from pgguard.proxy.gate import ALLOW, Allow, Deny, Gate, Hold, SessionView, SqlEvent, Verdict
+from pgguard.wire.extended import decode_bind_parameters
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
 log = logging.getLogger(__name__)
@@ -48,12 +53,25 @@ class _SessionPolicy:
     tracker: SessionTracker
     contexts: dict[tuple[bool, str], Context] = field(default_factory=dict)
     lex_pending_until: int = 0  # ReadyForQuery count at which a lexing change is confirmed
+    hold_task: asyncio.Task[None] | None = None
+    hold_future: asyncio.Future[Allow | Deny] | None = None
+    hold_request_id: str | None = None
 
 
 class PolicyGate(Gate):
-    def __init__(self, engine: PolicyEngine) -> None:
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        *,
+        approvals: ApprovalService | None = None,
+        masking: MaskingRules | None = None,
+        instance_id: str = "",
+    ) -> None:
         super().__init__()
         self.engine = engine
+        self.approvals = approvals
+        self.masking = masking or MaskingRules.load()
+        self.instance_id = instance_id
 
     @property
     def observe(self) -> bool:
@@ -150,6 +168,8 @@ class PolicyGate(Gate):
             return Deny(
                 PolicyDenied(f"pgguard policy denies this statement (rule {rules})", detail=detail)
             )
+        if self.approvals is not None:
+            return self._hold(session, state, decision, event)
         return Deny(
             PolicyDenied(
                 f"pgguard: this statement requires approval "
@@ -159,6 +179,102 @@ class PolicyGate(Gate):
                 "the approval flow is not enabled on this pgguard.",
             )
         )
+
+    # --- holds -----------------------------------------------------------------------------
+
+    def _hold(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> Hold:
+        """Ask for approval; the session waits on the returned future (and nothing else does)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Allow | Deny] = loop.create_future()
+        new = self._new_request(session, decision, event)
+        state.hold_future = future
+        state.hold_request_id = None
+        state.hold_task = loop.create_task(self._await_approval(new, future, state))
+        return Hold(future)
+
+    def _new_request(self, session: SessionView, decision: Decision, event: SqlEvent) -> NewRequest:
+        text = event.sql.decode("utf-8", "replace")
+        masked = mask_sql(text, self.masking)
+        parameters: tuple[str, ...] = ()
+        if event.bind is not None:
+            try:
+                parameters = tuple(
+                    mask_parameters(decode_bind_parameters(event.bind), self.masking)
+                )
+            except PgGuardError:
+                parameters = ("<unreadable parameters>",)
+        touches = masked.touches
+        return NewRequest(
+            agent=session.agent,
+            owner=session.owner,
+            database=session.database,
+            client_address=session.client_address,
+            application_name=session.application_name,
+            statement=masked.text,
+            parameters=parameters,
+            fingerprint=decision.fingerprint,
+            categories=decision.categories,
+            rule_ids=decision.rule_ids,
+            reason=extract_reason(text, session.application_name),
+            approver_groups=decision.approver_groups,
+            min_approvals=decision.min_approvals,
+            remember_s=decision.remember_s,
+            expires_in_s=decision.hold_timeout_s,
+            session_id=session.session_id,
+            instance_id=self.instance_id,
+            touches={
+                "reads": list(touches.reads),
+                "writes": list(touches.writes),
+                "columns_read": list(touches.columns_read),
+                "columns_written": list(touches.columns_written),
+                "export": touches.export,
+            },
+        )
+
+    async def _await_approval(
+        self, new: NewRequest, future: asyncio.Future[Allow | Deny], state: _SessionPolicy
+    ) -> None:
+        assert self.approvals is not None
+        try:
+            request, final = await self.approvals.hold(new)
+            state.hold_request_id = request.id
+            log.info("hold %s: agent %s waits for approval", request.id, new.agent)
+            outcome = _outcome(await final)
+        except asyncio.CancelledError:
+            _settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            raise
+        except AdminShutdown:
+            outcome = Deny(PolicyDenied("pgguard is shutting down; the held statement was not run"))
+        except Exception as exc:  # fail closed: no approval could be recorded or awaited
+            log.error("hold for agent %s failed: %s", new.agent, exc)
+            outcome = Deny(
+                PolicyDenied(
+                    "pgguard: this statement requires approval, and the approval request could "
+                    "not be recorded",
+                    hint="The approval state database is unavailable; try again later.",
+                )
+            )
+        finally:
+            state.hold_task = None
+        _settle(future, outcome)
+
+    def cancel_hold(self, session: SessionView) -> bool:
+        state = session.gate_state
+        if not isinstance(state, _SessionPolicy) or state.hold_future is None:
+            return False
+        future, state.hold_future = state.hold_future, None
+        if future.done():
+            return False
+        _settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+        request_id, task = state.hold_request_id, state.hold_task
+        if task is not None:
+            task.cancel()
+        if request_id is not None and self.approvals is not None:
+            cancel = self.approvals.cancel(request_id, "the client cancelled or disconnected")
+            asyncio.get_running_loop().create_task(cancel)
+        return True
 
     # --- session state ---------------------------------------------------------------------
 
@@ -197,3 +313,26 @@ def _quote_ident(name: str) -> str:
 def _set_statement(name: str, value: str) -> str:
     quoted = value.replace("'", "''")
     return f"SET \"{_quote_ident(name)}\" TO '{quoted}'"
+
+
+def _settle(future: asyncio.Future[Allow | Deny], outcome: Allow | Deny) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+def _outcome(request: ApprovalRequest) -> Allow | Deny:
+    """What the held session gets once its request is no longer pending."""
+    if request.state == RequestState.APPROVED:
+        who = ", ".join(d.approver_name for d in request.decisions if d.verdict == "approve")
+        if request.remembered_from:
+            who = f"remembered approval of request {request.remembered_from}"
+        log.info("hold %s: approved (%s)", request.id, who)
+        return ALLOW
+    if request.state == RequestState.DENIED:
+        denial = next((d for d in request.decisions if d.verdict == "deny"), None)
+        by = f" by {denial.approver_name}" if denial else ""
+        comment = f": {denial.comment}" if denial and denial.comment else ""
+        return Deny(PolicyDenied(f"pgguard: request {request.id} was denied{by}{comment}"))
+    if request.state == RequestState.EXPIRED:
+        return Deny(PolicyDenied(f"pgguard: request {request.id} expired without a decision"))
+    return Deny(QueryCanceled(f"canceling statement: request {request.id} was cancelled"))

@@ -13,14 +13,15 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgguard.proxy.gates import build_gate
+from pgguard.proxy.assembly import load_engine
+from pgguard.proxy.policy_gate import PolicyGate
 from tests.support import ProxyThread, RawClient, agent_settings, error_fields
 
 
 @pytest.fixture(scope="module")
 def guarded(upstream_dsn: str) -> Iterator[ProxyThread]:
     settings = agent_settings(upstream_dsn)
-    thread = ProxyThread(settings, build_gate(settings)).start()
+    thread = ProxyThread(settings, PolicyGate(load_engine(settings))).start()
     try:
         yield thread
     finally:
@@ -211,7 +212,7 @@ def test_observe_mode_lets_everything_through_and_says_so(
     upstream_dsn: str, direct_dsn: str
 ) -> None:
     settings = agent_settings(upstream_dsn, policy={"mode": "observe"})
-    thread = ProxyThread(settings, build_gate(settings)).start()
+    thread = ProxyThread(settings, PolicyGate(load_engine(settings))).start()
     try:
         welcome = RawClient.connect(thread.port).login()
         notices = [error_fields(body).message for kind, body in welcome if kind == "N"]

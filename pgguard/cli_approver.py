@@ -1,0 +1,131 @@
+"""Approver commands: ``pgguard pending``, ``pgguard approve ID``, ``pgguard deny ID``.
+
+They talk to a running pgguard's HTTP API (``--url``, ``$PGGUARD_URL``, or the ``[http]`` section
+of ``--config``) as the approver whose token is given by ``--token`` or
+``$PGGUARD_APPROVER_TOKEN``. Exit codes: 0 done, 1 refused by the server (the message says why),
+2 usage or connection problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+TOKEN_ENV = "PGGUARD_APPROVER_TOKEN"
+URL_ENV = "PGGUARD_URL"
+
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help=f"pgguard HTTP address (default: ${URL_ENV} or config).")
+]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", help=f"Approver token (default: ${TOKEN_ENV}).")
+]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="pgguard TOML file.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _base_url(url: str | None, config: Path | None) -> str:
+    if url or os.environ.get(URL_ENV):
+        return (url or os.environ[URL_ENV]).rstrip("/")
+    from pgguard.errors import ConfigError
+    from pgguard.settings import Settings
+
+    try:
+        return Settings.load(config).http.base_url()
+    except ConfigError as exc:
+        typer.echo(f"pgguard: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _token(token: str | None) -> str:
+    chosen = token or os.environ.get(TOKEN_ENV)
+    if not chosen:
+        typer.echo(f"pgguard: give an approver token with --token or ${TOKEN_ENV}", err=True)
+        raise typer.Exit(2)
+    return chosen
+
+
+def _call(method: str, url: str, token: str, body: dict[str, str] | None = None) -> object:
+    try:
+        response = httpx.request(
+            method, url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=15
+        )
+    except httpx.HTTPError as exc:
+        typer.echo(f"pgguard: cannot reach {url.split('/api/')[0]}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        typer.echo(f"pgguard: refused ({response.status_code}): {detail}", err=True)
+        raise typer.Exit(1)
+    return response.json()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def pending(
+        url: UrlOption = None,
+        token: TokenOption = None,
+        config: ConfigOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """List requests waiting for a decision."""
+        base = _base_url(url, config)
+        requests = _call("GET", f"{base}/api/requests?state=pending", _token(token))
+        assert isinstance(requests, list)
+        if as_json:
+            typer.echo(json.dumps(requests, indent=2))
+            return
+        table = Table("id", "agent", "owner", "database", "categories", "expires", "statement")
+        for item in requests:
+            table.add_row(
+                item["id"],
+                item["agent"],
+                item["owner"],
+                item["database"],
+                ", ".join(item["categories"]),
+                str(item["expires_at"]),
+                str(item["statement"])[:80],
+            )
+        Console().print(table)
+
+    @app.command()
+    def approve(
+        request_id: str,
+        reason: Annotated[str, typer.Option("--reason", help="Comment recorded with it.")] = "",
+        url: UrlOption = None,
+        token: TokenOption = None,
+        config: ConfigOption = None,
+    ) -> None:
+        """Approve a held statement."""
+        base = _base_url(url, config)
+        result = _call(
+            "POST", f"{base}/api/requests/{request_id}/approve", _token(token), {"reason": reason}
+        )
+        assert isinstance(result, dict)
+        typer.echo(f"{request_id}: {result['state']}")
+
+    @app.command()
+    def deny(
+        request_id: str,
+        reason: Annotated[str, typer.Option("--reason", help="Why (shown to the agent).")],
+        url: UrlOption = None,
+        token: TokenOption = None,
+        config: ConfigOption = None,
+    ) -> None:
+        """Deny a held statement."""
+        base = _base_url(url, config)
+        result = _call(
+            "POST", f"{base}/api/requests/{request_id}/deny", _token(token), {"reason": reason}
+        )
+        assert isinstance(result, dict)
+        typer.echo(f"{request_id}: {result['state']}")

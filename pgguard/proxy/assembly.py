@@ -1,0 +1,98 @@
+"""Putting pgguard together from Settings: policy, approvals, Teams, proxy, HTTP API.
+
+``serve``, ``demo`` and the tests all start pgguard through ``start`` and stop it through
+``Running.stop``, so what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from pgguard.approvals.service import ApprovalService
+from pgguard.approvals.store import ApprovalStore
+from pgguard.approvals.teams import TeamsWebhookNotifier
+from pgguard.errors import ConfigError
+from pgguard.masking import MaskingRules
+from pgguard.policy import PolicyEngine, RulesError
+from pgguard.proxy.policy_gate import PolicyGate
+from pgguard.proxy.server import ProxyServer
+from pgguard.settings import Settings
+from pgguard.web.api import create_app
+from pgguard.web.auth import ApproverDirectory
+from pgguard.web.server import HttpServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    settings: Settings
+    proxy: ProxyServer
+    gate: PolicyGate
+    approvals: ApprovalService | None = None
+    notifier: TeamsWebhookNotifier | None = None
+    http: HttpServer | None = None
+
+    @property
+    def http_url(self) -> str:
+        assert self.http is not None
+        return f"http://{self.settings.http.host}:{self.http.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.proxy.shutdown(grace)
+        if self.http is not None:
+            await self.http.stop()
+        if self.approvals is not None:
+            await self.approvals.stop()
+            await self.approvals.store.close()
+        if self.notifier is not None:
+            await self.notifier.aclose()
+
+
+def load_engine(settings: Settings) -> PolicyEngine:
+    try:
+        return PolicyEngine.load(settings.policy.rules_dir, mode=settings.policy.mode)
+    except RulesError as exc:
+        raise ConfigError(f"policy.rules_dir: invalid rules: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"policy.rules_dir: cannot read rules: {exc}") from None
+
+
+async def start(settings: Settings) -> Running:
+    """Start every part the configuration asks for; approvals need at least one approver."""
+    instance_id = uuid.uuid4().hex[:8]
+    engine = load_engine(settings)
+    approvals: ApprovalService | None = None
+    notifier: TeamsWebhookNotifier | None = None
+    if settings.approvers:
+        store = await ApprovalStore.open(
+            settings.state_dsn(), schema=settings.state.schema_name, timeout=settings.state.timeout
+        )
+        public_url = settings.http.base_url()
+        if settings.teams.webhook_url is not None:
+            notifier = TeamsWebhookNotifier(
+                settings.teams.webhook_url.get_secret_value(),
+                public_url,
+                timeout=settings.teams.timeout,
+            )
+        approvals = ApprovalService(
+            store, settings.state_dsn(), notifier=notifier, instance_id=instance_id
+        )
+        await approvals.start()
+    else:
+        log.warning("no [[approvers]] configured: held statements are refused, not held")
+    gate = PolicyGate(
+        engine, approvals=approvals, masking=MaskingRules.load(), instance_id=instance_id
+    )
+    proxy = ProxyServer(settings, gate)
+    proxy.ctx.instance_id = instance_id
+    await proxy.start()
+    running = Running(settings, proxy, gate, approvals, notifier)
+    if approvals is not None and settings.http.enabled:
+        app = create_app(approvals, ApproverDirectory(settings.approvers))
+        running.http = HttpServer(app, settings.http.host, settings.http.port)
+        await running.http.start()
+        log.info("pgguard HTTP API on %s", running.http_url)
+    return running

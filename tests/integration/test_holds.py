@@ -1,0 +1,502 @@
+"""Holding privileged statements for approval, end to end (issue 4).
+
+A real client runs a statement through pgguard, the statement waits, a real HTTP call approves or
+denies it, and the client sees the outcome; Teams is played by a local HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import psycopg
+import pytest
+
+from pgguard.policy import SHIPPED_RULES_DIR
+from tests.support import OWNER, PgguardThread, agent_settings
+from tests.teams_stub import TeamsStub
+
+PUBLIC_URL = "https://pgguard.example.test"
+
+TOKENS = {"dba1": "dba1-token", "dba2": "dba2-token", "owner": "owner-token", "aud": "aud-token"}
+
+TEST_RULES = """
+version: 1
+rules:
+  - id: test.quorum
+    description: Two approvers for exports of quorum_t.
+    match: {tables: [quorum_t]}
+    action: hold
+    min_approvals: 2
+  - id: test.dba-only
+    description: Only DBAs approve exports of dba_only_t.
+    match: {tables: [dba_only_t]}
+    action: hold
+    approvers: [dba]
+  - id: test.short
+    description: Exports of short_t expire fast.
+    match: {tables: [short_t]}
+    action: hold
+    hold_timeout: 1
+  - id: test.remember
+    description: An approval of remember_t exports is remembered.
+    match: {tables: [remember_t]}
+    action: hold
+    remember: 60
+"""
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("rules")
+    for path in SHIPPED_RULES_DIR.glob("*.yaml"):
+        shutil.copy(path, directory / path.name)
+    (directory / "zz-test.yaml").write_text(TEST_RULES)
+    return directory
+
+
+def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any) -> Any:
+    return agent_settings(
+        upstream_dsn,
+        policy={"rules_dir": str(rules_dir)},
+        state={"schema": schema},
+        http={"host": "127.0.0.1", "port": 0, "public_url": PUBLIC_URL},
+        approvers=[
+            {
+                "id": "dba1",
+                "name": "Dana DBA",
+                "groups": ["dba"],
+                "token_sha256": sha(TOKENS["dba1"]),
+            },
+            {
+                "id": "dba2",
+                "name": "Drew DBA",
+                "groups": ["dba"],
+                "token_sha256": sha(TOKENS["dba2"]),
+            },
+            {
+                "id": OWNER,
+                "name": "Alice Owner",
+                "groups": ["dba"],
+                "token_sha256": sha(TOKENS["owner"]),
+            },
+            {
+                "id": "aud",
+                "name": "Audrey",
+                "groups": ["audit"],
+                "token_sha256": sha(TOKENS["aud"]),
+            },
+        ],
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+async def teams() -> AsyncIterator[TeamsStub]:
+    async with TeamsStub() as stub:
+        yield stub
+
+
+@pytest.fixture(scope="module")
+def pgguard(upstream_dsn: str, rules_dir: Path, teams: TeamsStub) -> Iterator[PgguardThread]:
+    schema = f"pgguard_holds_{os.getpid()}"
+    settings = hold_settings(upstream_dsn, rules_dir, schema, teams={"webhook_url": teams.url})
+    thread = PgguardThread(settings).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.fixture(autouse=True)
+def tables(direct_dsn: str) -> None:
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        for name in ("hold_t", "quorum_t", "dba_only_t", "short_t", "remember_t"):
+            conn.execute(f"DROP TABLE IF EXISTS {name}")
+            conn.execute(f"CREATE TABLE {name} (id int, email text)")
+            conn.execute(f"INSERT INTO {name} VALUES (1, 'ada@example.com')")
+
+
+@pytest.fixture
+async def api(pgguard: PgguardThread) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=pgguard.http_url, timeout=10) as client:
+        yield client
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (up to 10 s) until ``condition()`` holds."""
+    async with asyncio.timeout(10):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+
+
+def auth(who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[who]}"}
+
+
+async def wait_for_request(api: httpx.AsyncClient, needle: str) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            response = await api.get(
+                "/api/requests", params={"state": "pending"}, headers=auth("dba1")
+            )
+            assert response.status_code == 200
+            for item in response.json():
+                if needle in item["statement"]:
+                    return item
+            await asyncio.sleep(0.05)
+
+
+async def test_approve_releases_the_statement(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(
+            conn.execute("DROP TABLE hold_t /* reason='cleanup after test' */")
+        )
+        request = await wait_for_request(api, "hold_t")
+        assert not running.done()
+        assert request["agent"] == "agent"
+        assert request["owner"] == OWNER
+        assert request["categories"] == ["ddl"]
+        assert request["reason"] == "cleanup after test"
+        response = await api.post(
+            f"/api/requests/{request['id']}/approve", json={"reason": "ok"}, headers=auth("dba1")
+        )
+        assert response.status_code == 200
+        assert response.json()["state"] == "approved"
+        assert await asyncio.wait_for(running, 10) == "DROP TABLE"
+    finally:
+        await conn.close()
+    with psycopg.connect(direct_dsn) as direct:
+        assert direct.execute("SELECT to_regclass('hold_t')").fetchone() == (None,)
+
+
+async def test_deny_names_request_approver_and_comment(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
+        request = await wait_for_request(api, "hold_t")
+        response = await api.post(
+            f"/api/requests/{request['id']}/deny",
+            json={"reason": "not today"},
+            headers=auth("dba2"),
+        )
+        assert response.status_code == 200
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
+            await asyncio.wait_for(running, 10)
+        message = str(info.value)
+        assert request["id"] in message
+        assert "Drew DBA" in message
+        assert "not today" in message
+        assert await conn.fetchval("SELECT count(*) FROM hold_t") == 1
+    finally:
+        await conn.close()
+
+
+async def test_api_status_codes(pgguard: PgguardThread, api: httpx.AsyncClient) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(conn.execute("COPY dba_only_t TO STDOUT"))
+        request = await wait_for_request(api, "dba_only_t")
+        url = f"/api/requests/{request['id']}"
+        assert (await api.get(url)).status_code == 401
+        assert (await api.get(url, headers={"Authorization": "Bearer nope"})).status_code == 401
+        assert (
+            await api.get("/api/requests/doesnotexist", headers=auth("dba1"))
+        ).status_code == 404
+        # The owner may never approve their own agent's request, whatever their groups.
+        assert (await api.post(f"{url}/approve", json={}, headers=auth("owner"))).status_code == 403
+        # This rule only lets the dba group approve.
+        assert (await api.post(f"{url}/approve", json={}, headers=auth("aud"))).status_code == 403
+        assert (await api.post(f"{url}/approve", json={}, headers=auth("dba1"))).status_code == 200
+        assert (
+            await api.post(f"{url}/deny", json={"reason": "late"}, headers=auth("dba2"))
+        ).status_code == 409
+        await asyncio.wait_for(running, 10)
+    finally:
+        await conn.close()
+
+
+async def test_quorum_needs_two_distinct_approvers(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(conn.fetch("COPY quorum_t TO STDOUT"))
+        request = await wait_for_request(api, "quorum_t")
+        url = f"/api/requests/{request['id']}/approve"
+        first = await api.post(url, json={}, headers=auth("dba1"))
+        assert first.json()["state"] == "pending"
+        assert (await api.post(url, json={}, headers=auth("dba1"))).status_code == 409
+        await asyncio.sleep(0.3)
+        assert not running.done()
+        second = await api.post(url, json={}, headers=auth("dba2"))
+        assert second.json()["state"] == "approved"
+        await asyncio.wait_for(running, 10)
+    finally:
+        await conn.close()
+
+
+async def test_expiry_releases_with_an_error(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
+            await asyncio.wait_for(conn.execute("COPY short_t TO STDOUT"), 15)
+        assert "expired" in str(info.value)
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
+async def test_remember_window(pgguard: PgguardThread, api: httpx.AsyncClient) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(conn.execute("COPY remember_t TO STDOUT"))
+        request = await wait_for_request(api, "remember_t")
+        await api.post(f"/api/requests/{request['id']}/approve", json={}, headers=auth("dba1"))
+        await asyncio.wait_for(running, 10)
+        # The same statement shape again: approved at once, citing the first request.
+        await asyncio.wait_for(conn.execute("COPY remember_t TO STDOUT"), 5)
+        listed = (
+            await api.get("/api/requests", params={"state": "approved"}, headers=auth("dba1"))
+        ).json()
+        assert any(item.get("remembered_from") == request["id"] for item in listed)
+    finally:
+        await conn.close()
+
+
+async def test_transaction_stays_open_and_fails_after_denial(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO hold_t VALUES (2, 'x')")
+        running = asyncio.create_task(conn.execute("TRUNCATE hold_t"))
+        request = await wait_for_request(api, "hold_t")
+        await api.post(
+            f"/api/requests/{request['id']}/deny", json={"reason": "no"}, headers=auth("dba1")
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await asyncio.wait_for(running, 10)
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await conn.execute("SELECT 1")
+        await tx.rollback()
+    finally:
+        await conn.close()
+    with psycopg.connect(direct_dsn) as direct:
+        assert direct.execute("SELECT count(*) FROM hold_t").fetchone() == (1,)
+
+
+async def test_extended_protocol_execute_is_held_then_approved(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(
+            conn.fetch(
+                "SELECT count(*) FROM hold_t WHERE lo_export($1::oid, $2) IS NULL", 0, "/tmp/x"
+            )
+        )
+        request = await wait_for_request(api, "lo_export")
+        assert request["parameters"]  # bind parameters, masked
+        assert "/tmp/x" not in str(request)
+        await api.post(
+            f"/api/requests/{request['id']}/deny",
+            json={"reason": "no exports"},
+            headers=auth("dba1"),
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await asyncio.wait_for(running, 10)
+        assert await conn.fetchval("SELECT $1::int", 5) == 5
+    finally:
+        await conn.close()
+
+
+async def test_cancel_request_cancels_the_hold(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
+        request = await wait_for_request(api, "hold_t")
+        running.cancel()  # asyncpg sends a CancelRequest on task cancellation
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        async with asyncio.timeout(10):
+            while True:
+                item = (
+                    await api.get(f"/api/requests/{request['id']}", headers=auth("dba1"))
+                ).json()
+                if item["state"] != "pending":
+                    break
+                await asyncio.sleep(0.05)
+        assert item["state"] == "cancelled"
+        assert await conn.fetchval("SELECT count(*) FROM hold_t") == 1
+    finally:
+        await conn.close()
+
+
+async def test_disconnect_cancels_the_hold(pgguard: PgguardThread, api: httpx.AsyncClient) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
+    request = await wait_for_request(api, "hold_t")
+    conn.terminate()
+    with pytest.raises((asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError)):
+        await running
+    async with asyncio.timeout(10):
+        while True:
+            item = (await api.get(f"/api/requests/{request['id']}", headers=auth("dba1"))).json()
+            if item["state"] != "pending":
+                break
+            await asyncio.sleep(0.05)
+    assert item["state"] == "cancelled"
+
+
+async def test_held_sessions_do_not_slow_others(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    held = [await asyncpg.connect(pgguard.dsn()) for _ in range(5)]
+    free = [await asyncpg.connect(pgguard.dsn()) for _ in range(20)]
+    try:
+        waiting = [asyncio.create_task(c.execute("DROP TABLE hold_t")) for c in held]
+
+        async def work(c: asyncpg.Connection) -> int:
+            return sum([await c.fetchval("SELECT $1::int", i) for i in range(20)])
+
+        async with asyncio.timeout(15):
+            results = await asyncio.gather(*(work(c) for c in free))
+        assert results == [190] * 20
+        assert not any(t.done() for t in waiting)
+        pending = (
+            await api.get("/api/requests", params={"state": "pending"}, headers=auth("dba1"))
+        ).json()
+        for item in pending:
+            if "hold_t" in item["statement"]:
+                await api.post(
+                    f"/api/requests/{item['id']}/deny", json={"reason": "x"}, headers=auth("dba1")
+                )
+        for task in waiting:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await asyncio.wait_for(task, 10)
+    finally:
+        for c in held + free:
+            await c.close()
+
+
+async def test_approver_cli(pgguard: PgguardThread, api: httpx.AsyncClient) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
+        request = await wait_for_request(api, "hold_t")
+        env = {
+            **os.environ,
+            "PGGUARD_APPROVER_TOKEN": TOKENS["dba1"],
+            "PGGUARD_URL": pgguard.http_url,
+        }
+        cli = [sys.executable, "-m", "pgguard.cli"]
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [*cli, "pending", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert request["id"] in listed.stdout
+        own = await asyncio.to_thread(
+            subprocess.run,
+            [*cli, "approve", request["id"], "--token", TOKENS["owner"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert own.returncode == 1
+        assert "403" in own.stderr
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*cli, "approve", request["id"], "--reason", "via cli"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "approved" in done.stdout
+        await asyncio.wait_for(running, 10)
+    finally:
+        await conn.close()
+
+
+async def test_two_instances_behave_as_one(
+    pgguard: PgguardThread, upstream_dsn: str, rules_dir: Path, api: httpx.AsyncClient
+) -> None:
+    schema = pgguard.settings.state.schema_name
+    other = PgguardThread(hold_settings(upstream_dsn, rules_dir, schema)).start()
+    try:
+        conn = await asyncpg.connect(other.dsn())  # held on instance B
+        try:
+            running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
+            request = await wait_for_request(api, "hold_t")  # seen and approved on instance A
+            loop = asyncio.get_running_loop()
+            await api.post(f"/api/requests/{request['id']}/approve", json={}, headers=auth("dba1"))
+            started = loop.time()
+            await asyncio.wait_for(running, 10)
+            assert loop.time() - started < 1.5
+        finally:
+            await conn.close()
+    finally:
+        other.stop()
+
+
+async def test_teams_cards_show_the_masked_statement(
+    pgguard: PgguardThread, api: httpx.AsyncClient, teams: TeamsStub
+) -> None:
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        sql = "COPY (SELECT * FROM hold_t WHERE email = 'ada@example.com') TO STDOUT"
+        running = asyncio.create_task(conn.execute(sql))
+        request = await wait_for_request(api, "hold_t")
+        await eventually(lambda: any(request["id"] in str(b) for b in teams.received))
+        envelope = next(body for body in teams.received if request["id"] in str(body))
+        assert envelope["type"] == "message"
+        attachment = envelope["attachments"][0]  # type: ignore[index]
+        assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+        card = str(attachment["content"])
+        assert "'<email>'" in card
+        assert f"{PUBLIC_URL}/requests/{request['id']}" in card
+        for where in (str(teams.received), str(request)):
+            assert "ada@example.com" not in where
+        await api.post(
+            f"/api/requests/{request['id']}/approve", json={"reason": "ok"}, headers=auth("dba1")
+        )
+        await asyncio.wait_for(running, 10)
+        await eventually(lambda: sum(request["id"] in str(b) for b in teams.received) >= 2)
+        follow_up = [body for body in teams.received if request["id"] in str(body)][-1]
+        assert "Dana DBA" in str(follow_up)
+    finally:
+        await conn.close()
