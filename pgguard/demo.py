@@ -1,28 +1,37 @@
-"""``pgguard demo``: embedded PostgreSQL, the proxy, and a scripted agent session through it.
+"""``pgguard demo``: embedded PostgreSQL, pgguard, an agent, an approver and a stand-in Teams.
 
-Everything runs in this process and a temporary directory, and is torn down on exit or Ctrl-C.
+Everything runs in this process and a temporary directory, and is torn down on exit or Ctrl-C:
+the agent's ordinary statements pass, two privileged ones are held; the stand-in webhook prints
+the card pgguard posts; a demo approver approves one (through the real HTTP API) and denies the
+other; the agent sees each outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 
 from pgguard.embedded import EmbeddedPostgres
-from pgguard.proxy.assembly import load_engine
-from pgguard.proxy.policy_gate import PolicyGate
-from pgguard.proxy.server import ProxyServer
+from pgguard.proxy import assembly
 from pgguard.settings import Settings
 
 DEMO_AGENT = "demo-agent"
 DEMO_PASSWORD = "demo-agent-password"
 DEMO_DATABASE = "shop"
+DEMO_OWNER = "alice@example.com"
+DEMO_APPROVER_TOKEN = "demo-approver-token"
 
 SAMPLE_SCHEMA = """
 CREATE TABLE customers (
@@ -45,47 +54,101 @@ INSERT INTO orders (customer_id, product_id, quantity) VALUES (1, 2, 1), (2, 1, 
 """
 
 
+class StandInWebhook:
+    """A local HTTP endpoint playing a Teams Workflows webhook: prints each card, answers 202."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.cards: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/workflows/demo"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.decode("latin-1").split("\r\n"):
+                if line.lower().startswith("content-length:"):
+                    length = int(line.split(":", 1)[1])
+            body = json.loads(await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            await self.cards.put(body["attachments"][0]["content"])
+        writer.close()
+
+
 async def run_demo(*, keep_running: bool = False) -> None:
     console = Console()
     workdir = Path(tempfile.mkdtemp(prefix="pgguard-demo-"))
     pg = EmbeddedPostgres(workdir / "data")
-    server: ProxyServer | None = None
+    webhook = StandInWebhook(console)
+    running: assembly.Running | None = None
     try:
         console.rule("[bold]pgguard demo")
         console.print("Starting an embedded PostgreSQL server ...")
         await asyncio.to_thread(pg.start)
         await asyncio.to_thread(pg.psql, f"CREATE DATABASE {DEMO_DATABASE}")
         await asyncio.to_thread(pg.psql, SAMPLE_SCHEMA, DEMO_DATABASE)
-        settings = Settings.load(
-            listen={"host": "127.0.0.1", "port": 0},
-            upstream={"dsn": pg.unix_dsn(dbname=DEMO_DATABASE)},
-            agents=[
-                {
-                    "name": DEMO_AGENT,
-                    "password": DEMO_PASSWORD,
-                    "owner": "alice@example.com",
-                    "databases": [DEMO_DATABASE],
-                }
-            ],
+        webhook_url = await webhook.start()
+        settings = _settings(pg, webhook_url)
+        running = await assembly.start(settings)
+        dsn = (
+            f"postgresql://{DEMO_AGENT}:{DEMO_PASSWORD}@127.0.0.1:{running.proxy.port}"
+            f"/{DEMO_DATABASE}"
         )
-        server = ProxyServer(settings, PolicyGate(load_engine(settings)))
-        await server.start()
-        dsn = f"postgresql://{DEMO_AGENT}:{DEMO_PASSWORD}@127.0.0.1:{server.port}/{DEMO_DATABASE}"
         console.print(f"pgguard is listening. The agent's DSN:\n  [bold cyan]{dsn}[/]")
-        console.print("(the agent never sees the upstream credentials)\n")
-        await _agent_session(console, dsn)
+        console.print(
+            f"Approval API: {running.http_url}   (the agent never sees upstream credentials)\n"
+        )
+        await _agent_session(console, dsn, running.http_url, webhook)
         if keep_running:
             console.print("\nThe proxy keeps running; connect with the DSN above. Ctrl-C stops it.")
             await asyncio.Event().wait()
     finally:
-        if server is not None:
-            await server.shutdown(grace=1.0)
+        if running is not None:
+            await running.stop(grace=1.0)
+        await webhook.stop()
         await asyncio.to_thread(pg.destroy)
         shutil.rmtree(workdir, ignore_errors=True)
         console.print("Demo finished; everything was shut down.")
 
 
-async def _agent_session(console: Console, dsn: str) -> None:
+def _settings(pg: EmbeddedPostgres, webhook_url: str) -> Settings:
+    return Settings.load(
+        listen={"host": "127.0.0.1", "port": 0},
+        upstream={"dsn": pg.unix_dsn(dbname=DEMO_DATABASE)},
+        agents=[
+            {
+                "name": DEMO_AGENT,
+                "password": DEMO_PASSWORD,
+                "owner": DEMO_OWNER,
+                "databases": [DEMO_DATABASE],
+            }
+        ],
+        approvers=[
+            {
+                "id": "bob@example.com",
+                "name": "Bob the DBA",
+                "groups": ["dba"],
+                "token_sha256": hashlib.sha256(DEMO_APPROVER_TOKEN.encode()).hexdigest(),
+            }
+        ],
+        http={"host": "127.0.0.1", "port": 0, "public_url": "https://pgguard.example.com"},
+        teams={"webhook_url": webhook_url},
+        log_level="WARNING",
+    )
+
+
+async def _agent_session(console: Console, dsn: str, api_url: str, webhook: StandInWebhook) -> None:
     console.rule("scripted agent session")
     conn = await asyncpg.connect(dsn)
     try:
@@ -103,21 +166,83 @@ async def _agent_session(console: Console, dsn: str) -> None:
         await conn.execute(
             "INSERT INTO orders (customer_id, product_id, quantity) VALUES ($1, $2, $3)", 1, 3, 2
         )
+        console.print("agent: INSERT INTO orders ... -> allowed, ran at full speed\n")
+        async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
+            await _held(
+                console,
+                conn,
+                api,
+                webhook,
+                approve=True,
+                sql="COPY (SELECT name, email FROM customers WHERE email LIKE '%@example.com') "
+                "TO STDOUT /* reason='monthly newsletter export' */",
+            )
+            await _held(console, conn, api, webhook, approve=False, sql="DROP TABLE orders")
         count = await conn.fetchval("SELECT count(*) FROM orders")
-        console.print(f"agent: INSERT INTO orders ... -> allowed; orders now {count}")
-        for statement in (
-            "COPY (SELECT name, email, ssn FROM customers) TO STDOUT",
-            "DROP TABLE orders",
-        ):
-            try:
-                await conn.execute(statement)
-                console.print(f"agent: {statement} -> [red]ran[/] (it should not have)")
-            except asyncpg.PostgresError as exc:
-                console.print(
-                    f"agent: {statement}\n  -> [yellow]stopped by pgguard[/] "
-                    f"(SQLSTATE {exc.sqlstate}): {exc}"
-                )
-        still = await conn.fetchval("SELECT count(*) FROM orders")
-        console.print(f"the orders table is intact ({still} rows); the customers' SSNs never left")
+        console.print(f"\nthe orders table is intact ({count} rows)")
+        console.print(
+            "every decision is in the approval records: "
+            f"GET {api_url}/api/requests (Bearer token of an approver)"
+        )
     finally:
         await conn.close()
+
+
+async def _held(
+    console: Console,
+    conn: asyncpg.Connection,
+    api: httpx.AsyncClient,
+    webhook: StandInWebhook,
+    *,
+    approve: bool,
+    sql: str,
+) -> None:
+    console.rule(f"agent: {sql.split(' /*')[0][:70]}")
+    statement = asyncio.create_task(conn.execute(sql))
+    card = await asyncio.wait_for(webhook.cards.get(), 15)
+    console.print(
+        Panel(_card_text(card), title="card posted to the (stand-in) Teams webhook", expand=False)
+    )
+    headers = {"Authorization": f"Bearer {DEMO_APPROVER_TOKEN}"}
+    pending = (await api.get("/api/requests", params={"state": "pending"}, headers=headers)).json()
+    request_id = pending[0]["id"]
+    console.print(f"the agent's session waits; request [bold]{request_id}[/] is pending")
+    verb, body = (
+        ("approve", {"reason": "newsletter is approved"})
+        if approve
+        else ("deny", {"reason": "dropping orders is never OK"})
+    )
+    response = await api.post(f"/api/requests/{request_id}/{verb}", json=body, headers=headers)
+    console.print(
+        f"Bob the DBA: POST /api/requests/{request_id}/{verb} -> "
+        f"{response.status_code} {response.json()['state']}"
+    )
+    try:
+        result = await asyncio.wait_for(statement, 15)
+        console.print(f"agent: statement ran after approval -> [green]{result}[/]")
+    except asyncpg.PostgresError as exc:
+        console.print(f"agent: [yellow]refused[/] SQLSTATE {exc.sqlstate}: {exc.args[0]}")
+    with contextlib.suppress(asyncio.TimeoutError):
+        follow_up = await asyncio.wait_for(webhook.cards.get(), 5)
+        console.print(f"follow-up card: {_card_title(follow_up)}")
+
+
+def _card_text(card: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for element in card.get("body", []):
+        if element.get("type") == "TextBlock":
+            lines.append(str(element.get("text", "")))
+        elif element.get("type") == "FactSet":
+            lines.extend(f"{f['title']}: {f['value']}" for f in element.get("facts", []))
+        elif element.get("type") == "Container":
+            lines.append(_card_text({"body": element.get("items", [])}))
+    for action in card.get("actions", []):
+        lines.append(f"[button] {action.get('title')} -> {action.get('url')}")
+    return "\n".join(line for line in lines if line)
+
+
+def _card_title(card: dict[str, Any]) -> str:
+    for element in card.get("body", []):
+        if element.get("type") == "TextBlock":
+            return str(element.get("text", ""))
+    return "(card)"
