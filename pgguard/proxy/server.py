@@ -28,6 +28,7 @@ from pgguard.errors import (
     ProtocolViolation,
     TooManyConnections,
 )
+from pgguard.proxy import upstream
 from pgguard.proxy.connection import Connection, error_message
 from pgguard.proxy.gate import Gate
 from pgguard.proxy.link import Link, LinkClosed
@@ -238,10 +239,14 @@ class ProxyServer:
 
     async def _cancel(self, request: m.CancelRequest) -> None:
         conn = self.ctx.sessions.get((request.pid, request.key))
-        if conn is None:
-            log.info("cancel request for an unknown session ignored")
+        if conn is not None:
+            await conn.cancel()
             return
-        await conn.cancel()
+        # Not one of our sessions - behind a load balancer it may be another instance's. Keys are
+        # the server's own (passed through unchanged), so the server can judge it: forward it, as
+        # a client with direct access could (53.2.7; the server ignores a wrong key silently).
+        log.info("cancel request for a session of another instance forwarded upstream")
+        await upstream.send_cancel(self.settings.upstream, request.pid, request.key)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let sessions end within ``grace`` seconds, then close the rest."""

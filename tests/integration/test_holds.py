@@ -500,3 +500,44 @@ async def test_teams_cards_show_the_masked_statement(
         assert "Dana DBA" in str(follow_up)
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("extended", [False, True])
+async def test_psycopg_transaction_through_a_hold(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str, extended: bool
+) -> None:
+    """psycopg, simple and extended protocol: approved keeps the transaction going; denied
+    fails it, and COMMIT rolls back - exactly as if PostgreSQL had raised the error."""
+    for approve in (True, False):
+        conn = await psycopg.AsyncConnection.connect(pgguard.dsn())
+        try:
+            await conn.execute("INSERT INTO hold_t VALUES (%s, %s)", (50, "x"))
+            if extended:
+                # Held (admin); harmless when approved: no backend has pid 0.
+                statement = conn.execute("SELECT pg_cancel_backend(%s) FROM hold_t LIMIT 1", (0,))
+            else:
+                statement = conn.execute("TRUNCATE hold_t")
+            running = asyncio.ensure_future(statement)
+            request = await wait_for_request(api, "hold_t")
+            verb = "approve" if approve else "deny"
+            await api.post(
+                f"/api/requests/{request['id']}/{verb}", json={"reason": "r"}, headers=auth("dba1")
+            )
+            if approve:
+                await asyncio.wait_for(running, 10)
+                assert conn.info.transaction_status.name == "INTRANS"
+            else:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    await asyncio.wait_for(running, 10)
+                assert conn.info.transaction_status.name == "INERROR"
+            await conn.commit()
+        finally:
+            await conn.close()
+        with psycopg.connect(direct_dsn) as direct:
+            count = direct.execute("SELECT count(*) FROM hold_t WHERE id = 50").fetchone()
+            # Extended: the insert commits only when approved. Simple: TRUNCATE ran (approved)
+            # or the transaction rolled back (denied) - either way the row is gone.
+            expected = (1 if approve else 0) if extended else 0
+            assert count == (expected,)
+            direct.execute("DELETE FROM hold_t WHERE id = 50")
+            direct.commit()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import subprocess
 import threading
 import time
@@ -326,3 +327,26 @@ def test_pg_terminate_backend_uses_real_pid(proxy: ProxyThread) -> None:
         with pytest.raises(psycopg.OperationalError) as info:
             victim.execute("SELECT 1")
         assert "terminating connection" in str(info.value) or "closed" in str(info.value)
+
+
+def test_cancel_for_another_instances_session_is_forwarded(
+    proxy: ProxyThread, upstream_dsn: str
+) -> None:
+    """Two instances behind one address: a cancel reaching the other instance still works."""
+    from pgguard.wire import messages as m
+    from tests.support import RawClient, agent_settings
+
+    other = ProxyThread(agent_settings(upstream_dsn)).start()
+    try:
+        raw = RawClient.connect(proxy.port)
+        welcome = raw.login()
+        key = next(body for kind, body in welcome if kind == "K")
+        raw.send(m.query("SELECT pg_sleep(20)"))
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", other.port), timeout=10) as cancel:
+            cancel.sendall(m.cancel_request(int.from_bytes(key[:4], "big", signed=True), key[4:]))
+            assert cancel.recv(10) == b""
+        replies = raw.recv_until("Z")
+        assert any(kind == "E" and b"57014" in body for kind, body in replies)
+    finally:
+        other.stop()
