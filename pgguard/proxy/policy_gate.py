@@ -85,7 +85,13 @@ class PolicyGate(Gate):
     def check_startup(
         self, agent: str, database: str, parameters: list[tuple[str, str]]
     ) -> PgGuardError | None:
-        """Judge start-up parameters as the SET statements they amount to."""
+        """Judge start-up parameters as the SET statements they amount to.
+
+        A connection cannot wait for an approval mid-handshake, so a setting that is privileged
+        (a held category, or a lexing hazard) or denied refuses it. A setting that is held only
+        because a broad rule holds everything of this agent (an ordinary ``client_encoding``
+        or ``application_name`` every driver sends) does not: such rules are about statements.
+        """
         try:
             settings = settings_from_startup(parameters)
         except StartupOptionError as exc:
@@ -93,7 +99,10 @@ class PolicyGate(Gate):
         ctx = Context(agent=agent, database=database)
         for name, value in settings:
             decision = self.engine.classify(_set_statement(name, value), ctx)
-            if decision.action != "allow" and not decision.observe:
+            refused = decision.action == "deny" or (
+                decision.action == "hold" and decision.privileged
+            )
+            if refused and not decision.observe:
                 return PolicyDenied(
                     f'pgguard refuses the startup setting "{name}" '
                     f"(rule {', '.join(decision.rule_ids) or 'default'})",

@@ -7,159 +7,27 @@ denies it, and the client sees the outcome; Teams is played by a local HTTP serv
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
 import psycopg
 import pytest
 
-from pgguard.policy import SHIPPED_RULES_DIR
-from tests.support import OWNER, PgguardThread, agent_settings
+from tests.integration.holds.helpers import (
+    OWNER,
+    PUBLIC_URL,
+    TOKENS,
+    auth,
+    eventually,
+    hold_settings,
+    wait_for_request,
+)
+from tests.support import PgguardThread
 from tests.teams_stub import TeamsStub
-
-PUBLIC_URL = "https://pgguard.example.test"
-
-TOKENS = {"dba1": "dba1-token", "dba2": "dba2-token", "owner": "owner-token", "aud": "aud-token"}
-
-TEST_RULES = """
-version: 1
-rules:
-  - id: test.quorum
-    description: Two approvers for exports of quorum_t.
-    match: {tables: [quorum_t]}
-    action: hold
-    min_approvals: 2
-  - id: test.dba-only
-    description: Only DBAs approve exports of dba_only_t.
-    match: {tables: [dba_only_t]}
-    action: hold
-    approvers: [dba]
-  - id: test.short
-    description: Exports of short_t expire fast.
-    match: {tables: [short_t]}
-    action: hold
-    hold_timeout: 1
-  - id: test.remember
-    description: An approval of remember_t exports is remembered.
-    match: {tables: [remember_t]}
-    action: hold
-    remember: 60
-"""
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("rules")
-    for path in SHIPPED_RULES_DIR.glob("*.yaml"):
-        shutil.copy(path, directory / path.name)
-    (directory / "zz-test.yaml").write_text(TEST_RULES)
-    return directory
-
-
-def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any) -> Any:
-    return agent_settings(
-        upstream_dsn,
-        policy={"rules_dir": str(rules_dir)},
-        state={"schema": schema},
-        http={"host": "127.0.0.1", "port": 0, "public_url": PUBLIC_URL},
-        approvers=[
-            {
-                "id": "dba1",
-                "name": "Dana DBA",
-                "groups": ["dba"],
-                "token_sha256": sha(TOKENS["dba1"]),
-            },
-            {
-                "id": "dba2",
-                "name": "Drew DBA",
-                "groups": ["dba"],
-                "token_sha256": sha(TOKENS["dba2"]),
-            },
-            {
-                "id": OWNER,
-                "name": "Alice Owner",
-                "groups": ["dba"],
-                "token_sha256": sha(TOKENS["owner"]),
-            },
-            {
-                "id": "aud",
-                "name": "Audrey",
-                "groups": ["audit"],
-                "token_sha256": sha(TOKENS["aud"]),
-            },
-        ],
-        **extra,
-    )
-
-
-@pytest.fixture(scope="module")
-async def teams() -> AsyncIterator[TeamsStub]:
-    async with TeamsStub() as stub:
-        yield stub
-
-
-@pytest.fixture(scope="module")
-def pgguard(upstream_dsn: str, rules_dir: Path, teams: TeamsStub) -> Iterator[PgguardThread]:
-    schema = f"pgguard_holds_{os.getpid()}"
-    settings = hold_settings(upstream_dsn, rules_dir, schema, teams={"webhook_url": teams.url})
-    thread = PgguardThread(settings).start()
-    try:
-        yield thread
-    finally:
-        thread.stop()
-
-
-@pytest.fixture(autouse=True)
-def tables(direct_dsn: str) -> None:
-    with psycopg.connect(direct_dsn, autocommit=True) as conn:
-        for name in ("hold_t", "quorum_t", "dba_only_t", "short_t", "remember_t"):
-            conn.execute(f"DROP TABLE IF EXISTS {name}")
-            conn.execute(f"CREATE TABLE {name} (id int, email text)")
-            conn.execute(f"INSERT INTO {name} VALUES (1, 'ada@example.com')")
-
-
-@pytest.fixture
-async def api(pgguard: PgguardThread) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=pgguard.http_url, timeout=10) as client:
-        yield client
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait (up to 10 s) until ``condition()`` holds."""
-    async with asyncio.timeout(10):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.05)
-
-
-def auth(who: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TOKENS[who]}"}
-
-
-async def wait_for_request(api: httpx.AsyncClient, needle: str) -> dict[str, Any]:
-    async with asyncio.timeout(10):
-        while True:
-            response = await api.get(
-                "/api/requests", params={"state": "pending"}, headers=auth("dba1")
-            )
-            assert response.status_code == 200
-            for item in response.json():
-                if needle in item["statement"]:
-                    return item
-            await asyncio.sleep(0.05)
 
 
 async def test_approve_releases_the_statement(

@@ -1,0 +1,282 @@
+"""The ledger table in the state database: DDL, migrations, and batch inserts (asyncpg).
+
+Owns: ``<schema>.ledger_entries`` (one row per sealed entry; every field a plain column, and
+``content`` the hashed envelope), ``<schema>.ledger_schema_version``, `LedgerStore` (one
+connection, reconnected on demand), `row_values` and `COLUMNS`.
+
+Invariants: migrations are numbered, applied once each, under a transaction-level advisory lock
+distinct from the approvals one. Inserts are ``ON CONFLICT DO NOTHING`` in one transaction per
+batch, so shipping the same sealed entry twice stores it once. Every call has a timeout; asyncpg
+and OS errors leave this module as `LedgerStoreUnavailable`, and the connection is dropped so
+the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+
+from pgguard.approvals.schema import checked_schema
+from pgguard.errors import PgGuardError
+from pgguard.ledger.chain import SealedEntry
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x7067756C  # "pgul": pg_advisory_xact_lock key for ledger migrations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the ledger
+    """
+    CREATE TABLE {s}.ledger_entries (
+        chain_id           text NOT NULL,
+        seq                bigint NOT NULL CHECK (seq >= 1),
+        prev_hash          text NOT NULL,
+        prev_entry_id      text NOT NULL,
+        hash               text NOT NULL,
+        entry_id           text NOT NULL UNIQUE,
+        kind               text NOT NULL,
+        instance_id        text NOT NULL,
+        session_id         text NOT NULL,
+        received_at        timestamptz NOT NULL,
+        decided_at         timestamptz,
+        agent              text NOT NULL,
+        owner              text NOT NULL,
+        client_address     text NOT NULL,
+        application_name   text NOT NULL,
+        database           text NOT NULL,
+        upstream_role      text NOT NULL,
+        statement          text NOT NULL,
+        fingerprint        text NOT NULL,
+        categories         text[] NOT NULL,
+        rule_ids           text[] NOT NULL,
+        action             text NOT NULL,
+        request_id         text,
+        approvers          jsonb NOT NULL,
+        reason             text,
+        statement_entry_id text,
+        completed_at       timestamptz,
+        command_tag        text,
+        rows               bigint,
+        sqlstate           text,
+        error_message      text,
+        duration_ms        double precision,
+        detail             jsonb NOT NULL,
+        content            jsonb NOT NULL,
+        stored_at          timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (chain_id, seq)
+    );
+    CREATE INDEX ledger_entries_received ON {s}.ledger_entries (received_at DESC);
+    CREATE INDEX ledger_entries_agent ON {s}.ledger_entries (agent, received_at DESC);
+    CREATE INDEX ledger_entries_request ON {s}.ledger_entries (request_id)
+        WHERE request_id IS NOT NULL;
+    CREATE INDEX ledger_entries_statement_entry ON {s}.ledger_entries (statement_entry_id)
+        WHERE statement_entry_id IS NOT NULL;
+    """,
+)
+
+# Every column but stored_at, in insert order; `row_values` gives them for one sealed entry.
+COLUMNS: tuple[str, ...] = (
+    "chain_id",
+    "seq",
+    "prev_hash",
+    "prev_entry_id",
+    "hash",
+    "entry_id",
+    "kind",
+    "instance_id",
+    "session_id",
+    "received_at",
+    "decided_at",
+    "agent",
+    "owner",
+    "client_address",
+    "application_name",
+    "database",
+    "upstream_role",
+    "statement",
+    "fingerprint",
+    "categories",
+    "rule_ids",
+    "action",
+    "request_id",
+    "approvers",
+    "reason",
+    "statement_entry_id",
+    "completed_at",
+    "command_tag",
+    "rows",
+    "sqlstate",
+    "error_message",
+    "duration_ms",
+    "detail",
+    "content",
+)
+JSONB_COLUMNS = frozenset({"approvers", "detail", "content"})
+
+
+class LedgerStoreUnavailable(PgGuardError):
+    """The state database could not be reached or did not answer in time."""
+
+    sqlstate = "58030"
+
+
+def row_values(sealed: SealedEntry, content: dict[str, object]) -> tuple[object, ...]:
+    """The column values of one sealed entry; ``content`` is its envelope's ``entry`` part.
+
+    Text columns come from ``content`` (already cleaned for jsonb), so the columns always agree
+    with the hashed envelope; jsonb columns are given as JSON text.
+    """
+    e = sealed.entry
+    return (
+        sealed.chain_id,
+        sealed.seq,
+        sealed.prev_hash,
+        sealed.prev_entry_id,
+        sealed.hash,
+        content["entry_id"],
+        content["kind"],
+        content["instance_id"],
+        content["session_id"],
+        e.received_at,
+        e.decided_at,
+        content["agent"],
+        content["owner"],
+        content["client_address"],
+        content["application_name"],
+        content["database"],
+        content["upstream_role"],
+        content["statement"],
+        content["fingerprint"],
+        content["categories"],
+        content["rule_ids"],
+        content["action"],
+        content["request_id"],
+        _json_text(content["approvers"]),
+        content["reason"],
+        content["statement_entry_id"],
+        e.completed_at,
+        content["command_tag"],
+        content["rows"],
+        content["sqlstate"],
+        content["error_message"],
+        content["duration_ms"] if isinstance(content["duration_ms"], int | float) else None,
+        _json_text(content["detail"]),
+        sealed.canonical.decode("utf-8"),
+    )
+
+
+def _json_text(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def migration_statements(quoted_schema: str) -> tuple[str, str, str, str]:
+    """(lock, bootstrap, read version, record version) statements for the runner."""
+    return (
+        f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})",
+        f"CREATE SCHEMA IF NOT EXISTS {quoted_schema}; "
+        f"CREATE TABLE IF NOT EXISTS {quoted_schema}.ledger_schema_version "
+        "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+        f"SELECT coalesce(max(version), 0) FROM {quoted_schema}.ledger_schema_version",
+        f"INSERT INTO {quoted_schema}.ledger_schema_version (version) VALUES ($1)",
+    )
+
+
+async def migrate(conn: asyncpg.Connection, quoted_schema: str, timeout: float) -> None:  # noqa: ASYNC109
+    """Bring the ledger tables up to date (idempotent; safe with several instances starting)."""
+    lock, bootstrap, read_version, record_version = migration_statements(quoted_schema)
+    async with conn.transaction():
+        await conn.execute(lock, timeout=timeout)
+        await conn.execute(bootstrap, timeout=timeout)
+        version = await conn.fetchval(read_version, timeout=timeout)
+        for number, ddl in enumerate(MIGRATIONS, start=1):
+            if number > version:
+                log.info("applying ledger schema migration %d", number)
+                await conn.execute(ddl.format(s=quoted_schema), timeout=timeout)
+                await conn.execute(record_version, number, timeout=timeout)
+
+
+class LedgerStore:
+    """One lazily (re)connected asyncpg connection that inserts batches of sealed entries."""
+
+    def __init__(self, dsn: str, *, schema: str = "pgguard", timeout: float = 5.0) -> None:
+        self._dsn = dsn
+        self._quoted = checked_schema(schema)
+        self._timeout = timeout
+        self._conn: asyncpg.Connection | None = None
+        self._migrated = False
+        placeholders = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
+        self._insert = (
+            f"INSERT INTO {self._quoted}.ledger_entries ({', '.join(COLUMNS)}) "
+            f"VALUES ({placeholders}) ON CONFLICT DO NOTHING"
+        )
+
+    @property
+    def table(self) -> str:
+        return f"{self._quoted}.ledger_entries"
+
+    async def insert(self, batch: Sequence[SealedEntry]) -> None:
+        """Store ``batch`` in one transaction (entries already stored are left as they are)."""
+        if not batch:
+            return
+        rows = [row_values(s, _entry_part(s)) for s in batch]
+        try:
+            await asyncio.wait_for(self._insert_rows(rows), self._timeout)
+        except PgGuardError:
+            raise
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await self._drop()
+            raise LedgerStoreUnavailable(
+                f"the ledger state database failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def connect(self) -> None:
+        """Connect and migrate now (else the first insert does); LedgerStoreUnavailable if not."""
+        try:
+            await asyncio.wait_for(self._connection(), self._timeout * 2)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await self._drop()
+            raise LedgerStoreUnavailable(
+                f"could not connect to the ledger state database: {type(exc).__name__}"
+            ) from exc
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await asyncio.wait_for(conn.close(), self._timeout)
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError):
+            conn.terminate()
+
+    async def _insert_rows(self, rows: list[tuple[object, ...]]) -> None:
+        conn = await self._connection()
+        async with conn.transaction():
+            await conn.executemany(self._insert, rows, timeout=self._timeout)
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+                server_settings={"application_name": "pgguard-ledger"},
+            )
+        if not self._migrated:
+            await migrate(self._conn, self._quoted, self._timeout)
+            self._migrated = True
+        return self._conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+
+def _entry_part(sealed: SealedEntry) -> dict[str, object]:
+    envelope = json.loads(sealed.canonical)
+    entry: dict[str, object] = envelope["entry"]
+    return entry
