@@ -90,6 +90,8 @@ class LedgerWriter:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._recorded = self._shipped = self._spooled = self._lost = 0
+        self._durable_seq = 0  # every entry of this chain up to here is in the DB or fsync'd
+        self._spooled_seq = 0  # the newest entry of this chain appended to the spool
 
     @classmethod
     async def open(
@@ -162,7 +164,13 @@ class LedgerWriter:
             if len(self._queue) >= self._batch_size:
                 self._wake.set()
             return
-        self._overflow(sealed)
+        if self._move_queue_to_spool(sealed):
+            return
+        if len(self._queue) < 2 * self._max_queue:  # spool broken: some slack before dropping
+            self._queue.append(sealed)
+            return
+        self._lost += 1
+        log.error("ledger: entry %s lost (queue full, spool unavailable)", entry.entry_id)
 
     async def record_durable(self, entry: LedgerEntry) -> None:
         """Return only once ``entry`` (and everything recorded before it) is in the database or
@@ -174,116 +182,122 @@ class LedgerWriter:
         except (ValueError, TypeError) as exc:
             raise LedgerUnavailable(f"cannot seal ledger entry: {exc}") from exc
         self._recorded += 1
-        self._queue.append(sealed)  # behind everything recorded earlier
+        if self._spooling:
+            if self._move_queue_to_spool(sealed):
+                if self._fsync_spool():
+                    return
+            else:
+                self._queue.append(sealed)  # kept in order, so the chain has no gap
+            raise _unavailable()
+        self._queue.append(sealed)
         try:
-            await asyncio.wait_for(self._lock.acquire(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await self._lock.acquire()
         except TimeoutError:
-            raise LedgerUnavailable("the ledger is busy; entry kept in memory") from None
+            raise LedgerUnavailable("the ledger is busy; the entry is kept in memory") from None
         try:
-            if sealed not in self._queue:
+            if self._durable_seq >= sealed.seq:
                 return  # the shipper made it durable while we waited for the lock
-            batch = list(self._queue)
             if not self._spooling and self._database_due():
+                batch = list(self._queue)
                 try:
                     await self._store.insert(batch)
                 except LedgerStoreUnavailable as exc:
                     log.warning("ledger: %s; spooling", exc.message)
                     self._database_failed()
                 else:
-                    self._database_ok()
-                    self._forget(batch)
+                    self._shipped_from_queue(batch)
+            if self._durable_seq >= sealed.seq:
+                return
+            if (not self._queue or self._move_queue_to_spool()) and self._fsync_spool():
+                if self._durable_seq >= sealed.seq:
                     return
-            if not self._spool_durably(batch):
-                raise LedgerUnavailable(
-                    "the ledger can record this statement neither in the state database nor "
-                    "in its spool",
-                    hint="check the state database and the [ledger] spool_dir",
-                )
-            self._forget(batch)
-            self._spooling = True
+            raise _unavailable()
         finally:
             self._lock.release()
 
     async def flush(self) -> None:
         """Ship (or spool and fsync) everything recorded so far; drain the spool if possible."""
-        await self._ship_once(drain_all=True)
+        await self._ship_once()
+        async with self._lock:
+            if self._queue and self._move_queue_to_spool():
+                self._fsync_spool()
 
     async def close(self) -> None:
         """Stop the shipper and leave nothing in memory: ship it, or spool it and fsync."""
         if self._closed:
             return
         self._closed = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self._timeout * 3)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         try:
-            await self._ship_once(drain_all=True)
+            await self.flush()
         finally:
-            async with self._lock:
-                if self._queue:
-                    batch = list(self._queue)
-                    if self._spool_durably(batch):
-                        self._forget(batch)
-                    else:
-                        self._lost += len(batch)
-                        log.error("ledger: %d entries lost at shutdown", len(batch))
-                if self._spool is not None:
-                    with contextlib.suppress(SpoolError):
-                        self._spool.close()
+            if self._queue:
+                self._lost += len(self._queue)
+                log.error("ledger: %d entries lost at shutdown", len(self._queue))
+            if self._spool is not None:
+                with contextlib.suppress(SpoolError):
+                    self._spool.close()
             await self._store.close()
 
     # --- shipping -------------------------------------------------------------------------------
 
     async def _ship_forever(self) -> None:
-        while True:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             self._wake.clear()
+            if self._closed:
+                return
             try:
-                await self._ship_once(drain_all=False)
-            except Exception:  # the shipper must survive anything; entries stay queued
+                await self._ship_once()
+            except Exception:  # the shipper must survive anything; entries stay queued/spooled
                 log.exception("ledger shipper failed; retrying")
 
-    async def _ship_once(self, *, drain_all: bool) -> None:
-        while self._queue:
+    async def _ship_once(self) -> None:
+        while self._queue and not self._spooling:
             async with self._lock:
                 if not await self._ship_queue_batch():
                     break
-        if self._spool is not None and self._spooling:
-            with contextlib.suppress(SpoolError):
-                self._spool.flush()
-            while self._spooling and self._database_due():
-                async with self._lock:
-                    more = await self._ship_spool_batch()
-                if not more or not drain_all:
+        if not self._spooling:
+            return
+        if self._queue:
+            self._move_queue_to_spool()
+        self._fsync_spool()
+        while self._spooling and self._database_due():
+            async with self._lock:
+                if not await self._ship_spool_batch():
                     break
 
     async def _ship_queue_batch(self) -> bool:
         """Ship the oldest queued batch; on failure spool the whole queue. True if shipped."""
-        if not self._queue:
+        if not self._queue or self._spooling:
             return False
         batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
-        if not self._spooling and self._database_due():
+        if self._database_due():
             try:
                 await self._store.insert(batch)
             except LedgerStoreUnavailable as exc:
                 log.warning("ledger: %s; spooling", exc.message)
                 self._database_failed()
             else:
-                self._database_ok()
-                self._forget(batch)
+                self._shipped_from_queue(batch)
                 return True
-        everything = list(self._queue)
-        if self._spool_durably(everything):
-            self._forget(everything)
-            self._spooling = True
+        if self._move_queue_to_spool():
+            self._fsync_spool()
         return False
 
     async def _ship_spool_batch(self) -> bool:
         """Ship one batch from the spool; leave spool mode when drained. True if more may wait."""
         spool = self._spool
-        if spool is None or self._queue:  # older queued entries go first
+        if spool is None or not self._spooling:
             return False
         try:
             batch = spool.read_batch(self._batch_size)
@@ -299,48 +313,60 @@ class LedgerWriter:
             log.error("ledger: %s", exc.message)
             return False
         self._shipped += len(batch)
+        for sealed in batch:
+            if sealed.chain_id == self._chain.chain_id:
+                self._durable_seq = max(self._durable_seq, sealed.seq)
         if batch:
             return True
         if spool.drained():
             with contextlib.suppress(SpoolError):
                 spool.reset()
-            self._spooling = False
+            self._spooling = False  # the queue (if any) holds only newer entries
             log.info("ledger: spool drained")
         return False
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _overflow(self, sealed: SealedEntry) -> None:
-        if self._spool is not None:
-            try:
-                self._spool.append([sealed])
-            except SpoolError as exc:
-                log.error("ledger: %s", exc.message)
-            else:
-                self._spooled += 1
-                self._spooling = True
-                return
-        if len(self._queue) < 2 * self._max_queue:  # no spool: some slack before dropping
-            self._queue.append(sealed)
-            return
-        self._lost += 1
-        log.error("ledger: entry %s lost (queue full, spool unavailable)", sealed.entry.entry_id)
+    def _move_queue_to_spool(self, extra: SealedEntry | None = None) -> bool:
+        """Append the queue (oldest first) and ``extra`` to the spool, unsynced; spool mode on.
 
-    def _spool_durably(self, batch: list[SealedEntry]) -> bool:
+        The spool always holds entries older than the queue's, so this keeps them in order.
+        """
+        if self._spool is None:
+            return False
+        batch = list(self._queue)
+        if extra is not None:
+            batch.append(extra)
+        try:
+            self._spool.append(batch)
+        except SpoolError as exc:
+            log.error("ledger: %s", exc.message)
+            return False
+        self._queue.clear()
+        self._spooling = True
+        self._spooled += len(batch)
+        if batch:
+            self._spooled_seq = max(self._spooled_seq, batch[-1].seq)
+        return True
+
+    def _fsync_spool(self) -> bool:
         if self._spool is None:
             return False
         try:
-            self._spool.append(batch)
             self._spool.flush()
         except SpoolError as exc:
             log.error("ledger: %s", exc.message)
             return False
-        self._spooled += len(batch)
+        self._durable_seq = max(self._durable_seq, self._spooled_seq)
         return True
 
-    def _forget(self, batch: list[SealedEntry]) -> None:
-        """Drop ``batch`` (the oldest queued entries) from the queue once they are safe."""
-        for _ in batch:
+    def _shipped_from_queue(self, batch: list[SealedEntry]) -> None:
+        """``batch`` (the oldest queued entries, maybe spooled meanwhile) is in the database."""
+        self._database_ok()
+        self._shipped += len(batch)
+        last = batch[-1].seq
+        self._durable_seq = max(self._durable_seq, last)
+        while self._queue and self._queue[0].seq <= last:
             self._queue.popleft()
 
     def _database_due(self) -> bool:
@@ -353,3 +379,10 @@ class LedgerWriter:
     def _database_ok(self) -> None:
         self._backoff = 0.0
         self._db_retry_at = 0.0
+
+
+def _unavailable() -> LedgerUnavailable:
+    return LedgerUnavailable(
+        "the ledger can record this statement neither in the state database nor in its spool",
+        hint="check the state database and the [ledger] spool_dir",
+    )
