@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeAlias
@@ -92,6 +92,8 @@ class ApprovalView(Protocol):
     def rule_ids(self) -> Sequence[str]: ...
     @property
     def reason(self) -> str | None: ...
+    @property
+    def touches(self) -> Mapping[str, object]: ...
     @property
     def approver_groups(self) -> Sequence[str]: ...
     @property
@@ -168,6 +170,7 @@ def build_request_card(
                 ("Categories", _clip(_joined(request.categories, "none"), caps.long)),
                 ("Rules", _clip(_joined(request.rule_ids, "none"), caps.long)),
                 ("Reason", _clip(_clean(request.reason or "(none given)"), caps.long)),
+                ("Touches", _clip(_clean(touches_text(request.touches)), caps.long)),
                 ("Expires", _expiry_text(request.expires_at, moment)),
                 ("Application", clip(request.application_name or "(not set)")),
                 ("Client", clip(request.client_address)),
@@ -377,3 +380,19 @@ def _clean(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", errors="replace").decode("utf-8")
     return text
+
+
+def touches_text(touches: Mapping[str, object]) -> str:
+    """What the statement touches, in one line: tables, the kind of export, estimated rows."""
+    parts: list[str] = []
+    for key, label in (("reads", "reads"), ("writes", "writes")):
+        names = touches.get(key)
+        if isinstance(names, list | tuple) and names:
+            parts.append(f"{label} {', '.join(str(n) for n in names)}")
+    export = touches.get("export")
+    if export:
+        parts.append(f"export to {export}".replace("_", " "))
+    rows = touches.get("estimated_rows")
+    if isinstance(rows, int):
+        parts.append(f"~{rows:,} rows (planner estimate)")
+    return "; ".join(parts) or "(not known)"

@@ -84,7 +84,11 @@ async def start(settings: Settings) -> Running:
     else:
         log.warning("no [[approvers]] configured: held statements are refused, not held")
     gate = PolicyGate(
-        engine, approvals=approvals, masking=MaskingRules.load(), instance_id=instance_id
+        engine,
+        approvals=approvals,
+        masking=MaskingRules.load(),
+        instance_id=instance_id,
+        upstream=settings.upstream,
     )
     proxy = ProxyServer(settings, gate)
     proxy.ctx.instance_id = instance_id

@@ -21,6 +21,7 @@ What it adds to the pass-through gate:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -37,7 +38,9 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
+from pgguard.proxy.estimates import estimate_rows
 from pgguard.proxy.gate import ALLOW, Allow, Deny, Gate, Hold, SessionView, SqlEvent, Verdict
+from pgguard.settings import UpstreamSettings
 from pgguard.wire.extended import decode_bind_parameters
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
@@ -66,12 +69,14 @@ class PolicyGate(Gate):
         approvals: ApprovalService | None = None,
         masking: MaskingRules | None = None,
         instance_id: str = "",
+        upstream: UpstreamSettings | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
         self.approvals = approvals
         self.masking = masking or MaskingRules.load()
         self.instance_id = instance_id
+        self.upstream = upstream  # for the planner's row estimate in review payloads
 
     @property
     def observe(self) -> bool:
@@ -198,9 +203,12 @@ class PolicyGate(Gate):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Allow | Deny] = loop.create_future()
         new = self._new_request(session, decision, event)
+        functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
-        state.hold_task = loop.create_task(self._await_approval(new, future, state))
+        state.hold_task = loop.create_task(
+            self._await_approval(new, future, state, event.sql, functions)
+        )
         return Hold(future)
 
     def _new_request(self, session: SessionView, decision: Decision, event: SqlEvent) -> NewRequest:
@@ -243,10 +251,20 @@ class PolicyGate(Gate):
         )
 
     async def _await_approval(
-        self, new: NewRequest, future: asyncio.Future[Allow | Deny], state: _SessionPolicy
+        self,
+        new: NewRequest,
+        future: asyncio.Future[Allow | Deny],
+        state: _SessionPolicy,
+        sql: bytes,
+        functions: tuple[str, ...],
     ) -> None:
         assert self.approvals is not None
         try:
+            if self.upstream is not None:
+                text = sql.decode("utf-8", "replace")
+                rows = await estimate_rows(self.upstream, new.database, text, functions)
+                if rows is not None:
+                    new = dataclasses.replace(new, touches={**new.touches, "estimated_rows": rows})
             request, final = await self.approvals.hold(new)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)

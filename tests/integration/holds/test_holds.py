@@ -357,6 +357,12 @@ async def test_teams_cards_show_the_masked_statement(
         card = str(attachment["content"])
         assert "'<email>'" in card
         assert f"{PUBLIC_URL}/requests/{request['id']}" in card
+        # What it touches, with the planner's estimate from a plain EXPLAIN pgguard ran itself.
+        touches = request["touches"]
+        assert touches["reads"] == ["hold_t"]
+        assert touches["export"] == "client"
+        assert isinstance(touches["estimated_rows"], int)
+        assert "rows (planner estimate)" in card
         for where in (str(teams.received), str(request)):
             assert "ada@example.com" not in where
         await api.post(

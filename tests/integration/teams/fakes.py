@@ -7,6 +7,7 @@ model's module; these frozen dataclasses carry exactly the attributes the cards 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -47,6 +48,9 @@ class FakeRequest:
     decisions: tuple[FakeDecision, ...] = ()
     remembered_from: str | None = None
     state_reason: str | None = None
+    touches: Mapping[str, object] = dataclasses.field(
+        default_factory=lambda: {"reads": ["customers"], "export": "client", "estimated_rows": 1200}
+    )
 
 
 def fake_request(**changes: object) -> FakeRequest:

@@ -1,0 +1,95 @@
+"""The planner's row estimate for a held statement, for the review payload.
+
+For an export (COPY ... TO), an UPDATE or DELETE, or a CREATE TABLE AS / SELECT INTO, pgguard
+runs a plain ``EXPLAIN`` - never ``ANALYZE``, so nothing executes - on its own upstream
+connection, in a READ ONLY transaction with short statement and lock timeouts, and reports the
+top node's estimated rows. It is best effort: any problem means "no estimate", never a failure.
+
+Planning can evaluate functions (constant folding, selectivity estimates), and a user function
+may do anything; so a statement that calls any function at all is not explained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import asyncpg
+from pglast import parse_sql
+from pglast.stream import RawStream
+
+from pgguard.settings import UpstreamSettings
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT_S = 2.0
+_DIRECT = ("UpdateStmt", "DeleteStmt")
+
+
+def explainable_query(sql: str) -> str | None:
+    """The query whose plan estimates what ``sql`` touches, or None when there is none."""
+    try:
+        statements = parse_sql(sql)
+    except Exception:  # pglast raises its own ParseError; anything else also means "no estimate"
+        return None
+    if len(statements) != 1:
+        return None
+    node: Any = statements[0].stmt  # pglast's node classes are generated; attributes vary
+    kind = type(node).__name__
+    if kind in _DIRECT:
+        return sql
+    if kind == "CopyStmt" and not node.is_from:
+        if node.query is not None:
+            return str(RawStream()(node.query))
+        if node.relation is not None:
+            return f"SELECT * FROM {RawStream()(node.relation)}"
+    if kind == "CreateTableAsStmt" and node.query is not None:
+        return str(RawStream()(node.query))
+    if kind == "SelectStmt" and node.intoClause is not None:
+        return None  # SELECT ... INTO: plan the same query without INTO would need a rewrite
+    return None
+
+
+async def estimate_rows(
+    settings: UpstreamSettings, database: str, sql: str, functions: tuple[str, ...]
+) -> int | None:
+    """Estimated rows for ``sql`` (already classified), or None when it cannot be had safely."""
+    if functions:
+        return None
+    query = explainable_query(sql)
+    if query is None:
+        return None
+    dsn = settings.parsed()
+    try:
+        async with asyncio.timeout(_TIMEOUT_S):
+            conn = await asyncpg.connect(
+                host=dsn.host,
+                port=dsn.port,
+                user=dsn.user,
+                password=dsn.password,
+                database=database,
+                ssl=None if dsn.is_unix_socket else _ssl(settings),
+                server_settings={"application_name": "pgguard-estimate"},
+            )
+            try:
+                async with conn.transaction(readonly=True):
+                    await conn.execute("SET LOCAL statement_timeout = '500ms'")
+                    await conn.execute("SET LOCAL lock_timeout = '200ms'")
+                    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}")
+            finally:
+                await conn.close(timeout=1)
+    except Exception as exc:  # best effort by design: no estimate rather than no review
+        log.info("no row estimate: %s", type(exc).__name__)
+        return None
+    try:
+        document = json.loads(plan) if isinstance(plan, str) else plan
+        return int(document[0]["Plan"]["Plan Rows"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _ssl(settings: UpstreamSettings) -> str:
+    mode = settings.effective_sslmode()
+    return {"verify-ca": "verify-ca", "verify-full": "verify-full"}.get(mode, mode)

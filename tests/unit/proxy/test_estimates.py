@@ -1,0 +1,35 @@
+"""Which query pgguard explains to estimate what a held statement touches."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgguard.proxy.estimates import explainable_query
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("COPY (SELECT a FROM t WHERE b > 1) TO STDOUT", "SELECT a FROM t WHERE b > 1"),
+        ("COPY public.customers TO STDOUT", "SELECT * FROM public.customers"),
+        ("UPDATE t SET a = 1 WHERE b = 2", "UPDATE t SET a = 1 WHERE b = 2"),
+        ("DELETE FROM t", "DELETE FROM t"),
+        ("CREATE TABLE x AS SELECT * FROM y", "SELECT * FROM y"),
+    ],
+)
+def test_explainable(sql: str, expected: str) -> None:
+    assert explainable_query(sql) == expected
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY t FROM STDIN",
+        "DROP TABLE t",
+        "SELECT 1; DELETE FROM t",
+        "GRANT ALL ON t TO x",
+        "SELEC",
+    ],
+)
+def test_not_explainable(sql: str) -> None:
+    assert explainable_query(sql) is None
