@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pgguard.errors import ProtocolViolation
 from pgguard.wire import messages as m
 from pgguard.wire.messages import FirstMessage, decode_first_message
+from pgguard.wire.outcomes import Outcome, OutcomeTracker
 
 _U32 = struct.Struct("!I")
 _unpack_u32 = _U32.unpack_from
@@ -45,6 +46,8 @@ _PASSED = frozenset(b"DSHdcf")
 _SMALL = frozenset(b"EDCSHXcf")
 _EMPTY = frozenset(b"SHXc")  # Sync, Flush, Terminate, CopyDone carry no body
 _FATAL_FIELDS = (b"SFATAL\0", b"SPANIC\0")
+_WATCHED = frozenset(b"ZS")  # ReadyForQuery, ParameterStatus
+_WATCHED_FOR_OUTCOMES = frozenset(b"ZSCEIs")  # + CommandComplete, Error, EmptyQuery, Suspended
 
 
 class StartupDecoder:
@@ -285,6 +288,9 @@ class BackendTracker:
         "_pending",
         "_replacements",
         "_skip",
+        "_watched",
+        "on_finished",
+        "outcomes",
         "parameters",
         "ready_count",
         "saw_fatal",
@@ -296,6 +302,9 @@ class BackendTracker:
         self.parameters: dict[str, str] = dict(parameters or {})
         self.ready_count = 0  # ReadyForQuery messages seen since the session started
         self.saw_fatal = False  # the server sent a FATAL error (it is about to close)
+        self.outcomes: OutcomeTracker | None = None
+        self.on_finished: Callable[[list[tuple[object, Outcome]]], None] | None = None
+        self._watched = _WATCHED
         self._skip = 0
         self._head = b""  # start of a header already forwarded, kept to read its length
         self._held = b""  # rewriting mode: bytes not yet forwarded (an incomplete message)
@@ -337,7 +346,7 @@ class BackendTracker:
             if length < 4:
                 raise ProtocolViolation(f"server sent invalid message length {length}")
             end = pos + 1 + length
-            if type_byte == 0x5A or type_byte == 0x53:  # 'Z' ReadyForQuery, 'S' ParameterStatus
+            if type_byte in self._watched:  # whole bodies needed: Z, S (+ C, E, I, s for outcomes)
                 if end > n:
                     self._partial_type = type_byte
                     self._partial_want = end - n
@@ -362,15 +371,40 @@ class BackendTracker:
             self._pending = bytearray()
         return pos + take
 
+    def track_outcomes(
+        self, outcomes: OutcomeTracker, on_finished: Callable[[list[tuple[object, Outcome]]], None]
+    ) -> None:
+        """Also report completions and errors to ``outcomes``; finished statements (at each
+        ReadyForQuery) go to ``on_finished``. Costs a little per reply, so only for the ledger."""
+        self.outcomes = outcomes
+        self.on_finished = on_finished
+        self._watched = _WATCHED_FOR_OUTCOMES
+
     def _handle(self, type_byte: int, body: bytes) -> None:
         if type_byte == 0x5A:
             self.ready_count += 1
             if len(body) != 1 or body not in (b"I", b"T", b"E"):
                 raise ProtocolViolation("server sent an invalid ReadyForQuery")
             self.txn_status = body
-        else:
+            if self.outcomes is not None:
+                finished = self.outcomes.ready()
+                if finished and self.on_finished is not None:
+                    self.on_finished(finished)
+        elif type_byte == 0x53:
             name, value = m.decode_parameter_status(body)
             self.parameters[name] = value
+        elif type_byte == 0x45:
+            self.saw_fatal = self.saw_fatal or body.startswith(_FATAL_FIELDS)
+            if self.outcomes is not None:
+                fields = m.decode_error_fields(body)
+                self.outcomes.error(fields.sqlstate, fields.message)
+        elif self.outcomes is not None:
+            if type_byte == 0x43:  # CommandComplete
+                self.outcomes.command_complete(body.rstrip(b"\0").decode("utf-8", "replace"))
+            elif type_byte == 0x49:  # EmptyQueryResponse
+                self.outcomes.empty_query()
+            elif type_byte == 0x73:  # PortalSuspended
+                self.outcomes.portal_suspended()
 
     # --- slow path: whole messages, so an ErrorResponse can be replaced ------------------------
 
@@ -392,9 +426,11 @@ class BackendTracker:
                 break
             body = buf[pos + 5 : end]
             if type_byte == m.B_ERROR:
-                out.append(self._maybe_replace(body, buf[pos:end]))
+                sent = self._maybe_replace(body, buf[pos:end])
+                self._handle(type_byte, sent[5:])
+                out.append(sent)
             else:
-                if type_byte == 0x5A or type_byte == 0x53:
+                if type_byte in self._watched:
                     self._handle(type_byte, body)
                     if type_byte == 0x5A:
                         self._expire_replacements()

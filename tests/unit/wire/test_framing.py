@@ -309,3 +309,34 @@ def test_scan_chunk_leaves_an_invalid_message_for_the_slow_path_to_reject() -> N
     assert (pos, verdict) == (len(SYNC), None)
     with pytest.raises(ProtocolViolation):
         scanner.next_event()
+
+
+def test_tracker_reports_outcomes_whole_and_bytewise() -> None:
+    from pgguard.wire.outcomes import Outcome, OutcomeTracker
+
+    stream = (
+        m.message(m.B_COMMAND_COMPLETE, b"INSERT 0 2\x00")
+        + m.error_response("ERROR", "23505", "duplicate key")
+        + m.ready_for_query(b"E")
+        + m.message(m.B_COMMAND_COMPLETE, b"SELECT 7\x00")
+        + m.ready_for_query(b"I")
+    )
+    for chunk in (len(stream), 1, 4):
+        finished: list[tuple[object, Outcome]] = []
+        outcomes = OutcomeTracker()
+        outcomes.execute("insert")
+        outcomes.execute("dup")
+        outcomes.execute("never")
+        outcomes.sync()
+        outcomes.query("select")
+        tracker = BackendTracker()
+        tracker.track_outcomes(outcomes, finished.extend)
+        out = b""
+        for start in range(0, len(stream), chunk):
+            out += tracker.feed(stream[start : start + chunk])
+        assert out == stream
+        assert [tok for tok, _ in finished] == ["insert", "dup", "never", "select"]
+        assert finished[0][1].rows == 2
+        assert finished[1][1].sqlstate == "23505"
+        assert finished[2][1].skipped
+        assert finished[3][1].tags == ["SELECT 7"]

@@ -1,0 +1,89 @@
+"""Attributing the server's replies to the statements that caused them."""
+
+from __future__ import annotations
+
+from pgguard.wire.outcomes import OutcomeTracker
+
+
+def test_simple_query_with_several_statements() -> None:
+    t = OutcomeTracker()
+    t.query("q1")
+    t.command_complete("BEGIN")
+    t.command_complete("INSERT 0 3")
+    t.command_complete("COMMIT")
+    ((token, outcome),) = t.ready()
+    assert token == "q1"
+    assert outcome.tags == ["BEGIN", "INSERT 0 3", "COMMIT"]
+    assert outcome.sqlstate is None
+    assert t.pending == 0
+
+
+def test_rows_come_from_the_last_counting_tag() -> None:
+    t = OutcomeTracker()
+    t.query("q")
+    t.command_complete("SELECT 42")
+    ((_, outcome),) = t.ready()
+    assert outcome.rows == 42
+    t.query("q")
+    t.command_complete("CREATE TABLE")
+    ((_, outcome),) = t.ready()
+    assert outcome.rows is None
+
+
+def test_pipeline_error_skips_the_rest_of_its_group_only() -> None:
+    t = OutcomeTracker()
+    t.execute("e1")
+    t.execute("e2")
+    t.execute("e3")
+    t.sync()
+    t.execute("e4")
+    t.sync()
+    t.command_complete("SELECT 1")
+    t.error("22012", "division by zero")
+    first = t.ready()
+    assert [tok for tok, _ in first] == ["e1", "e2", "e3"]
+    assert first[0][1].tags == ["SELECT 1"]
+    assert first[1][1].sqlstate == "22012"
+    assert first[2][1].skipped
+    t.command_complete("UPDATE 2")
+    ((token, outcome),) = t.ready()
+    assert token == "e4"
+    assert outcome.rows == 2
+
+
+def test_uncounted_substitute_consumes_its_error() -> None:
+    t = OutcomeTracker()
+    t.execute(None)  # a refused statement's substitute Parse: its error is pgguard's
+    t.execute("later")
+    t.sync()
+    t.error("42501", "refused")
+    ((token, outcome),) = t.ready()
+    assert token == "later"
+    assert outcome.skipped
+
+
+def test_flush_without_sync_and_portal_suspended() -> None:
+    t = OutcomeTracker()
+    t.execute("cursorish")
+    t.portal_suspended()  # replies arrive after a Flush, before any Sync
+    t.sync()
+    ((token, outcome),) = t.ready()
+    assert token == "cursorish"
+    assert outcome.suspended
+
+
+def test_query_after_unsynced_extended_messages_ends_both() -> None:
+    t = OutcomeTracker()
+    t.execute("e")
+    t.query("q")
+    t.command_complete("INSERT 0 1")
+    t.command_complete("SELECT 1")
+    finished = t.ready()
+    assert [(tok, o.tags) for tok, o in finished] == [("e", ["INSERT 0 1"]), ("q", ["SELECT 1"])]
+
+
+def test_replies_without_statements_are_ignored() -> None:
+    t = OutcomeTracker()
+    t.error("57P01", "terminating connection")
+    t.command_complete("SELECT 1")
+    assert t.ready() == []
