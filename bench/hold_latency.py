@@ -48,6 +48,7 @@ async def measure(runs: int) -> tuple[list[float], list[float]]:
         ],
         http={"host": "127.0.0.1", "port": 0, "public_url": "https://pgguard.example.com"},
         teams={"webhook_url": url},
+        ledger={"spool_dir": str(workdir / "spool")},
         log_level="WARNING",
     )
     running = await assembly.start(settings)

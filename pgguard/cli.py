@@ -99,10 +99,11 @@ def demo(
 
 
 def _register_commands() -> None:
-    from pgguard import cli_approver, cli_policy
+    from pgguard import cli_approver, cli_ledger, cli_policy
 
     cli_policy.register(app)
     cli_approver.register(app)
+    cli_ledger.register(app)
 
 
 _register_commands()

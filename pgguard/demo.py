@@ -99,7 +99,7 @@ async def run_demo(*, keep_running: bool = False) -> None:
         await asyncio.to_thread(pg.psql, f"CREATE DATABASE {DEMO_DATABASE}")
         await asyncio.to_thread(pg.psql, SAMPLE_SCHEMA, DEMO_DATABASE)
         webhook_url = await webhook.start()
-        settings = _settings(pg, webhook_url)
+        settings = _settings(pg, webhook_url, workdir / "spool")
         running = await assembly.start(settings)
         dsn = (
             f"postgresql://{DEMO_AGENT}:{DEMO_PASSWORD}@127.0.0.1:{running.proxy.port}"
@@ -122,7 +122,7 @@ async def run_demo(*, keep_running: bool = False) -> None:
         console.print("Demo finished; everything was shut down.")
 
 
-def _settings(pg: EmbeddedPostgres, webhook_url: str) -> Settings:
+def _settings(pg: EmbeddedPostgres, webhook_url: str, spool: Path) -> Settings:
     return Settings.load(
         listen={"host": "127.0.0.1", "port": 0},
         upstream={"dsn": pg.unix_dsn(dbname=DEMO_DATABASE)},
@@ -144,6 +144,7 @@ def _settings(pg: EmbeddedPostgres, webhook_url: str) -> Settings:
         ],
         http={"host": "127.0.0.1", "port": 0, "public_url": "https://pgguard.example.com"},
         teams={"webhook_url": webhook_url},
+        ledger={"spool_dir": str(spool)},
         log_level="WARNING",
     )
 

@@ -152,6 +152,14 @@ class ApproverSettings(_Section):
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class LedgerSettings(_Section):
+    enabled: bool = True
+    spool_dir: Path = Path("pgguard-spool")  # local fallback while the state database is down
+    batch_size: int = Field(500, ge=1, le=100_000)
+    flush_interval: float = Field(0.2, gt=0)
+    max_queue: int = Field(10_000, ge=100)
+
+
 class Settings(BaseSettings):
     """All of pgguard's configuration. Sections mirror the TOML tables."""
 
@@ -171,6 +179,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     teams: TeamsSettings = TeamsSettings()
     approvers: list[ApproverSettings] = Field(default_factory=list)
+    ledger: LedgerSettings = LedgerSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("agents")

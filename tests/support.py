@@ -232,9 +232,14 @@ class PgguardThread:
         return str(self.running.http_url)
 
     def dsn(
-        self, user: str = AGENT, password: str = AGENT_PASSWORD, dbname: str = "postgres"
+        self,
+        user: str = AGENT,
+        password: str = AGENT_PASSWORD,
+        dbname: str = "postgres",
+        **params: str,
     ) -> str:
-        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
+        query = "&".join(f"{k}={v}" for k, v in {"sslmode": "disable", **params}.items())
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}?{query}"
 
     def stop(self) -> None:
         if self.running is not None:

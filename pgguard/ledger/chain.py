@@ -30,11 +30,15 @@ from pgguard.ledger.model import JsonValue, LedgerEntry, entry_content, entry_fr
 GENESIS = "0" * 64
 
 
+# One encoder for every call: json.dumps with options builds a new one each time (slow).
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical_bytes(value: Mapping[str, object]) -> bytes:
     """Sorted-key compact JSON in UTF-8: the bytes a hash covers."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def envelope_hash(prev_hash: str, canonical: bytes) -> str:

@@ -18,6 +18,7 @@ errors become `SpoolError`. Not thread-safe: one event loop owns a spool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -216,10 +217,8 @@ class Spool:
 
     def _abandon_segment(self) -> None:
         if self._fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-            except OSError:
-                pass
             self._fd = None
         self._active = None  # its tail may be torn: readers treat it like a crashed one's
 

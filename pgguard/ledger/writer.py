@@ -209,15 +209,19 @@ class LedgerWriter:
                     self._shipped_from_queue(batch)
             if self._durable_seq >= sealed.seq:
                 return
-            if (not self._queue or self._move_queue_to_spool()) and self._fsync_spool():
-                if self._durable_seq >= sealed.seq:
-                    return
+            spooled = (not self._queue or self._move_queue_to_spool()) and self._fsync_spool()
+            if spooled and self._durable_seq >= sealed.seq:
+                return
             raise _unavailable()
         finally:
             self._lock.release()
 
     async def flush(self) -> None:
-        """Ship (or spool and fsync) everything recorded so far; drain the spool if possible."""
+        """Ship (or spool and fsync) everything recorded so far; drain the spool if possible.
+
+        Tries the database now, whatever the retry backoff says.
+        """
+        self._db_retry_at = 0.0
         await self._ship_once()
         async with self._lock:
             if self._queue and self._move_queue_to_spool():
@@ -250,7 +254,7 @@ class LedgerWriter:
     # --- shipping -------------------------------------------------------------------------------
 
     async def _ship_forever(self) -> None:
-        while not self._closed:
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             self._wake.clear()

@@ -14,8 +14,10 @@ from pgguard.approvals.service import ApprovalService
 from pgguard.approvals.store import ApprovalStore
 from pgguard.approvals.teams import TeamsWebhookNotifier
 from pgguard.errors import ConfigError
+from pgguard.ledger import LedgerWriter
 from pgguard.masking import MaskingRules
 from pgguard.policy import PolicyEngine, RulesError
+from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
@@ -34,6 +36,7 @@ class Running:
     approvals: ApprovalService | None = None
     notifier: TeamsWebhookNotifier | None = None
     http: HttpServer | None = None
+    ledger: LedgerWriter | None = None
 
     @property
     def http_url(self) -> str:
@@ -49,6 +52,8 @@ class Running:
             await self.approvals.store.close()
         if self.notifier is not None:
             await self.notifier.aclose()
+        if self.ledger is not None:
+            await self.ledger.close()
 
 
 def load_engine(settings: Settings) -> PolicyEngine:
@@ -83,17 +88,33 @@ async def start(settings: Settings) -> Running:
         await approvals.start()
     else:
         log.warning("no [[approvers]] configured: held statements are refused, not held")
+    masking = MaskingRules.load()
+    ledger: LedgerWriter | None = None
+    hooks: LedgerHooks | None = None
+    if settings.ledger.enabled:
+        ledger = await LedgerWriter.open(
+            settings.state_dsn(),
+            schema=settings.state.schema_name,
+            spool_dir=settings.ledger.spool_dir,
+            instance_id=instance_id,
+            timeout=settings.state.timeout,
+            batch_size=settings.ledger.batch_size,
+            flush_interval=settings.ledger.flush_interval,
+            max_queue=settings.ledger.max_queue,
+        )
+        hooks = LedgerHooks(ledger, masking, instance_id, settings.upstream.parsed().user)
     gate = PolicyGate(
         engine,
         approvals=approvals,
-        masking=MaskingRules.load(),
+        masking=masking,
         instance_id=instance_id,
         upstream=settings.upstream,
+        ledger=hooks,
     )
     proxy = ProxyServer(settings, gate)
     proxy.ctx.instance_id = instance_id
     await proxy.start()
-    running = Running(settings, proxy, gate, approvals, notifier)
+    running = Running(settings, proxy, gate, approvals, notifier, ledger=ledger)
     if approvals is not None and settings.http.enabled:
         app = create_app(approvals, ApproverDirectory(settings.approvers))
         running.http = HttpServer(app, settings.http.host, settings.http.port)

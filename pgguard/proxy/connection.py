@@ -23,7 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pgguard.errors import PgGuardError, ProtocolViolation, StartupRefused, UpstreamUnavailable
+from pgguard.errors import (
+    AuthenticationFailed,
+    PgGuardError,
+    ProtocolViolation,
+    StartupRefused,
+    UpstreamUnavailable,
+)
 from pgguard.proxy import gate as g
 from pgguard.proxy import upstream
 from pgguard.proxy.link import Link, LinkClosed
@@ -31,6 +37,7 @@ from pgguard.proxy.startup import AgentLogin, authenticate
 from pgguard.wire import extended as x
 from pgguard.wire import messages as m
 from pgguard.wire.framing import BackendTracker, Frame, FrontendScanner
+from pgguard.wire.outcomes import Outcome, OutcomeTracker
 
 if TYPE_CHECKING:
     from pgguard.proxy.server import ProxyContext
@@ -89,7 +96,11 @@ class Connection:
         self.session: Session | None = None
         self.upstream: Link | None = None
         self.backend_key: tuple[int, bytes] | None = None
-        self._scanner = FrontendScanner(ctx.settings.limits.max_message_bytes)
+        tracking = ctx.gate.tracks_outcomes
+        self._scanner = FrontendScanner(
+            ctx.settings.limits.max_message_bytes, inspect_sync=tracking
+        )
+        self._outcomes: OutcomeTracker | None = OutcomeTracker() if tracking else None
         self._extended = x.ExtendedState()
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._held: tuple[Frame, g.Hold] | None = None
@@ -118,6 +129,14 @@ class Connection:
             self.fail(ProtocolViolation("timeout during connection start-up"))
         except LinkClosed:
             pass
+        except AuthenticationFailed as exc:
+            self.ctx.gate.auth_failed(
+                startup.get("user") or "",
+                startup.get("database") or "",
+                self.client_address,
+                exc.message,
+            )
+            self.fail(exc)
         except upstream.UpstreamError as exc:
             self._send_and_close(exc.raw)
         except PgGuardError as exc:
@@ -179,6 +198,9 @@ class Connection:
         self._upstream_write = up.link.transport.write
         self._client_write = self.client.transport.write
         self._tracker_feed = session.tracker.feed
+        if self._outcomes is not None:
+            session.tracker.track_outcomes(self._outcomes, self._finished)
+        self.ctx.gate.session_started(session)
         if pending_server:
             self._from_server(pending_server)
         if pending_client:
@@ -190,8 +212,15 @@ class Connection:
         assert self.session is not None
         return self._zcount + self._scanner.syncs - self.session.tracker.ready_count
 
+    def _finished(self, finished: list[tuple[object, Outcome]]) -> None:
+        session = self._session()
+        for token, outcome in finished:
+            self.ctx.gate.statement_finished(session, token, outcome)
+
     def _cleanup(self) -> None:
         self.ctx.unregister(self)
+        if self.session is not None:
+            self.ctx.gate.session_ended(self.session)
         if self._hold_task is not None:
             self._hold_task.cancel()
         if self.upstream is not None:
@@ -352,9 +381,12 @@ class Connection:
         if kind == m.F_QUERY:
             if data[end - 1] != 0:
                 raise ProtocolViolation("invalid Query message: missing terminator")
-            verdict = self.ctx.gate.check(session, g.SqlEvent("query", data[start + 5 : end - 1]))
+            sql = data[start + 5 : end - 1]
+            verdict = self.ctx.gate.check(session, g.SqlEvent("query", sql))
             if verdict is g.ALLOW:
                 self._zcount += 1
+                if self._outcomes is not None:
+                    self._outcomes.query(self.ctx.gate.statement_token(session, "query", sql))
             return verdict
         if kind == m.F_PARSE:
             parse = x.decode_parse(data[start + 5 : end])
@@ -369,6 +401,10 @@ class Connection:
             return g.ALLOW
         if kind == m.F_EXECUTE:
             return self._decide_execute(session, x.decode_portal_name(data[start + 5 : end]))
+        if kind == m.F_SYNC:  # only handed over when outcomes are tracked
+            if self._outcomes is not None:
+                self._outcomes.sync()
+            return g.ALLOW
         if kind == m.F_CLOSE:
             self._extended.closed(*x.decode_close(data[start + 5 : end]))
             return g.ALLOW
@@ -376,6 +412,8 @@ class Connection:
             verdict = self.ctx.gate.check_function_call(session)
             if verdict is g.ALLOW:
                 self._zcount += 1
+                if self._outcomes is not None:
+                    self._outcomes.query(None)
             return verdict
         if kind == m.F_TERMINATE:
             self._terminating = True
@@ -386,19 +424,20 @@ class Connection:
         if portal is None:
             # Unknown to us means unknown to the server too (it will raise "portal does not
             # exist"); judge it as an empty statement so the gate still sees the Execute.
-            return self.ctx.gate.check(session, g.SqlEvent("execute", b"", portal=portal_name))
-        sql = portal.candidates[-1] if portal.candidates else b""
-        return self.ctx.gate.check(
-            session,
-            g.SqlEvent(
+            event = g.SqlEvent("execute", b"", portal=portal_name)
+        else:
+            event = g.SqlEvent(
                 "execute",
-                sql,
+                portal.candidates[-1] if portal.candidates else b"",
                 statement=portal.statement,
                 portal=portal_name,
                 candidates=portal.candidates,
                 bind=portal.bind,
-            ),
-        )
+            )
+        verdict = self.ctx.gate.check(session, event)
+        if verdict is g.ALLOW and self._outcomes is not None:
+            self._outcomes.execute(self.ctx.gate.statement_token(session, "execute", event.sql))
+        return verdict
 
     def _refusal(self, frame: Frame, error: PgGuardError) -> bytes:
         """What goes upstream instead of a refused message (see the module docstring)."""
@@ -407,7 +446,11 @@ class Connection:
         self._session().tracker.replace_error(marker.encode("ascii"), error_message(error), group)
         if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
             self._zcount += 1
+            if self._outcomes is not None:
+                self._outcomes.query(None)  # the refusal is recorded by the gate
             return m.query(marker)
+        if self._outcomes is not None:
+            self._outcomes.execute(None)
         return m.parse(marker, marker)
 
     # --- holds ----------------------------------------------------------------------------------
@@ -433,6 +476,13 @@ class Connection:
         else:
             if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
                 self._zcount += 1
+            if self._outcomes is not None:
+                kind = "query" if frame.type == m.F_QUERY else "execute"
+                token = self.ctx.gate.statement_token(self._session(), kind, b"")
+                if frame.type == m.F_EXECUTE:
+                    self._outcomes.execute(token)
+                else:
+                    self._outcomes.query(token)
             self._upstream_write(frame.raw)
         self.client.resume_reading("hold")
         self._pump()

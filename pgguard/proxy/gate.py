@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pgguard.errors import PgGuardError, PolicyDenied
+from pgguard.wire.outcomes import Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +126,26 @@ class Gate:
     def cancel_hold(self, session: SessionView) -> bool:
         """Cancel the session's held statement, if any; True when there was one."""
         return False
+
+    # --- ledger hooks (no-ops here; see PolicyGate) ----------------------------------------
+
+    @property
+    def tracks_outcomes(self) -> bool:
+        """True when statements' outcomes must be followed (the ledger records them)."""
+        return False
+
+    def statement_token(self, session: SessionView, kind: str, sql: bytes) -> object | None:
+        """What to remember about a statement being forwarded, until its outcome is known."""
+        return None
+
+    def statement_finished(self, session: SessionView, token: object, outcome: Outcome) -> None:
+        """The server answered a forwarded statement."""
+
+    def session_started(self, session: SessionView) -> None:
+        """A session was established (after authentication and the upstream login)."""
+
+    def session_ended(self, session: SessionView) -> None:
+        """A session ended, for whatever reason."""
+
+    def auth_failed(self, agent: str, database: str, client_address: str, reason: str) -> None:
+        """An agent failed to authenticate."""

@@ -40,8 +40,10 @@ from pgguard.policy import (
 )
 from pgguard.proxy.estimates import estimate_rows
 from pgguard.proxy.gate import ALLOW, Allow, Deny, Gate, Hold, SessionView, SqlEvent, Verdict
+from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.settings import UpstreamSettings
 from pgguard.wire.extended import decode_bind_parameters
+from pgguard.wire.outcomes import Outcome
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ class _SessionPolicy:
     tracker: SessionTracker
     contexts: dict[tuple[bool, str], Context] = field(default_factory=dict)
     lex_pending_until: int = 0  # ReadyForQuery count at which a lexing change is confirmed
+    last_record: StatementRecord | None = None  # the statement just allowed, for the ledger
+    hold_record: StatementRecord | None = None  # the statement being held
+    approved_record: StatementRecord | None = None  # the held statement just approved
     hold_task: asyncio.Task[None] | None = None
     hold_future: asyncio.Future[Allow | Deny] | None = None
     hold_request_id: str | None = None
@@ -70,6 +75,7 @@ class PolicyGate(Gate):
         masking: MaskingRules | None = None,
         instance_id: str = "",
         upstream: UpstreamSettings | None = None,
+        ledger: LedgerHooks | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
@@ -77,6 +83,7 @@ class PolicyGate(Gate):
         self.masking = masking or MaskingRules.load()
         self.instance_id = instance_id
         self.upstream = upstream  # for the planner's row estimate in review payloads
+        self.ledger = ledger
 
     @property
     def observe(self) -> bool:
@@ -150,6 +157,19 @@ class PolicyGate(Gate):
     def _verdict(
         self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
     ) -> Verdict:
+        verdict = self._judge(session, state, decision, event)
+        if self.ledger is not None:
+            record = StatementRecord(event.kind, event.sql, decision)
+            if verdict is ALLOW:
+                state.last_record = record
+            elif isinstance(verdict, Deny):
+                error = verdict.error
+                self.ledger.refused(session, record, error.sqlstate, error.message)
+        return verdict
+
+    def _judge(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> Verdict:
         if decision.action == "allow":
             self._note_lexing(session, state, decision)
             return ALLOW
@@ -206,8 +226,10 @@ class PolicyGate(Gate):
         functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
+        record = StatementRecord(event.kind, event.sql, decision)
+        state.hold_record = record
         state.hold_task = loop.create_task(
-            self._await_approval(new, future, state, event.sql, functions)
+            self._await_approval(session, record, new, future, state, functions)
         )
         return Hold(future)
 
@@ -252,23 +274,26 @@ class PolicyGate(Gate):
 
     async def _await_approval(
         self,
+        session: SessionView,
+        record: StatementRecord,
         new: NewRequest,
         future: asyncio.Future[Allow | Deny],
         state: _SessionPolicy,
-        sql: bytes,
         functions: tuple[str, ...],
     ) -> None:
         assert self.approvals is not None
         try:
             if self.upstream is not None:
-                text = sql.decode("utf-8", "replace")
+                text = record.sql.decode("utf-8", "replace")
                 rows = await estimate_rows(self.upstream, new.database, text, functions)
                 if rows is not None:
                     new = dataclasses.replace(new, touches={**new.touches, "estimated_rows": rows})
             request, final = await self.approvals.hold(new)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)
-            outcome = _outcome(await final)
+            decided = await final
+            record.request = decided
+            outcome = await self._record_decision(session, state, record, _outcome(decided))
         except asyncio.CancelledError:
             _settle(future, Deny(QueryCanceled("canceling statement due to user request")))
             raise
@@ -287,6 +312,63 @@ class PolicyGate(Gate):
             state.hold_task = None
         _settle(future, outcome)
 
+    async def _record_decision(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        record: StatementRecord,
+        outcome: Allow | Deny,
+    ) -> Allow | Deny:
+        """The ledger learns the decision; an approval must be durable before it runs."""
+        if self.ledger is None:
+            return outcome
+        if isinstance(outcome, Deny):
+            self.ledger.refused(session, record, outcome.error.sqlstate, outcome.error.message)
+            return outcome
+        try:
+            await self.ledger.approved(session, record)
+        except PgGuardError as exc:  # LedgerUnavailable: fail closed
+            log.error("approved statement not run: the ledger cannot record it (%s)", exc)
+            return Deny(
+                PolicyDenied(
+                    "pgguard: the statement was approved, but the ledger cannot record it, "
+                    "so it was not run",
+                    hint="The state database and the local spool are both unavailable.",
+                )
+            )
+        state.approved_record = record
+        return outcome
+
+    # --- ledger hooks -------------------------------------------------------------------------
+
+    @property
+    def tracks_outcomes(self) -> bool:
+        return self.ledger is not None
+
+    def statement_token(self, session: SessionView, kind: str, sql: bytes) -> object | None:
+        if self.ledger is None:
+            return None
+        state = self._state(session)
+        record = state.approved_record or state.last_record
+        state.approved_record = state.last_record = None
+        return record if record is not None else StatementRecord(kind, sql, None)
+
+    def statement_finished(self, session: SessionView, token: object, outcome: Outcome) -> None:
+        if self.ledger is not None and isinstance(token, StatementRecord):
+            self.ledger.finished(session, token, outcome)
+
+    def session_started(self, session: SessionView) -> None:
+        if self.ledger is not None:
+            self.ledger.session_started(session)
+
+    def session_ended(self, session: SessionView) -> None:
+        if self.ledger is not None:
+            self.ledger.session_ended(session)
+
+    def auth_failed(self, agent: str, database: str, client_address: str, reason: str) -> None:
+        if self.ledger is not None:
+            self.ledger.auth_failed(agent, database, client_address, reason)
+
     def cancel_hold(self, session: SessionView) -> bool:
         state = session.gate_state
         if not isinstance(state, _SessionPolicy) or state.hold_future is None:
@@ -295,6 +377,8 @@ class PolicyGate(Gate):
         if future.done():
             return False
         _settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+        if self.ledger is not None and state.hold_record is not None:
+            self.ledger.refused(session, state.hold_record, "57014", "cancelled by the client")
         request_id, task = state.hold_request_id, state.hold_task
         if task is not None:
             task.cancel()

@@ -129,10 +129,14 @@ class FrontendScanner:
     run and every forwarded frame's ``raw`` reproduces the input exactly.
     """
 
-    __slots__ = ("_buf", "_max", "_pos", "_skip", "syncs")
+    __slots__ = ("_buf", "_inspected", "_max", "_passed", "_pos", "_skip", "syncs")
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, *, inspect_sync: bool = False) -> None:
         self.syncs = 0  # Sync messages passed so far; each ends an extended-protocol group
+        # With inspect_sync, Sync is handed over like the SQL messages (the ledger needs to know
+        # where each pipeline ends); otherwise it passes through in runs.
+        self._inspected = _INSPECTED | {0x53} if inspect_sync else _INSPECTED
+        self._passed = _PASSED - {0x53} if inspect_sync else _PASSED
         self._buf = b""
         self._pos = 0
         self._skip = 0
@@ -167,20 +171,26 @@ class FrontendScanner:
         pos = 0
         n = len(data)
         max_len = self._max
+        inspected = self._inspected
+        passed = self._passed
         while pos + 5 <= n:
             type_byte = data[pos]
             length = _unpack_u32(data, pos + 1)[0]
             end = pos + 1 + length
-            if type_byte in _INSPECTED:
+            if type_byte in inspected:
                 if length < 4 or length > max_len or end > n:
                     break
                 if type_byte in _SMALL and length > SMALL_MESSAGE_LIMIT:
                     break
+                if type_byte == 0x53:
+                    if length != 4:
+                        break
+                    self.syncs += 1
                 verdict = decide(type_byte, data, pos, end)
                 if verdict is not allow:
                     self._buf, self._pos = data, pos
                     return pos, verdict
-            elif type_byte in _PASSED and self._length_ok(type_byte, length):
+            elif type_byte in passed and self._length_ok(type_byte, length):
                 if type_byte == 0x53:
                     self.syncs += 1
                 if end > n:
@@ -211,20 +221,24 @@ class FrontendScanner:
             self._pos = pos + take
             return buf[pos : pos + take]
         start = pos
+        inspected = self._inspected
+        passed = self._passed
         while pos + 5 <= n:
             type_byte = buf[pos]
             length = _unpack_u32(buf, pos + 1)[0]
             end = pos + 1 + length
-            if type_byte in _INSPECTED:
+            if type_byte in inspected:
                 if pos > start:
                     break
                 self._check_length(type_byte, length)
                 if end > n:
                     return None
+                if type_byte == 0x53:
+                    self.syncs += 1
                 self._pos = end
                 raw = buf if (pos == 0 and end == n) else buf[pos:end]
                 return Frame(type_byte, buf[pos + 5 : end], raw)
-            if type_byte not in _PASSED or not self._length_ok(type_byte, length):
+            if type_byte not in passed or not self._length_ok(type_byte, length):
                 if pos > start:
                     break  # hand over the good bytes first; the bad message raises next call
                 self._reject(type_byte, length)
@@ -255,9 +269,8 @@ class FrontendScanner:
         if not self._length_ok(type_byte, length):
             self._reject(type_byte, length)
 
-    @staticmethod
-    def _reject(type_byte: int, length: int) -> None:
-        if type_byte not in _INSPECTED and type_byte not in _PASSED:
+    def _reject(self, type_byte: int, length: int) -> None:
+        if type_byte not in self._inspected and type_byte not in self._passed:
             raise ProtocolViolation(f"invalid frontend message type {type_byte}")
         raise ProtocolViolation(
             f"invalid message length {length} for message type {chr(type_byte)!r}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,7 +34,7 @@ async def teams() -> AsyncIterator[TeamsStub]:
 
 @pytest.fixture(scope="module")
 def pgguard(upstream_dsn: str, rules_dir: Path, teams: TeamsStub) -> Iterator[PgguardThread]:
-    schema = f"pgguard_holds_{os.getpid()}"
+    schema = f"pgguard_holds_{secrets.token_hex(4)}"  # one per test module
     settings = hold_settings(upstream_dsn, rules_dir, schema, teams={"webhook_url": teams.url})
     thread = PgguardThread(settings).start()
     try:

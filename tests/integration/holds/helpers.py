@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any)
         ],
         policy={"rules_dir": str(rules_dir)},
         state={"schema": schema},
+        ledger={"spool_dir": str(Path(tempfile.mkdtemp(prefix="pgguard-spool-")))},
         http={"host": "127.0.0.1", "port": 0, "public_url": PUBLIC_URL},
         approvers=[
             {

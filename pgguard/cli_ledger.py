@@ -1,0 +1,315 @@
+"""Auditor commands: ``pgguard ledger show``, ``pgguard ledger export``, ``pgguard ledger verify``.
+
+They read the ledger straight from the state database named by ``--config`` (the same file as
+``serve``): ``settings.state_dsn()`` and ``[state] schema``. Exit codes: 0 done (verify: intact),
+1 verify found problems, 2 usage, configuration or connection problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, TextIO, TypeVar
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pgguard.errors import ConfigError
+from pgguard.ledger.reader import LedgerFilters, LedgerRow, query, verify
+
+T = TypeVar("T")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="pgguard TOML file.")]
+AgentOption = Annotated[str | None, typer.Option("--agent", help="Only this agent.")]
+SinceOption = Annotated[
+    str | None, typer.Option("--since", help="Received at or after (ISO 8601; UTC if no zone).")
+]
+UntilOption = Annotated[
+    str | None, typer.Option("--until", help="Received before (ISO 8601; UTC if no zone).")
+]
+CategoryOption = Annotated[str | None, typer.Option("--category", help="Has this category.")]
+ActionOption = Annotated[str | None, typer.Option("--action", help="allow, hold or deny.")]
+ApproverOption = Annotated[
+    str | None, typer.Option("--approver", help="Decided by this approver (id or name).")
+]
+RequestOption = Annotated[str | None, typer.Option("--request", help="This approval request id.")]
+
+CSV_FIELDS = (
+    "entry_id",
+    "kind",
+    "chain_id",
+    "seq",
+    "hash",
+    "instance_id",
+    "session_id",
+    "received_at",
+    "decided_at",
+    "completed_at",
+    "agent",
+    "owner",
+    "client_address",
+    "application_name",
+    "database",
+    "upstream_role",
+    "statement",
+    "fingerprint",
+    "categories",
+    "rule_ids",
+    "action",
+    "request_id",
+    "approvers",
+    "reason",
+    "statement_entry_id",
+    "outcome_entry_id",
+    "command_tag",
+    "rows",
+    "sqlstate",
+    "error_message",
+    "duration_ms",
+    "detail",
+)
+
+
+class ExportFormat(StrEnum):
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"pgguard: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _fail(f"{option}: not an ISO 8601 time: {value!r}") from None
+    return parsed if parsed.utcoffset() is not None else parsed.replace(tzinfo=UTC)
+
+
+def _filters(
+    agent: str | None,
+    since: str | None,
+    until: str | None,
+    category: str | None,
+    action: str | None,
+    approver: str | None,
+    request: str | None,
+    limit: int | None,
+) -> LedgerFilters:
+    return LedgerFilters(
+        agent=agent,
+        since=_time(since, "--since"),
+        until=_time(until, "--until"),
+        category=category,
+        action=action,
+        approver=approver,
+        request_id=request,
+        limit=limit,
+    )
+
+
+def _state(config: Path | None) -> tuple[str, str, float]:
+    from pgguard.settings import Settings
+
+    try:
+        settings = Settings.load(config)
+    except ConfigError as exc:
+        raise _fail(exc.message) from None
+    return settings.state_dsn(), settings.state.schema_name, settings.state.timeout
+
+
+@asynccontextmanager
+async def _connect(dsn: str, timeout: float) -> AsyncIterator[asyncpg.Connection]:  # noqa: ASYNC109
+    try:
+        conn = await asyncio.wait_for(
+            asyncpg.connect(
+                dsn,
+                timeout=timeout,
+                server_settings={"application_name": "pgguard-ledger-cli"},
+            ),
+            timeout * 2,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise _fail(f"cannot reach the state database: {type(exc).__name__}: {exc}") from None
+    try:
+        yield conn
+    finally:
+        try:
+            await asyncio.wait_for(conn.close(), timeout)
+        except (OSError, TimeoutError, asyncpg.InterfaceError):
+            conn.terminate()
+
+
+def _run(config: Path | None, work: Callable[[asyncpg.Connection, str], Awaitable[T]]) -> T:
+    dsn, schema, timeout = _state(config)
+
+    async def main() -> T:
+        async with _connect(dsn, timeout) as conn:
+            try:
+                return await work(conn, schema)
+            except asyncpg.UndefinedTableError:
+                raise _fail(f"no ledger in schema {schema!r} (has pgguard run yet?)") from None
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise _fail(f"the state database failed: {type(exc).__name__}: {exc}") from None
+
+    return asyncio.run(main())
+
+
+def _short(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _outcome(row: LedgerRow) -> str:
+    done = row.outcome
+    if done is None:
+        return str(row.entry.detail.get("reason", "")) if row.entry.kind == "auth_failure" else ""
+    if done.sqlstate:
+        return f"ERROR {done.sqlstate}"
+    rows = f" ({done.rows} rows)" if done.rows is not None else ""
+    return f"{done.command_tag or 'OK'}{rows}"
+
+
+def _csv_value(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return str(value)
+
+
+def _write_rows(out: TextIO, fmt: ExportFormat, rows: AsyncIterator[LedgerRow]) -> Awaitable[int]:
+    async def write() -> int:
+        count = 0
+        writer = csv.writer(out) if fmt is ExportFormat.CSV else None
+        if writer is not None:
+            writer.writerow(CSV_FIELDS)
+        async for row in rows:
+            record = row.to_record()
+            if writer is not None:
+                writer.writerow([_csv_value(record.get(name)) for name in CSV_FIELDS])
+            else:
+                out.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+            count += 1
+        return count
+
+    return write()
+
+
+def register(app: typer.Typer) -> None:
+    ledger = typer.Typer(help="Read, export and verify the query ledger.", no_args_is_help=True)
+    app.add_typer(ledger, name="ledger")
+
+    @ledger.command()
+    def show(
+        config: ConfigOption = None,
+        agent: AgentOption = None,
+        since: SinceOption = None,
+        until: UntilOption = None,
+        category: CategoryOption = None,
+        action: ActionOption = None,
+        approver: ApproverOption = None,
+        request: RequestOption = None,
+        limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
+    ) -> None:
+        """The newest ledger entries as a table."""
+        filters = _filters(agent, since, until, category, action, approver, request, limit)
+
+        async def fetch(conn: asyncpg.Connection, schema: str) -> list[LedgerRow]:
+            return [row async for row in query(conn, filters, schema=schema)]
+
+        rows = _run(config, fetch)
+        table = Table(title=f"pgguard ledger ({len(rows)} entries, newest first)")
+        for column in ("time (UTC)", "agent", "kind/action", "categories", "request", "approvers"):
+            table.add_column(column)
+        table.add_column("statement", overflow="fold")
+        table.add_column("outcome")
+        for row in rows:
+            e = row.entry
+            table.add_row(
+                e.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                e.agent,
+                e.action if e.kind == "statement" else e.kind,
+                ", ".join(e.categories),
+                e.request_id or "",
+                ", ".join(
+                    f"{a.get('name') or a.get('id')} ({a.get('channel')})" for a in e.approvers
+                ),
+                _short(e.statement),
+                _outcome(row),
+            )
+        Console().print(table)
+
+    @ledger.command()
+    def export(
+        config: ConfigOption = None,
+        fmt: Annotated[
+            ExportFormat, typer.Option("--format", help="jsonl or csv.")
+        ] = ExportFormat.JSONL,
+        output: Annotated[
+            Path | None, typer.Option("--output", "-o", help="File (default: stdout).")
+        ] = None,
+        agent: AgentOption = None,
+        since: SinceOption = None,
+        until: UntilOption = None,
+        category: CategoryOption = None,
+        action: ActionOption = None,
+        approver: ApproverOption = None,
+        request: RequestOption = None,
+        limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
+    ) -> None:
+        """Stream ledger entries, oldest first, as JSON lines or CSV (with a header)."""
+        filters = _filters(agent, since, until, category, action, approver, request, limit)
+
+        try:
+            out = sys.stdout if output is None else output.open("w", encoding="utf-8", newline="")
+        except OSError as exc:
+            raise _fail(f"cannot write {output}: {exc}") from None
+
+        async def stream(conn: asyncpg.Connection, schema: str) -> int:
+            return await _write_rows(
+                out, fmt, query(conn, filters, schema=schema, newest_first=False)
+            )
+
+        try:
+            count = _run(config, stream)
+        finally:
+            if output is not None:
+                out.close()
+        if output is not None:
+            typer.echo(f"exported {count} entries to {output}", err=True)
+
+    @ledger.command("verify")
+    def verify_command(config: ConfigOption = None) -> None:
+        """Recompute every hash chain; exit 1 and list the problems if anything was altered."""
+
+        report = _run(config, lambda conn, schema: verify(conn, schema=schema))
+        if report.ok:
+            typer.echo(f"ledger verified: {report.entries} entries in {len(report.chains)} chains")
+            for chain_id, head in sorted(report.chains.items()):
+                typer.echo(f"  {chain_id}: #{head.last_seq} head {head.head_hash}")
+            return
+        typer.echo(
+            f"ledger NOT verified: {len(report.problems)} problem(s) in {report.entries} entries",
+            err=True,
+        )
+        for problem in report.problems:
+            typer.echo(
+                f"  {problem.kind}: entry {problem.entry_id} ({problem.chain_id} #{problem.seq}): "
+                f"{problem.detail}",
+                err=True,
+            )
+        raise typer.Exit(1)

@@ -1,0 +1,303 @@
+"""Reading the ledger back: filtered streaming queries and chain verification (asyncpg).
+
+Owns: `LedgerFilters`, `LedgerRow`, `query`, `verify`, `VerifyReport`, `Problem`.
+
+`query` streams statement-level rows (every kind but ``outcome``), each joined with the outcome
+entry that completes it, through a server-side cursor in a transaction, so an export of millions
+of rows never holds more than a prefetch window. Rows are built from the hashed ``content``.
+
+`verify` walks every chain in seq order, one row in memory at a time, recomputing each hash from
+``content`` and checking the columns, seq and links. Problems are reported by entry id:
+``modified`` (content does not match its hash, a column disagrees with the content, or an entry
+was rewritten and rehashed so its successor no longer links to it), ``deleted`` (a seq gap; the
+id is the missing predecessor's, as its successor recorded it), ``inserted`` (a row that does not
+link to its predecessor), ``reordered`` (a row sealed at another seq or chain than where it is).
+What verification cannot see on its own: a well-formed entry appended at a chain's END, or a
+chain's tail cut off, by someone who rewrites hashes too. Keep the chain heads `verify` reports
+(or ship them elsewhere) to catch that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+
+from pgguard.approvals.schema import checked_schema
+from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
+from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
+from pgguard.ledger.store import COLUMNS, JSONB_COLUMNS, row_values
+
+ProblemKind = Literal["modified", "deleted", "inserted", "reordered"]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerFilters:
+    """Which rows `query` returns; None means no restriction."""
+
+    agent: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    category: str | None = None
+    action: str | None = None
+    approver: str | None = None  # an approver's id or name
+    request_id: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One ledger entry with its place in its chain, and its outcome entry if it has one."""
+
+    entry: LedgerEntry
+    chain_id: str
+    seq: int
+    hash: str
+    outcome: LedgerEntry | None = None
+
+    def to_record(self) -> dict[str, object]:
+        """Flat JSON-ready fields: the entry's, its chain position, and the outcome folded in."""
+        record: dict[str, object] = {"chain_id": self.chain_id, "seq": self.seq, "hash": self.hash}
+        record.update(entry_content(self.entry))
+        outcome = self.outcome
+        record["outcome_entry_id"] = outcome.entry_id if outcome is not None else None
+        if outcome is not None:
+            done = entry_content(outcome)
+            for name in (
+                "completed_at",
+                "command_tag",
+                "rows",
+                "sqlstate",
+                "error_message",
+                "duration_ms",
+            ):
+                record[name] = done[name]
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding of `verify`."""
+
+    entry_id: str
+    chain_id: str
+    seq: int
+    kind: ProblemKind
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    entries: int
+    last_seq: int
+    head_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    entries: int
+    chains: dict[str, ChainHead] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def query(
+    conn: asyncpg.Connection,
+    filters: LedgerFilters,
+    *,
+    schema: str = "pgguard",
+    newest_first: bool = True,
+    prefetch: int = 500,
+) -> AsyncIterator[LedgerRow]:
+    """Stream the rows matching ``filters`` (a transaction is opened on ``conn`` meanwhile)."""
+    table = f"{checked_schema(schema)}.ledger_entries"
+    order = "DESC" if newest_first else "ASC"
+    sql = (
+        "SELECT e.chain_id, e.seq, e.hash, e.content::text AS content, o.content::text AS done "
+        f"FROM {table} e LEFT JOIN LATERAL (SELECT x.content FROM {table} x "
+        "WHERE x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
+        "ORDER BY x.received_at LIMIT 1) o ON true "
+        "WHERE e.kind <> 'outcome' "
+        "AND ($1::text IS NULL OR e.agent = $1) "
+        "AND ($2::timestamptz IS NULL OR e.received_at >= $2) "
+        "AND ($3::timestamptz IS NULL OR e.received_at < $3) "
+        "AND ($4::text IS NULL OR $4 = ANY (e.categories)) "
+        "AND ($5::text IS NULL OR e.action = $5) "
+        "AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM jsonb_array_elements(e.approvers) a "
+        "WHERE a->>'id' = $6 OR a->>'name' = $6)) "
+        "AND ($7::text IS NULL OR e.request_id = $7) "
+        f"ORDER BY e.received_at {order}, e.chain_id {order}, e.seq {order} LIMIT $8"
+    )
+    args = (
+        filters.agent,
+        filters.since,
+        filters.until,
+        filters.category,
+        filters.action,
+        filters.approver,
+        filters.request_id,
+        filters.limit,
+    )
+    async with conn.transaction(readonly=True):
+        async for record in conn.cursor(sql, *args, prefetch=prefetch):
+            envelope = json.loads(record["content"])
+            done = record["done"]
+            yield LedgerRow(
+                entry=entry_from_content(envelope["entry"]),
+                chain_id=record["chain_id"],
+                seq=record["seq"],
+                hash=record["hash"],
+                outcome=None if done is None else entry_from_content(json.loads(done)["entry"]),
+            )
+
+
+async def verify(conn: asyncpg.Connection, *, schema: str = "pgguard") -> VerifyReport:
+    """Check every chain; the report lists each problem by entry id."""
+    table = f"{checked_schema(schema)}.ledger_entries"
+    columns = ", ".join(f"{c}::text" if c in JSONB_COLUMNS else c for c in COLUMNS)
+    walker = _Walker()
+    async with conn.transaction(readonly=True, isolation="repeatable_read"):
+        sql = f"SELECT {columns} FROM {table} ORDER BY chain_id, seq"
+        async for record in conn.cursor(sql, prefetch=1000):
+            walker.visit(record)
+    return VerifyReport(entries=walker.entries, chains=walker.heads, problems=walker.problems)
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What the walk remembers of the previous row of the current chain."""
+
+    chain_id: str
+    seq: int
+    entry_id: str
+    hash: str
+    flagged: ProblemKind | None
+
+
+class _Walker:
+    def __init__(self) -> None:
+        self.entries = 0
+        self.heads: dict[str, ChainHead] = {}
+        self.problems: list[Problem] = []
+        self._prev: _Seen | None = None
+
+    def visit(self, record: asyncpg.Record) -> None:
+        self.entries += 1
+        chain_id, seq = record["chain_id"], record["seq"]
+        prev = self._prev if self._prev is not None and self._prev.chain_id == chain_id else None
+        head = self.heads.get(chain_id)
+        self.heads[chain_id] = ChainHead(
+            entries=(head.entries if head else 0) + 1, last_seq=seq, head_hash=record["hash"]
+        )
+        row_id = record["entry_id"]
+        try:
+            sealed: SealedEntry | None = unseal(json.loads(record["content"]), record["hash"])
+        except (ValueError, KeyError, TypeError) as exc:
+            sealed = None
+            self._report(row_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
+        flagged: ProblemKind | None = "modified" if sealed is None else None
+        if sealed is not None:
+            flagged = self._check_self(record, sealed)
+            if flagged != "reordered":
+                self._check_link(record, sealed, prev, flagged)
+        self._prev = _Seen(chain_id, seq, row_id, record["hash"], flagged)
+
+    def _check_self(self, record: asyncpg.Record, sealed: SealedEntry) -> ProblemKind | None:
+        chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry.entry_id
+        if (sealed.chain_id, sealed.seq) != (chain_id, seq):
+            self._report(
+                entry_id,
+                chain_id,
+                seq,
+                "reordered",
+                f"sealed as {sealed.chain_id} #{sealed.seq}, found at #{seq}",
+            )
+            return "reordered"
+        if envelope_hash(sealed.prev_hash, sealed.canonical) != record["hash"]:
+            self._report(entry_id, chain_id, seq, "modified", "content does not match its hash")
+            return "modified"
+        differing = _differing_columns(record, sealed)
+        if differing:
+            self._report(
+                entry_id,
+                chain_id,
+                seq,
+                "modified",
+                f"columns differ from the sealed content: {', '.join(differing)}",
+            )
+            return "modified"
+        return None
+
+    def _check_link(
+        self,
+        record: asyncpg.Record,
+        sealed: SealedEntry,
+        prev: _Seen | None,
+        flagged: ProblemKind | None,
+    ) -> None:
+        chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry.entry_id
+        if prev is not None and prev.flagged == "reordered":
+            return  # its neighbour's displacement is already reported
+        expected_seq = prev.seq + 1 if prev else 1
+        expected_hash = prev.hash if prev else GENESIS
+        expected_id = prev.entry_id if prev else ""
+        if seq > expected_seq:
+            missing = (
+                f"#{expected_seq}" if seq == expected_seq + 1 else f"#{expected_seq}..#{seq - 1}"
+            )
+            self._report(
+                sealed.prev_entry_id or entry_id,
+                chain_id,
+                seq - 1,
+                "deleted",
+                f"{missing} missing before entry {entry_id}",
+            )
+            return
+        if sealed.prev_entry_id == expected_id and sealed.prev_hash == expected_hash:
+            return
+        if prev is not None and sealed.prev_entry_id == expected_id:
+            if prev.flagged is None:
+                self._report(
+                    prev.entry_id,
+                    chain_id,
+                    prev.seq,
+                    "modified",
+                    f"rewritten and rehashed: entry {entry_id} no longer links to it",
+                )
+            return
+        if flagged is None or flagged == "modified":
+            after = f"entry {expected_id}" if expected_id else "the chain's start"
+            self._report(
+                entry_id, chain_id, seq, "inserted", f"does not link to its predecessor, {after}"
+            )
+
+    def _report(
+        self, entry_id: str, chain_id: str, seq: int, kind: ProblemKind, detail: str
+    ) -> None:
+        self.problems.append(Problem(entry_id, chain_id, seq, kind, detail))
+
+
+def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[str]:
+    content = json.loads(sealed.canonical)["entry"]
+    expected = row_values(sealed, content)
+    differing = []
+    for name, want in zip(COLUMNS, expected, strict=True):
+        if name == "content":
+            continue
+        got = record[name]
+        if name in JSONB_COLUMNS:
+            same = got is not None and json.loads(got) == json.loads(str(want))
+        elif isinstance(want, list):
+            same = got is not None and list(got) == want
+        else:
+            same = got == want
+        if not same:
+            differing.append(name)
+    return differing

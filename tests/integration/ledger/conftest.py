@@ -1,0 +1,56 @@
+"""Fixtures for the ledger tests: a private state schema per module, dropped at the end."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from pgguard.ledger import LedgerEntry
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+BASE = LedgerEntry(
+    kind="statement",
+    instance_id="inst-a",
+    session_id="sess-1",
+    received_at=T0,
+    decided_at=T0 + timedelta(milliseconds=5),
+    agent="agent",
+    owner="alice@example.com",
+    client_address="127.0.0.1:5555",
+    application_name="etl",
+    database="postgres",
+    upstream_role="pgguard_scram",
+    statement="SELECT * FROM t WHERE id = ?",
+    fingerprint="fp-select",
+    categories=("read",),
+    rule_ids=("read.default",),
+    action="allow",
+)
+
+
+def entry(**changes: object) -> LedgerEntry:
+    """A fresh entry (new id) based on BASE."""
+    changes.setdefault("entry_id", secrets.token_hex(16))
+    return replace(BASE, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def state_schema() -> str:
+    return f"pgguard_ledger_test_{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="module")
+async def admin(upstream_dsn: str, state_schema: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to inspect and tamper with the ledger; drops the schema at the end."""
+    conn = await asyncpg.connect(upstream_dsn, timeout=10)
+    try:
+        yield conn
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{state_schema}" CASCADE', timeout=10)
+        await conn.close(timeout=10)
