@@ -44,7 +44,9 @@ RUN_AS = "pgserver"  # pgbouncer refuses to run as root; the embedded Postgres r
 DATABASE = "postgres"
 AGENT, AGENT_PASSWORD = "bench", "bench-password"
 UPSTREAM_ROLE, UPSTREAM_PASSWORD = "pgguard_scram", "scram-secret"
-TARGETS = ("direct", "pgguard", "pgbouncer")
+# pgguard-noledger: the same proxy with [ledger] enabled = false, to measure the ledger's cost.
+TARGETS = ("direct", "pgguard", "pgguard-noledger", "pgbouncer")
+LEDGER_TARGET = 0.9  # pgguard tps / pgguard-noledger tps
 MODES = ("simple", "extended", "prepared")
 TPS_TARGET = 1.0  # pgguard tps / pgbouncer tps, at more than one client
 LATENCY_TARGET = 1.2  # pgguard added latency / pgbouncer added latency, at one client
@@ -322,19 +324,27 @@ def direct_target(pg: EmbeddedPostgres) -> Target:
 
 
 def start_pgguard(
-    stack: contextlib.ExitStack, workdir: Path, pg: EmbeddedPostgres, psql: Path
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    pg: EmbeddedPostgres,
+    psql: Path,
+    *,
+    ledger: bool = True,
 ) -> tuple[Target, subprocess.Popen[bytes]]:
-    port, config, log = free_port(), workdir / "pgguard.toml", workdir / "pgguard.log"
+    name = "pgguard" if ledger else "pgguard-noledger"
+    port, config, log = free_port(), workdir / f"{name}.toml", workdir / f"{name}.log"
+    spool = workdir / f"{name}-spool"
     config.write_text(
         'log_level = "WARNING"\n\n[listen]\nhost = "127.0.0.1"\n'
         f"port = {port}\n\n[upstream]\ndsn = {json.dumps(pg.unix_dsn(UPSTREAM_ROLE, DATABASE))}\n"
         f'\n[[agents]]\nname = "{AGENT}"\npassword = "{AGENT_PASSWORD}"\n'
         'owner = "bench-owner@example.com"\n'
+        f"\n[ledger]\nenabled = {str(ledger).lower()}\nspool_dir = {json.dumps(str(spool))}\n"
     )
     argv = [sys.executable, "-m", "pgguard.cli", "serve", "--config", str(config)]
-    print(f"starting pgguard on port {port}: {' '.join(argv)}", flush=True)
+    print(f"starting {name} on port {port}: {' '.join(argv)}", flush=True)
     proc = spawn(stack, argv, log)
-    target = Target("pgguard", port, AGENT, AGENT_PASSWORD, proc.pid, log)
+    target = Target(name, port, AGENT, AGENT_PASSWORD, proc.pid, log)
     wait_until_ready(target, proc, psql)
     return target, proc
 
@@ -555,7 +565,15 @@ def table_rows(options: Options, measurements: list[Measurement]) -> list[list[s
             direct, bouncer = cell.get("direct"), cell.get("pgbouncer")
             for name, row in cell.items():
                 rows.append(format_row(mode, clients, name, row, direct, bouncer))
+            with_ledger, without = cell.get("pgguard"), cell.get("pgguard-noledger")
+            if with_ledger is not None and without is not None:
+                ratio = with_ledger.tps / without.tps
+                met = "yes" if ratio >= LEDGER_TARGET else "no"
+                LEDGER_RATIOS.append(f"{mode} {clients} clients: {ratio:.2f} (target met: {met})")
     return rows
+
+
+LEDGER_RATIOS: list[str] = []  # filled by table_rows: pgguard tps / pgguard-noledger tps
 
 
 def format_row(
@@ -599,6 +617,10 @@ def print_table(rows: list[list[str]], title: str) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
+    for line in LEDGER_RATIOS:
+        print(
+            f"ledger cost, pgguard tps / pgguard-noledger tps (target >= {LEDGER_TARGET}): {line}"
+        )
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -689,8 +711,8 @@ def start_targets(
         if name == "direct":
             targets.append(direct_target(pg))
             continue
-        if name == "pgguard":
-            target, proc = start_pgguard(stack, workdir, pg, psql)
+        if name in ("pgguard", "pgguard-noledger"):
+            target, proc = start_pgguard(stack, workdir, pg, psql, ledger=name == "pgguard")
         else:
             target, proc = start_pgbouncer(stack, workdir, pg, psql, max(options.clients) + 2)
         targets.append(target)

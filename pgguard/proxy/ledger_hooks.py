@@ -20,8 +20,9 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from pgguard.ledger import LedgerEntry, LedgerWriter, new_entry_id
+from pgguard.ledger import LedgerEntry, LedgerWriter
 from pgguard.masking import MaskingRules, mask_sql
+from pgguard.sql.fastkey import literal_blind_key
 from pgguard.wire.outcomes import Outcome
 
 if TYPE_CHECKING:
@@ -59,19 +60,18 @@ class LedgerHooks:
     # --- sessions -----------------------------------------------------------------------------
 
     def session_started(self, session: SessionView) -> None:
-        self.writer.record(self._base(session, "session_start", time.time()))
+        self.writer.record(self._entry(session, "session_start", time.time()))
 
     def session_ended(self, session: SessionView) -> None:
-        self.writer.record(self._base(session, "session_end", time.time()))
+        self.writer.record(self._entry(session, "session_end", time.time()))
 
     def auth_failed(self, agent: str, database: str, client_address: str, reason: str) -> None:
-        now = _when(time.time())
         self.writer.record(
             LedgerEntry(
                 kind="auth_failure",
                 instance_id=self.instance_id,
                 session_id="",
-                received_at=now,
+                received_at=_when(time.time()),
                 agent=agent,
                 database=database,
                 client_address=client_address,
@@ -86,10 +86,10 @@ class LedgerHooks:
     ) -> None:
         """A statement that will never run; recorded at once."""
         now = time.time()
-        entry = self._statement(session, record, "statement")
         self.writer.record(
-            _replace(
-                entry,
+            self._statement(
+                session,
+                record,
                 completed_at=_when(now),
                 sqlstate=sqlstate,
                 error_message=message,
@@ -99,40 +99,43 @@ class LedgerHooks:
 
     async def approved(self, session: SessionView, record: StatementRecord) -> None:
         """Make the approved statement's entry durable before it is forwarded (or raise)."""
-        entry = self._statement(session, record, "statement")
+        entry = self._statement(session, record)
         await self.writer.record_durable(entry)
         record.durable_entry_id = entry.entry_id
 
     def finished(self, session: SessionView, record: StatementRecord, outcome: Outcome) -> None:
         now = time.time()
-        fields = {
+        tag = outcome.tags[-1] if outcome.tags else None
+        if tag is None and outcome.suspended:
+            tag = "PORTAL SUSPENDED"
+        error = outcome.message
+        if error is None and outcome.skipped:
+            error = "skipped: an earlier statement of its pipeline failed"
+        fields: dict[str, object] = {
             "completed_at": _when(now),
-            "command_tag": outcome.tags[-1]
-            if outcome.tags
-            else ("PORTAL SUSPENDED" if outcome.suspended else None),
+            "command_tag": tag,
             "rows": outcome.rows,
             "sqlstate": outcome.sqlstate,
-            "error_message": outcome.message
-            or (
-                "skipped: an earlier statement of its pipeline failed" if outcome.skipped else None
-            ),
+            "error_message": error,
             "duration_ms": (now - record.received) * 1e3,
         }
         if record.durable_entry_id is not None:
-            entry = self._base(session, "outcome", now)
-            entry = _replace(
-                entry,
+            request_id = record.request.id if record.request else None
+            entry = self._entry(
+                session,
+                "outcome",
+                now,
                 statement_entry_id=record.durable_entry_id,
-                request_id=record.request.id if record.request else None,
+                request_id=request_id,
                 **fields,
             )
         else:
-            entry = _replace(self._statement(session, record, "statement"), **fields)
+            entry = self._statement(session, record, **fields)
         self.writer.record(entry)
 
-    # --- building entries ----------------------------------------------------------------------
+    # --- building entries (one construction each: they are on the hot path) --------------------
 
-    def _base(self, session: SessionView, kind: str, at: float) -> LedgerEntry:
+    def _entry(self, session: SessionView, kind: str, at: float, **fields: object) -> LedgerEntry:
         return LedgerEntry(
             kind=kind,  # type: ignore[arg-type]
             instance_id=self.instance_id,
@@ -144,15 +147,16 @@ class LedgerHooks:
             application_name=session.application_name,
             database=session.database,
             upstream_role=self.upstream_role,
+            **fields,  # type: ignore[arg-type]
         )
 
-    def _statement(self, session: SessionView, record: StatementRecord, kind: str) -> LedgerEntry:
-        entry = self._base(session, kind, record.received)
+    def _statement(
+        self, session: SessionView, record: StatementRecord, **fields: object
+    ) -> LedgerEntry:
         decision = record.decision
         request = record.request
-        approvers: tuple[dict[str, str], ...] = ()
         if request is not None:
-            approvers = tuple(
+            fields["approvers"] = tuple(
                 {
                     "id": d.approver_id,
                     "name": d.approver_name,
@@ -162,36 +166,44 @@ class LedgerHooks:
                 }
                 for d in request.decisions
             )
-        return _replace(
-            entry,
-            entry_id=new_entry_id(),
-            statement=self.masked(record.sql),
-            fingerprint=decision.fingerprint if decision else "",
-            categories=decision.categories if decision else (),
-            rule_ids=decision.rule_ids if decision else (),
-            action=decision.action if decision else "allow",
-            decided_at=_when(time.time()) if request is not None else entry.received_at,
-            request_id=request.id if request is not None else None,
-            approvers=approvers,
-            reason=request.reason if request is not None else None,
+            fields["request_id"] = request.id
+            fields["reason"] = request.reason
+            fields["decided_at"] = _when(time.time())
+        if decision is not None:
+            fields["fingerprint"] = decision.fingerprint
+            fields["categories"] = decision.categories
+            fields["rule_ids"] = decision.rule_ids
+            fields["action"] = decision.action
+        else:
+            fields["action"] = "allow"
+        return self._entry(
+            session, "statement", record.received, statement=self.masked(record.sql), **fields
         )
 
     def masked(self, sql: bytes) -> str:
+        """Masked text, cached by the exact text.
+
+        Texts in the literal-blind subset (``pgguard.sql.fastkey``: plain ASCII, no comments,
+        no special literals) are rendered with every literal replaced by ``'?'`` or ``0`` - a
+        faithful, value-free reading that costs a regular expression, not a parse. Everything
+        else goes through the full masker.
+        """
         cached = self._masked.get(sql)
         if cached is not None:
             return cached
-        text = mask_sql(sql.decode("utf-8", "replace"), self.masking).text
-        self._masked[sql] = text
+        blind = literal_blind_key(sql)
+        if blind is not None:
+            text = blind.decode("ascii")
+        else:
+            text = mask_sql(sql.decode("utf-8", "replace"), self.masking).text
+        self._remember(sql, text)
+        return text
+
+    def _remember(self, key: bytes, text: str) -> None:
+        self._masked[key] = text
         if len(self._masked) > _MASK_CACHE:
             self._masked.popitem(last=False)
-        return text
 
 
 def _when(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
-
-
-def _replace(entry: LedgerEntry, **changes: object) -> LedgerEntry:
-    import dataclasses
-
-    return dataclasses.replace(entry, **changes)  # type: ignore[arg-type]
