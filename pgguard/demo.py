@@ -110,6 +110,7 @@ async def run_demo(*, keep_running: bool = False) -> None:
             f"Approval API: {running.http_url}   (the agent never sees upstream credentials)\n"
         )
         await _agent_session(console, dsn, running.http_url, webhook)
+        await _show_ledger(console, running, pg)
         if keep_running:
             console.print("\nThe proxy keeps running; connect with the DSN above. Ctrl-C stops it.")
             await asyncio.Event().wait()
@@ -247,3 +248,37 @@ def _card_title(card: dict[str, Any]) -> str:
         if element.get("type") == "TextBlock":
             return str(element.get("text", ""))
     return "(card)"
+
+
+async def _show_ledger(console: Console, running: assembly.Running, pg: EmbeddedPostgres) -> None:
+    """What an auditor finds afterwards: the ledger's entries, and a verified hash chain."""
+    from pgguard.ledger import verify
+
+    if running.ledger is None:
+        return
+    await running.ledger.flush()
+    console.rule("the ledger (what an auditor sees)")
+    conn = await asyncpg.connect(pg.unix_dsn(dbname=DEMO_DATABASE))
+    try:
+        rows = await conn.fetch(
+            "SELECT kind, agent, action, statement, request_id, approvers, command_tag, sqlstate "
+            "FROM pgguard.ledger_entries WHERE kind IN ('statement', 'outcome') ORDER BY seq"
+        )
+        table = Table("kind", "action", "statement (masked)", "request", "approver", "outcome")
+        for row in rows:
+            approvers = json.loads(row["approvers"]) if row["approvers"] else []
+            who = ", ".join(str(a["name"]) for a in approvers)
+            table.add_row(
+                row["kind"],
+                row["action"],
+                (row["statement"] or "")[:48],
+                row["request_id"] or "",
+                who,
+                row["sqlstate"] or row["command_tag"] or "",
+            )
+        console.print(table)
+        report = await verify(conn, schema="pgguard")
+        state = "[green]intact[/]" if report.ok else "[red]ALTERED[/]"
+        console.print(f"pgguard ledger verify: {report.entries} entries, hash chains {state}")
+    finally:
+        await conn.close()
