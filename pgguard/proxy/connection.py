@@ -215,7 +215,10 @@ class Connection:
     def _finished(self, finished: list[tuple[object, Outcome]]) -> None:
         session = self._session()
         for token, outcome in finished:
-            self.ctx.gate.statement_finished(session, token, outcome)
+            try:
+                self.ctx.gate.statement_finished(session, token, outcome)
+            except Exception:  # recording an outcome must never break the agent's session
+                log.exception("session %s: could not record an outcome", session.session_id)
 
     def _cleanup(self) -> None:
         self.ctx.unregister(self)
