@@ -14,15 +14,15 @@ the next call reconnects.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 
 import asyncpg
+import orjson
 
 from pgguard.approvals.schema import checked_schema
 from pgguard.errors import PgGuardError
-from pgguard.ledger.chain import SealedEntry
+from pgguard.ledger.chain import SealedEntry, canonical_bytes
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def row_values(sealed: SealedEntry, content: dict[str, object]) -> tuple[object,
 
 
 def _json_text(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_bytes(value).decode("utf-8")  # type: ignore[arg-type]
 
 
 def migration_statements(quoted_schema: str) -> tuple[str, str, str, str]:
@@ -299,6 +299,6 @@ class LedgerStore:
 
 
 def _entry_part(sealed: SealedEntry) -> dict[str, object]:
-    envelope = json.loads(sealed.canonical)
+    envelope = orjson.loads(sealed.canonical)
     entry: dict[str, object] = envelope["entry"]
     return entry
