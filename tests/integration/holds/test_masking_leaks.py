@@ -40,6 +40,7 @@ async def test_no_sensitive_value_in_any_captured_output(
     api: httpx.AsyncClient,
     teams: TeamsStub,
     caplog: pytest.LogCaptureFixture,
+    upstream_dsn: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     captured: list[str] = []
@@ -74,6 +75,19 @@ async def test_no_sensitive_value_in_any_captured_output(
     # is alice@example.com, which would match corpus fragments such as "lice".
     ours = [card for card in teams.received if any(rid in json.dumps(card) for rid in known)]
     captured.append(json.dumps(ours))
+    # The ledger: every row about this agent (statements, decisions, outcomes), whole.
+    assert pgguard.running.ledger is not None
+    pgguard.call(pgguard.running.ledger.flush())
+    schema = pgguard.settings.state.schema_name
+    ledger = await asyncpg.connect(upstream_dsn)
+    try:
+        rows = await ledger.fetch(
+            f"SELECT to_jsonb(e)::text AS row FROM {schema}.ledger_entries e WHERE agent = 'leaky'"
+        )
+    finally:
+        await ledger.close()
+    assert len(rows) >= held
+    captured += [row["row"] for row in rows]
     captured.append(caplog.text)
     everything = "\n".join(captured)
     assert held >= len(CORPUS) * 3 // 4, "most corpus statements must reach review"
