@@ -70,6 +70,21 @@ def _call(method: str, url: str, token: str, body: dict[str, str] | None = None)
     return response.json()
 
 
+def _decide(
+    verb: str,
+    request_id: str,
+    reason: str,
+    url: str | None,
+    token: str | None,
+    config: Path | None,
+) -> None:
+    base = _base_url(url, config)
+    path = f"{base}/api/requests/{request_id}/{verb}"
+    result = _call("POST", path, _token(token), {"reason": reason})
+    assert isinstance(result, dict)
+    typer.echo(f"{request_id}: {result['state']}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def pending(
@@ -107,12 +122,7 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
     ) -> None:
         """Approve a held statement."""
-        base = _base_url(url, config)
-        result = _call(
-            "POST", f"{base}/api/requests/{request_id}/approve", _token(token), {"reason": reason}
-        )
-        assert isinstance(result, dict)
-        typer.echo(f"{request_id}: {result['state']}")
+        _decide("approve", request_id, reason, url, token, config)
 
     @app.command()
     def deny(
@@ -123,9 +133,4 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
     ) -> None:
         """Deny a held statement."""
-        base = _base_url(url, config)
-        result = _call(
-            "POST", f"{base}/api/requests/{request_id}/deny", _token(token), {"reason": reason}
-        )
-        assert isinstance(result, dict)
-        typer.echo(f"{request_id}: {result['state']}")
+        _decide("deny", request_id, reason, url, token, config)
