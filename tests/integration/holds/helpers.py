@@ -52,6 +52,7 @@ def sha(token: str) -> str:
 
 
 def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any) -> Any:
+    extra.setdefault("ledger", {"spool_dir": str(Path(tempfile.mkdtemp(prefix="pgguard-spool-")))})
     return agent_settings(
         upstream_dsn,
         agents=[
@@ -59,8 +60,7 @@ def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any)
             {"name": "leaky", "password": "leaky-password", "owner": "carol@example.com"},
         ],
         policy={"rules_dir": str(rules_dir)},
-        state={"schema": schema},
-        ledger={"spool_dir": str(Path(tempfile.mkdtemp(prefix="pgguard-spool-")))},
+        state={"schema": schema, "timeout": extra.pop("state_timeout", 5.0)},
         http={"host": "127.0.0.1", "port": 0, "public_url": PUBLIC_URL},
         approvers=[
             {

@@ -218,3 +218,46 @@ async def test_export_and_verify_from_the_cli(
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "verified" in verified.stdout
+
+
+async def test_approved_statement_is_refused_when_the_ledger_cannot_record_it(
+    upstream_dsn: str, rules_dir: Path
+) -> None:
+    """Fail closed: neither the state database nor the spool can take the decision's entry."""
+    import secrets
+
+    from tests.integration.holds.helpers import hold_settings
+
+    schema = f"pgguard_noledger_{secrets.token_hex(4)}"
+    settings = hold_settings(
+        upstream_dsn,
+        rules_dir,
+        schema,
+        ledger={"spool_dir": f"/proc/pgguard-spool-{secrets.token_hex(4)}"},  # cannot exist
+        state_timeout=1.0,
+    )
+    thread = PgguardThread(settings).start()
+    admin = await asyncpg.connect(upstream_dsn)
+    try:
+        # From now on the state database refuses every ledger row (approvals still work).
+        await admin.execute(
+            f"ALTER TABLE {schema}.ledger_entries ADD CONSTRAINT refuse CHECK (false) NOT VALID"
+        )
+        conn = await asyncpg.connect(thread.dsn())
+        async with httpx.AsyncClient(base_url=thread.http_url, timeout=10) as api:
+            try:
+                running = asyncio.create_task(conn.execute("COPY hold_t TO STDOUT"))
+                request = await wait_for_request(api, "COPY hold_t")
+                approved = await api.post(
+                    f"/api/requests/{request['id']}/approve", json={}, headers=auth("dba1")
+                )
+                assert approved.json()["state"] == "approved"
+                with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
+                    await asyncio.wait_for(running, 20)
+                assert "ledger cannot record it" in str(info.value)
+            finally:
+                await conn.close()
+    finally:
+        await admin.execute(f"ALTER TABLE {schema}.ledger_entries DROP CONSTRAINT refuse")
+        await admin.close()
+        thread.stop()
