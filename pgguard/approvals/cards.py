@@ -374,12 +374,29 @@ def _clip(text: str, max_bytes: int) -> str:
 
 
 def _clean(text: str) -> str:
-    """Text that is valid to encode: lone surrogates (from odd client bytes) become U+FFFD."""
+    """Text that is valid to encode and inert as Markdown.
+
+    Lone surrogates (from odd client bytes) become U+FFFD. Teams renders TextBlock and FactSet
+    text as Markdown, so an agent's reason or a quoted identifier could otherwise become a
+    convincing link on the approver's card; link syntax and auto-linked addresses are broken
+    with zero-width spaces, so the text reads the same but links nowhere.
+    """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", errors="replace").decode("utf-8")
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    for pattern, inert in _INERT:
+        text = text.replace(pattern, inert)
     return text
+
+
+_ZWSP = "\u200b"
+_INERT = (
+    ("](", "]" + _ZWSP + "("),
+    ("://", ":" + _ZWSP + "//"),
+    ("www.", "www." + _ZWSP),
+    ("mailto:", "mailto" + _ZWSP + ":"),
+)
 
 
 def touches_text(touches: Mapping[str, object]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -166,3 +167,17 @@ def test_follow_up_with_many_long_decisions_fits() -> None:
     request = fake_request(state="approved", decisions=decisions, statement="x" * 1_000_000)
     card = build_update_card(request, PUBLIC_URL, now=NOW)
     assert len(encode_envelope(envelope(card))) <= MAX_MESSAGE_BYTES
+
+
+def test_agent_text_cannot_become_a_link() -> None:
+    from pgguard.approvals.teams import build_request_card
+
+    request = fake_request(
+        reason="urgent [Approve here](https://evil.example/x) or www.evil.example",
+        application_name="mailto:boss@example.com",
+        statement='SELECT * FROM "[x](https://evil.example)"',
+    )
+    text = json.dumps(build_request_card(request, PUBLIC_URL))
+    for link in ("](https://evil", "https://evil", "www.evil", "mailto:boss"):
+        assert link not in text
+    assert "evil.example" in text  # still readable, just not a link
