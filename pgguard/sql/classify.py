@@ -278,9 +278,42 @@ def _on_alter_table_cmd(walk: _Walk, fields: Fields) -> None:
         walk.add((PRIVILEGE,), "ALTER TABLE switches row-level security")
 
 
+_DROPPED_RELATIONS = frozenset(
+    {
+        "OBJECT_TABLE",
+        "OBJECT_VIEW",
+        "OBJECT_MATVIEW",
+        "OBJECT_FOREIGN_TABLE",
+        "OBJECT_SEQUENCE",
+        "OBJECT_INDEX",
+    }
+)
+
+
 def _on_drop(walk: _Walk, fields: Fields) -> None:
-    if fields.get("removeType") == "OBJECT_POLICY":
+    remove_type = fields.get("removeType")
+    if remove_type == "OBJECT_POLICY":
         walk.add((PRIVILEGE,), "DROP POLICY removes a row-level security policy")
+    elif remove_type in _DROPPED_RELATIONS:
+        # DROP names its relations as lists of names, not RangeVars: expose them to rules that
+        # match tables and schemas, as every other statement's relations are.
+        objects = fields.get("objects")
+        for item in objects if isinstance(objects, list) else []:
+            names = _dropped_name(item)
+            if names:
+                walk.relations.add(".".join(names[-2:]))
+
+
+def _dropped_name(item: object) -> list[str]:
+    if not isinstance(item, dict):
+        return []
+    items = item.get("List", {}).get("items") if isinstance(item.get("List"), dict) else None
+    names: list[str] = []
+    for part in items if isinstance(items, list) else []:
+        value = part.get("String", {}).get("sval") if isinstance(part, dict) else None
+        if isinstance(value, str):
+            names.append(value)
+    return names
 
 
 def _on_rename(walk: _Walk, fields: Fields) -> None:
