@@ -133,6 +133,7 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     public_url: str = ""  # default: http://{host}:{port}
+    session_secret: SecretStr | None = None  # signs page sessions; set it when N instances share
 
     def base_url(self, port: int | None = None) -> str:
         if self.public_url:

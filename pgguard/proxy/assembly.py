@@ -116,7 +116,13 @@ async def start(settings: Settings) -> Running:
     await proxy.start()
     running = Running(settings, proxy, gate, approvals, notifier, ledger=ledger)
     if approvals is not None and settings.http.enabled:
-        app = create_app(approvals, ApproverDirectory(settings.approvers))
+        secret = settings.http.session_secret
+        app = create_app(
+            approvals,
+            ApproverDirectory(settings.approvers),
+            session_secret=secret.get_secret_value().encode() if secret else None,
+            public_url=settings.http.base_url(),
+        )
         running.http = HttpServer(app, settings.http.host, settings.http.port)
         await running.http.start()
         log.info("pgguard HTTP API on %s", running.http_url)

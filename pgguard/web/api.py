@@ -31,6 +31,7 @@ from pgguard.approvals.model import (
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import PgGuardError
 from pgguard.web.auth import ApproverDirectory
+from pgguard.web.pages import register_pages
 
 
 class DecisionBody(BaseModel):
@@ -55,9 +56,16 @@ def _approver(request: Request, authorization: Annotated[str | None, Header()] =
 Caller = Annotated[Approver, Depends(_approver)]
 
 
-def create_app(service: ApprovalService, approvers: ApproverDirectory) -> FastAPI:
+def create_app(
+    service: ApprovalService,
+    approvers: ApproverDirectory,
+    *,
+    session_secret: bytes | None = None,
+    public_url: str = "",
+) -> FastAPI:
     app = FastAPI(title="pgguard", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.approvers = approvers
+    register_pages(app, service, approvers, secret=session_secret, public_url=public_url)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -33,5 +33,11 @@ class ApproverDirectory:
                 found = approver
         return found
 
+    def by_id(self, approver_id: str) -> Approver | None:
+        for _, approver in self._entries:
+            if approver.id == approver_id:
+                return approver
+        return None
+
     def __len__(self) -> int:
         return len(self._entries)

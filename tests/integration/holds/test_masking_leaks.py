@@ -2,7 +2,8 @@
 
 Every statement of the masking corpus goes through the real proxy as an agent whose statements
 are all held; the test then searches every byte a reviewer or an operator could see - the Teams
-envelopes, the REST API's answers, the agent's own error and the log output - for the values.
+envelopes, the REST API's answers, the approval pages, the agent's own error, the log output and
+the ledger - for the values.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from pgguard.masking import MaskingRules, mask_sql
-from tests.integration.holds.helpers import auth
+from tests.integration.holds.helpers import TOKENS, auth
 from tests.support import PgguardThread
 from tests.teams_stub import TeamsStub
 from tests.unit.masking.corpus import CORPUS
@@ -47,6 +48,9 @@ async def test_no_sensitive_value_in_any_captured_output(
     known: set[str] = set()
     held = 0
     conn = await asyncpg.connect(pgguard.dsn(user="leaky", password="leaky-password"))
+    page = httpx.AsyncClient(base_url=pgguard.http_url, timeout=10)
+    login = await page.post("/login", data={"token": TOKENS["dba1"], "next": "/requests"})
+    page.headers["Cookie"] = login.headers["set-cookie"].split(";", 1)[0]
     try:
         for sql, _secrets in CORPUS:
             running = asyncio.create_task(conn.execute(sql))
@@ -56,6 +60,9 @@ async def test_no_sensitive_value_in_any_captured_output(
                 request_id = str(request["id"])
                 known.add(request_id)
                 one = await api.get(f"/api/requests/{request_id}", headers=auth("dba1"))
+                html = await page.get(f"/requests/{request_id}")  # the approval page
+                assert html.status_code == 200
+                captured.append(html.text)
                 denied = await api.post(
                     f"/api/requests/{request_id}/deny",
                     json={"reason": "leak test"},
@@ -66,9 +73,11 @@ async def test_no_sensitive_value_in_any_captured_output(
                 await asyncio.wait_for(running, 10)
             except asyncpg.PostgresError as exc:
                 captured.append(str(exc))
+        captured.append((await page.get("/requests")).text)
         listed = await api.get("/api/requests", headers=auth("dba1"))
         captured += [json.dumps(item) for item in listed.json() if item["agent"] == "leaky"]
     finally:
+        await page.aclose()
         await conn.close()
     await asyncio.sleep(0.5)  # let the follow-up cards land
     # Only this test's cards: other tests in the module hold statements of an agent whose owner

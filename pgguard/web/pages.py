@@ -1,0 +1,260 @@
+"""The approval pages: a request's review page, the list of pending ones, sign-in.
+
+Server-rendered (Jinja2, autoescaped) with no script: a pending request's page refreshes itself
+every few seconds, so a decision made elsewhere (API, CLI, another approver) or an expiry shows.
+
+Sign-in: without an identity provider, an approver signs in with their approver token (the one
+the API and CLI use). The session is a short-lived signed cookie (HMAC-SHA256 over the approver
+id and expiry; ``HttpOnly``, ``SameSite=Lax``, ``Secure`` when the public URL is https). Every
+decision is a POST carrying a CSRF token bound to the session, checked in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from pgguard.approvals.cards import touches_text
+from pgguard.approvals.model import ApprovalRequest, Approver
+from pgguard.approvals.service import ApprovalService
+from pgguard.errors import PgGuardError
+from pgguard.web.auth import ApproverDirectory
+
+COOKIE = "pgguard_session"
+SESSION_SECONDS = 3600
+REFRESH_SECONDS = 5
+
+_templates = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=select_autoescape(["html"]),
+)
+
+
+class Sessions:
+    """Signed session cookies and CSRF tokens."""
+
+    def __init__(self, secret: bytes, *, secure: bool) -> None:
+        self._secret = secret
+        self.secure = secure
+
+    def issue(self, approver_id: str) -> str:
+        payload = base64.urlsafe_b64encode(
+            json.dumps({"id": approver_id, "exp": int(time.time()) + SESSION_SECONDS}).encode()
+        ).decode()
+        return f"{payload}.{self._sign(payload)}"
+
+    def read(self, cookie: str | None) -> tuple[str, str] | None:
+        """(approver id, session value) for a valid, unexpired cookie."""
+        if not cookie or "." not in cookie:
+            return None
+        payload, signature = cookie.rsplit(".", 1)
+        if not hmac.compare_digest(signature, self._sign(payload)):
+            return None
+        try:
+            data = json.loads(base64.urlsafe_b64decode(payload.encode()))
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
+            return None
+        return str(data.get("id", "")), cookie
+
+    def csrf(self, session: str) -> str:
+        return self._sign(f"csrf:{session}")
+
+    def check_csrf(self, session: str, token: str) -> bool:
+        return hmac.compare_digest(token, self.csrf(session))
+
+    def _sign(self, text: str) -> str:
+        return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()
+
+
+def register_pages(
+    app: FastAPI,
+    service: ApprovalService,
+    approvers: ApproverDirectory,
+    *,
+    secret: bytes | None,
+    public_url: str,
+) -> None:
+    sessions = Sessions(secret or secrets.token_bytes(32), secure=public_url.startswith("https"))
+
+    def signed_in(request: Request) -> tuple[Approver, str] | None:
+        found = sessions.read(request.cookies.get(COOKIE))
+        if found is None:
+            return None
+        approver = approvers.by_id(found[0])
+        return (approver, found[1]) if approver is not None else None
+
+    def page(name: str, status: int = 200, **context: object) -> HTMLResponse:
+        html = _templates.get_template(name).render(time_left=_time_left, **context)
+        return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
+
+    def to_login(next_path: str) -> RedirectResponse:
+        return RedirectResponse(f"/login?next={next_path}", status_code=303)
+
+    @app.get("/login")
+    async def login_form(next: str = "/requests") -> HTMLResponse:
+        return page("login.html", next=_local(next))
+
+    @app.post("/login")
+    async def login(
+        token: Annotated[str, Form()],
+        next: Annotated[str, Form()] = "/requests",
+    ) -> Response:
+        approver = approvers.by_token(token)
+        if approver is None:
+            return page(
+                "login.html",
+                401,
+                next=_local(next),
+                flash="Unknown approver token.",
+                flash_kind="error",
+            )
+        response = RedirectResponse(_local(next), status_code=303)
+        response.set_cookie(
+            COOKIE,
+            sessions.issue(approver.id),
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="lax",
+            secure=sessions.secure,
+        )
+        return response
+
+    @app.post("/logout")
+    async def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
+        who = signed_in(request)
+        response = RedirectResponse("/login", status_code=303)
+        if who is not None and sessions.check_csrf(who[1], csrf):
+            response.delete_cookie(COOKIE)
+        return response
+
+    @app.get("/requests")
+    async def pending(request: Request) -> Response:
+        who = signed_in(request)
+        if who is None:
+            return to_login("/requests")
+        items = await service.store.list(None)
+        waiting = [r for r in items if r.state == "pending"]
+        return page(
+            "list.html",
+            approver=who[0],
+            csrf=sessions.csrf(who[1]),
+            requests=waiting,
+            refresh=REFRESH_SECONDS,
+        )
+
+    @app.get("/requests/{request_id}")
+    async def review(request: Request, request_id: str, flash: str = "") -> Response:
+        who = signed_in(request)
+        if who is None:
+            return to_login(f"/requests/{request_id}")
+        found = await service.store.get(request_id)
+        if found is None:
+            return page(
+                "list.html",
+                404,
+                approver=who[0],
+                csrf=sessions.csrf(who[1]),
+                requests=[],
+                flash="No such request.",
+                flash_kind="error",
+            )
+        return page(
+            "request.html",
+            approver=who[0],
+            csrf=sessions.csrf(who[1]),
+            r=found,
+            touches=touches_text(found.touches),
+            flash=flash[:200],
+            refresh=REFRESH_SECONDS if found.state == "pending" else None,
+        )
+
+    async def decide(
+        request: Request, request_id: str, verb: str, csrf: str, comment: str
+    ) -> Response:
+        who = signed_in(request)
+        if who is None:
+            return to_login(f"/requests/{request_id}")
+        approver, session = who
+        if not sessions.check_csrf(session, csrf):
+            return page(
+                "list.html",
+                403,
+                approver=approver,
+                csrf=sessions.csrf(session),
+                requests=[],
+                flash="The form expired; reload the page and try again.",
+                flash_kind="error",
+            )
+        try:
+            if verb == "approve":
+                await service.approve(request_id, approver, comment, "page")
+            else:
+                await service.deny(request_id, approver, comment, "page")
+        except PgGuardError as exc:
+            found = await service.store.get(request_id)
+            if found is None:
+                return to_login("/requests")
+            return page(
+                "request.html",
+                409 if "already" in exc.message else 403,
+                approver=approver,
+                csrf=sessions.csrf(session),
+                r=found,
+                touches=touches_text(found.touches),
+                flash=exc.message,
+                flash_kind="error",
+            )
+        return RedirectResponse(f"/requests/{request_id}", status_code=303)
+
+    @app.post("/requests/{request_id}/approve")
+    async def approve(
+        request: Request,
+        request_id: str,
+        csrf: Annotated[str, Form()] = "",
+        comment: Annotated[str, Form(max_length=2000)] = "",
+    ) -> Response:
+        return await decide(request, request_id, "approve", csrf, comment)
+
+    @app.post("/requests/{request_id}/deny")
+    async def deny(
+        request: Request,
+        request_id: str,
+        csrf: Annotated[str, Form()] = "",
+        comment: Annotated[str, Form(max_length=2000)] = "",
+    ) -> Response:
+        return await decide(request, request_id, "deny", csrf, comment)
+
+
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _local(path: str) -> str:
+    """Only same-site paths as redirect targets (no open redirect)."""
+    return path if path.startswith("/") and not path.startswith("//") else "/requests"
+
+
+def _time_left(request: ApprovalRequest) -> str:
+    seconds = int((request.expires_at - datetime.now(UTC)).total_seconds())
+    if seconds <= 0:
+        return "expiring now"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
