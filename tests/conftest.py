@@ -13,9 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from pgguard.embedded import EmbeddedPostgres
 from tests.support import OPEN_RAW_CLIENTS, ProxyThread, agent_settings
+
+# Property tests assert what must hold for every input, not how fast: on a shared CI machine a
+# per-example deadline only adds timing flakes, so there is none.
+settings.register_profile("pgguard", deadline=None)
+settings.load_profile("pgguard")
 
 UPSTREAM_ENV = "PGGUARD_TEST_UPSTREAM_DSN"
 
