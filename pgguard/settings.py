@@ -203,6 +203,15 @@ class Settings(BaseSettings):
             raise ValueError("two approvers share a token")
         return approvers
 
+    @model_validator(mode="after")
+    def _approvals_can_be_verified(self) -> Settings:
+        if self.teams.webhook_url is not None and not self.approvers:
+            raise ValueError(
+                "teams.webhook_url is set but no [[approvers]] are configured: held statements "
+                "would be announced and nobody could be verified to decide them"
+            )
+        return self
+
     def state_dsn(self) -> str:
         chosen = self.state.dsn or self.upstream.dsn
         return chosen.get_secret_value()
