@@ -36,7 +36,8 @@ from pgguard.proxy.link import Link, LinkClosed
 from pgguard.proxy.startup import AgentLogin, authenticate
 from pgguard.wire import extended as x
 from pgguard.wire import messages as m
-from pgguard.wire.framing import BackendTracker, Frame, FrontendScanner
+from pgguard.wire.backend import BackendTracker
+from pgguard.wire.framing import Frame, FrontendScanner
 from pgguard.wire.outcomes import Outcome, OutcomeTracker
 
 if TYPE_CHECKING:

@@ -25,10 +25,10 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, extract_reason
+from pgguard.approvals.model import NewRequest
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import AdminShutdown, PgGuardError, PolicyDenied, QueryCanceled
-from pgguard.masking import MaskingRules, mask_parameters, mask_sql
+from pgguard.masking import MaskingRules
 from pgguard.policy import (
     OBSERVE_MODE_NOTICE,
     PENDING_LEX_STATE,
@@ -40,9 +40,10 @@ from pgguard.policy import (
 )
 from pgguard.proxy.estimates import estimate_rows
 from pgguard.proxy.gate import ALLOW, Allow, Deny, Gate, Hold, SessionView, SqlEvent, Verdict
+from pgguard.proxy.holds import new_request, settle
+from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.settings import UpstreamSettings
-from pgguard.wire.extended import decode_bind_parameters
 from pgguard.wire.outcomes import Outcome
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
@@ -222,7 +223,7 @@ class PolicyGate(Gate):
         """Ask for approval; the session waits on the returned future (and nothing else does)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Allow | Deny] = loop.create_future()
-        new = self._new_request(session, decision, event)
+        new = new_request(session, decision, event, self.masking, self.instance_id)
         functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
@@ -232,45 +233,6 @@ class PolicyGate(Gate):
             self._await_approval(session, record, new, future, state, functions)
         )
         return Hold(future)
-
-    def _new_request(self, session: SessionView, decision: Decision, event: SqlEvent) -> NewRequest:
-        text = event.sql.decode("utf-8", "replace")
-        masked = mask_sql(text, self.masking)
-        parameters: tuple[str, ...] = ()
-        if event.bind is not None:
-            try:
-                parameters = tuple(
-                    mask_parameters(decode_bind_parameters(event.bind), self.masking)
-                )
-            except PgGuardError:
-                parameters = ("<unreadable parameters>",)
-        touches = masked.touches
-        return NewRequest(
-            agent=session.agent,
-            owner=session.owner,
-            database=session.database,
-            client_address=session.client_address,
-            application_name=session.application_name,
-            statement=masked.text,
-            parameters=parameters,
-            fingerprint=decision.fingerprint,
-            categories=decision.categories,
-            rule_ids=decision.rule_ids,
-            reason=extract_reason(text, session.application_name),
-            approver_groups=decision.approver_groups,
-            min_approvals=decision.min_approvals,
-            remember_s=decision.remember_s,
-            expires_in_s=decision.hold_timeout_s,
-            session_id=session.session_id,
-            instance_id=self.instance_id,
-            touches={
-                "reads": list(touches.reads),
-                "writes": list(touches.writes),
-                "columns_read": list(touches.columns_read),
-                "columns_written": list(touches.columns_written),
-                "export": touches.export,
-            },
-        )
 
     async def _await_approval(
         self,
@@ -293,9 +255,9 @@ class PolicyGate(Gate):
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)
             decided = await final
             record.request = decided
-            outcome = await self._record_decision(session, state, record, _outcome(decided))
+            outcome = await self._record_decision(session, state, record, outcome_of(decided))
         except asyncio.CancelledError:
-            _settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
             raise
         except AdminShutdown:
             outcome = Deny(PolicyDenied("pgguard is shutting down; the held statement was not run"))
@@ -310,7 +272,7 @@ class PolicyGate(Gate):
             )
         finally:
             state.hold_task = None
-        _settle(future, outcome)
+        settle(future, outcome)
 
     async def _record_decision(
         self,
@@ -376,7 +338,7 @@ class PolicyGate(Gate):
         future, state.hold_future = state.hold_future, None
         if future.done():
             return False
-        _settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+        settle(future, Deny(QueryCanceled("canceling statement due to user request")))
         if self.ledger is not None and state.hold_record is not None:
             self.ledger.refused(session, state.hold_record, "57014", "cancelled by the client")
         request_id, task = state.hold_request_id, state.hold_task
@@ -424,26 +386,3 @@ def _quote_ident(name: str) -> str:
 def _set_statement(name: str, value: str) -> str:
     quoted = value.replace("'", "''")
     return f"SET \"{_quote_ident(name)}\" TO '{quoted}'"
-
-
-def _settle(future: asyncio.Future[Allow | Deny], outcome: Allow | Deny) -> None:
-    if not future.done():
-        future.set_result(outcome)
-
-
-def _outcome(request: ApprovalRequest) -> Allow | Deny:
-    """What the held session gets once its request is no longer pending."""
-    if request.state == RequestState.APPROVED:
-        who = ", ".join(d.approver_name for d in request.decisions if d.verdict == "approve")
-        if request.remembered_from:
-            who = f"remembered approval of request {request.remembered_from}"
-        log.info("hold %s: approved (%s)", request.id, who)
-        return ALLOW
-    if request.state == RequestState.DENIED:
-        denial = next((d for d in request.decisions if d.verdict == "deny"), None)
-        by = f" by {denial.approver_name}" if denial else ""
-        comment = f": {denial.comment}" if denial and denial.comment else ""
-        return Deny(PolicyDenied(f"pgguard: request {request.id} was denied{by}{comment}"))
-    if request.state == RequestState.EXPIRED:
-        return Deny(PolicyDenied(f"pgguard: request {request.id} expired without a decision"))
-    return Deny(QueryCanceled(f"canceling statement: request {request.id} was cancelled"))

@@ -8,8 +8,8 @@ import pytest
 
 from pgguard.errors import ProtocolViolation
 from pgguard.wire import messages as m
+from pgguard.wire.backend import BackendTracker
 from pgguard.wire.framing import (
-    BackendTracker,
     Frame,
     FrontendScanner,
     MessageDecoder,

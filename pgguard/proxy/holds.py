@@ -1,0 +1,88 @@
+"""What a hold asks and what it answers: the review payload, and the outcome of a decision.
+
+``new_request`` builds the approval request a reviewer sees - everything masked, plus what the
+statement touches. ``outcome`` turns a request that is no longer pending into what the held
+session gets: ``ALLOW`` only for an approved request; every other state is a refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, extract_reason
+from pgguard.errors import PgGuardError, PolicyDenied, QueryCanceled
+from pgguard.masking import MaskingRules, mask_parameters, mask_sql
+from pgguard.policy import Decision
+from pgguard.proxy.gate import ALLOW, Allow, Deny, SessionView, SqlEvent
+from pgguard.wire.extended import decode_bind_parameters
+
+log = logging.getLogger(__name__)
+
+
+def new_request(
+    session: SessionView,
+    decision: Decision,
+    event: SqlEvent,
+    masking: MaskingRules,
+    instance_id: str,
+) -> NewRequest:
+    """The approval request (the review payload) for a held statement: all of it masked."""
+    text = event.sql.decode("utf-8", "replace")
+    masked = mask_sql(text, masking)
+    parameters: tuple[str, ...] = ()
+    if event.bind is not None:
+        try:
+            parameters = tuple(mask_parameters(decode_bind_parameters(event.bind), masking))
+        except PgGuardError:
+            parameters = ("<unreadable parameters>",)
+    touches = masked.touches
+    return NewRequest(
+        agent=session.agent,
+        owner=session.owner,
+        database=session.database,
+        client_address=session.client_address,
+        application_name=session.application_name,
+        statement=masked.text,
+        parameters=parameters,
+        fingerprint=decision.fingerprint,
+        categories=decision.categories,
+        rule_ids=decision.rule_ids,
+        reason=extract_reason(text, session.application_name),
+        approver_groups=decision.approver_groups,
+        min_approvals=decision.min_approvals,
+        remember_s=decision.remember_s,
+        expires_in_s=decision.hold_timeout_s,
+        session_id=session.session_id,
+        instance_id=instance_id,
+        touches={
+            "reads": list(touches.reads),
+            "writes": list(touches.writes),
+            "columns_read": list(touches.columns_read),
+            "columns_written": list(touches.columns_written),
+            "export": touches.export,
+        },
+    )
+
+
+def settle(future: asyncio.Future[Allow | Deny], outcome: Allow | Deny) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+def outcome(request: ApprovalRequest) -> Allow | Deny:
+    """What the held session gets once its request is no longer pending."""
+    if request.state == RequestState.APPROVED:
+        who = ", ".join(d.approver_name for d in request.decisions if d.verdict == "approve")
+        if request.remembered_from:
+            who = f"remembered approval of request {request.remembered_from}"
+        log.info("hold %s: approved (%s)", request.id, who)
+        return ALLOW
+    if request.state == RequestState.DENIED:
+        denial = next((d for d in request.decisions if d.verdict == "deny"), None)
+        by = f" by {denial.approver_name}" if denial else ""
+        comment = f": {denial.comment}" if denial and denial.comment else ""
+        return Deny(PolicyDenied(f"pgguard: request {request.id} was denied{by}{comment}"))
+    if request.state == RequestState.EXPIRED:
+        return Deny(PolicyDenied(f"pgguard: request {request.id} expired without a decision"))
+    return Deny(QueryCanceled(f"canceling statement: request {request.id} was cancelled"))

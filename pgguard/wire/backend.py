@@ -1,0 +1,247 @@
+"""Following the server's stream (sans-IO): transaction status, parameters, outcomes, rewrites.
+
+``BackendTracker`` observes ReadyForQuery (transaction status) and ParameterStatus (protocol docs
+53.2.6, 53.7), forwards bytes unchanged on its fast path, can report completions and errors to an
+``OutcomeTracker`` (for the ledger), and can replace the one ErrorResponse caused by a statement
+the proxy substituted for a refused one (see ``pgguard.proxy.connection``) with pgguard's own.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+
+from pgguard.errors import ProtocolViolation
+from pgguard.wire import messages as m
+from pgguard.wire.outcomes import Outcome, OutcomeTracker
+
+_unpack_u32 = struct.Struct("!I").unpack_from
+_FATAL_FIELDS = (b"SFATAL\0", b"SPANIC\0")
+_WATCHED = frozenset(b"ZS")  # ReadyForQuery, ParameterStatus
+_WATCHED_FOR_OUTCOMES = frozenset(b"ZSCEIs")  # + CommandComplete, Error, EmptyQuery, Suspended
+
+
+class _Replacement:
+    __slots__ = ("group", "marker", "replacement")
+
+    def __init__(self, marker: bytes, replacement: bytes, group: int) -> None:
+        self.marker = marker
+        self.replacement = replacement
+        self.group = group
+
+
+class BackendTracker:
+    """Follows the server's stream: transaction status, reported parameters, error rewriting.
+
+    ``feed`` returns the bytes to forward to the client: the same object it was given, unless a
+    pending replacement rewrote an ErrorResponse.
+    """
+
+    __slots__ = (
+        "_head",
+        "_held",
+        "_partial_type",
+        "_partial_want",
+        "_pending",
+        "_replacements",
+        "_skip",
+        "_watched",
+        "on_finished",
+        "outcomes",
+        "parameters",
+        "ready_count",
+        "saw_fatal",
+        "txn_status",
+    )
+
+    def __init__(self, parameters: dict[str, str] | None = None) -> None:
+        self.txn_status = b"I"
+        self.parameters: dict[str, str] = dict(parameters or {})
+        self.ready_count = 0  # ReadyForQuery messages seen since the session started
+        self.saw_fatal = False  # the server sent a FATAL error (it is about to close)
+        self.outcomes: OutcomeTracker | None = None
+        self.on_finished: Callable[[list[tuple[object, Outcome]]], None] | None = None
+        self._watched = _WATCHED
+        self._skip = 0
+        self._head = b""  # start of a header already forwarded, kept to read its length
+        self._held = b""  # rewriting mode: bytes not yet forwarded (an incomplete message)
+        self._partial_type = 0
+        self._partial_want = 0
+        self._pending = bytearray()
+        self._replacements: deque[_Replacement] = deque()
+
+    def replace_error(self, marker: bytes, replacement: bytes, group: int) -> None:
+        """The ErrorResponse containing ``marker`` (in Sync group ``group``) becomes
+        ``replacement``."""
+        self._replacements.append(_Replacement(marker, replacement, group))
+
+    def feed(self, data: bytes) -> bytes:
+        if self._replacements:
+            return self._feed_rewriting(data)
+        self._observe(data)
+        return data
+
+    # --- fast path: observe only -------------------------------------------------------------
+
+    def _observe(self, data: bytes) -> None:
+        pos = 0
+        n = len(data)
+        if self._skip:
+            take = min(self._skip, n)
+            self._skip -= take
+            pos = take
+        if self._partial_want:
+            pos = self._continue_partial(data, pos)
+        if self._head:
+            data = self._head + data[pos:]
+            self._head = b""
+            pos = 0
+            n = len(data)
+        while pos + 5 <= n:
+            type_byte = data[pos]
+            length = _unpack_u32(data, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"server sent invalid message length {length}")
+            end = pos + 1 + length
+            if type_byte in self._watched:  # whole bodies needed: Z, S (+ C, E, I, s for outcomes)
+                if end > n:
+                    self._partial_type = type_byte
+                    self._partial_want = end - n
+                    self._pending = bytearray(data[pos + 5 :])
+                    return
+                self._handle(type_byte, data[pos + 5 : end])
+            elif type_byte == 0x45 and end <= n:  # 'E': remember a FATAL before the close
+                self.saw_fatal = self.saw_fatal or data.startswith(_FATAL_FIELDS, pos + 5)
+            elif end > n:
+                self._skip = end - n
+                return
+            pos = end
+        if pos < n:
+            self._head = data[pos:]
+
+    def _continue_partial(self, data: bytes, pos: int) -> int:
+        take = min(self._partial_want, len(data) - pos)
+        self._pending += data[pos : pos + take]
+        self._partial_want -= take
+        if not self._partial_want:
+            self._handle(self._partial_type, bytes(self._pending))
+            self._pending = bytearray()
+        return pos + take
+
+    def track_outcomes(
+        self, outcomes: OutcomeTracker, on_finished: Callable[[list[tuple[object, Outcome]]], None]
+    ) -> None:
+        """Also report completions and errors to ``outcomes``; finished statements (at each
+        ReadyForQuery) go to ``on_finished``. Costs a little per reply, so only for the ledger."""
+        self.outcomes = outcomes
+        self.on_finished = on_finished
+        self._watched = _WATCHED_FOR_OUTCOMES
+
+    def _handle(self, type_byte: int, body: bytes) -> None:
+        if type_byte == 0x5A:
+            self.ready_count += 1
+            if len(body) != 1 or body not in (b"I", b"T", b"E"):
+                raise ProtocolViolation("server sent an invalid ReadyForQuery")
+            self.txn_status = body
+            if self.outcomes is not None:
+                finished = self.outcomes.ready()
+                if finished and self.on_finished is not None:
+                    self.on_finished(finished)
+        elif type_byte == 0x53:
+            name, value = m.decode_parameter_status(body)
+            self.parameters[name] = value
+        elif type_byte == 0x45:
+            self.saw_fatal = self.saw_fatal or body.startswith(_FATAL_FIELDS)
+            if self.outcomes is not None:
+                fields = m.decode_error_fields(body)
+                self.outcomes.error(fields.sqlstate, fields.message)
+        elif self.outcomes is not None:
+            if type_byte == 0x43:  # CommandComplete
+                self.outcomes.command_complete(body.rstrip(b"\0").decode("utf-8", "replace"))
+            elif type_byte == 0x49:  # EmptyQueryResponse
+                self.outcomes.empty_query()
+            elif type_byte == 0x73:  # PortalSuspended
+                self.outcomes.portal_suspended()
+
+    # --- slow path: whole messages, so an ErrorResponse can be replaced ------------------------
+
+    def _feed_rewriting(self, data: bytes) -> bytes:
+        # Bytes of a message whose start was already forwarded on the fast path go out unchanged;
+        # after that, whole messages are held in _held until complete so an error can be swapped.
+        consumed = self._finish_forwarded(data)
+        out = [data[:consumed]] if consumed else []
+        buf = self._held + data[consumed:]
+        pos = 0
+        n = len(buf)
+        while pos + 5 <= n:
+            type_byte = buf[pos]
+            length = _unpack_u32(buf, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"server sent invalid message length {length}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            body = buf[pos + 5 : end]
+            if type_byte == m.B_ERROR:
+                sent = self._maybe_replace(body, buf[pos:end])
+                self._handle(type_byte, sent[5:])
+                out.append(sent)
+            else:
+                if type_byte in self._watched:
+                    self._handle(type_byte, body)
+                    if type_byte == 0x5A:
+                        self._expire_replacements()
+                out.append(buf[pos:end])
+            pos = end
+        self._held = buf[pos:]
+        if not self._replacements and self._held:
+            # Back to the fast path: forward the incomplete tail and let _observe track it.
+            tail, self._held = self._held, b""
+            self._observe(tail)
+            out.append(tail)
+        return b"".join(out)
+
+    def _finish_forwarded(self, data: bytes) -> int:
+        """Consume the rest of a message the fast path already began forwarding."""
+        pos = 0
+        if self._head:
+            need = 5 - len(self._head)
+            if len(data) < need:
+                self._head += data
+                return len(data)
+            header = self._head + data[:need]
+            self._head = b""
+            pos = need
+            body_len = _unpack_u32(header, 1)[0] - 4
+            if body_len < 0:
+                raise ProtocolViolation("server sent invalid message length")
+            if header[0] in (0x5A, 0x53):
+                self._partial_type = header[0]
+                self._partial_want = body_len
+                self._pending = bytearray()
+            else:
+                self._skip = body_len
+        if self._skip:
+            take = min(self._skip, len(data) - pos)
+            self._skip -= take
+            pos += take
+        if self._partial_want:
+            pos = self._continue_partial(data, pos)
+        return pos
+
+    def _maybe_replace(self, body: bytes, raw: bytes) -> bytes:
+        for item in self._replacements:
+            if item.marker in body:
+                self._replacements.remove(item)
+                return item.replacement
+        return raw
+
+    def _expire_replacements(self) -> None:
+        done = self.ready_count
+        while self._replacements and self._replacements[0].group < done:
+            self._replacements.popleft()
+
+    @property
+    def rewriting(self) -> bool:
+        return bool(self._replacements)
