@@ -101,6 +101,13 @@ class TooManyConnections(PgGuardError):
     severity = "FATAL"
 
 
+class InternalError(PgGuardError):
+    """A bug in pgguard met a session: that session ends (nothing of it is forwarded)."""
+
+    sqlstate = "XX000"
+    severity = "FATAL"
+
+
 class AdminShutdown(PgGuardError):
     """pgguard is shutting down."""
 

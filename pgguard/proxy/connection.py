@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from pgguard.errors import (
     AuthenticationFailed,
+    InternalError,
     PgGuardError,
     ProtocolViolation,
     StartupRefused,
@@ -291,6 +292,8 @@ class Connection:
                 "session %s: upstream broke the protocol: %s", self._session().session_id, exc
             )
             self.fail(UpstreamUnavailable("the upstream server sent an invalid message"))
+        except Exception:
+            self._internal_error("relaying the server's reply")
 
     # --- relay: client -> server ----------------------------------------------------------------
 
@@ -318,6 +321,9 @@ class Connection:
         except PgGuardError as exc:
             self._gate_failed(exc, [])
             return
+        except Exception:  # nothing of this chunk was forwarded: fail closed, visibly
+            self._internal_error("deciding on a statement")
+            return
         if pos:
             self._upstream_write(data if pos == len(data) else data[:pos])
         if verdict is not None:
@@ -342,7 +348,17 @@ class Connection:
         except PgGuardError as exc:
             self._gate_failed(exc, out)
             return
+        except Exception:  # the message that raised was not forwarded: fail closed, visibly
+            self._write_upstream(out)
+            self._internal_error("deciding on a statement")
+            return
         self._write_upstream(out)
+
+    def _internal_error(self, doing: str) -> None:
+        """A bug met this session: log it whole, end only this session with a proper error."""
+        session_id = self.session.session_id if self.session is not None else "-"
+        log.exception("session %s: internal error while %s", session_id, doing)
+        self.fail(InternalError(f"pgguard internal error while {doing}; the session ends"))
 
     def _gate_failed(self, exc: PgGuardError, out: list[bytes]) -> None:
         if isinstance(exc, ProtocolViolation):

@@ -9,8 +9,9 @@ import struct
 import psycopg
 import pytest
 
+from pgguard.proxy.gate import Gate, SessionView, SqlEvent, Verdict
 from pgguard.wire import messages as m
-from tests.support import ProxyThread, RawClient, error_fields
+from tests.support import ProxyThread, RawClient, agent_settings, error_fields
 
 
 def assert_proxy_still_serves(proxy: ProxyThread) -> None:
@@ -117,3 +118,33 @@ def test_fuzzed_frames_after_login_and_before_it(proxy: ProxyThread, seed: int) 
         finally:
             raw.close()
     assert_proxy_still_serves(proxy)
+
+
+class _BrokenGate(Gate):
+    """A gate with a bug: it raises on statements mentioning 'boom'."""
+
+    def check(self, session: SessionView, event: SqlEvent) -> Verdict:
+        if b"boom" in event.sql:
+            raise RuntimeError("a bug in a gate")
+        return super().check(session, event)
+
+
+def test_a_gate_that_raises_ends_only_that_session(upstream_dsn: str, direct_dsn: str) -> None:
+    thread = ProxyThread(agent_settings(upstream_dsn), _BrokenGate()).start()
+    try:
+        with psycopg.connect(direct_dsn, autocommit=True) as direct:
+            direct.execute("DROP TABLE IF EXISTS boom_target")
+            direct.execute("CREATE TABLE boom_target (id int)")
+        raw = RawClient.connect(thread.port)
+        raw.login()
+        raw.send(m.query("INSERT INTO boom_target VALUES (1) -- boom"))
+        type_char, body = raw.recv_message()
+        assert type_char == "E"
+        fields = error_fields(body)
+        assert (fields.sqlstate, fields.severity) == ("XX000", "FATAL")
+        assert raw.is_closed()
+        with psycopg.connect(direct_dsn) as direct:  # the statement never ran
+            assert direct.execute("SELECT count(*) FROM boom_target").fetchone() == (0,)
+        assert_proxy_still_serves(thread)
+    finally:
+        thread.stop()
