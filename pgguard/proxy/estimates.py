@@ -6,7 +6,11 @@ connection, in a READ ONLY transaction with short statement and lock timeouts, a
 top node's estimated rows. It is best effort: any problem means "no estimate", never a failure.
 
 Planning can evaluate functions (constant folding, selectivity estimates), and a user function
-may do anything; so a statement that calls any function at all is not explained.
+may do anything; so a statement that calls any function at all is not explained. (Operators and
+type input functions already defined in the database are opaque to pgguard; the READ ONLY
+transaction keeps them from writing.) The text is lexed by the server exactly as pglast read it:
+``standard_conforming_strings`` is pinned on for the transaction, and the EXPLAIN goes through
+the extended protocol, whose Parse refuses a second command smuggled into the text.
 """
 
 from __future__ import annotations
@@ -70,11 +74,12 @@ async def estimate_rows(
                 user=dsn.user,
                 password=dsn.password,
                 database=database,
-                ssl=None if dsn.is_unix_socket else _ssl(settings),
+                ssl=None if dsn.is_unix_socket else settings.effective_sslmode(),
                 server_settings={"application_name": "pgguard-estimate"},
             )
             try:
                 async with conn.transaction(readonly=True):
+                    await conn.execute("SET LOCAL standard_conforming_strings = on")
                     await conn.execute("SET LOCAL statement_timeout = '500ms'")
                     await conn.execute("SET LOCAL lock_timeout = '200ms'")
                     plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}")
@@ -88,8 +93,3 @@ async def estimate_rows(
         return int(document[0]["Plan"]["Plan Rows"])
     except (KeyError, IndexError, TypeError, ValueError):
         return None
-
-
-def _ssl(settings: UpstreamSettings) -> str:
-    mode = settings.effective_sslmode()
-    return {"verify-ca": "verify-ca", "verify-full": "verify-full"}.get(mode, mode)
