@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -59,7 +60,7 @@ class Sessions:
         if not cookie or "." not in cookie:
             return None
         payload, signature = cookie.rsplit(".", 1)
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        if not _same(signature, self._sign(payload)):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(payload.encode()))
@@ -73,7 +74,7 @@ class Sessions:
         return self._sign(f"csrf:{session}")
 
     def check_csrf(self, session: str, token: str) -> bool:
-        return hmac.compare_digest(token, self.csrf(session))
+        return _same(token, self.csrf(session))
 
     def _sign(self, text: str) -> str:
         return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()
@@ -101,7 +102,7 @@ def register_pages(
         return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
 
     def to_login(next_path: str) -> RedirectResponse:
-        return RedirectResponse(f"/login?next={next_path}", status_code=303)
+        return RedirectResponse(f"/login?next={quote(next_path)}", status_code=303)
 
     @app.get("/login")
     async def login_form(next: str = "/requests") -> HTMLResponse:
@@ -156,7 +157,7 @@ def register_pages(
         )
 
     @app.get("/requests/{request_id}")
-    async def review(request: Request, request_id: str, flash: str = "") -> Response:
+    async def review(request: Request, request_id: str) -> Response:
         who = signed_in(request)
         if who is None:
             return to_login(f"/requests/{request_id}")
@@ -177,7 +178,6 @@ def register_pages(
             csrf=sessions.csrf(who[1]),
             r=found,
             touches=touches_text(found.touches),
-            flash=flash[:200],
             refresh=REFRESH_SECONDS if found.state == "pending" else None,
         )
 
@@ -245,6 +245,12 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+def _same(presented: str, expected: str) -> bool:
+    """Constant-time comparison that also takes hostile, non-ASCII input (compare_digest on str
+    raises TypeError for it)."""
+    return hmac.compare_digest(presented.encode("utf-8", "replace"), expected.encode("utf-8"))
 
 
 def _local(path: str) -> str:

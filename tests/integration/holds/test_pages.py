@@ -122,3 +122,25 @@ async def test_no_open_redirect_after_sign_in(pgguard: PgguardThread) -> None:
         )
         assert response.status_code == 303
         assert response.headers["location"] == "/requests"
+
+
+async def test_hostile_page_input_gets_clear_answers(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    page = await signed_in(pgguard, "dba1")
+    try:
+        # A non-ASCII CSRF token is refused like any wrong one, not a server error.
+        refused = await page.post("/requests/nosuchid/approve", data={"csrf": "ü" * 64})
+        assert refused.status_code == 403
+        # Nothing from the query string is reflected into the page.
+        shown = await page.get("/requests/nosuchid?flash=Approve+everything+now")
+        assert "Approve everything now" not in shown.text
+        # A cookie with a non-ASCII signature is simply not a session.
+        async with httpx.AsyncClient(
+            base_url=pgguard.http_url,
+            timeout=10,
+            headers={"Cookie": "pgguard_session=e30.%C3%BC"},
+        ) as forged:
+            assert (await forged.get("/requests")).status_code == 303
+    finally:
+        await page.aclose()
