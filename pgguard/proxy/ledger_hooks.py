@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pgguard.proxy.gate import SessionView
 
 _MASK_CACHE = 4096
+_MASK_CACHE_TEXT = 16 * 1024  # bytes; bounds the cache at about 64 MiB of keys
 
 
 class StatementRecord:
@@ -188,6 +189,10 @@ class LedgerHooks:
         faithful, value-free reading that costs a regular expression, not a parse. Everything
         else goes through the full masker.
         """
+        if len(sql) > _MASK_CACHE_TEXT:
+            # Large texts are neither cached (memory) nor scanned twice; the masker redacts
+            # what it will not read.
+            return mask_sql(sql.decode("utf-8", "replace"), self.masking).text
         cached = self._masked.get(sql)
         if cached is not None:
             return cached

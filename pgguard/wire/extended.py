@@ -16,6 +16,7 @@ from pgguard.errors import ProtocolViolation
 from pgguard.wire.messages import read_cstring
 
 _I16 = struct.Struct("!h")
+MAX_CANDIDATES = 64  # texts one named statement may hold before the client is cut off
 
 
 # Plain slotted dataclasses, not frozen: these are built for every extended-protocol message,
@@ -125,6 +126,12 @@ class ExtendedState:
             return
         old = self._statements.get(msg.statement, ())
         if msg.sql not in old:
+            if len(old) >= MAX_CANDIDATES:
+                # Legitimate clients Close a statement before re-Parsing its name; this many
+                # rejected re-Parses only grow state and the work of judging each Execute.
+                raise ProtocolViolation(
+                    f"statement {msg.statement!r} parsed again {len(old)} times without Close"
+                )
             self._statements[msg.statement] = (*old, msg.sql)
 
     def bound(self, msg: BindMessage) -> None:
