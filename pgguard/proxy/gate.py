@@ -17,7 +17,7 @@ no SQL a policy could read.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pgguard.errors import PgGuardError, PolicyDenied
@@ -96,7 +96,6 @@ class Gate:
     """Allows every statement; refuses the function-call message. Policies subclass this."""
 
     allow_function_call: bool = False
-    notices: list[str] = field(default_factory=list)
 
     def check(self, session: SessionView, event: SqlEvent) -> Verdict:
         return ALLOW
@@ -121,7 +120,7 @@ class Gate:
 
     def session_notices(self, session: SessionView) -> list[str]:
         """NOTICE texts sent to each agent right after it connects."""
-        return list(self.notices)
+        return []
 
     def cancel_hold(self, session: SessionView) -> bool:
         """Cancel the session's held statement, if any; True when there was one."""
