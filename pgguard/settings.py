@@ -134,6 +134,7 @@ class HttpSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     public_url: str = ""  # default: http://{host}:{port}
     session_secret: SecretStr | None = None  # signs page sessions; set it when N instances share
+    session_seconds: int = Field(1800, ge=60, le=86_400)  # approval-page sign-in lifetime
 
     def base_url(self, port: int | None = None) -> str:
         if self.public_url:
@@ -141,16 +142,82 @@ class HttpSettings(_Section):
         return f"http://{self.host}:{port if port is not None else self.port}"
 
 
+class TeamsBotSettings(_Section):
+    """A Teams bot (Azure Bot, single tenant) that posts cards with Approve/Deny buttons.
+
+    The Microsoft endpoints are base URLs so a test, a sovereign cloud or a proxy can replace them.
+    """
+
+    app_id: str = Field(min_length=1)
+    app_password: SecretStr | None = None  # client secret of the bot's Entra app
+    certificate: Path | None = None  # or a PEM file with the app's certificate and private key
+    tenant_id: str = Field(min_length=1)
+    service_url: str = Field(min_length=1)  # Bot Connector service URL of the conversation
+    conversation_id: str = Field(min_length=1)  # the channel or chat the cards are posted to
+    login_url: str = "https://login.microsoftonline.com"
+    openid_metadata_url: str = "https://login.botframework.com/v1/.well-known/openidconfiguration"
+    token_issuer: str = "https://api.botframework.com"
+    token_scope: str = "https://api.botframework.com/.default"
+    clock_skew: float = Field(300.0, ge=0, le=900)  # Bot Framework allows 5 minutes
+    timeout: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> TeamsBotSettings:
+        if (self.app_password is None) == (self.certificate is None):
+            raise ValueError("set exactly one of app_password and certificate")
+        return self
+
+
 class TeamsSettings(_Section):
     webhook_url: SecretStr | None = None
     timeout: float = Field(10.0, gt=0)
+    bot: TeamsBotSettings | None = None
+
+
+class OidcSettings(_Section):
+    """Approval-page sign-in with an OpenID Connect provider (Microsoft Entra ID documented).
+
+    Identity is the immutable ``tenant_claim`` + ``subject_claim`` pair (Entra: ``tid`` +
+    ``oid``), never an e-mail address. An identity is an approver when a ``[[approvers]]`` entry
+    names its subject, or when its ``groups``/``roles`` claims hold an allowed group or role.
+    """
+
+    issuer: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None  # confidential client; PKCE is always used as well
+    allowed_groups: list[str] = Field(default_factory=list)
+    allowed_roles: list[str] = Field(default_factory=list)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile"])
+    tenant_id: str | None = None  # when set, the tenant claim must equal it
+    subject_claim: str = Field("oid", min_length=1)
+    tenant_claim: str = "tid"  # "" for providers without tenants
+    discovery_url: str | None = None  # default: {issuer}/.well-known/openid-configuration
+    leeway: float = Field(60.0, ge=0, le=600)  # clock skew allowed on exp/iat/nbf
+    timeout: float = Field(10.0, gt=0)
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid_scope(cls, scopes: list[str]) -> list[str]:
+        if "openid" not in scopes:
+            raise ValueError("must include 'openid'")
+        return scopes
+
+    def metadata_url(self) -> str:
+        return self.discovery_url or (self.issuer.rstrip("/") + "/.well-known/openid-configuration")
 
 
 class ApproverSettings(_Section):
     id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     groups: list[str] = Field(default_factory=list)
-    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # API, CLI, page sign-in
+    subject: str | None = Field(None, min_length=1)  # identity-provider subject (Entra oid)
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> ApproverSettings:
+        if self.token_sha256 is None and self.subject is None:
+            raise ValueError("an approver needs token_sha256 or subject (or both)")
+        return self
 
 
 class LedgerSettings(_Section):
@@ -179,6 +246,7 @@ class Settings(BaseSettings):
     state: StateSettings = StateSettings()
     http: HttpSettings = HttpSettings()
     teams: TeamsSettings = TeamsSettings()
+    oidc: OidcSettings | None = None
     approvers: list[ApproverSettings] = Field(default_factory=list)
     ledger: LedgerSettings = LedgerSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -198,19 +266,59 @@ class Settings(BaseSettings):
         ids = [a.id for a in approvers]
         if len(set(ids)) != len(ids):
             raise ValueError("approver ids must be unique")
-        tokens = [a.token_sha256 for a in approvers]
+        tokens = [a.token_sha256 for a in approvers if a.token_sha256 is not None]
         if len(set(tokens)) != len(tokens):
             raise ValueError("two approvers share a token")
+        subjects = [a.subject for a in approvers if a.subject is not None]
+        if len(set(subjects)) != len(subjects):
+            raise ValueError("two approvers share a subject")
         return approvers
 
     @model_validator(mode="after")
     def _approvals_can_be_verified(self) -> Settings:
-        if self.teams.webhook_url is not None and not self.approvers:
+        """Approvals on with no way to verify who decides is a configuration error, not a mode."""
+        announced = self.teams.webhook_url is not None or self.teams.bot is not None
+        if (announced or self.oidc is not None) and not self.approvals_enabled():
             raise ValueError(
-                "teams.webhook_url is set but no [[approvers]] are configured: held statements "
-                "would be announced and nobody could be verified to decide them"
+                "approvals are configured (teams or oidc) but no approver can be verified: add "
+                "[[approvers]] with token_sha256 or subject, or oidc.allowed_groups/allowed_roles"
+            )
+        by_subject = [a.id for a in self.approvers if a.subject and not a.token_sha256]
+        if by_subject and self.oidc is None and self.teams.bot is None:
+            raise ValueError(
+                f"approvers {', '.join(by_subject)} have only a subject, which needs [oidc] or "
+                "[teams.bot] to be verified"
+            )
+        needs_http = [
+            name for name, on in (("oidc", self.oidc), ("teams.bot", self.teams.bot)) if on
+        ]
+        if needs_http and not self.http.enabled:
+            raise ValueError(f"{', '.join(needs_http)} needs the HTTP service (http.enabled)")
+        if self.oidc is not None and not self._oidc_redirect_is_safe():
+            raise ValueError(
+                "oidc needs http.public_url to be https:// (http is allowed on loopback only): "
+                "the sign-in redirect and the session cookie must not travel in clear text"
             )
         return self
+
+    def approvals_enabled(self) -> bool:
+        """Whether statements can be held: someone can be verified to decide them."""
+        group_admission = self.oidc is not None and bool(
+            self.oidc.allowed_groups or self.oidc.allowed_roles
+        )
+        return bool(self.approvers) or group_admission
+
+    def _oidc_redirect_is_safe(self) -> bool:
+        url = self.http.base_url()
+        if url.startswith("https://"):
+            return True
+        host = url.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     def state_dsn(self) -> str:
         chosen = self.state.dsn or self.upstream.dsn

@@ -93,11 +93,22 @@ class ApprovalStoreUnavailable(PgGuardError):
 
 @dataclass(frozen=True, slots=True)
 class Approver:
-    """A verified approver identity: stable id (e.g. Entra object id or UPN), name, groups."""
+    """A verified approver identity: stable id (e.g. Entra object id or UPN), name, groups.
+
+    ``aliases`` are other names the same person goes by (identity-provider subject, user name).
+    They only ever make a refusal stricter: an agent owned by any of them cannot be approved by
+    this approver. They never identify anyone.
+    """
 
     id: str
     name: str
     groups: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def is_owner(self, owner: str) -> bool:
+        """Whether ``owner`` (an agent's configured owner) names this approver."""
+        folded = owner.casefold()
+        return self.id == owner or any(a.casefold() == folded for a in self.aliases if a)
 
 
 @dataclass(frozen=True, slots=True)

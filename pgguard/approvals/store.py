@@ -236,7 +236,7 @@ class ApprovalStore:
         )
         if row is None:
             raise RequestNotFound(f"approval request {request_id} does not exist")
-        if verdict == "approve" and approver.id == row["owner"]:
+        if verdict == "approve" and approver.is_owner(row["owner"]):
             raise SelfApproval(
                 f"{approver.id} owns agent {row['agent']} and cannot approve its request "
                 f"{request_id}"

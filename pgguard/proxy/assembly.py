@@ -10,7 +10,8 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from pgguard.approvals.service import ApprovalService
+from pgguard.approvals.fanout import FanOutNotifier
+from pgguard.approvals.service import ApprovalService, Notifier
 from pgguard.approvals.store import ApprovalStore
 from pgguard.approvals.teams import TeamsWebhookNotifier
 from pgguard.errors import ConfigError
@@ -21,8 +22,10 @@ from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
+from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
 from pgguard.web.auth import ApproverDirectory
+from pgguard.web.oidc import OIDC_CALLBACK_PATH, OidcSignIn
 from pgguard.web.server import HttpServer
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ class Running:
     notifier: TeamsWebhookNotifier | None = None
     http: HttpServer | None = None
     ledger: LedgerWriter | None = None
+    bot: TeamsBot | None = None
+    oidc: OidcSignIn | None = None
 
     @property
     def http_url(self) -> str:
@@ -52,6 +57,10 @@ class Running:
             await self.approvals.store.close()
         if self.notifier is not None:
             await self.notifier.aclose()
+        if self.bot is not None:
+            await self.bot.aclose()
+        if self.oidc is not None:
+            await self.oidc.aclose()
         if self.ledger is not None:
             await self.ledger.close()
 
@@ -71,23 +80,32 @@ async def start(settings: Settings) -> Running:
     engine = load_engine(settings)
     approvals: ApprovalService | None = None
     notifier: TeamsWebhookNotifier | None = None
-    if settings.approvers:
+    bot: TeamsBot | None = None
+    if settings.approvals_enabled():
         store = await ApprovalStore.open(
             settings.state_dsn(), schema=settings.state.schema_name, timeout=settings.state.timeout
         )
         public_url = settings.http.base_url()
+        notifiers: list[Notifier] = []
         if settings.teams.webhook_url is not None:
             notifier = TeamsWebhookNotifier(
                 settings.teams.webhook_url.get_secret_value(),
                 public_url,
                 timeout=settings.teams.timeout,
             )
+            notifiers.append(notifier)
+        if settings.teams.bot is not None:
+            bot = TeamsBot(settings.teams.bot, public_url)
+            notifiers.append(bot)
         approvals = ApprovalService(
-            store, settings.state_dsn(), notifier=notifier, instance_id=instance_id
+            store,
+            settings.state_dsn(),
+            notifier=_one_notifier(notifiers),
+            instance_id=instance_id,
         )
         await approvals.start()
     else:
-        log.warning("no [[approvers]] configured: held statements are refused, not held")
+        log.warning("no approvers configured: held statements are refused, not held")
     masking = MaskingRules.load()
     ledger: LedgerWriter | None = None
     hooks: LedgerHooks | None = None
@@ -114,16 +132,41 @@ async def start(settings: Settings) -> Running:
     proxy = ProxyServer(settings, gate)
     proxy.ctx.instance_id = instance_id
     await proxy.start()
-    running = Running(settings, proxy, gate, approvals, notifier, ledger=ledger)
+    running = Running(settings, proxy, gate, approvals, notifier, ledger=ledger, bot=bot)
     if approvals is not None and settings.http.enabled:
-        secret = settings.http.session_secret
-        app = create_app(
-            approvals,
-            ApproverDirectory(settings.approvers),
-            session_secret=secret.get_secret_value().encode() if secret else None,
-            public_url=settings.http.base_url(),
-        )
-        running.http = HttpServer(app, settings.http.host, settings.http.port)
-        await running.http.start()
-        log.info("pgguard HTTP API on %s", running.http_url)
+        await _start_http(running, approvals)
     return running
+
+
+async def _start_http(running: Running, approvals: ApprovalService) -> None:
+    """The REST API, the approval pages (token or OIDC sign-in) and the Teams bot endpoint."""
+    settings = running.settings
+    public_url = settings.http.base_url()
+    oidc_settings = settings.oidc
+    directory = ApproverDirectory(
+        settings.approvers,
+        allowed_groups=oidc_settings.allowed_groups if oidc_settings else (),
+        allowed_roles=oidc_settings.allowed_roles if oidc_settings else (),
+    )
+    if oidc_settings is not None:
+        running.oidc = OidcSignIn(oidc_settings, f"{public_url}{OIDC_CALLBACK_PATH}")
+    secret = settings.http.session_secret
+    app = create_app(
+        approvals,
+        directory,
+        session_secret=secret.get_secret_value().encode() if secret else None,
+        public_url=public_url,
+        session_seconds=settings.http.session_seconds,
+        oidc=running.oidc,
+    )
+    if running.bot is not None:
+        running.bot.register(app, approvals, directory)
+    running.http = HttpServer(app, settings.http.host, settings.http.port)
+    await running.http.start()
+    log.info("pgguard HTTP API on %s", running.http_url)
+
+
+def _one_notifier(notifiers: list[Notifier]) -> Notifier | None:
+    if not notifiers:
+        return None
+    return notifiers[0] if len(notifiers) == 1 else FanOutNotifier(notifiers)

@@ -31,7 +31,8 @@ from pgguard.approvals.model import (
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import PgGuardError
 from pgguard.web.auth import ApproverDirectory
-from pgguard.web.pages import register_pages
+from pgguard.web.oidc import OidcSignIn
+from pgguard.web.pages import SESSION_SECONDS, register_pages
 
 
 class DecisionBody(BaseModel):
@@ -62,10 +63,20 @@ def create_app(
     *,
     session_secret: bytes | None = None,
     public_url: str = "",
+    session_seconds: int = SESSION_SECONDS,
+    oidc: OidcSignIn | None = None,
 ) -> FastAPI:
     app = FastAPI(title="pgguard", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.approvers = approvers
-    register_pages(app, service, approvers, secret=session_secret, public_url=public_url)
+    register_pages(
+        app,
+        service,
+        approvers,
+        secret=session_secret,
+        public_url=public_url,
+        session_seconds=session_seconds,
+        oidc=oidc,
+    )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

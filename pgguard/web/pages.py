@@ -31,9 +31,10 @@ from pgguard.approvals.model import ApprovalRequest, Approver
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import PgGuardError
 from pgguard.web.auth import ApproverDirectory
+from pgguard.web.oidc import OidcSignIn
 
 COOKIE = "pgguard_session"
-SESSION_SECONDS = 3600
+SESSION_SECONDS = 1800
 REFRESH_SECONDS = 5
 
 _templates = Environment(
@@ -43,20 +44,32 @@ _templates = Environment(
 
 
 class Sessions:
-    """Signed session cookies and CSRF tokens."""
+    """Signed session cookies and CSRF tokens.
 
-    def __init__(self, secret: bytes, *, secure: bool) -> None:
+    The cookie carries the approver as it was verified at sign-in (id, name, groups, aliases) and
+    how (``token`` or ``oidc``), so an identity admitted by its group claims needs no server-side
+    state. Sessions are short-lived (``http.session_seconds``) for that reason.
+    """
+
+    def __init__(self, secret: bytes, *, secure: bool, lifetime: int = SESSION_SECONDS) -> None:
         self._secret = secret
         self.secure = secure
+        self.lifetime = lifetime
 
-    def issue(self, approver_id: str) -> str:
-        payload = base64.urlsafe_b64encode(
-            json.dumps({"id": approver_id, "exp": int(time.time()) + SESSION_SECONDS}).encode()
-        ).decode()
+    def issue(self, approver: Approver, via: str) -> str:
+        body = {
+            "id": approver.id,
+            "name": approver.name,
+            "groups": list(approver.groups),
+            "aliases": list(approver.aliases),
+            "via": via,
+            "exp": int(time.time()) + self.lifetime,
+        }
+        payload = base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
         return f"{payload}.{self._sign(payload)}"
 
-    def read(self, cookie: str | None) -> tuple[str, str] | None:
-        """(approver id, session value) for a valid, unexpired cookie."""
+    def read(self, cookie: str | None) -> tuple[Approver, str, str] | None:
+        """(approver, how they signed in, session value) for a valid, unexpired cookie."""
         if not cookie or "." not in cookie:
             return None
         payload, signature = cookie.rsplit(".", 1)
@@ -64,17 +77,26 @@ class Sessions:
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(payload.encode()))
-        except ValueError:
+            if not isinstance(data, dict) or int(data["exp"]) < time.time():
+                return None
+            approver = Approver(
+                str(data["id"]),
+                str(data["name"]),
+                tuple(str(g) for g in data["groups"]),
+                tuple(str(a) for a in data["aliases"]),
+            )
+            return approver, str(data["via"]), cookie
+        except (ValueError, KeyError, TypeError):
             return None
-        if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
-            return None
-        return str(data.get("id", "")), cookie
 
     def csrf(self, session: str) -> str:
         return self._sign(f"csrf:{session}")
 
     def check_csrf(self, session: str, token: str) -> bool:
         return _same(token, self.csrf(session))
+
+    def sign(self, text: str) -> str:
+        return self._sign(text)
 
     def _sign(self, text: str) -> str:
         return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()
@@ -87,15 +109,25 @@ def register_pages(
     *,
     secret: bytes | None,
     public_url: str,
+    session_seconds: int = SESSION_SECONDS,
+    oidc: OidcSignIn | None = None,
 ) -> None:
-    sessions = Sessions(secret or secrets.token_bytes(32), secure=public_url.startswith("https"))
+    sessions = Sessions(
+        secret or secrets.token_bytes(32),
+        secure=public_url.startswith("https"),
+        lifetime=session_seconds,
+    )
 
     def signed_in(request: Request) -> tuple[Approver, str] | None:
         found = sessions.read(request.cookies.get(COOKIE))
         if found is None:
             return None
-        approver = approvers.by_id(found[0])
-        return (approver, found[1]) if approver is not None else None
+        approver, via, session = found
+        if via == "token":
+            # A token approver removed from the configuration loses the page with it.
+            current = approvers.by_id(approver.id)
+            return (current, session) if current is not None else None
+        return approver, session
 
     def page(name: str, status: int = 200, **context: object) -> HTMLResponse:
         html = _templates.get_template(name).render(time_left=_time_left, **context)
@@ -125,8 +157,8 @@ def register_pages(
         response = RedirectResponse(_local(next), status_code=303)
         response.set_cookie(
             COOKIE,
-            sessions.issue(approver.id),
-            max_age=SESSION_SECONDS,
+            sessions.issue(approver, "token"),
+            max_age=sessions.lifetime,
             httponly=True,
             samesite="lax",
             secure=sessions.secure,

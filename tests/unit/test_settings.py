@@ -32,6 +32,29 @@ def test_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert Settings.load().agents[0].name == "a"
 
 
+OIDC = '[oidc]\nissuer = "https://idp"\nclient_id = "c"\nallowed_groups = ["g"]\n'
+BOT = (
+    '[teams.bot]\napp_id = "a"\ntenant_id = "t"\nservice_url = "https://smba"\n'
+    'conversation_id = "19:x"\n'
+)
+
+
+def test_oidc_and_bot_configuration(tmp_path: Path) -> None:
+    text = (
+        OIDC
+        + BOT
+        + 'app_password = "secret"\n'
+        + '[[approvers]]\nid = "ada"\nname = "Ada"\nsubject = "oid-1"\n'
+        + '[http]\npublic_url = "https://pgguard.example.com"\n'
+    )
+    settings = Settings.load(write(tmp_path, text))
+    assert settings.approvals_enabled()
+    assert settings.oidc is not None and settings.oidc.metadata_url() == (
+        "https://idp/.well-known/openid-configuration"
+    )
+    assert settings.teams.bot is not None and "secret" not in repr(settings.teams.bot)
+
+
 @pytest.mark.parametrize(
     ("text", "named"),
     [
@@ -41,7 +64,15 @@ def test_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ('[[agents]]\nname = "a"\nowner = "o"\n', "agents.0"),
         ('[[approvers]]\nid = "x"\nname = "y"\ntoken_sha256 = "zz"\n', "approvers.0.token_sha256"),
         ("[listen]\ntls_cert = '/nope.pem'\ntls_key = '/nope.key'\n", "listen"),
-        ('[teams]\nwebhook_url = "https://example.com/hook"\n', "no [[approvers]]"),
+        ('[teams]\nwebhook_url = "https://example.com/hook"\n', "no approver can be verified"),
+        ('[[approvers]]\nid = "x"\nname = "y"\n', "needs token_sha256 or subject"),
+        ('[[approvers]]\nid = "x"\nname = "y"\nsubject = "s"\n', "needs [oidc] or [teams.bot]"),
+        (OIDC + '[http]\npublic_url = "http://pgguard.example.com"\n', "https://"),
+        (OIDC + "[http]\nenabled = false\n", "needs the HTTP service"),
+        (OIDC.replace("allowed_groups", 'scopes = ["profile"]\nallowed_groups'), "'openid'"),
+        ('[oidc]\nissuer = "https://idp"\nclient_id = "c"\n', "no approver can be verified"),
+        (BOT + 'app_password = "p"\ncertificate = "/c.pem"\n', "exactly one of"),
+        (BOT, "exactly one of"),
         ("not toml [", "invalid TOML"),
     ],
 )
