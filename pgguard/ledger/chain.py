@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import orjson
 
 from pgguard.ledger.model import JsonValue, LedgerEntry, entry_content, entry_from_content
+from pgguard.ledger.packed import PACKED_FIELDS, PackedEntry, Ref, record_ref, seal_packed
 
 GENESIS = "0" * 64
 
@@ -102,9 +103,14 @@ def unseal(envelope: Mapping[str, object], stored_hash: str) -> SealedEntry:
     )
 
 
-def parse_spool_line(line: bytes) -> SealedEntry:
-    """The inverse of `SealedEntry.spool_line`; ValueError when the line is damaged."""
+Sealed = SealedEntry | PackedEntry  # what a chain seals, in order
+
+
+def parse_spool_line(line: bytes) -> Sealed:
+    """The inverse of ``spool_line`` (either kind); ValueError when the line is damaged."""
     record = json.loads(line)
+    if isinstance(record, dict) and "packed" in record:
+        return _parse_packed_line(record)
     if not isinstance(record, dict) or not isinstance(record.get("envelope"), dict):
         raise ValueError("not a spooled ledger entry")
     sealed = unseal(record["envelope"], str(record.get("hash")))
@@ -113,15 +119,43 @@ def parse_spool_line(line: bytes) -> SealedEntry:
     return sealed
 
 
+def _parse_packed_line(record: Mapping[str, object]) -> PackedEntry:
+    fields, refs = record.get("packed"), record.get("refs")
+    if not isinstance(fields, list) or len(fields) != len(PACKED_FIELDS):
+        raise ValueError("not a spooled packed entry")
+    if not isinstance(refs, dict):
+        raise ValueError("spooled packed entry lacks its records")
+    session, text = refs.get(fields[4]), refs.get(fields[5])
+    if not isinstance(session, dict) or not isinstance(text, dict):
+        raise ValueError("spooled packed entry lacks its records")
+    if record_ref(session) != fields[4] or record_ref(text) != fields[5]:
+        raise ValueError("spooled packed entry's records fail their refs")
+    canonical = orjson.dumps(fields)
+    stored_hash = str(record.get("hash"))
+    if envelope_hash(str(fields[3]), canonical) != stored_hash:
+        raise ValueError("spooled packed entry fails its hash")
+    return PackedEntry(
+        chain_id=str(record.get("chain_id")),
+        seq=int(fields[0]),
+        entry_id=str(fields[1]),
+        hash=stored_hash,
+        canonical=canonical,
+        session=(fields[4], session),
+        text=(fields[5], text),
+        received_us=int(fields[6]),
+    )
+
+
 class Chain:
     """The head of one chain: seals entries in order (not thread-safe; one event loop)."""
 
-    __slots__ = ("_last_entry_id", "_last_hash", "_next_seq", "chain_id")
+    __slots__ = ("_id_prefix", "_last_entry_id", "_last_hash", "_next_seq", "chain_id")
 
     def __init__(
         self, chain_id: str, *, next_seq: int = 1, last_hash: str = GENESIS, last_entry_id: str = ""
     ) -> None:
         self.chain_id = chain_id
+        self._id_prefix = secrets.token_hex(8)
         self._next_seq = next_seq
         self._last_hash = last_hash
         self._last_entry_id = last_entry_id
@@ -157,4 +191,25 @@ class Chain:
         self._next_seq += 1
         self._last_hash = digest
         self._last_entry_id = entry.entry_id
+        return sealed
+
+    def seal_packed(
+        self,
+        session: Ref,
+        text: Ref,
+        outcome: tuple[int, int, str | None, int | None, str | None, str | None],
+    ) -> PackedEntry:
+        """Seal an ordinary statement in the packed form (see `pgguard.ledger.packed`)."""
+        sealed = seal_packed(
+            self.chain_id,
+            self._id_prefix,
+            self._next_seq,
+            (self._last_hash, self._last_entry_id),
+            session,
+            text,
+            outcome,
+        )
+        self._next_seq += 1
+        self._last_hash = sealed.hash
+        self._last_entry_id = sealed.entry_id
         return sealed

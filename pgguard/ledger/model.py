@@ -191,6 +191,11 @@ def json_ready(value: object) -> JsonValue:
     return _text(str(value))
 
 
+def jsonb_text(value: str) -> str:
+    """``value`` with what jsonb refuses (NUL, lone surrogates) replaced."""
+    return _text(value)
+
+
 def _text(value: str) -> str:
     # jsonb refuses NUL and lone surrogates; replace them so an entry is always storable.
     if value.isascii() and "\x00" not in value:

@@ -20,7 +20,7 @@ chain's tail cut off, by someone who rewrites hashes too. Keep the chain heads `
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -30,6 +30,7 @@ import asyncpg
 from pgguard.approvals.schema import checked_schema
 from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
+from pgguard.ledger.packed import Unpacked, unpack
 from pgguard.ledger.store import COLUMNS, JSONB_COLUMNS, row_values
 
 ProblemKind = Literal["modified", "deleted", "inserted", "reordered"]
@@ -117,12 +118,13 @@ async def query(
     prefetch: int = 500,
 ) -> AsyncIterator[LedgerRow]:
     """Stream the rows matching ``filters`` (a transaction is opened on ``conn`` meanwhile)."""
-    table = f"{checked_schema(schema)}.ledger_entries"
+    quoted = checked_schema(schema)
     order = "DESC" if newest_first else "ASC"
     sql = (
-        "SELECT e.chain_id, e.seq, e.hash, e.content::text AS content, o.content::text AS done "
-        f"FROM {table} e LEFT JOIN LATERAL (SELECT x.content FROM {table} x "
-        "WHERE x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
+        f"SELECT {_VIEW_COLUMNS}, o.content::text AS done "
+        f"FROM {quoted}.ledger e LEFT JOIN LATERAL (SELECT x.content "
+        f"FROM {quoted}.ledger_entries x WHERE NOT e.packed "
+        "AND x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
         "ORDER BY x.received_at LIMIT 1) o ON true "
         "WHERE e.kind <> 'outcome' "
         "AND ($1::text IS NULL OR e.agent = $1) "
@@ -147,10 +149,9 @@ async def query(
     )
     async with conn.transaction(readonly=True):
         async for record in conn.cursor(sql, *args, prefetch=prefetch):
-            envelope = json.loads(record["content"])
             done = record["done"]
             yield LedgerRow(
-                entry=entry_from_content(envelope["entry"]),
+                entry=_entry_from_view(record),
                 chain_id=record["chain_id"],
                 seq=record["seq"],
                 hash=record["hash"],
@@ -158,16 +159,152 @@ async def query(
             )
 
 
+_ENTRY_FIELDS = (
+    "entry_id",
+    "kind",
+    "instance_id",
+    "session_id",
+    "received_at",
+    "decided_at",
+    "agent",
+    "owner",
+    "client_address",
+    "application_name",
+    "database",
+    "upstream_role",
+    "statement",
+    "fingerprint",
+    "categories",
+    "rule_ids",
+    "action",
+    "request_id",
+    "approvers",
+    "reason",
+    "statement_entry_id",
+    "completed_at",
+    "command_tag",
+    "rows",
+    "sqlstate",
+    "error_message",
+    "duration_ms",
+    "detail",
+)
+_VIEW_COLUMNS = ", ".join(
+    ["e.chain_id", "e.seq", "e.hash"]
+    + [f"e.{c}::text AS {c}" if c in ("approvers", "detail") else f"e.{c}" for c in _ENTRY_FIELDS]
+)
+
+
+def _entry_from_view(record: asyncpg.Record) -> LedgerEntry:
+    """An entry from a row of the ``ledger`` view (full and packed entries alike)."""
+    return LedgerEntry(
+        entry_id=record["entry_id"],
+        kind=record["kind"],
+        instance_id=record["instance_id"] or "",
+        session_id=record["session_id"] or "",
+        received_at=record["received_at"],
+        decided_at=record["decided_at"],
+        agent=record["agent"] or "",
+        owner=record["owner"] or "",
+        client_address=record["client_address"] or "",
+        application_name=record["application_name"] or "",
+        database=record["database"] or "",
+        upstream_role=record["upstream_role"] or "",
+        statement=record["statement"] or "",
+        fingerprint=record["fingerprint"] or "",
+        categories=tuple(record["categories"] or ()),
+        rule_ids=tuple(record["rule_ids"] or ()),
+        action=record["action"] or "",
+        request_id=record["request_id"],
+        approvers=tuple(json.loads(record["approvers"] or "[]")),
+        reason=record["reason"],
+        statement_entry_id=record["statement_entry_id"],
+        completed_at=record["completed_at"],
+        command_tag=record["command_tag"],
+        rows=record["rows"],
+        sqlstate=record["sqlstate"],
+        error_message=record["error_message"],
+        duration_ms=record["duration_ms"],
+        detail=json.loads(record["detail"] or "{}"),
+    )
+
+
 async def verify(conn: asyncpg.Connection, *, schema: str = "pgguard") -> VerifyReport:
-    """Check every chain; the report lists each problem by entry id."""
-    table = f"{checked_schema(schema)}.ledger_entries"
+    """Check every chain; the report lists each problem by entry id.
+
+    Full entries (``ledger_entries``) and packed ones (``ledger_packs``) are walked together in
+    (chain, seq) order, one row and one pack in memory at a time.
+    """
+    quoted = checked_schema(schema)
     columns = ", ".join(f"{c}::text" if c in JSONB_COLUMNS else c for c in COLUMNS)
     walker = _Walker()
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
-        sql = f"SELECT {columns} FROM {table} ORDER BY chain_id, seq"
-        async for record in conn.cursor(sql, prefetch=1000):
-            walker.visit(record)
+        full = conn.cursor(
+            f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", prefetch=1000
+        ).__aiter__()
+        packed = _packed_items(
+            conn.cursor(
+                f"SELECT chain_id, first_seq, last_seq, body FROM {quoted}.ledger_packs "
+                "ORDER BY chain_id, first_seq",
+                prefetch=20,
+            ),
+            walker,
+        ).__aiter__()
+        row = await anext(full, None)
+        item = await anext(packed, None)
+        while row is not None or item is not None:
+            if item is None or (
+                row is not None and (row["chain_id"], row["seq"]) <= (item[0], item[1].seq)
+            ):
+                assert row is not None
+                walker.visit(row)
+                row = await anext(full, None)
+            else:
+                walker.visit_packed(item[0], item[1])
+                item = await anext(packed, None)
     return VerifyReport(entries=walker.entries, chains=walker.heads, problems=walker.problems)
+
+
+async def _packed_items(
+    packs: AsyncIterable[asyncpg.Record], walker: _Walker
+) -> AsyncIterator[tuple[str, Unpacked]]:
+    """Each pack's entries in seq order; entries out of their stored place are reported."""
+    async for pack in packs:
+        chain_id = pack["chain_id"]
+        try:
+            items = unpack(pack["body"])
+        except ValueError as exc:
+            walker.report(
+                f"pack {chain_id}#{pack['first_seq']}",
+                chain_id,
+                pack["first_seq"],
+                "modified",
+                f"pack #{pack['first_seq']}..#{pack['last_seq']} is unreadable: {exc}",
+            )
+            continue
+        in_order = sorted(items, key=lambda i: i.seq)
+        for stored, expected in zip(items, in_order, strict=True):
+            if stored is not expected:
+                walker.report(
+                    stored.entry_id,
+                    chain_id,
+                    stored.seq,
+                    "reordered",
+                    f"sealed as #{stored.seq}, stored in the place of #{expected.seq}",
+                )
+                walker.displaced.add(stored.entry_id)
+        for item in in_order:
+            if not pack["first_seq"] <= item.seq <= pack["last_seq"]:
+                walker.report(
+                    item.entry_id,
+                    chain_id,
+                    item.seq,
+                    "reordered",
+                    f"sealed as #{item.seq}, stored in the pack of "
+                    f"#{pack['first_seq']}..#{pack['last_seq']}",
+                )
+                walker.displaced.add(item.entry_id)
+            yield chain_id, item
 
 
 @dataclass(slots=True)
@@ -186,7 +323,32 @@ class _Walker:
         self.entries = 0
         self.heads: dict[str, ChainHead] = {}
         self.problems: list[Problem] = []
+        self.displaced: set[str] = set()  # packed entries already reported as out of place
         self._prev: _Seen | None = None
+
+    def visit_packed(self, chain_id: str, item: Unpacked) -> None:
+        """One packed entry: its records and hash, then its link to its predecessor."""
+        self.entries += 1
+        seq = item.seq
+        prev = self._prev if self._prev is not None and self._prev.chain_id == chain_id else None
+        head = self.heads.get(chain_id)
+        self.heads[chain_id] = ChainHead(
+            entries=(head.entries if head else 0) + 1, last_seq=seq, head_hash=item.hash
+        )
+        flagged: ProblemKind | None = "reordered" if item.entry_id in self.displaced else None
+        if flagged is None and not item.refs_ok:
+            self.report(
+                item.entry_id, chain_id, seq, "modified", "its session or statement record differs"
+            )
+            flagged = "modified"
+        elif flagged is None and envelope_hash(item.prev_hash, item.canonical) != item.hash:
+            self.report(item.entry_id, chain_id, seq, "modified", "content does not match its hash")
+            flagged = "modified"
+        if flagged != "reordered":
+            self._check_link(
+                (chain_id, seq, item.entry_id), (item.prev_entry_id, item.prev_hash), prev, flagged
+            )
+        self._prev = _Seen(chain_id, seq, item.entry_id, item.hash, flagged)
 
     def visit(self, record: asyncpg.Record) -> None:
         self.entries += 1
@@ -201,18 +363,23 @@ class _Walker:
             sealed: SealedEntry | None = unseal(json.loads(record["content"]), record["hash"])
         except (ValueError, KeyError, TypeError) as exc:
             sealed = None
-            self._report(row_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
+            self.report(row_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
         flagged: ProblemKind | None = "modified" if sealed is None else None
         if sealed is not None:
             flagged = self._check_self(record, sealed)
             if flagged != "reordered":
-                self._check_link(record, sealed, prev, flagged)
+                self._check_link(
+                    (chain_id, seq, sealed.entry.entry_id),
+                    (sealed.prev_entry_id, sealed.prev_hash),
+                    prev,
+                    flagged,
+                )
         self._prev = _Seen(chain_id, seq, row_id, record["hash"], flagged)
 
     def _check_self(self, record: asyncpg.Record, sealed: SealedEntry) -> ProblemKind | None:
         chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry.entry_id
         if (sealed.chain_id, sealed.seq) != (chain_id, seq):
-            self._report(
+            self.report(
                 entry_id,
                 chain_id,
                 seq,
@@ -221,11 +388,11 @@ class _Walker:
             )
             return "reordered"
         if envelope_hash(sealed.prev_hash, sealed.canonical) != record["hash"]:
-            self._report(entry_id, chain_id, seq, "modified", "content does not match its hash")
+            self.report(entry_id, chain_id, seq, "modified", "content does not match its hash")
             return "modified"
         differing = _differing_columns(record, sealed)
         if differing:
-            self._report(
+            self.report(
                 entry_id,
                 chain_id,
                 seq,
@@ -237,12 +404,15 @@ class _Walker:
 
     def _check_link(
         self,
-        record: asyncpg.Record,
-        sealed: SealedEntry,
+        this: tuple[str, int, str],
+        links_to: tuple[str, str],
         prev: _Seen | None,
         flagged: ProblemKind | None,
     ) -> None:
-        chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry.entry_id
+        """``this`` is (chain, seq, entry id); ``links_to`` the (id, hash) it sealed as its
+        predecessor's."""
+        chain_id, seq, entry_id = this
+        prev_entry_id, prev_hash = links_to
         if prev is not None and prev.flagged == "reordered":
             return  # its neighbour's displacement is already reported
         expected_seq = prev.seq + 1 if prev else 1
@@ -252,19 +422,19 @@ class _Walker:
             missing = (
                 f"#{expected_seq}" if seq == expected_seq + 1 else f"#{expected_seq}..#{seq - 1}"
             )
-            self._report(
-                sealed.prev_entry_id or entry_id,
+            self.report(
+                prev_entry_id or entry_id,
                 chain_id,
                 seq - 1,
                 "deleted",
                 f"{missing} missing before entry {entry_id}",
             )
             return
-        if sealed.prev_entry_id == expected_id and sealed.prev_hash == expected_hash:
+        if prev_entry_id == expected_id and prev_hash == expected_hash:
             return
-        if prev is not None and sealed.prev_entry_id == expected_id:
+        if prev is not None and prev_entry_id == expected_id:
             if prev.flagged is None:
-                self._report(
+                self.report(
                     prev.entry_id,
                     chain_id,
                     prev.seq,
@@ -274,11 +444,11 @@ class _Walker:
             return
         if flagged is None or flagged == "modified":
             after = f"entry {expected_id}" if expected_id else "the chain's start"
-            self._report(
+            self.report(
                 entry_id, chain_id, seq, "inserted", f"does not link to its predecessor, {after}"
             )
 
-    def _report(
+    def report(
         self, entry_id: str, chain_id: str, seq: int, kind: ProblemKind, detail: str
     ) -> None:
         self.problems.append(Problem(entry_id, chain_id, seq, kind, detail))

@@ -3,9 +3,9 @@
 Owns: `Spool` (append, fsync, read unshipped entries in order, mark them shipped) and
 `SpoolError`.
 
-Layout of the spool directory: segment files ``<ns-timestamp>-<pid>.jsonl`` (one line per
-`SealedEntry.spool_line`) and ``shipped.json``, the watermark (chain id → last seq known to be in
-the database), replaced atomically (write, fsync, rename, fsync the directory).
+Layout of the spool directory: segment files ``<ns-timestamp>-<pid>.jsonl`` (one `spool_line` of
+a sealed entry, full or packed, per line) and ``shipped.json``, the watermark (chain id → last seq
+known to be in the database), replaced atomically (write, fsync, rename, fsync the directory).
 
 Invariants: a process only ever appends to the segment it created itself, so a line torn by a
 crash of an earlier process is never continued; a torn or damaged line is skipped with a warning.
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pgguard.errors import PgGuardError
-from pgguard.ledger.chain import SealedEntry, parse_spool_line
+from pgguard.ledger.chain import Sealed, parse_spool_line
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Spool:
 
     # --- writing --------------------------------------------------------------------------------
 
-    def append(self, entries: Sequence[SealedEntry]) -> None:
+    def append(self, entries: Sequence[Sealed]) -> None:
         """Append ``entries`` (not yet fsync'd: call `flush`)."""
         if not entries:
             return
@@ -108,13 +108,13 @@ class Spool:
 
     # --- shipping -------------------------------------------------------------------------------
 
-    def read_batch(self, limit: int) -> list[SealedEntry]:
+    def read_batch(self, limit: int) -> list[Sealed]:
         """Up to ``limit`` unshipped entries after the cursor, in append order.
 
         The cursor moves only when `commit` confirms the batch reached the database, so a
         failed shipment reads the same entries again.
         """
-        batch: list[SealedEntry] = []
+        batch: list[Sealed] = []
         marks: dict[str, int] = {}
         index, offset = self._cursor
         try:
@@ -180,7 +180,7 @@ class Spool:
         path: Path,
         offset: int,
         limit: int,
-        batch: list[SealedEntry],
+        batch: list[Sealed],
         marks: dict[str, int],
     ) -> int:
         with path.open("rb") as f:

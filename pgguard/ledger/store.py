@@ -1,12 +1,15 @@
 """The ledger table in the state database: DDL, migrations, and batch inserts (asyncpg).
 
-Owns: ``<schema>.ledger_entries`` (one row per sealed entry; every field a plain column, and
-``content`` the hashed envelope), ``<schema>.ledger_schema_version``, `LedgerStore` (one
-connection, reconnected on demand), `row_values` and `COLUMNS`.
+Owns: ``<schema>.ledger_entries`` (one row per full entry; every field a plain column, and
+``content`` the hashed envelope), ``<schema>.ledger_packs`` (ordinary statements in the packed
+form, many to a row), the view ``<schema>.ledger`` (both as one table of entries, for auditors),
+``<schema>.ledger_schema_version``, `LedgerStore` (one connection, reconnected on demand),
+`row_values` and `COLUMNS`.
 
 Invariants: migrations are numbered, applied once each, under a transaction-level advisory lock
-distinct from the approvals one. Inserts are ``ON CONFLICT DO NOTHING`` in one transaction per
-batch, so shipping the same sealed entry twice stores it once. Every call has a timeout; asyncpg
+distinct from the approvals one. Each batch is one transaction. Full entries are inserted ``ON
+CONFLICT DO NOTHING`` and packed entries only above the chain's stored packs' highest seq, so
+shipping the same sealed entry twice stores it once. Every call has a timeout; asyncpg
 and OS errors leave this module as `LedgerStoreUnavailable`, and the connection is dropped so
 the next call reconnects.
 """
@@ -16,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
 
 from pgguard.approvals.schema import checked_schema
 from pgguard.errors import PgGuardError
-from pgguard.ledger.chain import SealedEntry, canonical_bytes
+from pgguard.ledger.chain import Sealed, SealedEntry, canonical_bytes
+from pgguard.ledger.packed import PackedEntry, pack_body
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,50 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE request_id IS NOT NULL;
     CREATE INDEX ledger_entries_statement_entry ON {s}.ledger_entries (statement_entry_id)
         WHERE statement_entry_id IS NOT NULL;
+    """,
+    # 2: ordinary statements, many to a row (see pgguard.ledger.packed), and one view of both
+    """
+    CREATE TABLE {s}.ledger_packs (
+        chain_id      text NOT NULL,
+        first_seq     bigint NOT NULL CHECK (first_seq >= 1),
+        last_seq      bigint NOT NULL CHECK (last_seq >= first_seq),
+        entries       integer NOT NULL CHECK (entries >= 1),
+        first_received timestamptz NOT NULL,
+        last_received timestamptz NOT NULL,
+        body          text NOT NULL,
+        stored_at     timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (chain_id, first_seq)
+    );
+    -- Stored as it is: the body is compact already, and compressing it would cost the server
+    -- CPU it shares with the statements being recorded.
+    ALTER TABLE {s}.ledger_packs ALTER COLUMN body SET STORAGE EXTERNAL;
+    CREATE INDEX ledger_packs_received ON {s}.ledger_packs (last_received DESC);
+    CREATE VIEW {s}.ledger AS
+        SELECT chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, kind, instance_id,
+               session_id, received_at, decided_at, agent, owner, client_address,
+               application_name, database, upstream_role, statement, fingerprint, categories,
+               rule_ids, action, request_id, approvers, reason, statement_entry_id,
+               completed_at, command_tag, rows, sqlstate, error_message, duration_ms, detail,
+               stored_at, false AS packed
+        FROM {s}.ledger_entries
+        UNION ALL
+        SELECT p.chain_id, (e.value->>0)::bigint, b.body->'hashes'->>(e.n::int - 1),
+               e.value->>3, e.value->>2, e.value->>1, 'statement', s->>'instance_id',
+               s->>'session_id',
+               to_timestamp(0) + ((e.value->>6)::bigint * interval '1 microsecond'), NULL,
+               s->>'agent', s->>'owner', s->>'client_address', s->>'application_name',
+               s->>'database', s->>'upstream_role', t->>'statement', t->>'fingerprint',
+               ARRAY(SELECT jsonb_array_elements_text(t->'categories')),
+               ARRAY(SELECT jsonb_array_elements_text(t->'rule_ids')), t->>'action', NULL,
+               '[]'::jsonb, NULL, NULL,
+               to_timestamp(0) + ((e.value->>7)::bigint * interval '1 microsecond'),
+               e.value->>8, (e.value->>9)::bigint, e.value->>10, e.value->>11,
+               (e.value->>12)::double precision / 1000, '{{}}'::jsonb, p.stored_at, true
+        FROM {s}.ledger_packs p
+        CROSS JOIN LATERAL (SELECT p.body::jsonb AS body) b
+        CROSS JOIN LATERAL jsonb_array_elements(b.body->'entries') WITH ORDINALITY e(value, n)
+        CROSS JOIN LATERAL (SELECT b.body->'refs'->(e.value->>4) AS s,
+                                   b.body->'refs'->(e.value->>5) AS t) r;
     """,
 )
 
@@ -222,18 +271,30 @@ class LedgerStore:
             f"SELECT {columns} FROM {_STAGING} ORDER BY chain_id, seq ON CONFLICT DO NOTHING"
         )
         self._staged: asyncpg.Connection | None = None
+        self._packs_watermark = (
+            f"SELECT coalesce(max(last_seq), 0) FROM {self._quoted}.ledger_packs "
+            "WHERE chain_id = $1"
+        )
+        self._insert_pack_sql = (
+            f"INSERT INTO {self._quoted}.ledger_packs (chain_id, first_seq, last_seq, entries, "
+            "first_received, last_received, body) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        )
 
     @property
     def table(self) -> str:
         return f"{self._quoted}.ledger_entries"
 
-    async def insert(self, batch: Sequence[SealedEntry]) -> None:
+    async def insert(self, batch: Sequence[Sealed]) -> None:
         """Store ``batch`` in one transaction (entries already stored are left as they are)."""
         if not batch:
             return
-        rows = [row_values(s, _entry_part(s)) for s in batch]
+        rows = [row_values(s, _entry_part(s)) for s in batch if isinstance(s, SealedEntry)]
+        packs: dict[str, list[PackedEntry]] = {}
+        for sealed in batch:
+            if isinstance(sealed, PackedEntry):
+                packs.setdefault(sealed.chain_id, []).append(sealed)
         try:
-            await asyncio.wait_for(self._insert_rows(rows), self._timeout)
+            await asyncio.wait_for(self._insert_rows(rows, packs), self._timeout)
         except PgGuardError:
             raise
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -261,23 +322,53 @@ class LedgerStore:
         except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError):
             conn.terminate()
 
-    async def _insert_rows(self, rows: list[tuple[object, ...]]) -> None:
+    async def _insert_rows(
+        self, rows: list[tuple[object, ...]], packs: dict[str, list[PackedEntry]]
+    ) -> None:
+        conn = await self._connection()
+        async with conn.transaction():
+            if rows:
+                await self._copy_entries(conn, rows)
+            for chain_id, entries in packs.items():
+                await self._insert_pack(conn, chain_id, entries)
+
+    async def _insert_pack(
+        self, conn: asyncpg.Connection, chain_id: str, entries: list[PackedEntry]
+    ) -> None:
+        # Exactly-once without a per-entry key: a chain is shipped in seq order, one batch per
+        # transaction, so what is stored of it is always a prefix; entries at or below the
+        # stored packs' highest seq were shipped before (say, by an attempt whose answer was lost).
+        stored = await conn.fetchval(self._packs_watermark, chain_id, timeout=self._timeout)
+        fresh = [e for e in entries if e.seq > stored]
+        if not fresh:
+            return
+        await conn.execute(
+            self._insert_pack_sql,
+            chain_id,
+            fresh[0].seq,
+            fresh[-1].seq,
+            len(fresh),
+            _received(fresh[0]),
+            _received(fresh[-1]),
+            pack_body(fresh),
+            timeout=self._timeout,
+        )
+
+    async def _copy_entries(self, conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
         # Binary COPY into a per-connection staging table, then one set-based INSERT: far less
         # work for the server than a row-by-row INSERT, and the server's CPU is shared with the
         # statements being recorded. ON CONFLICT keeps shipping exactly-once.
-        conn = await self._connection()
-        async with conn.transaction():
-            if conn is not self._staged:
-                await conn.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} "
-                    f"(LIKE {self.table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-                    timeout=self._timeout,
-                )
-                self._staged = conn
-            await conn.copy_records_to_table(
-                _STAGING, records=rows, columns=list(COLUMNS), timeout=self._timeout
+        if conn is not self._staged:
+            await conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} "
+                f"(LIKE {self.table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+                timeout=self._timeout,
             )
-            await conn.execute(self._insert_staged, timeout=self._timeout)
+            self._staged = conn
+        await conn.copy_records_to_table(
+            _STAGING, records=rows, columns=list(COLUMNS), timeout=self._timeout
+        )
+        await conn.execute(self._insert_staged, timeout=self._timeout)
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -302,3 +393,10 @@ def _entry_part(sealed: SealedEntry) -> dict[str, object]:
     envelope = orjson.loads(sealed.canonical)
     entry: dict[str, object] = envelope["entry"]
     return entry
+
+
+def _received(entry: PackedEntry) -> datetime:
+    return _EPOCH + timedelta(microseconds=entry.received_us)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

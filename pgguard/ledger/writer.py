@@ -38,8 +38,9 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgguard.ledger.chain import Chain, SealedEntry, new_chain_id
+from pgguard.ledger.chain import Chain, Sealed, new_chain_id
 from pgguard.ledger.model import LedgerEntry, LedgerUnavailable
+from pgguard.ledger.packed import Ref
 from pgguard.ledger.spool import Spool, SpoolError
 from pgguard.ledger.store import LedgerStore, LedgerStoreUnavailable
 
@@ -81,7 +82,7 @@ class LedgerWriter:
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._max_queue = max_queue
-        self._queue: deque[SealedEntry] = deque()
+        self._queue: deque[Sealed] = deque()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._spooling = False
@@ -158,6 +159,27 @@ class LedgerWriter:
             self._lost += 1
             log.error("ledger: cannot seal entry %s: %s", entry.entry_id, exc)
             return
+        self._enqueue(sealed)
+
+    def record_packed(
+        self,
+        session: Ref,
+        text: Ref,
+        outcome: tuple[int, int, str | None, int | None, str | None, str | None],
+    ) -> str:
+        """Seal an ordinary statement in the packed form and enqueue it, like `record`; its
+        entry id.
+
+        ``session`` and ``text`` come from `packed.session_record` / `packed.text_record`
+        (callers cache them); ``outcome`` is (received_us, completed_us, command_tag, rows,
+        sqlstate, error_message). The cheapest way into the ledger: no entry object, no JSON
+        object, one short array and one sha256.
+        """
+        sealed = self._chain.seal_packed(session, text, outcome)
+        self._enqueue(sealed)
+        return sealed.entry_id
+
+    def _enqueue(self, sealed: Sealed) -> None:
         self._recorded += 1
         if not self._spooling and len(self._queue) < self._max_queue:
             self._queue.append(sealed)
@@ -170,7 +192,9 @@ class LedgerWriter:
             self._queue.append(sealed)
             return
         self._lost += 1
-        log.error("ledger: entry %s lost (queue full, spool unavailable)", entry.entry_id)
+        log.error(
+            "ledger: entry %s #%d lost (queue full, spool unavailable)", sealed.chain_id, sealed.seq
+        )
 
     async def record_durable(self, entry: LedgerEntry) -> None:
         """Return only once ``entry`` (and everything recorded before it) is in the database or
@@ -331,7 +355,7 @@ class LedgerWriter:
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _move_queue_to_spool(self, extra: SealedEntry | None = None) -> bool:
+    def _move_queue_to_spool(self, extra: Sealed | None = None) -> bool:
         """Append the queue (oldest first) and ``extra`` to the spool, unsynced; spool mode on.
 
         The spool always holds entries older than the queue's, so this keeps them in order.
@@ -364,7 +388,7 @@ class LedgerWriter:
         self._durable_seq = max(self._durable_seq, self._spooled_seq)
         return True
 
-    def _shipped_from_queue(self, batch: list[SealedEntry]) -> None:
+    def _shipped_from_queue(self, batch: list[Sealed]) -> None:
         """``batch`` (the oldest queued entries, maybe spooled meanwhile) is in the database."""
         self._database_ok()
         self._shipped += len(batch)

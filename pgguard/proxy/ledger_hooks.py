@@ -6,8 +6,9 @@
 * An approved privileged statement: a *durable* entry with the decision and the approvers is
   written before the statement is forwarded - if that cannot be done, the statement is refused
   (``LedgerUnavailable``); its outcome is appended as a separate entry when the server answers.
-* An ordinary statement: one entry with its outcome once the server has answered, written in
-  batches off the hot path (``LedgerWriter.record`` only seals and queues).
+* An ordinary statement (allowed, no approval): one entry with its outcome once the server has
+  answered, in the packed form (``LedgerWriter.record_packed`` seals a short array and queues it;
+  the session's fields and the masked text are records cached here and stored once per pack).
 
 Statement text is always masked. Masking parses the statement, so its result is cached by the
 exact text: drivers that use parameters repeat the same text, and the cache makes those free.
@@ -21,6 +22,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pgguard.ledger import LedgerEntry, LedgerWriter
+from pgguard.ledger.model import jsonb_text
+from pgguard.ledger.packed import Ref, epoch_us, session_record, text_record
 from pgguard.masking import MaskingRules, mask_sql
 from pgguard.sql.fastkey import literal_blind_key
 from pgguard.wire.outcomes import Outcome
@@ -57,6 +60,8 @@ class LedgerHooks:
         self.instance_id = instance_id
         self.upstream_role = upstream_role
         self._masked: OrderedDict[bytes, str] = OrderedDict()
+        self._texts: OrderedDict[tuple[str, Decision | None], Ref] = OrderedDict()
+        self._sessions: dict[str, tuple[str, Ref]] = {}
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -64,6 +69,7 @@ class LedgerHooks:
         self.writer.record(self._entry(session, "session_start", time.time()))
 
     def session_ended(self, session: SessionView) -> None:
+        self._sessions.pop(session.session_id, None)
         self.writer.record(self._entry(session, "session_end", time.time()))
 
     def auth_failed(self, agent: str, database: str, client_address: str, reason: str) -> None:
@@ -112,10 +118,19 @@ class LedgerHooks:
         error = outcome.message
         if error is None and outcome.skipped:
             error = "skipped: an earlier statement of its pipeline failed"
+        rows = outcome.rows
+        decision = record.decision
+        if (
+            record.request is None
+            and record.durable_entry_id is None
+            and (decision is None or decision.action == "allow")
+        ):
+            self._packed(session, record, now, tag, rows, outcome.sqlstate, error)
+            return
         fields: dict[str, object] = {
             "completed_at": _when(now),
             "command_tag": tag,
-            "rows": outcome.rows,
+            "rows": rows,
             "sqlstate": outcome.sqlstate,
             "error_message": error,
             "duration_ms": (now - record.received) * 1e3,
@@ -135,6 +150,62 @@ class LedgerHooks:
         self.writer.record(entry)
 
     # --- building entries (one construction each: they are on the hot path) --------------------
+
+    def _packed(
+        self,
+        session: SessionView,
+        record: StatementRecord,
+        now: float,
+        tag: str | None,
+        rows: int | None,
+        sqlstate: str | None,
+        error: str | None,
+    ) -> None:
+        """An ordinary statement, in the packed form (see `pgguard.ledger.packed`)."""
+        outcome = (epoch_us(record.received), epoch_us(now), tag, rows, sqlstate, error)
+        self.writer.record_packed(
+            self._session_ref(session), self._text_ref(record), _clean_outcome(outcome)
+        )
+
+    def _session_ref(self, session: SessionView) -> Ref:
+        cached = self._sessions.get(session.session_id)
+        if cached is not None and cached[0] == session.application_name:
+            return cached[1]
+        fields = {
+            "instance_id": self.instance_id,
+            "session_id": session.session_id,
+            "agent": session.agent,
+            "owner": session.owner,
+            "client_address": session.client_address,
+            "application_name": session.application_name,
+            "database": session.database,
+            "upstream_role": self.upstream_role,
+        }
+        ref = session_record({k: jsonb_text(v) for k, v in fields.items()})
+        self._sessions[session.session_id] = (session.application_name, ref)
+        return ref
+
+    def _text_ref(self, record: StatementRecord) -> Ref:
+        # Keyed by the masked text: texts differing only in literal values (simple-protocol
+        # drivers) share one record; the decision object is part of the key, and is the same
+        # object for the same literal-independent classification (the engine's caches).
+        decision = record.decision
+        key = (self.masked(record.sql), decision)
+        ref = self._texts.get(key)
+        if ref is not None:
+            return ref
+        ref = text_record(
+            key[0],
+            jsonb_text(decision.fingerprint) if decision else "",
+            [jsonb_text(c) for c in decision.categories] if decision else [],
+            [jsonb_text(r) for r in decision.rule_ids] if decision else [],
+            "allow",
+        )
+        if len(key[0]) <= _MASK_CACHE_TEXT:
+            self._texts[key] = ref
+            if len(self._texts) > _MASK_CACHE:
+                self._texts.popitem(last=False)
+        return ref
 
     def _entry(self, session: SessionView, kind: str, at: float, **fields: object) -> LedgerEntry:
         return LedgerEntry(
@@ -212,3 +283,23 @@ class LedgerHooks:
 
 def _when(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
+
+
+def _clean_outcome(
+    outcome: tuple[int, int, str | None, int | None, str | None, str | None],
+) -> tuple[int, int, str | None, int | None, str | None, str | None]:
+    received, completed, tag, rows, sqlstate, error = outcome
+    if _plain(tag) and _plain(error) and _plain(sqlstate):
+        return outcome
+    return (
+        received,
+        completed,
+        None if tag is None else jsonb_text(tag),
+        rows,
+        None if sqlstate is None else jsonb_text(sqlstate),
+        None if error is None else jsonb_text(error),
+    )
+
+
+def _plain(text: str | None) -> bool:
+    return text is None or (text.isascii() and "\x00" not in text)

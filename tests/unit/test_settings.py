@@ -49,10 +49,10 @@ def test_oidc_and_bot_configuration(tmp_path: Path) -> None:
     )
     settings = Settings.load(write(tmp_path, text))
     assert settings.approvals_enabled()
-    assert settings.oidc is not None and settings.oidc.metadata_url() == (
-        "https://idp/.well-known/openid-configuration"
-    )
-    assert settings.teams.bot is not None and "secret" not in repr(settings.teams.bot)
+    assert settings.oidc is not None
+    assert settings.oidc.metadata_url() == "https://idp/.well-known/openid-configuration"
+    assert settings.teams.bot is not None
+    assert "secret" not in repr(settings.teams.bot)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
+from pgguard.ledger import verify
 from tests.integration.holds.helpers import OWNER, auth, wait_for_request
 from tests.support import PgguardThread
 
@@ -27,9 +28,7 @@ async def entries(pgguard: PgguardThread, upstream_dsn: str, where: str, *args: 
     conn = await asyncpg.connect(upstream_dsn)
     try:
         return list(
-            await conn.fetch(
-                f"SELECT * FROM {schema}.ledger_entries WHERE {where} ORDER BY seq", *args
-            )
+            await conn.fetch(f"SELECT * FROM {schema}.ledger WHERE {where} ORDER BY seq", *args)
         )
     finally:
         await conn.close()
@@ -79,6 +78,40 @@ async def test_allowed_statement_with_its_outcome(
         "kind = 'statement' AND statement LIKE 'SELECT count(*) FROM hold_t%'",
     )
     assert select["command_tag"] == "SELECT 1"
+
+
+async def test_ordinary_statements_are_packed_masked_and_verifiable(
+    pgguard: PgguardThread, upstream_dsn: str
+) -> None:
+    """Ordinary statements go many to a row of ledger_packs; the view shows each as a row, the
+    raw pack holds no literal value, and verify walks packs and full entries as one chain."""
+    conn = await asyncpg.connect(pgguard.dsn(), statement_cache_size=0)
+    try:
+        for i in range(5):
+            await conn.execute(
+                f"SELECT id FROM hold_t WHERE email = 'packed-secret-{i}@corp.example'"
+            )
+    finally:
+        await conn.close()
+    found = await wait_for_entries(
+        pgguard,
+        upstream_dsn,
+        "packed AND statement LIKE 'SELECT id FROM hold_t WHERE email%'",
+        count=5,
+    )
+    assert {f["statement"] for f in found} == {"SELECT id FROM hold_t WHERE email = '?'"}
+    assert all(f["command_tag"] == "SELECT 0" and f["agent"] == "agent" for f in found)
+    assert len({f["entry_id"] for f in found}) == 5
+    schema = pgguard.settings.state.schema_name
+    admin = await asyncpg.connect(upstream_dsn)
+    try:
+        bodies = [r["body"] for r in await admin.fetch(f"SELECT body FROM {schema}.ledger_packs")]
+        assert bodies
+        assert not any("packed-secret" in body for body in bodies)
+        report = await verify(admin, schema=schema)
+        assert report.ok, report.problems
+    finally:
+        await admin.close()
 
 
 async def test_failed_statement_records_its_error(

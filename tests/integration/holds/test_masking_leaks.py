@@ -93,10 +93,19 @@ async def test_no_sensitive_value_in_any_captured_output(
         rows = await ledger.fetch(
             f"SELECT to_jsonb(e)::text AS row FROM {schema}.ledger_entries e WHERE agent = 'leaky'"
         )
+        # Ordinary statements (none here: this agent's are all held) would be packed many to a
+        # row; searched anyway, raw and through the view.
+        packs = await ledger.fetch(
+            f'SELECT body FROM {schema}.ledger_packs WHERE body LIKE \'%"agent":"leaky"%\''
+        )
+        viewed = await ledger.fetch(
+            f"SELECT to_jsonb(e)::text AS row FROM {schema}.ledger e WHERE agent = 'leaky'"
+        )
     finally:
         await ledger.close()
     assert len(rows) >= held
-    captured += [row["row"] for row in rows]
+    captured += [row["row"] for row in rows] + [p["body"] for p in packs]
+    captured += [row["row"] for row in viewed]
     captured.append(caplog.text)
     everything = "\n".join(captured)
     assert held >= len(CORPUS) * 3 // 4, "most corpus statements must reach review"

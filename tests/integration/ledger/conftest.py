@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from pgguard.ledger import LedgerEntry
+from pgguard.ledger import LedgerEntry, LedgerWriter
+from pgguard.ledger.packed import epoch_us, session_record, text_record
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -38,6 +39,29 @@ def entry(**changes: object) -> LedgerEntry:
     """A fresh entry (new id) based on BASE."""
     changes.setdefault("entry_id", secrets.token_hex(16))
     return replace(BASE, **changes)  # type: ignore[arg-type]
+
+
+SESSION = session_record(
+    {
+        "instance_id": "inst-a",
+        "session_id": "sess-1",
+        "agent": "agent",
+        "owner": "alice@example.com",
+        "client_address": "127.0.0.1:5555",
+        "application_name": "etl",
+        "database": "postgres",
+        "upstream_role": "pgguard_scram",
+    }
+)
+
+
+def record_packed(
+    writer: LedgerWriter, statement: str = "SELECT * FROM t WHERE id = ?", tag: str = "SELECT 1"
+) -> str:
+    """Record an ordinary statement in the packed form, as the proxy does; its entry id."""
+    text = text_record(statement, "fp-select", ["read"], ["read.default"], "allow")
+    received = epoch_us(T0.timestamp())
+    return writer.record_packed(SESSION, text, (received, received + 1500, tag, 1, None, None))
 
 
 @pytest.fixture(scope="module")

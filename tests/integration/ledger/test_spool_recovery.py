@@ -14,7 +14,7 @@ import pytest
 
 from pgguard.embedded import EmbeddedPostgres
 from pgguard.ledger import LedgerWriter, verify
-from tests.integration.ledger.conftest import entry
+from tests.integration.ledger.conftest import entry, record_packed
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,11 @@ async def test_spool_survives_outage_and_restart(own_pg: EmbeddedPostgres, tmp_p
     recorded: list[str] = []
 
     def record(writer: LedgerWriter, n: int) -> None:
+        # Full and packed entries alternate: both kinds take the spool and come back in order.
         for i in range(n):
+            if i % 2:
+                recorded.append(record_packed(writer, statement=f"SELECT {i}"))
+                continue
             e = entry(statement=f"SELECT {i}")
             recorded.append(e.entry_id)
             writer.record(e)
@@ -77,13 +81,11 @@ async def test_spool_survives_outage_and_restart(own_pg: EmbeddedPostgres, tmp_p
 
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        ids = [
-            r["entry_id"] for r in await conn.fetch("SELECT entry_id FROM pgguard.ledger_entries")
-        ]
+        ids = [r["entry_id"] for r in await conn.fetch("SELECT entry_id FROM pgguard.ledger")]
         assert len(ids) == len(set(ids)) == len(recorded)
         assert set(ids) == set(recorded)
         order = await conn.fetch(
-            "SELECT entry_id FROM pgguard.ledger_entries WHERE chain_id = $1 ORDER BY seq",
+            "SELECT entry_id FROM pgguard.ledger WHERE chain_id = $1 ORDER BY seq",
             first.chain_id,
         )
         assert [r["entry_id"] for r in order] == recorded[: len(order)]

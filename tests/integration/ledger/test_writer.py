@@ -13,8 +13,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pgguard.ledger import LedgerFilters, LedgerUnavailable, LedgerWriter, query, verify
-from tests.integration.ledger.conftest import T0, entry
+from pgguard.ledger import (
+    Chain,
+    LedgerFilters,
+    LedgerStore,
+    LedgerUnavailable,
+    LedgerWriter,
+    query,
+    verify,
+)
+from pgguard.ledger.packed import text_record
+from tests.integration.ledger.conftest import SESSION, T0, entry
 
 APPROVER = {"id": "bob@example.com", "name": "Bob", "channel": "teams", "comment": "fine"}
 
@@ -170,6 +179,28 @@ async def test_batches_land_exactly_once(
     count = await admin.fetchval(f'SELECT count(*) FROM "{state_schema}".ledger_entries')
     assert count - before == 1234
     assert (await verify(admin, schema=state_schema)).ok
+
+
+async def test_a_pack_shipped_twice_is_stored_once(
+    upstream_dsn: str, state_schema: str, admin: asyncpg.Connection
+) -> None:
+    """An answer lost after the commit makes the writer ship the same entries again (from the
+    spool, perhaps cut into other batches): the packs' watermark keeps them stored once."""
+    chain = Chain("twice:1")
+    text = text_record("SELECT ?", "fp", ["read"], ["read.default"], "allow")
+    sealed = [chain.seal_packed(SESSION, text, (1, 2, "SELECT 1", 1, None, None)) for _ in range(6)]
+    store = LedgerStore(upstream_dsn, schema=state_schema)
+    try:
+        await store.insert(sealed[:4])
+        await store.insert(sealed[2:])  # overlaps the first batch
+        await store.insert(sealed)
+    finally:
+        await store.close()
+    stored = await admin.fetch(
+        f'SELECT entry_id FROM "{state_schema}".ledger WHERE chain_id = $1 ORDER BY seq',
+        chain.chain_id,
+    )
+    assert [r["entry_id"] for r in stored] == [s.entry_id for s in sealed]
 
 
 def closed_port_dsn() -> str:

@@ -1,0 +1,315 @@
+"""Packed entries: the compact, batched form of ordinary statements in the ledger.
+
+Owns: `PackedEntry`, `session_record`, `text_record`, `record_ref`, `seal_packed` (used by
+`Chain`), `pack_body`, `unpack`, `expand`, `PACKED_FIELDS`.
+
+Why: an ordinary statement (allowed, no approval) is most of what the proxy sees; a full entry
+(a 30-column row with a jsonb envelope and its indexes) costs the state database far more CPU
+than the statement it records. So ordinary statements are sealed as a short JSON array and
+shipped many to a row of ``ledger_packs``; the view ``ledger`` shows them as ordinary rows.
+
+A packed entry is the array ``[seq, entry_id, prev_entry_id, prev_hash, session_ref, text_ref,
+received_us, completed_us, command_tag, rows, sqlstate, error_message, duration_us]`` (times
+are microseconds since the Unix epoch, UTC). What repeats - the session's fields, the masked
+statement with its classification - is a *record* stored once per pack and named by its ref,
+the first 32 hex digits of the sha256 of its canonical JSON: the entry's hash covers the ref,
+and the ref covers the record. The hash is ``sha256(prev_hash_ascii + canonical array)``, in the
+same chain as full entries (full envelopes are JSON objects, packed entries arrays: the two
+can never be mistaken for each other).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from pgguard.ledger.model import JsonValue, utc_iso
+
+PACKED_FIELDS = (
+    "seq",
+    "entry_id",
+    "prev_entry_id",
+    "prev_hash",
+    "session_ref",
+    "text_ref",
+    "received_us",
+    "completed_us",
+    "command_tag",
+    "rows",
+    "sqlstate",
+    "error_message",
+    "duration_us",
+)
+SESSION_KEYS = (
+    "instance_id",
+    "session_id",
+    "agent",
+    "owner",
+    "client_address",
+    "application_name",
+    "database",
+    "upstream_role",
+)
+TEXT_KEYS = ("statement", "fingerprint", "categories", "rule_ids", "action")
+
+Ref = tuple[str, Mapping[str, JsonValue]]  # (ref, record)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_us(moment: float) -> int:
+    """A ``time.time()`` value as whole microseconds since the epoch."""
+    return round(moment * 1e6)
+
+
+class PackedEntry:
+    """One sealed ordinary statement; ``canonical`` is exactly what ``hash`` covers.
+
+    A plain slotted class rather than a frozen dataclass: one is built per statement, and the
+    frozen ``__init__`` costs several times more. Treat it as immutable.
+    """
+
+    __slots__ = (
+        "canonical",
+        "chain_id",
+        "entry_id",
+        "hash",
+        "received_us",
+        "seq",
+        "session",
+        "text",
+    )
+
+    def __init__(
+        self,
+        chain_id: str,
+        seq: int,
+        entry_id: str,
+        hash: str,
+        canonical: bytes,
+        session: Ref,
+        text: Ref,
+        received_us: int,
+    ) -> None:
+        self.chain_id = chain_id
+        self.seq = seq
+        self.entry_id = entry_id
+        self.hash = hash
+        self.canonical = canonical
+        self.session = session
+        self.text = text
+        self.received_us = received_us
+
+    def spool_line(self) -> bytes:
+        """One JSON line for the spool: the entry with the records it names."""
+        refs = {self.session[0]: self.session[1], self.text[0]: self.text[1]}
+        return (
+            b'{"hash":"'
+            + self.hash.encode("ascii")
+            + b'","chain_id":'
+            + orjson.dumps(self.chain_id)
+            + b',"packed":'
+            + self.canonical
+            + b',"refs":'
+            + orjson.dumps(refs, option=orjson.OPT_SORT_KEYS)
+            + b"}\n"
+        )
+
+
+def record_ref(record: Mapping[str, JsonValue]) -> str:
+    return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def session_record(fields: Mapping[str, str]) -> Ref:
+    """The ref'd record of a session's fields (values must already be jsonb-clean text)."""
+    record: dict[str, JsonValue] = {key: fields[key] for key in SESSION_KEYS}
+    return record_ref(record), record
+
+
+def text_record(
+    statement: str,
+    fingerprint: str,
+    categories: Sequence[str],
+    rule_ids: Sequence[str],
+    action: str,
+) -> Ref:
+    """The ref'd record of a masked statement and its classification."""
+    record: dict[str, JsonValue] = {
+        "statement": statement,
+        "fingerprint": fingerprint,
+        "categories": list(categories),
+        "rule_ids": list(rule_ids),
+        "action": action,
+    }
+    return record_ref(record), record
+
+
+def packed_entry_id(id_prefix: str, seq: int) -> str:
+    """A packed entry's id: the chain's 16 random hex digits and the seq in 16 more.
+
+    As unique as a random id (the prefix is drawn once per chain), without a system call per
+    statement.
+    """
+    return f"{id_prefix}{seq:016x}"
+
+
+def seal_packed(
+    chain_id: str,
+    id_prefix: str,
+    seq: int,
+    prev: tuple[str, str],
+    session: Ref,
+    text: Ref,
+    outcome: tuple[int, int, str | None, int | None, str | None, str | None],
+) -> PackedEntry:
+    """Seal one packed entry after ``prev`` (its predecessor's hash and id); ``outcome`` is
+    (received_us, completed_us, command_tag, rows, sqlstate, error_message)."""
+    received_us, completed_us, tag, rows, sqlstate, error = outcome
+    prev_hash, prev_entry_id = prev
+    entry_id = f"{id_prefix}{seq:016x}"
+    canonical = orjson.dumps(
+        [
+            seq,
+            entry_id,
+            prev_entry_id,
+            prev_hash,
+            session[0],
+            text[0],
+            received_us,
+            completed_us,
+            tag,
+            rows,
+            sqlstate,
+            error,
+            completed_us - received_us,
+        ]
+    )
+    digest = hashlib.sha256(prev_hash.encode("ascii") + canonical).hexdigest()
+    return PackedEntry(chain_id, seq, entry_id, digest, canonical, session, text, received_us)
+
+
+def pack_body(entries: Sequence[PackedEntry]) -> str:
+    """The ``ledger_packs.body`` of ``entries`` (one chain, seq order)."""
+    refs: dict[str, Mapping[str, JsonValue]] = {}
+    for entry in entries:
+        refs[entry.session[0]] = entry.session[1]
+        refs[entry.text[0]] = entry.text[1]
+    body = (
+        b'{"entries":['
+        + b",".join(e.canonical for e in entries)
+        + b'],"hashes":'
+        + orjson.dumps([e.hash for e in entries])
+        + b',"refs":'
+        + orjson.dumps(refs, option=orjson.OPT_SORT_KEYS)
+        + b"}"
+    )
+    return body.decode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Unpacked:
+    """One entry read back from a pack: its stored hash, the canonical bytes to check it with,
+    and its fields (records resolved; None where the pack does not hold the named record)."""
+
+    seq: int
+    entry_id: str
+    prev_entry_id: str
+    prev_hash: str
+    hash: str
+    canonical: bytes
+    fields: list[object]
+    session: Mapping[str, object] | None
+    text: Mapping[str, object] | None
+
+    @property
+    def refs_ok(self) -> bool:
+        """Whether both records are in the pack and still match the refs the entry sealed."""
+        return (
+            self.session is not None
+            and self.text is not None
+            and record_ref(self.session) == self.fields[4]  # type: ignore[arg-type]
+            and record_ref(self.text) == self.fields[5]  # type: ignore[arg-type]
+        )
+
+
+def unpack(body: str | bytes) -> list[Unpacked]:
+    """The entries of a pack body, in stored order; ValueError when it is not a pack."""
+    data = orjson.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("pack body is not an object")
+    entries, hashes, refs = data.get("entries"), data.get("hashes"), data.get("refs")
+    if not isinstance(entries, list) or not isinstance(hashes, list) or not isinstance(refs, dict):
+        raise ValueError("pack body lacks entries, hashes or refs")
+    if len(entries) != len(hashes):
+        raise ValueError("pack body has a different number of entries and hashes")
+    return [
+        _unpack_one(fields, stored, refs) for fields, stored in zip(entries, hashes, strict=True)
+    ]
+
+
+def _unpack_one(fields: object, stored: object, refs: Mapping[str, object]) -> Unpacked:
+    if not isinstance(fields, list) or len(fields) != len(PACKED_FIELDS):
+        raise ValueError("a packed entry has the wrong shape")
+    seq = fields[0]
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise ValueError("a packed entry has no seq")
+    return Unpacked(
+        seq=seq,
+        entry_id=str(fields[1]),
+        prev_entry_id=str(fields[2]),
+        prev_hash=str(fields[3]),
+        hash=str(stored),
+        canonical=orjson.dumps(fields),
+        fields=fields,
+        session=_resolved(refs, fields[4]),
+        text=_resolved(refs, fields[5]),
+    )
+
+
+def _resolved(refs: Mapping[str, object], ref: object) -> Mapping[str, object] | None:
+    record = refs.get(ref) if isinstance(ref, str) else None
+    return record if isinstance(record, dict) else None
+
+
+def expand(item: Unpacked) -> dict[str, object]:
+    """The entry's content in the same shape as a full statement entry's (`entry_content`)."""
+    fields = item.fields
+    session = item.session or {}
+    text = item.text or {}
+    duration = fields[12]
+    return {
+        "entry_id": item.entry_id,
+        "kind": "statement",
+        **{key: str(session.get(key, "")) for key in SESSION_KEYS},
+        "received_at": _time(fields[6]),
+        "decided_at": None,
+        "statement": str(text.get("statement", "")),
+        "fingerprint": str(text.get("fingerprint", "")),
+        "categories": _strings(text.get("categories")),
+        "rule_ids": _strings(text.get("rule_ids")),
+        "action": str(text.get("action", "")),
+        "request_id": None,
+        "approvers": [],
+        "reason": None,
+        "statement_entry_id": None,
+        "completed_at": _time(fields[7]),
+        "command_tag": fields[8],
+        "rows": fields[9],
+        "sqlstate": fields[10],
+        "error_message": fields[11],
+        "duration_ms": duration / 1000 if isinstance(duration, int) else None,
+        "detail": {},
+    }
+
+
+def _time(value: object) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    return utc_iso(_EPOCH + timedelta(microseconds=value))  # exact, unlike a float division
+
+
+def _strings(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
