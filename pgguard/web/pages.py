@@ -3,10 +3,14 @@
 Server-rendered (Jinja2, autoescaped) with no script: a pending request's page refreshes itself
 every few seconds, so a decision made elsewhere (API, CLI, another approver) or an expiry shows.
 
-Sign-in: without an identity provider, an approver signs in with their approver token (the one
-the API and CLI use). The session is a short-lived signed cookie (HMAC-SHA256 over the approver
-id and expiry; ``HttpOnly``, ``SameSite=Lax``, ``Secure`` when the public URL is https). Every
-decision is a POST carrying a CSRF token bound to the session, checked in constant time.
+Sign-in: with ``[oidc]`` configured, approvers sign in with the identity provider only
+(authorization code flow with PKCE, see `pgguard.web.oidc`); the sign-in in progress travels in
+a signed ten-minute cookie (``pgguard_oidc``, sent to the callback path only) and is used once.
+Without an identity provider (the demo), an approver signs in with their approver token (the one
+the API and CLI use, which keep working either way). The session is a short-lived signed cookie
+(HMAC-SHA256 over the approver and expiry; ``HttpOnly``, ``SameSite=Lax``, ``Secure`` when the
+public URL is https). Every decision is a POST carrying a CSRF token bound to the session,
+checked in constant time.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 from urllib.parse import quote
 
 from fastapi import FastAPI, Form, Request
@@ -31,9 +36,18 @@ from pgguard.approvals.model import ApprovalRequest, Approver
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import PgGuardError
 from pgguard.web.auth import ApproverDirectory
-from pgguard.web.oidc import OidcSignIn
+from pgguard.web.oidc import (
+    OIDC_CALLBACK_PATH,
+    PENDING_SECONDS,
+    OidcSignIn,
+    PendingSignIn,
+    SignInError,
+)
+
+log = logging.getLogger(__name__)
 
 COOKIE = "pgguard_session"
+PENDING_COOKIE = "pgguard_oidc"
 SESSION_SECONDS = 1800
 REFRESH_SECONDS = 5
 
@@ -138,14 +152,28 @@ def register_pages(
 
     @app.get("/login")
     async def login_form(next: str = "/requests") -> HTMLResponse:
-        return page("login.html", next=_local(next))
+        return page("login.html", next=_local(next), oidc=oidc is not None)
+
+    if oidc is not None:
+        _register_oidc(app, oidc, approvers, sessions, page)
 
     @app.post("/login")
     async def login(
-        token: Annotated[str, Form()],
+        token: Annotated[str, Form()] = "",
         next: Annotated[str, Form()] = "/requests",
     ) -> Response:
-        approver = approvers.by_token(token)
+        if oidc is not None:
+            # One way in per deployment: with an identity provider, a leaked approver token must
+            # not also open the page (it still works for the API and the CLI, by design).
+            return page(
+                "signin_problem.html",
+                403,
+                heading="Token sign-in is off",
+                message="This pgguard signs approvers in with the organisation's identity "
+                "provider. Approver tokens work for the API and the CLI only.",
+                next=_local(next),
+            )
+        approver = approvers.by_token(token) if token else None
         if approver is None:
             return page(
                 "login.html",
@@ -270,6 +298,133 @@ def register_pages(
         return await decide(request, request_id, "deny", csrf, comment)
 
 
+class _Page(Protocol):
+    def __call__(self, name: str, status: int = 200, **context: object) -> HTMLResponse: ...
+
+
+def _register_oidc(
+    app: FastAPI,
+    oidc: OidcSignIn,
+    approvers: ApproverDirectory,
+    sessions: Sessions,
+    page: _Page,
+) -> None:
+    """GET /login/oidc starts a sign-in at the provider; GET /auth/callback completes it."""
+
+    def cookie_for(pending: PendingSignIn) -> str:
+        payload = pending.dumps()
+        # Its own signing context, so a pending sign-in can never pass for a session or back.
+        return f"{payload}.{sessions.sign('oidc-pending:' + payload)}"
+
+    def pending_of(cookie: str | None) -> PendingSignIn | None:
+        if not cookie or "." not in cookie:
+            return None
+        payload, signature = cookie.rsplit(".", 1)
+        if not _same(signature, sessions.sign("oidc-pending:" + payload)):
+            return None
+        try:
+            return PendingSignIn.loads(payload)
+        except SignInError:
+            return None
+
+    def forget_pending(response: Response) -> Response:
+        response.delete_cookie(
+            PENDING_COOKIE,
+            path=OIDC_CALLBACK_PATH,
+            httponly=True,
+            samesite="lax",
+            secure=sessions.secure,
+        )
+        return response
+
+    def problem(
+        status: int, heading: str, message: str, next_path: str, **extra: object
+    ) -> Response:
+        shown = page(
+            "signin_problem.html", status, heading=heading, message=message, next=next_path, **extra
+        )
+        return forget_pending(shown)
+
+    @app.get("/login/oidc")
+    async def oidc_begin(next: str = "/requests") -> Response:
+        target = _local(next)
+        try:
+            url, pending = await oidc.begin(target)
+        except SignInError as exc:
+            log.warning("OIDC sign-in could not start: %s", exc.message)
+            return problem(
+                exc.status, _HEADINGS.get(exc.status, "Sign-in failed"), exc.message, target
+            )
+        response = RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
+        response.set_cookie(
+            PENDING_COOKIE,
+            cookie_for(pending),
+            max_age=PENDING_SECONDS,
+            path=OIDC_CALLBACK_PATH,  # the browser shows it to the callback and nothing else
+            httponly=True,
+            samesite="lax",  # Lax: sent on the provider's top-level redirect back to us
+            secure=sessions.secure,
+        )
+        return response
+
+    @app.get(OIDC_CALLBACK_PATH)
+    async def oidc_callback(request: Request) -> Response:
+        pending = pending_of(request.cookies.get(PENDING_COOKIE))
+        if pending is None:
+            return problem(
+                400,
+                _HEADINGS[400],
+                "This browser has no sign-in in progress here: it expired after ten minutes, was "
+                "already completed, or was started elsewhere. Start the sign-in again.",
+                "/requests",
+            )
+        target = _local(pending.next_path)
+        try:
+            identity = await oidc.finish(pending, request.query_params)
+        except SignInError as exc:
+            log.warning("OIDC sign-in failed: %s", exc.message)
+            return problem(
+                exc.status, _HEADINGS.get(exc.status, "Sign-in failed"), exc.message, target
+            )
+        approver = approvers.by_identity(identity)
+        if approver is None:
+            log.warning(
+                "OIDC sign-in refused: tenant %s subject %s is not an approver",
+                identity.tenant,
+                identity.subject,
+            )
+            shown = identity.name or identity.username or identity.subject
+            if identity.username and identity.username != shown:
+                shown = f"{shown} ({identity.username})"
+            return problem(
+                403,
+                _HEADINGS[403],
+                "This account may not decide requests on this pgguard. An administrator can "
+                f"add its object id {identity.subject} as an approver's subject, or the account "
+                "to one of the allowed groups or app roles.",
+                target,
+                who=shown,
+            )
+        response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+        response.set_cookie(
+            COOKIE,
+            sessions.issue(approver, "oidc"),
+            max_age=sessions.lifetime,
+            httponly=True,
+            samesite="lax",
+            secure=sessions.secure,
+        )
+        log.info("approver %s signed in through the identity provider", approver.id)
+        return forget_pending(response)
+
+
+_HEADINGS = {
+    400: "This sign-in cannot be completed",
+    401: "Sign-in failed",
+    403: "Not an approver",
+    502: "The identity provider could not be reached",
+}
+
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
     "frame-ancestors 'none'",
@@ -286,8 +441,14 @@ def _same(presented: str, expected: str) -> bool:
 
 
 def _local(path: str) -> str:
-    """Only same-site paths as redirect targets (no open redirect)."""
-    return path if path.startswith("/") and not path.startswith("//") else "/requests"
+    """Only same-site paths as redirect targets (no open redirect). Browsers read ``/\\host``
+    like ``//host`` and drop tabs and newlines, so those are refused too."""
+    safe = (
+        path.startswith("/")
+        and not path.startswith(("//", "/\\"))
+        and not any(ord(c) < 0x20 or c == "\x7f" for c in path)
+    )
+    return path if safe else "/requests"
 
 
 def _time_left(request: ApprovalRequest) -> str:
