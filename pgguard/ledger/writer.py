@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -246,7 +247,7 @@ class LedgerWriter:
         Tries the database now, whatever the retry backoff says.
         """
         self._db_retry_at = 0.0
-        await self._ship_once()
+        await self._ship_once(everything=True)
         async with self._lock:
             if self._queue and self._move_queue_to_spool():
                 self._fsync_spool()
@@ -289,8 +290,15 @@ class LedgerWriter:
             except Exception:  # the shipper must survive anything; entries stay queued/spooled
                 log.exception("ledger shipper failed; retrying")
 
-    async def _ship_once(self) -> None:
+    async def _ship_once(self, *, everything: bool = False) -> None:
+        # One partial batch per wake-up at most: entries keep arriving while a batch is on its
+        # way, and chasing them with a stream of small batches costs the state database (and
+        # this process) a transaction per few entries. So after the first batch, only full ones.
+        first = True
         while self._queue and not self._spooling:
+            if not (first or everything or len(self._queue) >= self._batch_size):
+                break
+            first = False
             async with self._lock:
                 if not await self._ship_queue_batch():
                     break
@@ -308,7 +316,7 @@ class LedgerWriter:
         """Ship the oldest queued batch; on failure spool the whole queue. True if shipped."""
         if not self._queue or self._spooling:
             return False
-        batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
+        batch = list(itertools.islice(self._queue, self._batch_size))  # deque[i] is O(i)
         if self._database_due():
             try:
                 await self._store.insert(batch)
