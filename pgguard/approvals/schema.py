@@ -1,8 +1,9 @@
 """The approval tables in the state database, and their idempotent migrations.
 
-Owns: the DDL of ``<schema>.approval_requests`` and ``<schema>.approval_decisions`` and the
-migration runner. Every column an auditor needs is a plain column (text, text[], jsonb,
-timestamptz), so the tables read well without pgguard.
+Owns: the DDL of ``<schema>.approval_requests`` and ``<schema>.approval_decisions``, the Teams
+bot's ``bot_messages`` (which message shows which request) and ``bot_seen_activities`` (invokes
+already acted on, for replay refusal), and the migration runner. Every column an auditor needs
+is a plain column (text, text[], jsonb, timestamptz), so the tables read well without pgguard.
 
 Invariants: migrations are numbered, applied in order, each once, under a transaction-level
 advisory lock, so several instances starting together never race. Schema names are plain
@@ -67,6 +68,21 @@ MIGRATIONS: tuple[str, ...] = (
         decided_at    timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (request_id, approver_id)
     );
+    """,
+    # 2: the Teams bot's posted cards, and the invoke activities it has already acted on
+    """
+    CREATE TABLE {s}.bot_messages (
+        request_id      text PRIMARY KEY REFERENCES {s}.approval_requests (id),
+        conversation_id text NOT NULL,
+        activity_id     text NOT NULL,
+        posted_at       timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE {s}.bot_seen_activities (
+        activity_id text PRIMARY KEY,
+        seen_at     timestamptz NOT NULL DEFAULT now(),
+        keep_until  timestamptz NOT NULL
+    );
+    CREATE INDEX bot_seen_activities_keep ON {s}.bot_seen_activities (keep_until);
     """,
 )
 

@@ -1,6 +1,7 @@
 """Approval requests in the Postgres state database (asyncpg), every transition a compare-and-swap.
 
-Owns: `ApprovalStore` — create, read, decide, cancel, expire, and find remembered approvals.
+Owns: `ApprovalStore` — create, read, decide, cancel, expire, and find remembered approvals;
+and the Teams bot's bookkeeping (posted card per request, invoke ids already acted on).
 
 Invariants: a request leaves `pending` only through ``UPDATE ... WHERE id = $1 AND state =
 'pending'``, and the same transaction sends ``NOTIFY pgguard_approvals, '<id>'``, so two approvers
@@ -17,6 +18,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -62,6 +64,8 @@ class ApprovalStore:
         self._timeout = timeout
         self._requests = f"{quoted_schema}.approval_requests"
         self._decisions = f"{quoted_schema}.approval_decisions"
+        self._bot_messages = f"{quoted_schema}.bot_messages"
+        self._bot_seen = f"{quoted_schema}.bot_seen_activities"
 
     @classmethod
     async def open(
@@ -303,6 +307,54 @@ class ApprovalStore:
             for row in rows:
                 await self._notify(conn, row["id"])
             return await self._with_decisions(conn, rows)
+
+    # --- the Teams bot's bookkeeping ------------------------------------------------------------
+
+    async def save_bot_message(
+        self, request_id: str, conversation_id: str, activity_id: str
+    ) -> None:
+        """Remember which posted activity shows this request (the newest post wins)."""
+        async with self._connection() as conn:
+            await conn.execute(
+                f"INSERT INTO {self._bot_messages} (request_id, conversation_id, activity_id) "
+                "VALUES ($1, $2, $3) ON CONFLICT (request_id) DO UPDATE SET "
+                "conversation_id = EXCLUDED.conversation_id, activity_id = EXCLUDED.activity_id, "
+                "posted_at = now()",
+                request_id,
+                conversation_id,
+                activity_id,
+                timeout=self._timeout,
+            )
+
+    async def bot_message(self, request_id: str) -> tuple[str, str] | None:
+        """(conversation id, activity id) of the card posted for this request, if any."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT conversation_id, activity_id FROM {self._bot_messages} "
+                "WHERE request_id = $1",
+                request_id,
+                timeout=self._timeout,
+            )
+        return None if row is None else (row["conversation_id"], row["activity_id"])
+
+    async def first_sighting(self, activity_id: str, keep_until: datetime) -> bool:
+        """Record an incoming activity id; False when it was seen before (a replay).
+
+        Rows past their ``keep_until`` are dropped first: by then the token that carried the
+        activity has expired, so a replay of it is refused by its signature checks instead.
+        """
+        async with self._transaction() as conn:
+            await conn.execute(
+                f"DELETE FROM {self._bot_seen} WHERE keep_until < now()", timeout=self._timeout
+            )
+            inserted = await conn.fetchval(
+                f"INSERT INTO {self._bot_seen} (activity_id, keep_until) VALUES ($1, $2) "
+                "ON CONFLICT (activity_id) DO NOTHING RETURNING true",
+                activity_id,
+                keep_until,
+                timeout=self._timeout,
+            )
+        return bool(inserted)
 
     # --- helpers --------------------------------------------------------------------------------
 

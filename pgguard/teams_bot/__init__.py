@@ -1,30 +1,16 @@
-"""The Teams bot channel (placeholder: interface only, being built)."""
+"""One-click approval inside Teams through a Teams bot (Azure Bot, Universal Actions).
+
+Pieces, each in its own module: `transport` (one HTTP exchange, retry timing), `credentials`
+(the bot's client-credentials token, by secret or certificate), `connector` (posting and
+updating messages through the Bot Connector REST API), `cards` (the Approve/Deny card),
+`channel_auth` (verifying the Bot Connector's JWT and the activity it carries), `endpoint`
+(``POST /api/messages``: replay refusal, clicker mapping, decisions) and `bot` (`TeamsBot`, the
+notifier and endpoint together, as `pgguard.proxy.assembly` uses it).
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from pgguard.teams_bot.bot import TeamsBot
+from pgguard.teams_bot.endpoint import MESSAGES_PATH
 
-from pgguard.approvals.model import ApprovalRequest
-from pgguard.approvals.service import ApprovalService
-from pgguard.settings import TeamsBotSettings
-from pgguard.web.auth import ApproverDirectory
-
-
-class TeamsBot:
-    def __init__(self, settings: TeamsBotSettings, public_url: str) -> None:
-        self.settings = settings
-        self.public_url = public_url
-
-    def register(
-        self, app: FastAPI, service: ApprovalService, approvers: ApproverDirectory
-    ) -> None:
-        raise NotImplementedError
-
-    async def request_created(self, request: ApprovalRequest) -> None:
-        raise NotImplementedError
-
-    async def request_updated(self, request: ApprovalRequest) -> None:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        return None
+__all__ = ["MESSAGES_PATH", "TeamsBot"]
