@@ -262,7 +262,7 @@ async def _show_ledger(console: Console, running: assembly.Running, pg: Embedded
     try:
         rows = await conn.fetch(
             "SELECT kind, agent, action, statement, request_id, approvers, command_tag, sqlstate "
-            "FROM pgguard.ledger_entries WHERE kind IN ('statement', 'outcome') ORDER BY seq"
+            "FROM pgguard.ledger WHERE kind IN ('statement', 'outcome') ORDER BY chain_id, seq"
         )
         table = Table("kind", "action", "statement (masked)", "request", "approver", "outcome")
         for row in rows:

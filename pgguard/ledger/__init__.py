@@ -3,7 +3,7 @@
 Public API: `LedgerEntry` (what the proxy records), `LedgerWriter` (`record` on the hot path,
 `record_durable` before a privileged statement is forwarded), `query`/`LedgerFilters`/`LedgerRow`
 (reading) and `verify`/`VerifyReport`/`Problem` (tamper evidence), `LedgerUnavailable` (fail
-closed). Columns are documented in ``README-columns.md`` next to this file.
+closed). The tables and the ``ledger`` view are documented in the README (for auditors).
 """
 
 from __future__ import annotations
