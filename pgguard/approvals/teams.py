@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 
 import httpx
 
@@ -40,6 +38,7 @@ from pgguard.approvals.cards import (
     envelope,
     request_page_url,
 )
+from pgguard.approvals.retry import full_jitter, retry_after
 from pgguard.errors import ConfigError
 
 __all__ = [
@@ -56,8 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_BASE_SECONDS = 0.25
-BACKOFF_CAP_SECONDS = 5.0
 # How long a follow-up card (decided / expired / cancelled) may keep retrying.
 FOLLOW_UP_WINDOW = timedelta(minutes=2)
 _TERMINAL_STATES = frozenset({"approved", "denied", "expired", "cancelled"})
@@ -179,7 +176,7 @@ class TeamsWebhookNotifier:
                 return
             delay = result.retry_after
             if delay is None:
-                delay = _full_jitter(attempts)
+                delay = full_jitter(attempts)
             if datetime.now(UTC) + timedelta(seconds=delay) >= deadline:
                 self._count_failure(
                     request_id, kind, f"{result.what}; no retry before expiry ({attempts} attempts)"
@@ -237,33 +234,12 @@ class TeamsWebhookNotifier:
         )
 
 
-def _full_jitter(attempts: int) -> float:
-    """AWS-style full jitter: uniform in [0, min(cap, base * 2**(attempts - 1))]."""
-    return random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempts - 1)))
-
-
 def _judge(response: httpx.Response) -> _Attempt:
     status = response.status_code
     if 200 <= status < 300:
         return _Attempt(True, False, f"delivered (HTTP {status})")
     retryable = status == 429 or status >= 500
-    return _Attempt(False, retryable, f"HTTP {status}", _retry_after(response))
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After as seconds (delta-seconds or HTTP-date), or None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max((_aware(when) - datetime.now(UTC)).total_seconds(), 0.0)
+    return _Attempt(False, retryable, f"HTTP {status}", retry_after(response))
 
 
 def _webhook_url(url: str) -> httpx.URL:

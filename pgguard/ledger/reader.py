@@ -19,6 +19,7 @@ chain's tail cut off, by someone who rewrites hashes too. Keep the chain heads `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -159,36 +160,8 @@ async def query(
             )
 
 
-_ENTRY_FIELDS = (
-    "entry_id",
-    "kind",
-    "instance_id",
-    "session_id",
-    "received_at",
-    "decided_at",
-    "agent",
-    "owner",
-    "client_address",
-    "application_name",
-    "database",
-    "upstream_role",
-    "statement",
-    "fingerprint",
-    "categories",
-    "rule_ids",
-    "action",
-    "request_id",
-    "approvers",
-    "reason",
-    "statement_entry_id",
-    "completed_at",
-    "command_tag",
-    "rows",
-    "sqlstate",
-    "error_message",
-    "duration_ms",
-    "detail",
-)
+# The entry's own fields, in the table's order (between its chain position and ``content``).
+_ENTRY_FIELDS = COLUMNS[COLUMNS.index("entry_id") : COLUMNS.index("content")]
 _VIEW_COLUMNS = ", ".join(
     ["e.chain_id", "e.seq", "e.hash"]
     + [f"e.{c}::text AS {c}" if c in ("approvers", "detail") else f"e.{c}" for c in _ENTRY_FIELDS]
@@ -197,36 +170,25 @@ _VIEW_COLUMNS = ", ".join(
 
 def _entry_from_view(record: asyncpg.Record) -> LedgerEntry:
     """An entry from a row of the ``ledger`` view (full and packed entries alike)."""
-    return LedgerEntry(
-        entry_id=record["entry_id"],
-        kind=record["kind"],
-        instance_id=record["instance_id"] or "",
-        session_id=record["session_id"] or "",
-        received_at=record["received_at"],
-        decided_at=record["decided_at"],
-        agent=record["agent"] or "",
-        owner=record["owner"] or "",
-        client_address=record["client_address"] or "",
-        application_name=record["application_name"] or "",
-        database=record["database"] or "",
-        upstream_role=record["upstream_role"] or "",
-        statement=record["statement"] or "",
-        fingerprint=record["fingerprint"] or "",
-        categories=tuple(record["categories"] or ()),
-        rule_ids=tuple(record["rule_ids"] or ()),
-        action=record["action"] or "",
-        request_id=record["request_id"],
-        approvers=tuple(json.loads(record["approvers"] or "[]")),
-        reason=record["reason"],
-        statement_entry_id=record["statement_entry_id"],
-        completed_at=record["completed_at"],
-        command_tag=record["command_tag"],
-        rows=record["rows"],
-        sqlstate=record["sqlstate"],
-        error_message=record["error_message"],
-        duration_ms=record["duration_ms"],
-        detail=json.loads(record["detail"] or "{}"),
-    )
+    fields: dict[str, object] = {}
+    for name in _ENTRY_FIELDS:
+        value = record[name]
+        if name in JSONB_COLUMNS:
+            value = json.loads(value) if value is not None else None
+        if value is None:
+            value = _EMPTY.get(name)
+        fields[name] = tuple(value) if name in _SEQUENCES else value
+    return LedgerEntry(**fields)  # type: ignore[arg-type]
+
+
+# A NULL in the view (a field the kind of entry does not have) becomes the field's default.
+_EMPTY: dict[str, object] = {
+    f.name: f.default
+    for f in dataclasses.fields(LedgerEntry)
+    if f.default is not dataclasses.MISSING and f.default is not None
+}
+_EMPTY["detail"] = {}
+_SEQUENCES = frozenset({"categories", "rule_ids", "approvers"})
 
 
 async def verify(conn: asyncpg.Connection, *, schema: str = "pgguard") -> VerifyReport:

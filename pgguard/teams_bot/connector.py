@@ -27,8 +27,9 @@ from urllib.parse import quote
 import httpx
 
 from pgguard.approvals.cards import Json, encode_envelope, envelope
+from pgguard.approvals.retry import full_jitter
 from pgguard.teams_bot.credentials import AppCredentials, TokenUnavailable
-from pgguard.teams_bot.transport import Exchange, exchange, full_jitter
+from pgguard.teams_bot.transport import Exchange, exchange
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""One HTTP exchange with a Microsoft endpoint, its outcome in words, and the retry timing.
+"""One HTTP exchange with a Microsoft endpoint, and its outcome in words.
 
-Owns: `Exchange` (what one request came to), `exchange` (send it, with a hard time limit),
-`full_jitter` and `retry_after`.
+Owns: `Exchange` (what one request came to) and `exchange` (send it, with a hard time limit).
+Retry timing is `pgguard.approvals.retry`, shared with the webhook notifier.
 
 Invariants: requests go straight to the httpx transport, so no redirect is ever followed (a
 bearer token or a client secret is never carried to a host nobody configured) and httpx's own
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 import httpx
 
-BACKOFF_BASE_SECONDS = 0.25
-BACKOFF_CAP_SECONDS = 5.0
+from pgguard.approvals.retry import retry_after
+
 MAX_RESPONSE_BYTES = 1024 * 1024  # metadata, keys and tokens are a few KB; more is not theirs
 
 
@@ -104,26 +101,3 @@ async def _read_capped(response: httpx.Response) -> bytes:
             raise _TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def full_jitter(attempts: int) -> float:
-    """AWS-style full jitter: uniform in [0, min(cap, base * 2**(attempts - 1))]."""
-    return random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempts - 1)))
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """Retry-After as seconds (delta-seconds or HTTP-date), or None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
