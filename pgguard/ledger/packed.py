@@ -224,19 +224,19 @@ class Unpacked:
     session: Mapping[str, object] | None
     text: Mapping[str, object] | None
 
-    @property
-    def refs_ok(self) -> bool:
-        """Whether both records are in the pack and still match the refs the entry sealed."""
-        return (
-            self.session is not None
-            and self.text is not None
-            and record_ref(self.session) == self.fields[4]  # type: ignore[arg-type]
-            and record_ref(self.text) == self.fields[5]  # type: ignore[arg-type]
-        )
+    refs_ok: bool  # both records are in the pack and still match the refs the entry sealed
 
 
 def unpack(body: str | bytes) -> list[Unpacked]:
-    """The entries of a pack body, in stored order; ValueError when it is not a pack."""
+    """The entries of a pack body, in stored order; ValueError when it is not a pack (a body
+    someone wrote by hand included: too deep to re-encode, numbers beyond 64 bits, ...)."""
+    try:
+        return _unpack(body)
+    except (TypeError, RecursionError) as exc:
+        raise ValueError(f"pack body cannot be read back: {exc}") from None
+
+
+def _unpack(body: str | bytes) -> list[Unpacked]:
     data = orjson.loads(body)
     if not isinstance(data, dict):
         raise ValueError("pack body is not an object")
@@ -256,6 +256,7 @@ def _unpack_one(fields: object, stored: object, refs: Mapping[str, object]) -> U
     seq = fields[0]
     if not isinstance(seq, int) or isinstance(seq, bool):
         raise ValueError("a packed entry has no seq")
+    session, text = _resolved(refs, fields[4]), _resolved(refs, fields[5])
     return Unpacked(
         seq=seq,
         entry_id=str(fields[1]),
@@ -264,8 +265,14 @@ def _unpack_one(fields: object, stored: object, refs: Mapping[str, object]) -> U
         hash=str(stored),
         canonical=orjson.dumps(fields),
         fields=fields,
-        session=_resolved(refs, fields[4]),
-        text=_resolved(refs, fields[5]),
+        session=session,
+        text=text,
+        refs_ok=(
+            session is not None
+            and text is not None
+            and record_ref(session) == fields[4]  # type: ignore[arg-type]
+            and record_ref(text) == fields[5]  # type: ignore[arg-type]
+        ),
     )
 
 

@@ -185,3 +185,24 @@ async def test_unreadable_pack_is_reported(
     )
     found = await problems(admin, state_schema)
     assert any(kind == "modified" and entry_id.startswith("pack ") for kind, entry_id in found)
+
+
+async def test_pack_too_deep_to_read_back_is_reported(
+    ids: list[str], admin: asyncpg.Connection, state_schema: str
+) -> None:
+    """A hand-written body nested beyond what can be re-encoded is a finding, not a crash."""
+    deep = "[" * 600 + "]" * 600
+
+    def change(body: Body) -> None:
+        body["refs"][body["entries"][0][4]] = {"agent": "DEEP"}
+
+    await edit_pack(admin, state_schema, 6, change)
+    table = f'"{state_schema}".ledger_packs'
+    await admin.execute(
+        f"UPDATE {table} SET body = replace(body, $2, $1) WHERE first_seq = 6",
+        deep,
+        '"DEEP"',
+    )
+    assert deep in await admin.fetchval(f"SELECT body FROM {table} WHERE first_seq = 6")
+    found = await problems(admin, state_schema)
+    assert any(kind == "modified" and entry_id.startswith("pack ") for kind, entry_id in found)

@@ -163,3 +163,17 @@ async def test_swapped_rows_are_reported(
         )
     found = await problems(admin, state_schema)
     assert {("reordered", a["entry_id"]), ("reordered", b["entry_id"])} <= found
+
+
+async def test_column_too_deep_to_read_back_is_reported(
+    chain: list[asyncpg.Record], admin: asyncpg.Connection, state_schema: str
+) -> None:
+    """A jsonb column rewritten with nesting Python cannot read back is reported, not a crash."""
+    victim = chain[4]["entry_id"]
+    deep = "[" * 1500 + "]" * 1500
+    await admin.execute(
+        f'UPDATE "{state_schema}".ledger_entries SET detail = $2::jsonb WHERE entry_id = $1',
+        victim,
+        deep,
+    )
+    assert ("modified", victim) in await problems(admin, state_schema)
