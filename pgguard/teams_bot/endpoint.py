@@ -49,6 +49,7 @@ MAX_BODY_BYTES = 256 * 1024  # an invoke is a few KB; Teams' own messages stay u
 # instances and the database may differ, and a replay after that fails the token's expiry.
 REPLAY_MARGIN_S = 3600.0
 _NAME_MAX_CHARS = 200
+_ID_MAX_CHARS = 512  # Bot Framework activity ids are short; longer ones are not stored
 
 
 def card_response(card: Json) -> Json:
@@ -95,7 +96,7 @@ class MessagesEndpoint:
             return JSONResponse({"detail": "request too large"}, 413)
         try:
             activity = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             activity = None
         if not isinstance(activity, dict):
             return JSONResponse({"detail": "the body is not an activity"}, 400)
@@ -119,8 +120,8 @@ class MessagesEndpoint:
         if verb not in (APPROVE, DENY) or not isinstance(request_id, str) or not request_id:
             return message_response("pgguard does not know this action.")
         activity_id = activity.get("id")
-        if not isinstance(activity_id, str) or not activity_id:
-            log.warning("teams bot: invoke without an activity id refused")
+        if not isinstance(activity_id, str) or not activity_id or len(activity_id) > _ID_MAX_CHARS:
+            log.warning("teams bot: invoke without a usable activity id refused")
             return message_response("pgguard refused this click: it carries no activity id.")
         refusal = await self._refuse_replay(activity_id, verified)
         if refusal is not None:

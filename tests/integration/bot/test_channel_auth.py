@@ -181,3 +181,18 @@ async def test_unknown_keys_refetch_the_key_set_at_most_once_a_minute(
         response = await send(api, activity, stub.mint(key=stub.rogue, kid=f"made-up-{_}"))
         assert response.status_code == 401
     assert stub.keys_fetches - before <= 1
+
+
+async def test_hostile_bodies_with_a_valid_token_get_clear_errors(
+    api: httpx.AsyncClient, stub: BotConnectorStub
+) -> None:
+    """A caller holding a channel token still cannot crash the endpoint with its body."""
+    headers = {"Authorization": f"Bearer {stub.mint()}", "Content-Type": "application/json"}
+    for body in (b"[" * 100_000 + b"]" * 100_000, b"not json", b"[1, 2]", b"\xff\xfe"):
+        response = await api.post("/api/messages", content=body, headers=headers)
+        assert response.status_code in (400, 413), (body[:10], response.status_code)
+    click = {**stub.invoke("x", "approve", clicker=SUBJECTS["dba1"]), "id": "i" * 4096}
+    response = await send(api, click, stub.mint())
+    assert response.status_code == 200
+    assert "activity id" in response.json()["value"]
+    assert (await api.get("/healthz")).status_code == 200
