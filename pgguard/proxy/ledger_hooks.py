@@ -195,7 +195,7 @@ class LedgerHooks:
         if ref is not None:
             return ref
         ref = text_record(
-            key[0],
+            jsonb_text(key[0]),  # the view reads packs as jsonb: no NUL may reach a body
             jsonb_text(decision.fingerprint) if decision else "",
             [jsonb_text(c) for c in decision.categories] if decision else [],
             [jsonb_text(r) for r in decision.rule_ids] if decision else [],

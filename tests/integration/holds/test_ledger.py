@@ -114,6 +114,31 @@ async def test_ordinary_statements_are_packed_masked_and_verifiable(
         await admin.close()
 
 
+async def test_packed_statement_with_unusual_text_keeps_the_view_readable(
+    pgguard: PgguardThread, upstream_dsn: str
+) -> None:
+    """Non-ASCII, quoted identifiers and a failing statement in a pack: the view still reads
+    (it casts every pack body to jsonb), and verify passes."""
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        await conn.execute("""SELECT 'h\u00e9llo \u2603' AS "na\u00efve \u2603 col" """)
+        with pytest.raises(asyncpg.PostgresError):
+            await conn.execute("""SELECT "\u2603 no such column" FROM hold_t""")
+    finally:
+        await conn.close()
+    found = await wait_for_entries(
+        pgguard, upstream_dsn, "packed AND statement LIKE '%\u2603%'", count=2
+    )
+    assert {f["sqlstate"] for f in found} == {None, "42703"}
+    assert not any("h\u00e9llo" in f["statement"] for f in found)  # the literal is masked
+    admin = await asyncpg.connect(upstream_dsn)
+    try:
+        report = await verify(admin, schema=pgguard.settings.state.schema_name)
+        assert report.ok, report.problems
+    finally:
+        await admin.close()
+
+
 async def test_failed_statement_records_its_error(
     pgguard: PgguardThread, upstream_dsn: str
 ) -> None:
