@@ -1,7 +1,7 @@
 """Packed entries: the compact, batched form of ordinary statements in the ledger.
 
 Owns: `PackedEntry`, `session_record`, `text_record`, `record_ref`, `seal_packed` (used by
-`Chain`), `pack_body`, `unpack`, `expand`, `PACKED_FIELDS`.
+`Chain`), `pack_body`, `unpack`, `PACKED_FIELDS`.
 
 Why: an ordinary statement (allowed, no approval) is most of what the proxy sees; a full entry
 (a 30-column row with a jsonb envelope and its indexes) costs the state database far more CPU
@@ -23,11 +23,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from pgguard.ledger.model import JsonValue, utc_iso
+from pgguard.ledger.model import JsonValue
 
 PACKED_FIELDS = (
     "seq",
@@ -54,10 +53,8 @@ SESSION_KEYS = (
     "database",
     "upstream_role",
 )
-TEXT_KEYS = ("statement", "fingerprint", "categories", "rule_ids", "action")
 
 Ref = tuple[str, Mapping[str, JsonValue]]  # (ref, record)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def epoch_us(moment: float) -> int:
@@ -147,15 +144,6 @@ def text_record(
     return record_ref(record), record
 
 
-def packed_entry_id(id_prefix: str, seq: int) -> str:
-    """A packed entry's id: the chain's 16 random hex digits and the seq in 16 more.
-
-    As unique as a random id (the prefix is drawn once per chain), without a system call per
-    statement.
-    """
-    return f"{id_prefix}{seq:016x}"
-
-
 def seal_packed(
     chain_id: str,
     id_prefix: str,
@@ -169,6 +157,8 @@ def seal_packed(
     (received_us, completed_us, command_tag, rows, sqlstate, error_message)."""
     received_us, completed_us, tag, rows, sqlstate, error = outcome
     prev_hash, prev_entry_id = prev
+    # The chain's 16 random hex digits and the seq: as unique as a random id, without a system
+    # call per statement.
     entry_id = f"{id_prefix}{seq:016x}"
     canonical = orjson.dumps(
         [
@@ -279,44 +269,3 @@ def _unpack_one(fields: object, stored: object, refs: Mapping[str, object]) -> U
 def _resolved(refs: Mapping[str, object], ref: object) -> Mapping[str, object] | None:
     record = refs.get(ref) if isinstance(ref, str) else None
     return record if isinstance(record, dict) else None
-
-
-def expand(item: Unpacked) -> dict[str, object]:
-    """The entry's content in the same shape as a full statement entry's (`entry_content`)."""
-    fields = item.fields
-    session = item.session or {}
-    text = item.text or {}
-    duration = fields[12]
-    return {
-        "entry_id": item.entry_id,
-        "kind": "statement",
-        **{key: str(session.get(key, "")) for key in SESSION_KEYS},
-        "received_at": _time(fields[6]),
-        "decided_at": None,
-        "statement": str(text.get("statement", "")),
-        "fingerprint": str(text.get("fingerprint", "")),
-        "categories": _strings(text.get("categories")),
-        "rule_ids": _strings(text.get("rule_ids")),
-        "action": str(text.get("action", "")),
-        "request_id": None,
-        "approvers": [],
-        "reason": None,
-        "statement_entry_id": None,
-        "completed_at": _time(fields[7]),
-        "command_tag": fields[8],
-        "rows": fields[9],
-        "sqlstate": fields[10],
-        "error_message": fields[11],
-        "duration_ms": duration / 1000 if isinstance(duration, int) else None,
-        "detail": {},
-    }
-
-
-def _time(value: object) -> str | None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        return None
-    return utc_iso(_EPOCH + timedelta(microseconds=value))  # exact, unlike a float division
-
-
-def _strings(value: object) -> list[str]:
-    return [str(v) for v in value] if isinstance(value, list) else []

@@ -98,6 +98,7 @@ MIGRATIONS: tuple[str, ...] = (
     -- CPU it shares with the statements being recorded.
     ALTER TABLE {s}.ledger_packs ALTER COLUMN body SET STORAGE EXTERNAL;
     CREATE INDEX ledger_packs_received ON {s}.ledger_packs (last_received DESC);
+    -- The pack branch reads entries by position: the order of packed.PACKED_FIELDS.
     CREATE VIEW {s}.ledger AS
         SELECT chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, kind, instance_id,
                session_id, received_at, decided_at, agent, owner, client_address,
