@@ -96,8 +96,15 @@ class PolicyEngine:
 
     def classify(self, sql: str | bytes, ctx: Context) -> Decision:
         """Decide what to do with one SQL string. Pure apart from caches and ctx.session."""
+        return self.classify_keyed(sql, ctx)[0]
+
+    def classify_keyed(self, sql: str | bytes, ctx: Context) -> tuple[Decision, bytes | None]:
+        """`classify`, and the text's literal-blind key (`pgguard.sql.fastkey`) when it was
+        computed on the way (None otherwise): the ledger renders the masked text from it, so
+        the hot path scans the text once."""
+        blind: list[bytes] = []
         try:
-            decision = self._classify(sql, ctx)
+            decision = self._classify(sql, ctx, blind)
         except Exception:  # never raise into the proxy; fail closed instead
             log.exception("classifier failed; treating the statement as unparseable")
             facts = (unparseable_facts("internal error while classifying"),)
@@ -109,9 +116,9 @@ class PolicyEngine:
                 decision.fingerprint or "<unparseable>",
                 ", ".join(decision.rule_ids),
             )
-        return decision
+        return decision, blind[0] if blind else None
 
-    def _classify(self, sql: str | bytes, ctx: Context) -> Decision:
+    def _classify(self, sql: str | bytes, ctx: Context, blind_out: list[bytes]) -> Decision:
         if not isinstance(sql, str | bytes):
             sql = bytes(sql)  # type: ignore[unreachable]  # bytearray/memoryview off the wire
         small = len(sql) <= MAX_CACHED_TEXT
@@ -124,6 +131,7 @@ class PolicyEngine:
             if type(sql) is bytes and lex_state_is_default(ctx.lex):
                 blind = literal_blind_key(sql)
                 if blind is not None:
+                    blind_out.append(blind)
                     blind_key = (blind, ctx.agent, ctx.database, ctx.lex)
                     hit = self._blind.get(blind_key)
                     if hit is not None:

@@ -81,6 +81,10 @@ class Session:
     def server_parameters(self) -> dict[str, str]:
         return self.tracker.parameters
 
+    @property
+    def parameters_version(self) -> int:
+        return self.tracker.parameters_version
+
 
 def error_message(error: PgGuardError) -> bytes:
     return m.error_response(

@@ -81,6 +81,10 @@ class SessionView(Protocol):
     @property
     def server_parameters(self) -> dict[str, str]: ...
     @property
+    def parameters_version(self) -> int:
+        """Changes whenever ``server_parameters`` may have changed."""
+
+    @property
     def ready_count(self) -> int:
         """ReadyForQuery messages the server has sent in this session."""
 

@@ -40,12 +40,15 @@ _MASK_CACHE_TEXT = 16 * 1024  # bytes; bounds the cache at about 64 MiB of keys
 class StatementRecord:
     """A statement on its way through the proxy, until its outcome is known."""
 
-    __slots__ = ("decision", "durable_entry_id", "kind", "received", "request", "sql")
+    __slots__ = ("blind", "decision", "durable_entry_id", "kind", "received", "request", "sql")
 
-    def __init__(self, kind: str, sql: bytes, decision: Decision | None) -> None:
+    def __init__(
+        self, kind: str, sql: bytes, decision: Decision | None, blind: bytes | None = None
+    ) -> None:
         self.kind = kind
         self.sql = sql
         self.decision = decision
+        self.blind = blind  # sql's literal-blind key, when the classifier computed it
         self.received = time.time()
         self.request: ApprovalRequest | None = None
         self.durable_entry_id: str | None = None
@@ -60,7 +63,7 @@ class LedgerHooks:
         self.instance_id = instance_id
         self.upstream_role = upstream_role
         self._masked: OrderedDict[bytes, str] = OrderedDict()
-        self._texts: OrderedDict[tuple[str, Decision | None], Ref] = OrderedDict()
+        self._texts: OrderedDict[tuple[str, int], tuple[Decision | None, Ref]] = OrderedDict()
         self._sessions: dict[str, tuple[str, Ref]] = {}
 
     # --- sessions -----------------------------------------------------------------------------
@@ -187,25 +190,32 @@ class LedgerHooks:
 
     def _text_ref(self, record: StatementRecord) -> Ref:
         # Keyed by the masked text: texts differing only in literal values (simple-protocol
-        # drivers) share one record; the decision object is part of the key, and is the same
-        # object for the same literal-independent classification (the engine's caches).
+        # drivers) share one record. The decision is the engine's cached object, the same for
+        # the same literal-independent classification; its identity completes the key (hashing
+        # the object itself would walk all its fields on every statement).
         decision = record.decision
-        key = (self.masked(record.sql), decision)
-        ref = self._texts.get(key)
-        if ref is not None:
-            return ref
+        text = self._masked_text(record)
+        key = (text, id(decision))
+        cached = self._texts.get(key)
+        if cached is not None and cached[0] is decision:
+            return cached[1]
         ref = text_record(
-            jsonb_text(key[0]),  # the view reads packs as jsonb: no NUL may reach a body
+            jsonb_text(text),  # the view reads packs as jsonb: no NUL may reach a body
             jsonb_text(decision.fingerprint) if decision else "",
             [jsonb_text(c) for c in decision.categories] if decision else [],
             [jsonb_text(r) for r in decision.rule_ids] if decision else [],
             "allow",
         )
-        if len(key[0]) <= _MASK_CACHE_TEXT:
-            self._texts[key] = ref
+        if len(text) <= _MASK_CACHE_TEXT:
+            self._texts[key] = (decision, ref)
             if len(self._texts) > _MASK_CACHE:
                 self._texts.popitem(last=False)
         return ref
+
+    def _masked_text(self, record: StatementRecord) -> str:
+        if record.blind is not None:
+            return record.blind.decode("ascii")  # the literal-blind rendering, as in `masked`
+        return self.masked(record.sql)
 
     def _entry(self, session: SessionView, kind: str, at: float, **fields: object) -> LedgerEntry:
         return LedgerEntry(
@@ -249,7 +259,7 @@ class LedgerHooks:
         else:
             fields["action"] = "allow"
         return self._entry(
-            session, "statement", record.received, statement=self.masked(record.sql), **fields
+            session, "statement", record.received, statement=self._masked_text(record), **fields
         )
 
     def masked(self, sql: bytes) -> str:

@@ -44,6 +44,7 @@ from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.settings import UpstreamSettings
+from pgguard.sql.classify import StatementFacts
 from pgguard.wire.outcomes import Outcome
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
@@ -58,6 +59,9 @@ class _SessionPolicy:
 
     tracker: SessionTracker
     contexts: dict[tuple[bool, str], Context] = field(default_factory=dict)
+    context: Context | None = None  # the last one, valid while parameters_version is unchanged
+    context_version: int = -1
+    last_decision: tuple[bytes, Context, Decision] | None = None  # see _classify_remembered
     lex_pending_until: int = 0  # ReadyForQuery count at which a lexing change is confirmed
     last_record: StatementRecord | None = None  # the statement just allowed, for the ledger
     hold_record: StatementRecord | None = None  # the statement being held
@@ -129,10 +133,10 @@ class PolicyGate(Gate):
         state = self._state(session)
         ctx = self._context(session, state)
         if event.kind == "query":
-            decision = self.engine.classify(event.sql, ctx)
-            return self._verdict(session, state, decision, event)
+            decision, blind = self.engine.classify_keyed(event.sql, ctx)
+            return self._verdict(session, state, decision, event, blind)
         if event.kind == "parse":
-            decision = self.engine.classify(event.sql, ctx)
+            decision = self._classify_remembered(state, event.sql, ctx)
             if event.statement and decision.facts:
                 state.tracker.remember_all(event.statement, decision.facts)
             if decision.action == "deny":
@@ -151,16 +155,39 @@ class PolicyGate(Gate):
             # as the EXECUTE it amounts to, so the session tracker supplies what it runs.
             decision = self.engine.classify(f'EXECUTE "{_quote_ident(event.statement)}"', ctx)
             return self._verdict(session, state, decision, event)
-        decisions = [self.engine.classify(text, ctx) for text in event.candidates]
+        candidates = event.candidates
+        if len(candidates) == 1:
+            return self._verdict(
+                session, state, self._classify_remembered(state, candidates[0], ctx), event
+            )
+        decisions = [self.engine.classify(text, ctx) for text in candidates]
         strictest = max(decisions, key=lambda d: _ACTION_ORDER[d.action])
         return self._verdict(session, state, strictest, event)
 
+    def _classify_remembered(self, state: _SessionPolicy, sql: bytes, ctx: Context) -> Decision:
+        """``classify``, remembering the last text's decision: a Parse and the Execute of its
+        portal (or repeated Executes of one prepared statement) ask about the same text in the
+        same context. Only decisions that do not depend on the session's prepared statements
+        are remembered - exactly those the engine's own cache may keep."""
+        last = state.last_decision
+        if last is not None and last[1] is ctx and last[0] == sql:
+            return last[2]
+        decision = self.engine.classify(sql, ctx)
+        if not any(_touches_session(f) for f in decision.facts):
+            state.last_decision = (sql, ctx, decision)
+        return decision
+
     def _verdict(
-        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        decision: Decision,
+        event: SqlEvent,
+        blind: bytes | None = None,
     ) -> Verdict:
         verdict = self._judge(session, state, decision, event)
         if self.ledger is not None:
-            record = StatementRecord(event.kind, event.sql, decision)
+            record = StatementRecord(event.kind, event.sql, decision, blind)
             if verdict is ALLOW:
                 state.last_record = record
             elif isinstance(verdict, Deny):
@@ -362,6 +389,9 @@ class PolicyGate(Gate):
     def _context(self, session: SessionView, state: _SessionPolicy) -> Context:
         if state.lex_pending_until > session.ready_count:
             return Context(session.agent, session.database, PENDING_LEX_STATE, state.tracker)
+        version = session.parameters_version
+        if state.context is not None and state.context_version == version:
+            return state.context  # no ParameterStatus since: the same lexing state
         params = session.server_parameters
         key = (
             params.get("standard_conforming_strings", "on") == "on",
@@ -371,12 +401,17 @@ class PolicyGate(Gate):
         if ctx is None:
             ctx = Context(session.agent, session.database, LexState(*key), state.tracker)
             state.contexts[key] = ctx
+        state.context, state.context_version = ctx, version
         return ctx
 
     def _note_lexing(self, session: SessionView, state: _SessionPolicy, decision: Decision) -> None:
         if decision.changes_lexing:
             # Confirmed by the ReadyForQuery that follows every reply owed so far.
             state.lex_pending_until = session.ready_count + session.replies_owed + 1
+
+
+def _touches_session(facts: StatementFacts) -> bool:
+    return bool(facts.executes or facts.deallocates) or facts.prepares is not None
 
 
 def _quote_ident(name: str) -> str:

@@ -50,6 +50,7 @@ class BackendTracker:
         "on_finished",
         "outcomes",
         "parameters",
+        "parameters_version",
         "ready_count",
         "saw_fatal",
         "txn_status",
@@ -58,6 +59,7 @@ class BackendTracker:
     def __init__(self, parameters: dict[str, str] | None = None) -> None:
         self.txn_status = b"I"
         self.parameters: dict[str, str] = dict(parameters or {})
+        self.parameters_version = 0  # bumped by every ParameterStatus (the lexing state may move)
         self.ready_count = 0  # ReadyForQuery messages seen since the session started
         self.saw_fatal = False  # the server sent a FATAL error (it is about to close)
         self.outcomes: OutcomeTracker | None = None
@@ -151,6 +153,7 @@ class BackendTracker:
         elif type_byte == 0x53:
             name, value = m.decode_parameter_status(body)
             self.parameters[name] = value
+            self.parameters_version += 1
         elif type_byte == 0x45:
             self.saw_fatal = self.saw_fatal or body.startswith(_FATAL_FIELDS)
             if self.outcomes is not None:

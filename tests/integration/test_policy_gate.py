@@ -222,3 +222,32 @@ def test_observe_mode_lets_everything_through_and_says_so(
         assert not victim_exists(direct_dsn)
     finally:
         thread.stop()
+
+
+def test_execute_of_a_sql_prepared_name_is_judged_by_what_it_names_now(
+    guarded: ProxyThread,
+) -> None:
+    """A text that runs a SQL-prepared statement is never remembered: what the name runs can
+    change between two Executes of the same portal text."""
+    from pgguard.wire import messages as m
+
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    bind = m.message(ord("B"), b"\x00\x00\x00\x00\x00\x00\x00\x00")
+    execute = m.message(ord("E"), b"\x00\x00\x00\x00\x00")
+    sync = m.message(ord("S"))
+    raw.send(m.query("PREPARE flip AS SELECT 1"))
+    assert raw.recv_until("Z")[-1] == ("Z", b"I")
+    raw.send(m.parse("", "EXECUTE flip") + bind + execute + sync)
+    assert [t for t, _ in raw.recv_until("Z")] == ["1", "2", "D", "C", "Z"]
+    raw.send(m.query("DEALLOCATE flip"))
+    assert raw.recv_until("Z")[-1] == ("Z", b"I")
+    # Refused, and still taken as flip's meaning by the gate (it cannot know what the server
+    # did): the next EXECUTE flip must be refused by pgguard (42501), not reach the server
+    # (which would answer 26000, no such statement).
+    raw.send(m.query("PREPARE flip AS SELECT lo_export(1, '/tmp/pgguard-flip')"))
+    assert error_fields(raw.recv_until("Z")[0][1]).sqlstate == "42501"
+    raw.send(m.parse("", "EXECUTE flip") + bind + execute + sync)
+    replies = raw.recv_until("Z")
+    assert [t for t, _ in replies] == ["1", "2", "E", "Z"]
+    assert error_fields(replies[2][1]).sqlstate == "42501"
