@@ -55,6 +55,8 @@ SESSION_KEYS = (
 )
 
 Ref = tuple[str, Mapping[str, JsonValue]]  # (ref, record)
+# (received_us, completed_us, command_tag, rows, sqlstate, error_message)
+PackedOutcome = tuple[int, int, str | None, int | None, str | None, str | None]
 
 
 def epoch_us(moment: float) -> int:
@@ -183,13 +185,13 @@ def seal_packed(
 
 def pack_body(entries: Sequence[PackedEntry]) -> str:
     """The ``ledger_packs.body`` of ``entries`` (one chain, seq order)."""
-    refs: dict[str, Mapping[str, JsonValue]] = {}
-    for entry in entries:
-        refs[entry.session[0]] = entry.session[1]
-        refs[entry.text[0]] = entry.text[1]
+    # Entries of one session and statement share their record objects: collect each once.
+    records = {id(e.session): e.session for e in entries}
+    records.update({id(e.text): e.text for e in entries})
+    refs: dict[str, Mapping[str, JsonValue]] = dict(records.values())
     body = (
         b'{"entries":['
-        + b",".join(e.canonical for e in entries)
+        + b",".join([e.canonical for e in entries])
         + b'],"hashes":'
         + orjson.dumps([e.hash for e in entries])
         + b',"refs":'

@@ -289,11 +289,17 @@ class LedgerStore:
         """Store ``batch`` in one transaction (entries already stored are left as they are)."""
         if not batch:
             return
-        rows = [row_values(s, _entry_part(s)) for s in batch if isinstance(s, SealedEntry)]
+        rows: list[tuple[object, ...]] = []
         packs: dict[str, list[PackedEntry]] = {}
         for sealed in batch:
-            if isinstance(sealed, PackedEntry):
-                packs.setdefault(sealed.chain_id, []).append(sealed)
+            if type(sealed) is PackedEntry:
+                chain = packs.get(sealed.chain_id)
+                if chain is None:
+                    chain = packs[sealed.chain_id] = []
+                chain.append(sealed)
+            else:
+                assert isinstance(sealed, SealedEntry)
+                rows.append(row_values(sealed, _entry_part(sealed)))
         try:
             await asyncio.wait_for(self._insert_rows(rows, packs), self._timeout)
         except PgGuardError:

@@ -16,6 +16,11 @@ overflow and failure path. Entries are sealed (chain seq + hash) in the order th
   entries stay queued in memory so the chain has no gap.
 - The shipper task ships the queue in batches every ``flush_interval`` (or when a batch is full),
   and in spool mode drains the spool into the database when it is reachable again.
+- *Feeders* (`add_feeder`) let a producer defer its cheapest entries: a feeder is called before
+  anything else is sealed (`record`, `record_durable`), before each shipping round, and by
+  `flush`/`stats`, and hands over what it holds through `record_packed_many`. Sealing then runs
+  as one tight loop per batch instead of once per statement inside the relay's callbacks, and
+  the chain order is still the order in which the producer recorded.
 
 Order: while in spool mode every new entry goes to the spool, behind what is already there; the
 queue then only holds entries older than the spool's, and the shipper ships the queue first. The
@@ -36,12 +41,13 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pgguard.ledger.chain import Chain, Sealed, new_chain_id
 from pgguard.ledger.model import LedgerEntry, LedgerUnavailable
-from pgguard.ledger.packed import Ref
+from pgguard.ledger.packed import PackedOutcome, Ref
 from pgguard.ledger.spool import Spool, SpoolError
 from pgguard.ledger.store import LedgerStore, LedgerStoreUnavailable
 
@@ -94,6 +100,7 @@ class LedgerWriter:
         self._recorded = self._shipped = self._spooled = self._lost = 0
         self._durable_seq = 0  # every entry of this chain up to here is in the DB or fsync'd
         self._spooled_seq = 0  # the newest entry of this chain appended to the spool
+        self._feeders: list[Callable[[], None]] = []
 
     @classmethod
     async def open(
@@ -140,7 +147,23 @@ class LedgerWriter:
     def chain_id(self) -> str:
         return self._chain.chain_id
 
+    def add_feeder(self, feeder: Callable[[], None]) -> None:
+        """Call ``feeder`` before sealing or shipping anything (see the module docstring)."""
+        self._feeders.append(feeder)
+
+    def wake(self) -> None:
+        """Ask the shipper to run soon (a feeder holds a batch's worth)."""
+        self._wake.set()
+
+    def _feed(self) -> None:
+        for feeder in self._feeders:
+            try:
+                feeder()
+            except Exception:  # a producer's bug must not stop the ledger
+                log.exception("ledger: a feeder failed")
+
     def stats(self) -> WriterStats:
+        self._feed()
         return WriterStats(
             recorded=self._recorded,
             shipped=self._shipped,
@@ -154,6 +177,7 @@ class LedgerWriter:
 
     def record(self, entry: LedgerEntry) -> None:
         """Seal and enqueue ``entry`` (or spool it when the queue is full). Never raises."""
+        self._feed()
         try:
             sealed = self._chain.seal(entry)
         except (ValueError, TypeError) as exc:
@@ -166,7 +190,7 @@ class LedgerWriter:
         self,
         session: Ref,
         text: Ref,
-        outcome: tuple[int, int, str | None, int | None, str | None, str | None],
+        outcome: PackedOutcome,
     ) -> str:
         """Seal an ordinary statement in the packed form and enqueue it, like `record`; its
         entry id.
@@ -179,6 +203,13 @@ class LedgerWriter:
         sealed = self._chain.seal_packed(session, text, outcome)
         self._enqueue(sealed)
         return sealed.entry_id
+
+    def record_packed_many(self, items: Iterable[tuple[Ref, Ref, PackedOutcome]]) -> None:
+        """`record_packed` for each (session, text, outcome), in order (what feeders call)."""
+        seal = self._chain.seal_packed
+        enqueue = self._enqueue
+        for session, text, outcome in items:
+            enqueue(seal(session, text, outcome))
 
     def _enqueue(self, sealed: Sealed) -> None:
         self._recorded += 1
@@ -202,6 +233,7 @@ class LedgerWriter:
         fsync'd in the spool; raise `LedgerUnavailable` when neither is possible."""
         if self._closed:
             raise LedgerUnavailable("the ledger is closed")
+        self._feed()
         try:
             sealed = self._chain.seal(entry)
         except (ValueError, TypeError) as exc:
@@ -294,6 +326,7 @@ class LedgerWriter:
         # One partial batch per wake-up at most: entries keep arriving while a batch is on its
         # way, and chasing them with a stream of small batches costs the state database (and
         # this process) a transaction per few entries. So after the first batch, only full ones.
+        self._feed()
         first = True
         while self._queue and not self._spooling:
             if not (first or everything or len(self._queue) >= self._batch_size):
@@ -402,8 +435,12 @@ class LedgerWriter:
         self._shipped += len(batch)
         last = batch[-1].seq
         self._durable_seq = max(self._durable_seq, last)
-        while self._queue and self._queue[0].seq <= last:
-            self._queue.popleft()
+        queue = self._queue
+        if queue and queue[-1].seq <= last:
+            queue.clear()  # the usual case: the batch was the whole queue
+            return
+        while queue and queue[0].seq <= last:
+            queue.popleft()
 
     def _database_due(self) -> bool:
         return time.monotonic() >= self._db_retry_at

@@ -9,6 +9,9 @@
 * An ordinary statement (allowed, no approval): one entry with its outcome once the server has
   answered, in the packed form (``LedgerWriter.record_packed`` seals a short array and queues it;
   the session's fields and the masked text are records cached here and stored once per pack).
+  The relay's callback only notes it (one append); the hooks are the writer's *feeder*, so the
+  masking, the records and the sealing run in batches - before anything else is written (which
+  keeps the chain in recording order) and before each shipping round.
 
 Statement text is always masked. Masking parses the statement, so its result is cached by the
 exact text: drivers that use parameters repeat the same text, and the cache makes those free.
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from pgguard.ledger import LedgerEntry, LedgerWriter
 from pgguard.ledger.model import jsonb_text
-from pgguard.ledger.packed import Ref, epoch_us, session_record, text_record
+from pgguard.ledger.packed import PackedOutcome, Ref, epoch_us, session_record, text_record
 from pgguard.masking import MaskingRules, mask_sql
 from pgguard.sql.fastkey import literal_blind_key
 from pgguard.wire.outcomes import Outcome
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 _MASK_CACHE = 4096
 _MASK_CACHE_TEXT = 16 * 1024  # bytes; bounds the cache at about 64 MiB of keys
+_PENDING_BATCH = 256  # noted statements that make the shipper run now (else: flush_interval)
 
 
 class StatementRecord:
@@ -65,6 +69,10 @@ class LedgerHooks:
         self._masked: OrderedDict[bytes, str] = OrderedDict()
         self._texts: OrderedDict[tuple[str, int], tuple[Decision | None, Ref]] = OrderedDict()
         self._sessions: dict[str, tuple[str, Ref]] = {}
+        # Ordinary statements not yet handed to the writer: (session record, statement, when
+        # it completed, outcome); see `drain`.
+        self._pending: list[tuple[Ref, StatementRecord, float, Outcome]] = []
+        writer.add_feeder(self.drain)
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -115,27 +123,24 @@ class LedgerHooks:
 
     def finished(self, session: SessionView, record: StatementRecord, outcome: Outcome) -> None:
         now = time.time()
-        tag = outcome.tags[-1] if outcome.tags else None
-        if tag is None and outcome.suspended:
-            tag = "PORTAL SUSPENDED"
-        error = outcome.message
-        if error is None and outcome.skipped:
-            error = "skipped: an earlier statement of its pipeline failed"
-        rows = outcome.rows
         decision = record.decision
         if (
             record.request is None
             and record.durable_entry_id is None
             and (decision is None or decision.action == "allow")
         ):
-            self._packed(session, record, now, tag, rows, outcome.sqlstate, error)
+            # The session record now: its application_name is the one the statement ran under.
+            pending = self._pending
+            pending.append((self._session_ref(session), record, now, outcome))
+            if len(pending) >= _PENDING_BATCH:
+                self.writer.wake()
             return
         fields: dict[str, object] = {
             "completed_at": _when(now),
-            "command_tag": tag,
-            "rows": rows,
+            "command_tag": _command_tag(outcome),
+            "rows": outcome.rows,
             "sqlstate": outcome.sqlstate,
-            "error_message": error,
+            "error_message": _error_message(outcome),
             "duration_ms": (now - record.received) * 1e3,
         }
         if record.durable_entry_id is not None:
@@ -152,22 +157,29 @@ class LedgerHooks:
             entry = self._statement(session, record, **fields)
         self.writer.record(entry)
 
-    # --- building entries (one construction each: they are on the hot path) --------------------
-
-    def _packed(
-        self,
-        session: SessionView,
-        record: StatementRecord,
-        now: float,
-        tag: str | None,
-        rows: int | None,
-        sqlstate: str | None,
-        error: str | None,
-    ) -> None:
-        """An ordinary statement, in the packed form (see `pgguard.ledger.packed`)."""
-        outcome = (epoch_us(record.received), epoch_us(now), tag, rows, sqlstate, error)
-        self.writer.record_packed(
-            self._session_ref(session), self._text_ref(record), _clean_outcome(outcome)
+    def drain(self) -> None:
+        """Hand the noted ordinary statements to the writer, in order (the writer's feeder)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        text_ref = self._text_ref
+        self.writer.record_packed_many(
+            [
+                (
+                    session_ref,
+                    text_ref(record),
+                    _packed_outcome(
+                        epoch_us(record.received),
+                        epoch_us(completed),
+                        _command_tag(outcome),
+                        outcome.rows,
+                        outcome.sqlstate,
+                        _error_message(outcome),
+                    ),
+                )
+                for session_ref, record, completed, outcome in pending
+            ]
         )
 
     def _session_ref(self, session: SessionView) -> Ref:
@@ -295,12 +307,30 @@ def _when(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
 
 
-def _clean_outcome(
-    outcome: tuple[int, int, str | None, int | None, str | None, str | None],
-) -> tuple[int, int, str | None, int | None, str | None, str | None]:
-    received, completed, tag, rows, sqlstate, error = outcome
+def _command_tag(outcome: Outcome) -> str | None:
+    tag = outcome.tags[-1] if outcome.tags else None
+    if tag is None and outcome.suspended:
+        return "PORTAL SUSPENDED"
+    return tag
+
+
+def _error_message(outcome: Outcome) -> str | None:
+    if outcome.message is None and outcome.skipped:
+        return "skipped: an earlier statement of its pipeline failed"
+    return outcome.message
+
+
+def _packed_outcome(
+    received: int,
+    completed: int,
+    tag: str | None,
+    rows: int | None,
+    sqlstate: str | None,
+    error: str | None,
+) -> PackedOutcome:
+    """The outcome array's fields, made jsonb-safe (the view reads packs as jsonb)."""
     if _plain(tag) and _plain(error) and _plain(sqlstate):
-        return outcome
+        return received, completed, tag, rows, sqlstate, error
     return (
         received,
         completed,

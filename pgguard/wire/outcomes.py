@@ -15,43 +15,44 @@ statement's substitute) and feeds what the server says; ``ready`` returns the fi
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 
-@dataclass(slots=True)
 class Outcome:
-    """How one statement ended."""
+    """How one statement ended (and, while it runs, where its replies go)."""
 
-    tags: list[str] = field(default_factory=list)  # CommandComplete tags, in order
-    sqlstate: str | None = None
-    message: str | None = None
-    skipped: bool = False  # never ran: an earlier statement of its pipeline failed
-    suspended: bool = False  # Execute stopped at its row limit (PortalSuspended)
+    __slots__ = ("done", "message", "multi", "skipped", "sqlstate", "suspended", "tags", "token")
+
+    def __init__(self, token: object = None, multi: bool = False) -> None:
+        self.token = token  # the caller's, for the statement this outcome belongs to
+        self.multi = multi  # a simple Query: several completions, until ReadyForQuery
+        self.done = False
+        self.tags: list[str] = []  # CommandComplete tags, in order
+        self.sqlstate: str | None = None
+        self.message: str | None = None
+        self.skipped = False  # never ran: an earlier statement of its pipeline failed
+        self.suspended = False  # Execute stopped at its row limit (PortalSuspended)
 
     @property
     def rows(self) -> int | None:
         """Rows affected or returned, from the last tag that carries a count."""
-        for tag in reversed(self.tags):
-            last = tag.rsplit(" ", 1)[-1]
-            if last.isdigit() and " " in tag:
+        tags = self.tags
+        if tags:
+            head, _, last = tags[-1].rpartition(" ")
+            if head and last.isdigit():
+                return int(last)
+        for tag in reversed(tags[:-1]):
+            head, _, last = tag.rpartition(" ")
+            if head and last.isdigit():
                 return int(last)
         return None
-
-
-@dataclass(slots=True)
-class _Slot:
-    token: object
-    multi: bool  # a simple Query: several completions, until ReadyForQuery
-    outcome: Outcome = field(default_factory=Outcome)
-    done: bool = False
 
 
 class OutcomeTracker:
     __slots__ = ("_groups", "_open")
 
     def __init__(self) -> None:
-        self._groups: deque[list[_Slot]] = deque()  # each ends with one ReadyForQuery
-        self._open: list[_Slot] | None = None  # extended-protocol messages since the last Sync
+        self._groups: deque[list[Outcome]] = deque()  # each ends with one ReadyForQuery
+        self._open: list[Outcome] | None = None  # extended-protocol messages since the last Sync
 
     # --- what the client sent (in forwarding order) ---------------------------------------
 
@@ -59,14 +60,14 @@ class OutcomeTracker:
         """A simple Query (or FunctionCall): it ends its group, with any unsynced extended
         messages before it (the server treats the Query as their end too)."""
         group = self._open if self._open is not None else []
-        group.append(_Slot(token, multi=True))
+        group.append(Outcome(token, multi=True))
         self._groups.append(group)
         self._open = None
 
     def execute(self, token: object) -> None:
         if self._open is None:
             self._open = []
-        self._open.append(_Slot(token, multi=False))
+        self._open.append(Outcome(token))
 
     def sync(self) -> None:
         self._groups.append(self._open if self._open is not None else [])
@@ -77,7 +78,7 @@ class OutcomeTracker:
     def command_complete(self, tag: str) -> None:
         slot = self._current()
         if slot is not None:
-            slot.outcome.tags.append(tag)
+            slot.tags.append(tag)
             slot.done = not slot.multi
 
     def empty_query(self) -> None:
@@ -88,7 +89,7 @@ class OutcomeTracker:
     def portal_suspended(self) -> None:
         slot = self._current()
         if slot is not None:
-            slot.outcome.suspended = True
+            slot.suspended = True
             slot.done = True
 
     def error(self, sqlstate: str, message: str) -> None:
@@ -99,10 +100,10 @@ class OutcomeTracker:
         if not waiting:
             return
         first, rest = waiting[0], waiting[1:]
-        first.outcome.sqlstate, first.outcome.message = sqlstate, message
+        first.sqlstate, first.message = sqlstate, message
         first.done = True
         for slot in rest:
-            slot.outcome.skipped = True
+            slot.skipped = True
             slot.done = True
 
     def ready(self) -> list[tuple[object, Outcome]]:
@@ -110,20 +111,20 @@ class OutcomeTracker:
         if not self._groups:
             return []
         group = self._groups.popleft()
-        return [(slot.token, slot.outcome) for slot in group if slot.token is not None]
+        return [(slot.token, slot) for slot in group if slot.token is not None]
 
     @property
     def pending(self) -> int:
         return len(self._groups) + (1 if self._open else 0)
 
-    def _head(self) -> list[_Slot] | None:
+    def _head(self) -> list[Outcome] | None:
         # Replies to unsynced extended messages arrive before their Sync when the client sent
         # a Flush (53.2.3), so the open group is the head when nothing else is waiting.
         if self._groups:
             return self._groups[0]
         return self._open
 
-    def _current(self) -> _Slot | None:
+    def _current(self) -> Outcome | None:
         head = self._head()
         if head is None:
             return None
