@@ -22,7 +22,7 @@ from pgguard.ledger import (
     query,
     verify,
 )
-from pgguard.ledger.packed import text_record
+from pgguard.ledger.packed import PackedOutcome, Ref, epoch_us, text_record
 from tests.integration.ledger.conftest import SESSION, T0, entry
 
 APPROVER = {"id": "bob@example.com", "name": "Bob", "channel": "teams", "comment": "fine"}
@@ -247,3 +247,55 @@ async def test_record_is_cheap(writer: LedgerWriter) -> None:
     print(f"record(): {per_record_us:.1f} us")
     assert per_record_us < 500  # generous: CI machines vary; typical is far lower
     await writer.flush()
+
+
+async def test_a_feeders_entries_keep_their_place_in_the_chain(
+    upstream_dsn: str, state_schema: str, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """What a feeder holds (the proxy's noted ordinary statements) is sealed before anything
+    recorded after it: a full entry, a durable one, or the final flush."""
+    writer = await LedgerWriter.open(
+        upstream_dsn, schema=state_schema, spool_dir=tmp_path, instance_id="feeder"
+    )
+    held: list[tuple[Ref, Ref, PackedOutcome]] = []
+
+    def feeder() -> None:
+        items = held[:]
+        held.clear()
+        writer.record_packed_many(items)
+
+    def note(tag: str) -> None:
+        received = epoch_us(T0.timestamp())
+        held.append((SESSION, text, (received, received + 10, tag, 1, None, None)))
+
+    text = text_record("SELECT ?", "fp", ["read"], ["read.default"], "allow")
+    writer.add_feeder(feeder)
+    try:
+        note("SELECT 1")
+        note("SELECT 2")
+        writer.record(entry(statement="full after two noted"))
+        note("SELECT 3")
+        await writer.record_durable(entry(statement="durable after the third", action="hold"))
+        note("SELECT 4")
+        assert writer.stats().recorded == 6  # stats feeds too
+        await writer.flush()
+    finally:
+        await writer.close()
+    rows = await admin.fetch(
+        f'SELECT statement, command_tag FROM "{state_schema}".ledger '
+        "WHERE chain_id = $1 ORDER BY seq",
+        writer.chain_id,
+    )
+    assert [(r["statement"], r["command_tag"]) for r in rows if r["statement"] != "SELECT ?"] == [
+        ("full after two noted", None),
+        ("durable after the third", None),
+    ]
+    assert [r["command_tag"] or r["statement"] for r in rows] == [
+        "SELECT 1",
+        "SELECT 2",
+        "full after two noted",
+        "SELECT 3",
+        "durable after the third",
+        "SELECT 4",
+    ]
+    assert (await verify(admin, schema=state_schema)).ok
