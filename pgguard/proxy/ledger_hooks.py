@@ -19,6 +19,7 @@ exact text: drivers that use parameters repeat the same text, and the cache make
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -36,9 +37,12 @@ if TYPE_CHECKING:
     from pgguard.policy import Decision
     from pgguard.proxy.gate import SessionView
 
+log = logging.getLogger(__name__)
+
 _MASK_CACHE = 4096
 _MASK_CACHE_TEXT = 16 * 1024  # bytes; bounds the cache at about 64 MiB of keys
 _PENDING_BATCH = 256  # noted statements that make the shipper run now (else: flush_interval)
+_PENDING_MAX = 4096  # ... and that are sealed at once, when the shipper does not come
 
 
 class StatementRecord:
@@ -134,6 +138,10 @@ class LedgerHooks:
             pending.append((self._session_ref(session), record, now, outcome))
             if len(pending) >= _PENDING_BATCH:
                 self.writer.wake()
+                if len(pending) >= _PENDING_MAX:
+                    # The shipper is stuck (a slow state database): seal here, so the writer's
+                    # bounded queue and its spool take over - memory stays bounded.
+                    self.drain()
             return
         fields: dict[str, object] = {
             "completed_at": _when(now),
@@ -163,24 +171,15 @@ class LedgerHooks:
         if not pending:
             return
         self._pending = []
-        text_ref = self._text_ref
-        self.writer.record_packed_many(
-            [
-                (
-                    session_ref,
-                    text_ref(record),
-                    _packed_outcome(
-                        epoch_us(record.received),
-                        epoch_us(completed),
-                        _command_tag(outcome),
-                        outcome.rows,
-                        outcome.sqlstate,
-                        _error_message(outcome),
-                    ),
+        items: list[tuple[Ref, Ref, PackedOutcome]] = []
+        for session_ref, record, completed, outcome in pending:
+            try:
+                items.append(
+                    (session_ref, self._text_ref(record), _outcome_of(record, completed, outcome))
                 )
-                for session_ref, record, completed, outcome in pending
-            ]
-        )
+            except Exception:  # one statement that cannot be rendered must not cost the others
+                log.exception("ledger: could not record a statement")
+        self.writer.record_packed_many(items)
 
     def _session_ref(self, session: SessionView) -> Ref:
         cached = self._sessions.get(session.session_id)
@@ -305,6 +304,17 @@ class LedgerHooks:
 
 def _when(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
+
+
+def _outcome_of(record: StatementRecord, completed: float, outcome: Outcome) -> PackedOutcome:
+    return _packed_outcome(
+        epoch_us(record.received),
+        epoch_us(completed),
+        _command_tag(outcome),
+        outcome.rows,
+        outcome.sqlstate,
+        _error_message(outcome),
+    )
 
 
 def _command_tag(outcome: Outcome) -> str | None:
