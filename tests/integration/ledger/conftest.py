@@ -64,6 +64,14 @@ def record_packed(
     return writer.record_packed(SESSION, text, (received, received + 1500, tag, 1, None, None))
 
 
+async def chain_rows(admin: asyncpg.Connection, schema: str, chain_id: str) -> list[asyncpg.Record]:
+    """One chain's entries from the ``ledger`` view (full and packed alike), in seq order."""
+    rows: list[asyncpg.Record] = await admin.fetch(
+        f'SELECT * FROM "{schema}".ledger WHERE chain_id = $1 ORDER BY seq', chain_id
+    )
+    return rows
+
+
 @pytest.fixture(scope="module")
 def state_schema() -> str:
     return f"pgguard_ledger_test_{secrets.token_hex(4)}"

@@ -14,6 +14,7 @@ from pgguard.proxy.connection import Session
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.wire.backend import BackendTracker
 from pgguard.wire.outcomes import Outcome
+from tests.integration.ledger.conftest import chain_rows
 
 
 def completed(tag: str) -> Outcome:
@@ -41,11 +42,7 @@ async def test_noted_statements_are_sealed_in_order_and_memory_stays_bounded(
         await writer.flush()
     finally:
         await writer.close()
-    rows = await admin.fetch(
-        f'SELECT statement, command_tag, sqlstate FROM "{state_schema}".ledger '
-        "WHERE chain_id = $1 ORDER BY seq",
-        writer.chain_id,
-    )
+    rows = await chain_rows(admin, state_schema, writer.chain_id)
     assert len(rows) == count + 1
     assert all(r["statement"] == "SELECT 0" and r["command_tag"] == "SELECT 1" for r in rows[:-1])
     assert (rows[-1]["statement"], rows[-1]["sqlstate"]) == ("DROP TABLE t", "42501")

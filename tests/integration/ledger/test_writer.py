@@ -23,7 +23,7 @@ from pgguard.ledger import (
     verify,
 )
 from pgguard.ledger.packed import PackedOutcome, Ref, epoch_us, text_record
-from tests.integration.ledger.conftest import SESSION, T0, entry
+from tests.integration.ledger.conftest import SESSION, T0, chain_rows, entry
 
 APPROVER = {"id": "bob@example.com", "name": "Bob", "channel": "teams", "comment": "fine"}
 
@@ -281,11 +281,7 @@ async def test_a_feeders_entries_keep_their_place_in_the_chain(
         await writer.flush()
     finally:
         await writer.close()
-    rows = await admin.fetch(
-        f'SELECT statement, command_tag FROM "{state_schema}".ledger '
-        "WHERE chain_id = $1 ORDER BY seq",
-        writer.chain_id,
-    )
+    rows = await chain_rows(admin, state_schema, writer.chain_id)
     assert [(r["statement"], r["command_tag"]) for r in rows if r["statement"] != "SELECT ?"] == [
         ("full after two noted", None),
         ("durable after the third", None),
