@@ -22,14 +22,21 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
 
 from pgguard.ledger.model import JsonValue, LedgerEntry, entry_content, entry_from_content
-from pgguard.ledger.packed import PACKED_FIELDS, PackedEntry, Ref, record_ref, seal_packed
+from pgguard.ledger.packed import (
+    PACKED_FIELDS,
+    PackedEntry,
+    PackedOutcome,
+    Ref,
+    record_ref,
+    seal_packed_many,
+)
 
 GENESIS = "0" * 64
 
@@ -193,23 +200,24 @@ class Chain:
         self._last_entry_id = entry.entry_id
         return sealed
 
-    def seal_packed(
-        self,
-        session: Ref,
-        text: Ref,
-        outcome: tuple[int, int, str | None, int | None, str | None, str | None],
-    ) -> PackedEntry:
+    def seal_packed(self, session: Ref, text: Ref, outcome: PackedOutcome) -> PackedEntry:
         """Seal an ordinary statement in the packed form (see `pgguard.ledger.packed`)."""
-        sealed = seal_packed(
+        return self.seal_packed_many([(session, text, outcome)])[0]
+
+    def seal_packed_many(
+        self, items: Iterable[tuple[Ref, Ref, PackedOutcome]]
+    ) -> list[PackedEntry]:
+        """`seal_packed` for each item, in order, in one loop."""
+        sealed = seal_packed_many(
             self.chain_id,
             self._id_prefix,
             self._next_seq,
             (self._last_hash, self._last_entry_id),
-            session,
-            text,
-            outcome,
+            items,
         )
-        self._next_seq += 1
-        self._last_hash = sealed.hash
-        self._last_entry_id = sealed.entry_id
+        if sealed:
+            last = sealed[-1]
+            self._next_seq = last.seq + 1
+            self._last_hash = last.hash
+            self._last_entry_id = last.entry_id
         return sealed

@@ -21,7 +21,7 @@ can never be mistaken for each other).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -153,34 +153,57 @@ def seal_packed(
     prev: tuple[str, str],
     session: Ref,
     text: Ref,
-    outcome: tuple[int, int, str | None, int | None, str | None, str | None],
+    outcome: PackedOutcome,
 ) -> PackedEntry:
     """Seal one packed entry after ``prev`` (its predecessor's hash and id); ``outcome`` is
     (received_us, completed_us, command_tag, rows, sqlstate, error_message)."""
-    received_us, completed_us, tag, rows, sqlstate, error = outcome
+    return seal_packed_many(chain_id, id_prefix, seq, prev, [(session, text, outcome)])[0]
+
+
+def seal_packed_many(
+    chain_id: str,
+    id_prefix: str,
+    seq: int,
+    prev: tuple[str, str],
+    items: Iterable[tuple[Ref, Ref, PackedOutcome]],
+) -> list[PackedEntry]:
+    """Seal ``items`` in order, the first after ``prev``, with seqs from ``seq`` on.
+
+    One loop with everything in local variables: this runs for every ordinary statement.
+    """
     prev_hash, prev_entry_id = prev
-    # The chain's 16 random hex digits and the seq: as unique as a random id, without a system
-    # call per statement.
-    entry_id = f"{id_prefix}{seq:016x}"
-    canonical = orjson.dumps(
-        [
-            seq,
-            entry_id,
-            prev_entry_id,
-            prev_hash,
-            session[0],
-            text[0],
-            received_us,
-            completed_us,
-            tag,
-            rows,
-            sqlstate,
-            error,
-            completed_us - received_us,
-        ]
-    )
-    digest = hashlib.sha256(prev_hash.encode("ascii") + canonical).hexdigest()
-    return PackedEntry(chain_id, seq, entry_id, digest, canonical, session, text, received_us)
+    dumps = orjson.dumps
+    sha256 = hashlib.sha256
+    sealed: list[PackedEntry] = []
+    append = sealed.append
+    for session, text, (received_us, completed_us, tag, rows, sqlstate, error) in items:
+        # The chain's 16 random hex digits and the seq: as unique as a random id, without a
+        # system call per statement.
+        entry_id = f"{id_prefix}{seq:016x}"
+        canonical = dumps(
+            [
+                seq,
+                entry_id,
+                prev_entry_id,
+                prev_hash,
+                session[0],
+                text[0],
+                received_us,
+                completed_us,
+                tag,
+                rows,
+                sqlstate,
+                error,
+                completed_us - received_us,
+            ]
+        )
+        prev_hash = sha256(prev_hash.encode("ascii") + canonical).hexdigest()
+        append(
+            PackedEntry(chain_id, seq, entry_id, prev_hash, canonical, session, text, received_us)
+        )
+        prev_entry_id = entry_id
+        seq += 1
+    return sealed
 
 
 def pack_body(entries: Sequence[PackedEntry]) -> str:

@@ -206,10 +206,16 @@ class LedgerWriter:
 
     def record_packed_many(self, items: Iterable[tuple[Ref, Ref, PackedOutcome]]) -> None:
         """`record_packed` for each (session, text, outcome), in order (what feeders call)."""
-        seal = self._chain.seal_packed
-        enqueue = self._enqueue
-        for session, text, outcome in items:
-            enqueue(seal(session, text, outcome))
+        sealed = self._chain.seal_packed_many(items)
+        queue = self._queue
+        if not self._spooling and len(queue) + len(sealed) <= self._max_queue:
+            self._recorded += len(sealed)
+            queue.extend(sealed)
+            if len(queue) >= self._batch_size:
+                self._wake.set()
+            return
+        for entry in sealed:  # at the bound: entry by entry, so the overflow is spooled
+            self._enqueue(entry)
 
     def _enqueue(self, sealed: Sealed) -> None:
         self._recorded += 1
