@@ -272,6 +272,9 @@ class LedgerStore:
             f"SELECT {columns} FROM {_STAGING} ORDER BY chain_id, seq ON CONFLICT DO NOTHING"
         )
         self._staged: asyncpg.Connection | None = None
+        # Per chain, the highest packed seq this connection knows to be committed (what
+        # _packs_watermark would answer); forgotten whenever the connection is dropped.
+        self._stored_seq: dict[str, int] = {}
         self._packs_watermark = (
             f"SELECT coalesce(max(last_seq), 0) FROM {self._quoted}.ledger_packs "
             "WHERE chain_id = $1"
@@ -321,6 +324,7 @@ class LedgerStore:
             ) from exc
 
     async def close(self) -> None:
+        self._stored_seq.clear()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -333,22 +337,38 @@ class LedgerStore:
         self, rows: list[tuple[object, ...]], packs: dict[str, list[PackedEntry]]
     ) -> None:
         conn = await self._connection()
+        if not rows and len(packs) == 1:
+            # The usual batch: one chain's packed entries. One INSERT is atomic by itself, so
+            # it needs no transaction block - one round trip instead of four.
+            ((chain_id, entries),) = packs.items()
+            if chain_id in self._stored_seq:
+                last = await self._insert_pack(conn, chain_id, entries)
+                self._stored_seq[chain_id] = last
+                return
+        committed: dict[str, int] = {}
         async with conn.transaction():
             if rows:
                 await self._copy_entries(conn, rows)
             for chain_id, entries in packs.items():
-                await self._insert_pack(conn, chain_id, entries)
+                committed[chain_id] = await self._insert_pack(conn, chain_id, entries)
+        self._stored_seq.update(committed)
 
     async def _insert_pack(
         self, conn: asyncpg.Connection, chain_id: str, entries: list[PackedEntry]
-    ) -> None:
+    ) -> int:
+        """Insert the entries above the chain's stored watermark; the new watermark."""
         # Exactly-once without a per-entry key: a chain is shipped in seq order, one batch per
         # transaction, so what is stored of it is always a prefix; entries at or below the
         # stored packs' highest seq were shipped before (say, by an attempt whose answer was lost).
-        stored = await conn.fetchval(self._packs_watermark, chain_id, timeout=self._timeout)
+        # The watermark is read from the database once per connection, then followed here; any
+        # failure drops the connection and with it what was followed (see `_drop`).
+        stored = self._stored_seq.get(chain_id)
+        if stored is None:
+            stored = await conn.fetchval(self._packs_watermark, chain_id, timeout=self._timeout)
+            assert stored is not None
         fresh = [e for e in entries if e.seq > stored]
         if not fresh:
-            return
+            return stored
         await conn.execute(
             self._insert_pack_sql,
             chain_id,
@@ -360,6 +380,7 @@ class LedgerStore:
             pack_body(fresh),
             timeout=self._timeout,
         )
+        return fresh[-1].seq
 
     async def _copy_entries(self, conn: asyncpg.Connection, rows: list[tuple[object, ...]]) -> None:
         # Binary COPY into a per-connection staging table, then one set-based INSERT: far less
@@ -391,6 +412,7 @@ class LedgerStore:
         return self._conn
 
     async def _drop(self) -> None:
+        self._stored_seq.clear()  # an answer may have been lost: ask the database again
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()

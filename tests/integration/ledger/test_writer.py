@@ -17,12 +17,13 @@ from pgguard.ledger import (
     Chain,
     LedgerFilters,
     LedgerStore,
+    LedgerStoreUnavailable,
     LedgerUnavailable,
     LedgerWriter,
     query,
     verify,
 )
-from pgguard.ledger.packed import PackedOutcome, Ref, epoch_us, text_record
+from pgguard.ledger.packed import PackedEntry, PackedOutcome, Ref, epoch_us, text_record
 from tests.integration.ledger.conftest import SESSION, T0, chain_rows, entry
 
 APPROVER = {"id": "bob@example.com", "name": "Bob", "channel": "teams", "comment": "fine"}
@@ -190,12 +191,15 @@ async def test_a_pack_shipped_twice_is_stored_once(
     text = text_record("SELECT ?", "fp", ["read"], ["read.default"], "allow")
     sealed = [chain.seal_packed(SESSION, text, (1, 2, "SELECT 1", 1, None, None)) for _ in range(6)]
     store = LedgerStore(upstream_dsn, schema=state_schema)
+    again = LedgerStore(upstream_dsn, schema=state_schema)  # knows nothing of what is stored
     try:
         await store.insert(sealed[:4])
         await store.insert(sealed[2:])  # overlaps the first batch
         await store.insert(sealed)
+        await again.insert(sealed[1:])
     finally:
         await store.close()
+        await again.close()
     stored = await admin.fetch(
         f'SELECT entry_id FROM "{state_schema}".ledger WHERE chain_id = $1 ORDER BY seq',
         chain.chain_id,
@@ -294,4 +298,45 @@ async def test_a_feeders_entries_keep_their_place_in_the_chain(
         "durable after the third",
         "SELECT 4",
     ]
+    assert (await verify(admin, schema=state_schema)).ok
+
+
+class AnswerLost(LedgerStore):
+    """A store whose next pack insert commits but whose answer never arrives."""
+
+    lose_next = False
+
+    async def _insert_pack(
+        self, conn: asyncpg.Connection, chain_id: str, entries: list[PackedEntry]
+    ) -> int:
+        last = await super()._insert_pack(conn, chain_id, entries)
+        if self.lose_next:
+            self.lose_next = False
+            raise ConnectionResetError("the answer was lost")
+        return last
+
+
+async def test_a_pack_whose_answer_was_lost_is_stored_once(
+    upstream_dsn: str, state_schema: str, admin: asyncpg.Connection
+) -> None:
+    """The store follows each chain's stored watermark itself (one round trip per batch); after
+    a failure it asks the database again instead of trusting what it followed."""
+    chain = Chain("lost:1")
+    text = text_record("SELECT ?", "fp", ["read"], ["read.default"], "allow")
+    sealed = [chain.seal_packed(SESSION, text, (1, 2, "SELECT 1", 1, None, None)) for _ in range(6)]
+    store = AnswerLost(upstream_dsn, schema=state_schema)
+    try:
+        await store.insert(sealed[:2])
+        await store.insert(sealed[2:4])  # from the followed watermark
+        store.lose_next = True
+        with pytest.raises(LedgerStoreUnavailable):
+            await store.insert(sealed[4:])  # stored, but the store cannot know it
+        await store.insert(sealed[2:])  # shipped again, as the writer does: stored once
+    finally:
+        await store.close()
+    stored = await admin.fetch(
+        f'SELECT entry_id FROM "{state_schema}".ledger WHERE chain_id = $1 ORDER BY seq',
+        chain.chain_id,
+    )
+    assert [r["entry_id"] for r in stored] == [s.entry_id for s in sealed]
     assert (await verify(admin, schema=state_schema)).ok
