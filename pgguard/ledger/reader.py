@@ -32,7 +32,7 @@ from pgguard.approvals.schema import checked_schema
 from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
 from pgguard.ledger.packed import Unpacked, unpack
-from pgguard.ledger.store import COLUMNS, JSONB_COLUMNS, row_values
+from pgguard.ledger.store import COLUMNS, JSONB_COLUMNS, OUTCOME_COLUMNS, row_values
 
 ProblemKind = Literal["modified", "deleted", "inserted", "reordered"]
 
@@ -69,14 +69,7 @@ class LedgerRow:
         record["outcome_entry_id"] = outcome.entry_id if outcome is not None else None
         if outcome is not None:
             done = entry_content(outcome)
-            for name in (
-                "completed_at",
-                "command_tag",
-                "rows",
-                "sqlstate",
-                "error_message",
-                "duration_ms",
-            ):
+            for name in OUTCOME_COLUMNS:
                 record[name] = done[name]
         return record
 

@@ -165,6 +165,8 @@ COLUMNS: tuple[str, ...] = (
     "detail",
     "content",
 )
+# The fields an outcome adds to the statement it completes.
+OUTCOME_COLUMNS = COLUMNS[COLUMNS.index("completed_at") : COLUMNS.index("detail")]
 JSONB_COLUMNS = frozenset({"approvers", "detail", "content"})
 
 

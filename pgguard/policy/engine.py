@@ -102,9 +102,9 @@ class PolicyEngine:
         """`classify`, and the text's literal-blind key (`pgguard.sql.fastkey`) when it was
         computed on the way (None otherwise): the ledger renders the masked text from it, so
         the hot path scans the text once."""
-        blind: list[bytes] = []
+        blind: bytes | None = None
         try:
-            decision = self._classify(sql, ctx, blind)
+            decision, blind = self._classify(sql, ctx)
         except Exception:  # never raise into the proxy; fail closed instead
             log.exception("classifier failed; treating the statement as unparseable")
             facts = (unparseable_facts("internal error while classifying"),)
@@ -116,33 +116,33 @@ class PolicyEngine:
                 decision.fingerprint or "<unparseable>",
                 ", ".join(decision.rule_ids),
             )
-        return decision, blind[0] if blind else None
+        return decision, blind
 
-    def _classify(self, sql: str | bytes, ctx: Context, blind_out: list[bytes]) -> Decision:
+    def _classify(self, sql: str | bytes, ctx: Context) -> tuple[Decision, bytes | None]:
         if not isinstance(sql, str | bytes):
             sql = bytes(sql)  # type: ignore[unreachable]  # bytearray/memoryview off the wire
         small = len(sql) <= MAX_CACHED_TEXT
         key: CacheKey = (sql, ctx.agent, ctx.database, ctx.lex)
+        blind: bytes | None = None
         blind_key: CacheKey | None = None
         if small:
             hit = self._exact.get(key)
             if hit is not None:
-                return hit
+                return hit, None
             if type(sql) is bytes and lex_state_is_default(ctx.lex):
                 blind = literal_blind_key(sql)
                 if blind is not None:
-                    blind_out.append(blind)
                     blind_key = (blind, ctx.agent, ctx.database, ctx.lex)
                     hit = self._blind.get(blind_key)
                     if hit is not None:
-                        return hit
+                        return hit, blind
         try:
             text = decode_sql(sql, ctx.lex, self.max_sql_bytes)
         except UnreadableSQL as exc:
             decision = self._decide((unparseable_facts(str(exc)),), ctx, "", None)
             if small:
                 self._exact.put(key, decision)
-            return decision
+            return decision, blind
         hazard = lexing_hazard(text, ctx.lex)
         shape_key: CacheKey | None = None
         if small and hazard is None and lex_state_is_default(ctx.lex):
@@ -155,20 +155,20 @@ class PolicyEngine:
                     # differ from it only in literal values, so they normalize alike too.
                     if blind_key is not None:
                         self._blind.put(blind_key, hit)
-                    return hit
+                    return hit, blind
         try:
             facts = classify_text(text, self.policy.catalog)
         except ParseFailure as exc:
             facts = (unparseable_facts(f"PostgreSQL's parser rejects it: {exc}"),)
         parsed = not any(f.kind == UNPARSEABLE for f in facts)
         decision = self._decide(facts, ctx, fingerprint(text) if parsed else "", hazard)
-        if small and not any(_touches_session(f) for f in facts):
+        if small and not any(f.touches_session for f in facts):
             self._exact.put(key, decision)
             if shape_key is not None and facts and all(f.cacheable for f in facts):
                 self._shape.put(shape_key, decision)
                 if blind_key is not None:
                     self._blind.put(blind_key, decision)
-        return decision
+        return decision, blind
 
     def _decide(
         self,
@@ -268,7 +268,3 @@ def _common_approvers(held: list[Judgement]) -> tuple[tuple[str, ...], bool]:
         return (), False
     common = set.intersection(*restricted)
     return tuple(sorted(common)), not common
-
-
-def _touches_session(facts: StatementFacts) -> bool:
-    return bool(facts.executes or facts.deallocates) or facts.prepares is not None

@@ -44,7 +44,6 @@ from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.settings import UpstreamSettings
-from pgguard.sql.classify import StatementFacts
 from pgguard.wire.outcomes import Outcome
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
@@ -173,7 +172,7 @@ class PolicyGate(Gate):
         if last is not None and last[1] is ctx and last[0] == sql:
             return last[2]
         decision = self.engine.classify(sql, ctx)
-        if not any(_touches_session(f) for f in decision.facts):
+        if not any(f.touches_session for f in decision.facts):
             state.last_decision = (sql, ctx, decision)
         return decision
 
@@ -408,10 +407,6 @@ class PolicyGate(Gate):
         if decision.changes_lexing:
             # Confirmed by the ReadyForQuery that follows every reply owed so far.
             state.lex_pending_until = session.ready_count + session.replies_owed + 1
-
-
-def _touches_session(facts: StatementFacts) -> bool:
-    return bool(facts.executes or facts.deallocates) or facts.prepares is not None
 
 
 def _quote_ident(name: str) -> str:

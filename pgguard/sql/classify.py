@@ -67,14 +67,18 @@ class StatementFacts:
     deallocates: tuple[str, ...] = ()
 
     @property
+    def touches_session(self) -> bool:
+        """True when the facts read or change the session's prepared statements (PREPARE,
+        EXECUTE, DEALLOCATE): a decision on them holds only for the session state it saw."""
+        return bool(self.executes or self.deallocates) or self.prepares is not None
+
+    @property
     def cacheable(self) -> bool:
         """True when texts differing only in constants are guaranteed the same facts."""
         return (
             not self.literal_sensitive
             and not self.embedded_code
-            and not self.executes
-            and self.prepares is None
-            and not self.deallocates
+            and not self.touches_session
             and all(kind in CACHEABLE_KINDS for kind in self.kinds)
         )
 

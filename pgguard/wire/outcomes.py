@@ -35,12 +35,7 @@ class Outcome:
     @property
     def rows(self) -> int | None:
         """Rows affected or returned, from the last tag that carries a count."""
-        tags = self.tags
-        if tags:
-            head, _, last = tags[-1].rpartition(" ")
-            if head and last.isdigit():
-                return int(last)
-        for tag in reversed(tags[:-1]):
+        for tag in reversed(self.tags):
             head, _, last = tag.rpartition(" ")
             if head and last.isdigit():
                 return int(last)
