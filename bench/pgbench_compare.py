@@ -1,9 +1,10 @@
 """pgbench select-only throughput and latency: direct to Postgres vs pgguard vs pgbouncer.
 
 One run starts everything it measures in a temporary directory: an embedded PostgreSQL
-(``pgguard.embedded``), pgguard (``python -m pgguard.cli serve``) and pgbouncer in session pooling
-mode (installed from Debian packages when missing and run as root). For every query mode and client
-count it runs ``pgbench -S`` against the three targets back to back (interleaved, so drift on a
+(``pgguard.embedded``), pgguard (``python -m pgguard.cli serve``, with and without the ledger),
+pgbouncer in session pooling mode (installed from Debian packages when missing and run as root)
+and ``bare_relay.py`` (a Python relay that only forwards bytes: the floor). For every query mode
+and client count it runs ``pgbench -S`` against the targets back to back (interleaved, so drift on a
 shared machine hits them alike), parses tps, average latency and the number of transactions, and
 samples the proxy process's CPU time (user + system) around each run to get CPU µs per query.
 
@@ -45,7 +46,8 @@ DATABASE = "postgres"
 AGENT, AGENT_PASSWORD = "bench", "bench-password"
 UPSTREAM_ROLE, UPSTREAM_PASSWORD = "pgguard_scram", "scram-secret"
 # pgguard-noledger: the same proxy with [ledger] enabled = false, to measure the ledger's cost.
-TARGETS = ("direct", "pgguard", "pgguard-noledger", "pgbouncer")
+# bare-relay: bare_relay.py, bytes forwarded and nothing else - the floor under a Python proxy.
+TARGETS = ("direct", "pgguard", "pgguard-noledger", "pgbouncer", "bare-relay")
 LEDGER_TARGET = 0.9  # pgguard tps / pgguard-noledger tps
 MODES = ("simple", "extended", "prepared")
 TPS_TARGET = 1.0  # pgguard tps / pgbouncer tps, at more than one client
@@ -349,6 +351,20 @@ def start_pgguard(
     return target, proc
 
 
+def start_bare_relay(
+    stack: contextlib.ExitStack, workdir: Path, pg: EmbeddedPostgres, psql: Path
+) -> tuple[Target, subprocess.Popen[bytes]]:
+    port, log = free_port(), workdir / "bare-relay.log"
+    socket_path = pg.socket_dir / f".s.PGSQL.{pg.port}"
+    argv = [sys.executable, str(BENCH_DIR / "bare_relay.py"), str(socket_path), str(port)]
+    print(f"starting bare-relay on port {port}: {' '.join(argv)}", flush=True)
+    proc = spawn(stack, argv, log)
+    # Transparent: pgbench authenticates with PostgreSQL through it, as for the direct target.
+    target = Target("bare-relay", port, UPSTREAM_ROLE, UPSTREAM_PASSWORD, proc.pid, log)
+    wait_until_ready(target, proc, psql)
+    return target, proc
+
+
 def start_pgbouncer(
     stack: contextlib.ExitStack, workdir: Path, pg: EmbeddedPostgres, psql: Path, pool_size: int
 ) -> tuple[Target, subprocess.Popen[bytes]]:
@@ -569,11 +585,37 @@ def table_rows(options: Options, measurements: list[Measurement]) -> list[list[s
             if with_ledger is not None and without is not None:
                 ratio = with_ledger.tps / without.tps
                 met = "yes" if ratio >= LEDGER_TARGET else "no"
-                LEDGER_RATIOS.append(f"{mode} {clients} clients: {ratio:.2f} (target met: {met})")
+                SUMMARY.append(
+                    f"ledger cost, pgguard tps / pgguard-noledger tps (target >= "
+                    f"{LEDGER_TARGET}): {mode} {clients} clients: {ratio:.2f} (target met: {met})"
+                )
+            floor = cell.get("bare-relay")
+            if floor is not None and bouncer is not None:
+                SUMMARY.append(
+                    f"Python floor, bare-relay tps / pgbouncer tps: {mode} {clients} clients: "
+                    f"{floor.tps / bouncer.tps:.2f}" + _floor_detail(floor, with_ledger, without)
+                )
     return rows
 
 
-LEDGER_RATIOS: list[str] = []  # filled by table_rows: pgguard tps / pgguard-noledger tps
+def _floor_detail(
+    floor: Measurement, with_ledger: Measurement | None, without: Measurement | None
+) -> str:
+    """pgguard's own cost over the bare relay: tps ratios and extra proxy CPU per query."""
+    parts = []
+    for name, row in (("pgguard", with_ledger), ("pgguard-noledger", without)):
+        if row is None:
+            continue
+        extra = (
+            f", {row.cpu_us_per_query - floor.cpu_us_per_query:+.1f} µs CPU/query"
+            if row.cpu_us_per_query is not None and floor.cpu_us_per_query is not None
+            else ""
+        )
+        parts.append(f"{name} / bare-relay {row.tps / floor.tps:.2f}{extra}")
+    return f"; {'; '.join(parts)}" if parts else ""
+
+
+SUMMARY: list[str] = []  # filled by table_rows: the ledger-cost and Python-floor lines
 
 
 def format_row(
@@ -609,7 +651,7 @@ def print_table(rows: list[list[str]], title: str) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        print(title, markdown_table(rows), sep="\n")
+        print(title, markdown_table(rows), *SUMMARY, sep="\n")
         return
     table = Table(title=title)
     for i, name in enumerate(COLUMNS):
@@ -617,10 +659,8 @@ def print_table(rows: list[list[str]], title: str) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
-    for line in LEDGER_RATIOS:
-        print(
-            f"ledger cost, pgguard tps / pgguard-noledger tps (target >= {LEDGER_TARGET}): {line}"
-        )
+    for line in SUMMARY:
+        print(line)
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -672,6 +712,8 @@ def write_markdown(
         f"Targets for pgguard: tps ≥ {TPS_TARGET:g}x pgbouncer's above one client; "
         f"added latency ≤ {LATENCY_TARGET:g}x pgbouncer's at one client. Proxy CPU is user+sys "
         "of the proxy process per transaction (one query each with -S).",
+        "",
+        *(f"- {line}" for line in SUMMARY),
     ]
     if problems:
         parts += ["", "## Problems", "", *(f"```\n{p}\n```" for p in problems)]
@@ -713,6 +755,8 @@ def start_targets(
             continue
         if name in ("pgguard", "pgguard-noledger"):
             target, proc = start_pgguard(stack, workdir, pg, psql, ledger=name == "pgguard")
+        elif name == "bare-relay":
+            target, proc = start_bare_relay(stack, workdir, pg, psql)
         else:
             target, proc = start_pgbouncer(stack, workdir, pg, psql, max(options.clients) + 2)
         targets.append(target)
