@@ -218,13 +218,11 @@ class Connection:
         assert self.session is not None
         return self._zcount + self._scanner.syncs - self.session.tracker.ready_count
 
-    def _finished(self, finished: list[tuple[object, Outcome]]) -> None:
-        session = self._session()
-        for token, outcome in finished:
-            try:
-                self.ctx.gate.statement_finished(session, token, outcome)
-            except Exception:  # recording an outcome must never break the agent's session
-                log.exception("session %s: could not record an outcome", session.session_id)
+    def _finished(self, finished: list[Outcome]) -> None:
+        try:
+            self.ctx.gate.statements_finished(self._session(), finished)
+        except Exception:  # recording an outcome must never break the agent's session
+            log.exception("session %s: could not record outcomes", self._session().session_id)
 
     def _cleanup(self) -> None:
         self.ctx.unregister(self)

@@ -141,8 +141,9 @@ class Gate:
         """What to remember about a statement being forwarded, until its outcome is known."""
         return None
 
-    def statement_finished(self, session: SessionView, token: object, outcome: Outcome) -> None:
-        """The server answered a forwarded statement."""
+    def statements_finished(self, session: SessionView, outcomes: list[Outcome]) -> None:
+        """The server answered forwarded statements (one ReadyForQuery's worth, in order);
+        each outcome carries the token ``statement_token`` gave."""
 
     def session_started(self, session: SessionView) -> None:
         """A session was established (after authentication and the upstream login)."""

@@ -30,7 +30,7 @@ from pgguard.ledger.model import jsonb_text
 from pgguard.ledger.packed import PackedOutcome, Ref, epoch_us, session_record, text_record
 from pgguard.masking import MaskingRules, mask_sql
 from pgguard.sql.fastkey import literal_blind_key
-from pgguard.wire.outcomes import Outcome
+from pgguard.wire.outcomes import Outcome, tag_rows
 
 if TYPE_CHECKING:
     from pgguard.approvals.model import ApprovalRequest
@@ -71,7 +71,9 @@ class LedgerHooks:
         self.instance_id = instance_id
         self.upstream_role = upstream_role
         self._masked: OrderedDict[bytes, str] = OrderedDict()
-        self._texts: OrderedDict[tuple[str, int], tuple[Decision | None, Ref]] = OrderedDict()
+        self._texts: OrderedDict[tuple[bytes | str, int], tuple[Decision | None, Ref]] = (
+            OrderedDict()
+        )
         self._sessions: dict[str, tuple[str, Ref]] = {}
         # Ordinary statements not yet handed to the writer: (session record, statement, when
         # it completed, outcome); see `drain`.
@@ -125,24 +127,45 @@ class LedgerHooks:
         await self.writer.record_durable(entry)
         record.durable_entry_id = entry.entry_id
 
-    def finished(self, session: SessionView, record: StatementRecord, outcome: Outcome) -> None:
+    def finished_many(self, session: SessionView, outcomes: list[Outcome]) -> None:
+        """Statements the server answered, one ReadyForQuery's worth, in order; each outcome's
+        token is the `StatementRecord` the gate handed out. Ordinary statements are only noted
+        here (one append each; `drain` records them), the others are recorded at once."""
         now = time.time()
-        decision = record.decision
-        if (
-            record.request is None
-            and record.durable_entry_id is None
-            and (decision is None or decision.action == "allow")
-        ):
-            # The session record now: its application_name is the one the statement ran under.
-            pending = self._pending
-            pending.append((self._session_ref(session), record, now, outcome))
-            if len(pending) >= _PENDING_BATCH:
-                self.writer.wake()
-                if len(pending) >= _PENDING_MAX:
-                    # The shipper is stuck (a slow state database): seal here, so the writer's
-                    # bounded queue and its spool take over - memory stays bounded.
-                    self.drain()
-            return
+        session_ref: Ref | None = None
+        pending = self._pending
+        for outcome in outcomes:
+            record = outcome.token
+            if not isinstance(record, StatementRecord):
+                continue
+            try:
+                decision = record.decision
+                if (
+                    record.request is None
+                    and record.durable_entry_id is None
+                    and (decision is None or decision.action == "allow")
+                ):
+                    if session_ref is None:
+                        # The session record now: its application_name is the one the
+                        # statements ran under.
+                        session_ref = self._session_ref(session)
+                    pending.append((session_ref, record, now, outcome))
+                else:
+                    self._record_outcome(session, record, outcome, now)
+            except Exception:  # one statement that cannot be recorded must not cost the others
+                log.exception("session %s: could not record an outcome", session.session_id)
+        if len(pending) >= _PENDING_BATCH:
+            self.writer.wake()
+            if len(pending) >= _PENDING_MAX:
+                # The shipper is stuck (a slow state database): seal here, so the writer's
+                # bounded queue and its spool take over - memory stays bounded.
+                self.drain()
+
+    def _record_outcome(
+        self, session: SessionView, record: StatementRecord, outcome: Outcome, now: float
+    ) -> None:
+        """The outcome of a statement that is not ordinary (approved, or allowed only by
+        observe mode): a full entry, written now."""
         fields: dict[str, object] = {
             "completed_at": _when(now),
             "command_tag": _command_tag(outcome),
@@ -200,16 +223,19 @@ class LedgerHooks:
         return ref
 
     def _text_ref(self, record: StatementRecord) -> Ref:
-        # Keyed by the masked text: texts differing only in literal values (simple-protocol
+        # Keyed by the literal-blind key when the classifier computed one (bytes), else by the
+        # masked text (str): either way texts differing only in literal values (simple-protocol
         # drivers) share one record. The decision is the engine's cached object, the same for
         # the same literal-independent classification; its identity completes the key (hashing
         # the object itself would walk all its fields on every statement).
         decision = record.decision
-        text = self._masked_text(record)
-        key = (text, id(decision))
+        blind = record.blind
+        key = (blind if blind is not None else self.masked(record.sql), id(decision))
         cached = self._texts.get(key)
         if cached is not None and cached[0] is decision:
             return cached[1]
+        text = blind.decode("ascii") if blind is not None else key[0]
+        assert isinstance(text, str)
         ref = text_record(
             jsonb_text(text),  # the view reads packs as jsonb: no NUL may reach a body
             jsonb_text(decision.fingerprint) if decision else "",
@@ -307,6 +333,14 @@ def _when(at: float) -> datetime:
 
 
 def _outcome_of(record: StatementRecord, completed: float, outcome: Outcome) -> PackedOutcome:
+    tags = outcome.tags
+    if len(tags) == 1 and outcome.sqlstate is None and outcome.message is None:
+        # The common case, one statement that completed: its tag's fields come from a cache
+        # (tags repeat: "SELECT 1", "UPDATE 1", ...). A skipped statement has no tag.
+        fields = _TAG_FIELDS.get(tags[0])
+        if fields is None:
+            fields = _tag_fields(tags[0])
+        return epoch_us(record.received), epoch_us(completed), fields[0], fields[1], None, None
     return _packed_outcome(
         epoch_us(record.received),
         epoch_us(completed),
@@ -315,6 +349,18 @@ def _outcome_of(record: StatementRecord, completed: float, outcome: Outcome) -> 
         outcome.sqlstate,
         _error_message(outcome),
     )
+
+
+_TAG_FIELDS: dict[str, tuple[str, int | None]] = {}  # command tag -> (jsonb-safe tag, rows)
+_TAG_FIELDS_MAX = 4096
+
+
+def _tag_fields(tag: str) -> tuple[str, int | None]:
+    fields = (tag if _plain(tag) else jsonb_text(tag), tag_rows(tag))
+    if len(_TAG_FIELDS) >= _TAG_FIELDS_MAX:
+        _TAG_FIELDS.clear()  # row counts make tags varied; a fresh start beats an LRU here
+    _TAG_FIELDS[tag] = fields
+    return fields
 
 
 def _command_tag(outcome: Outcome) -> str | None:

@@ -341,9 +341,9 @@ class PolicyGate(Gate):
         state.approved_record = state.last_record = None
         return record if record is not None else StatementRecord(kind, sql, None)
 
-    def statement_finished(self, session: SessionView, token: object, outcome: Outcome) -> None:
-        if self.ledger is not None and isinstance(token, StatementRecord):
-            self.ledger.finished(session, token, outcome)
+    def statements_finished(self, session: SessionView, outcomes: list[Outcome]) -> None:
+        if self.ledger is not None:
+            self.ledger.finished_many(session, outcomes)
 
     def session_started(self, session: SessionView) -> None:
         if self.ledger is not None:

@@ -63,7 +63,7 @@ class BackendTracker:
         self.ready_count = 0  # ReadyForQuery messages seen since the session started
         self.saw_fatal = False  # the server sent a FATAL error (it is about to close)
         self.outcomes: OutcomeTracker | None = None
-        self.on_finished: Callable[[list[tuple[object, Outcome]]], None] | None = None
+        self.on_finished: Callable[[list[Outcome]], None] | None = None
         self._watched = _WATCHED
         self._skip = 0
         self._head = b""  # start of a header already forwarded, kept to read its length
@@ -132,7 +132,7 @@ class BackendTracker:
         return pos + take
 
     def track_outcomes(
-        self, outcomes: OutcomeTracker, on_finished: Callable[[list[tuple[object, Outcome]]], None]
+        self, outcomes: OutcomeTracker, on_finished: Callable[[list[Outcome]], None]
     ) -> None:
         """Also report completions and errors to ``outcomes``; finished statements (at each
         ReadyForQuery) go to ``on_finished``. Costs a little per reply, so only for the ledger."""

@@ -9,7 +9,8 @@ and within a group each completion goes to the first statement still waiting.
 
 The caller announces what it forwards (``query``, ``execute``, ``sync``) with an opaque token per
 statement (None for messages that must be counted but not recorded, such as a refused
-statement's substitute) and feeds what the server says; ``ready`` returns the finished group.
+statement's substitute) and feeds what the server says; ``ready`` returns the finished group's
+outcomes, each carrying its token.
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ class Outcome:
     def rows(self) -> int | None:
         """Rows affected or returned, from the last tag that carries a count."""
         for tag in reversed(self.tags):
-            head, _, last = tag.rpartition(" ")
-            if head and last.isdigit():
-                return int(last)
+            rows = tag_rows(tag)
+            if rows is not None:
+                return rows
         return None
+
+
+def tag_rows(tag: str) -> int | None:
+    """The row count a CommandComplete tag ends with ("SELECT 5", "INSERT 0 5"), or None."""
+    head, _, last = tag.rpartition(" ")
+    return int(last) if head and last.isascii() and last.isdigit() else None
 
 
 class OutcomeTracker:
@@ -101,12 +108,13 @@ class OutcomeTracker:
             slot.skipped = True
             slot.done = True
 
-    def ready(self) -> list[tuple[object, Outcome]]:
-        """ReadyForQuery: the head group is finished; its recorded statements and outcomes."""
+    def ready(self) -> list[Outcome]:
+        """ReadyForQuery: the head group is finished; the outcomes of its recorded statements
+        (those with a token), in order."""
         if not self._groups:
             return []
         group = self._groups.popleft()
-        return [(slot.token, slot) for slot in group if slot.token is not None]
+        return [slot for slot in group if slot.token is not None]
 
     @property
     def pending(self) -> int:

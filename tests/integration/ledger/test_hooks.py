@@ -17,10 +17,10 @@ from pgguard.wire.outcomes import Outcome
 from tests.integration.ledger.conftest import chain_rows
 
 
-def completed(tag: str) -> Outcome:
-    outcome = Outcome()
+def completed(record: StatementRecord, tag: str) -> list[Outcome]:
+    outcome = Outcome(record)
     outcome.tags.append(tag)
-    return outcome
+    return [outcome]
 
 
 async def test_noted_statements_are_sealed_in_order_and_memory_stays_bounded(
@@ -36,7 +36,7 @@ async def test_noted_statements_are_sealed_in_order_and_memory_stays_bounded(
         # No await in between: the shipper never gets to run, as under a stuck state database.
         for i in range(count):
             sql = b"SELECT %d" % i
-            hooks.finished(session, StatementRecord("query", sql, None), completed("SELECT 1"))
+            hooks.finished_many(session, completed(StatementRecord("query", sql, None), "SELECT 1"))
             assert len(hooks._pending) < ledger_hooks._PENDING_MAX
         hooks.refused(session, StatementRecord("query", b"DROP TABLE t", None), "42501", "no")
         await writer.flush()

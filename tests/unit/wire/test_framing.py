@@ -322,7 +322,7 @@ def test_tracker_reports_outcomes_whole_and_bytewise() -> None:
         + m.ready_for_query(b"I")
     )
     for chunk in (len(stream), 1, 4):
-        finished: list[tuple[object, Outcome]] = []
+        finished: list[Outcome] = []
         outcomes = OutcomeTracker()
         outcomes.execute("insert")
         outcomes.execute("dup")
@@ -335,11 +335,11 @@ def test_tracker_reports_outcomes_whole_and_bytewise() -> None:
         for start in range(0, len(stream), chunk):
             out += tracker.feed(stream[start : start + chunk])
         assert out == stream
-        assert [tok for tok, _ in finished] == ["insert", "dup", "never", "select"]
-        assert finished[0][1].rows == 2
-        assert finished[1][1].sqlstate == "23505"
-        assert finished[2][1].skipped
-        assert finished[3][1].tags == ["SELECT 7"]
+        assert [o.token for o in finished] == ["insert", "dup", "never", "select"]
+        assert finished[0].rows == 2
+        assert finished[1].sqlstate == "23505"
+        assert finished[2].skipped
+        assert finished[3].tags == ["SELECT 7"]
 
 
 def test_named_statement_candidates_are_bounded() -> None:

@@ -11,8 +11,8 @@ def test_simple_query_with_several_statements() -> None:
     t.command_complete("BEGIN")
     t.command_complete("INSERT 0 3")
     t.command_complete("COMMIT")
-    ((token, outcome),) = t.ready()
-    assert token == "q1"
+    (outcome,) = t.ready()
+    assert outcome.token == "q1"
     assert outcome.tags == ["BEGIN", "INSERT 0 3", "COMMIT"]
     assert outcome.sqlstate is None
     assert t.pending == 0
@@ -22,11 +22,11 @@ def test_rows_come_from_the_last_counting_tag() -> None:
     t = OutcomeTracker()
     t.query("q")
     t.command_complete("SELECT 42")
-    ((_, outcome),) = t.ready()
+    (outcome,) = t.ready()
     assert outcome.rows == 42
     t.query("q")
     t.command_complete("CREATE TABLE")
-    ((_, outcome),) = t.ready()
+    (outcome,) = t.ready()
     assert outcome.rows is None
 
 
@@ -41,13 +41,13 @@ def test_pipeline_error_skips_the_rest_of_its_group_only() -> None:
     t.command_complete("SELECT 1")
     t.error("22012", "division by zero")
     first = t.ready()
-    assert [tok for tok, _ in first] == ["e1", "e2", "e3"]
-    assert first[0][1].tags == ["SELECT 1"]
-    assert first[1][1].sqlstate == "22012"
-    assert first[2][1].skipped
+    assert [o.token for o in first] == ["e1", "e2", "e3"]
+    assert first[0].tags == ["SELECT 1"]
+    assert first[1].sqlstate == "22012"
+    assert first[2].skipped
     t.command_complete("UPDATE 2")
-    ((token, outcome),) = t.ready()
-    assert token == "e4"
+    (outcome,) = t.ready()
+    assert outcome.token == "e4"
     assert outcome.rows == 2
 
 
@@ -57,8 +57,8 @@ def test_uncounted_substitute_consumes_its_error() -> None:
     t.execute("later")
     t.sync()
     t.error("42501", "refused")
-    ((token, outcome),) = t.ready()
-    assert token == "later"
+    (outcome,) = t.ready()
+    assert outcome.token == "later"
     assert outcome.skipped
 
 
@@ -67,8 +67,8 @@ def test_flush_without_sync_and_portal_suspended() -> None:
     t.execute("cursorish")
     t.portal_suspended()  # replies arrive after a Flush, before any Sync
     t.sync()
-    ((token, outcome),) = t.ready()
-    assert token == "cursorish"
+    (outcome,) = t.ready()
+    assert outcome.token == "cursorish"
     assert outcome.suspended
 
 
@@ -79,7 +79,7 @@ def test_query_after_unsynced_extended_messages_ends_both() -> None:
     t.command_complete("INSERT 0 1")
     t.command_complete("SELECT 1")
     finished = t.ready()
-    assert [(tok, o.tags) for tok, o in finished] == [("e", ["INSERT 0 1"]), ("q", ["SELECT 1"])]
+    assert [(o.token, o.tags) for o in finished] == [("e", ["INSERT 0 1"]), ("q", ["SELECT 1"])]
 
 
 def test_replies_without_statements_are_ignored() -> None:
