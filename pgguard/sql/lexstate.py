@@ -15,8 +15,8 @@ Invariants:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 DEFAULT_MAX_SQL_BYTES = 1 << 20
 """Statements larger than this are not parsed (classification would block the event loop)."""
@@ -77,9 +77,11 @@ _LATIN1_STANDINS = frozenset({"SQLASCII", "EUCTW", "MULEINTERNAL"})
 _NON_ALNUM = re.compile(r"[^A-Z0-9]")
 
 
-@dataclass(frozen=True, slots=True)
-class LexState:
-    """Lexing-relevant session parameters, as last reported by the server (ParameterStatus)."""
+class LexState(NamedTuple):
+    """Lexing-relevant session parameters, as last reported by the server (ParameterStatus).
+
+    A named tuple, not a frozen dataclass: it is part of the classifier's cache keys, hashed for
+    every statement, and a tuple hashes in C where a dataclass calls a Python ``__hash__``."""
 
     standard_conforming_strings: bool = True
     client_encoding: str = "UTF8"

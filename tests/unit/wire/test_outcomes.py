@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgguard.wire.outcomes import OutcomeTracker
+from pgguard.wire.outcomes import OutcomeTracker, tag_rows
 
 
 def test_simple_query_with_several_statements() -> None:
@@ -87,3 +87,11 @@ def test_replies_without_statements_are_ignored() -> None:
     t.error("57P01", "terminating connection")
     t.command_complete("SELECT 1")
     assert t.ready() == []
+
+
+def test_row_counts_are_read_from_ascii_digits_only() -> None:
+    assert tag_rows("INSERT 0 12") == 12
+    assert tag_rows("SELECT 0") == 0
+    assert tag_rows("CREATE TABLE") is None
+    assert tag_rows("SELECT") is None
+    assert tag_rows("SELECT \u00b2") is None  # str.isdigit() is true for it, int() refuses it
