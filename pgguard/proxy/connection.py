@@ -103,9 +103,7 @@ class Connection:
         self.upstream: Link | None = None
         self.backend_key: tuple[int, bytes] | None = None
         tracking = ctx.gate.tracks_outcomes
-        self._scanner = FrontendScanner(
-            ctx.settings.limits.max_message_bytes, inspect_sync=tracking
-        )
+        self._scanner = FrontendScanner(ctx.settings.limits.max_message_bytes)
         self._outcomes: OutcomeTracker | None = OutcomeTracker() if tracking else None
         self._extended = x.ExtendedState()
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -408,7 +406,8 @@ class Connection:
             if verdict is g.ALLOW:
                 self._zcount += 1
                 if self._outcomes is not None:
-                    self._outcomes.query(self.ctx.gate.statement_token(session, "query", sql))
+                    token = self.ctx.gate.statement_token(session, "query", sql)
+                    self._outcomes.query(token, self._zcount + self._scanner.syncs)
             return verdict
         if kind == m.F_PARSE:
             parse = x.decode_parse(data[start + 5 : end])
@@ -423,10 +422,6 @@ class Connection:
             return g.ALLOW
         if kind == m.F_EXECUTE:
             return self._decide_execute(session, x.decode_portal_name(data[start + 5 : end]))
-        if kind == m.F_SYNC:  # only handed over when outcomes are tracked
-            if self._outcomes is not None:
-                self._outcomes.sync()
-            return g.ALLOW
         if kind == m.F_CLOSE:
             self._extended.closed(*x.decode_close(data[start + 5 : end]))
             return g.ALLOW
@@ -435,7 +430,7 @@ class Connection:
             if verdict is g.ALLOW:
                 self._zcount += 1
                 if self._outcomes is not None:
-                    self._outcomes.query(None)
+                    self._outcomes.query(None, self._zcount + self._scanner.syncs)
             return verdict
         if kind == m.F_TERMINATE:
             self._terminating = True
@@ -458,7 +453,8 @@ class Connection:
             )
         verdict = self.ctx.gate.check(session, event)
         if verdict is g.ALLOW and self._outcomes is not None:
-            self._outcomes.execute(self.ctx.gate.statement_token(session, "execute", event.sql))
+            token = self.ctx.gate.statement_token(session, "execute", event.sql)
+            self._outcomes.execute(token, self._zcount + self._scanner.syncs + 1)
         return verdict
 
     def _refusal(self, frame: Frame, error: PgGuardError) -> bytes:
@@ -468,11 +464,11 @@ class Connection:
         self._session().tracker.replace_error(marker.encode("ascii"), error_message(error), group)
         if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
             self._zcount += 1
-            if self._outcomes is not None:
-                self._outcomes.query(None)  # the refusal is recorded by the gate
+            if self._outcomes is not None:  # the refusal is recorded by the gate
+                self._outcomes.query(None, self._zcount + self._scanner.syncs)
             return m.query(marker)
         if self._outcomes is not None:
-            self._outcomes.execute(None)
+            self._outcomes.execute(None, self._zcount + self._scanner.syncs + 1)
         return m.parse(marker, marker)
 
     # --- holds ----------------------------------------------------------------------------------
@@ -502,9 +498,9 @@ class Connection:
                 kind = "query" if frame.type == m.F_QUERY else "execute"
                 token = self.ctx.gate.statement_token(self._session(), kind, b"")
                 if frame.type == m.F_EXECUTE:
-                    self._outcomes.execute(token)
+                    self._outcomes.execute(token, self._zcount + self._scanner.syncs + 1)
                 else:
-                    self._outcomes.query(token)
+                    self._outcomes.query(token, self._zcount + self._scanner.syncs)
             self._upstream_write(frame.raw)
         self.client.resume_reading("hold")
         self._pump()

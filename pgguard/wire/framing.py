@@ -124,12 +124,10 @@ class FrontendScanner:
 
     __slots__ = ("_buf", "_inspected", "_max", "_passed", "_pos", "_skip", "syncs")
 
-    def __init__(self, max_message: int, *, inspect_sync: bool = False) -> None:
+    def __init__(self, max_message: int) -> None:
         self.syncs = 0  # Sync messages passed so far; each ends an extended-protocol group
-        # With inspect_sync, Sync is handed over like the SQL messages (the ledger needs to know
-        # where each pipeline ends); otherwise it passes through in runs.
-        self._inspected = _INSPECTED | {0x53} if inspect_sync else _INSPECTED
-        self._passed = _PASSED - {0x53} if inspect_sync else _PASSED
+        self._inspected = _INSPECTED
+        self._passed = _PASSED
         self._buf = b""
         self._pos = 0
         self._skip = 0
@@ -175,10 +173,6 @@ class FrontendScanner:
                     break
                 if type_byte in _SMALL and length > SMALL_MESSAGE_LIMIT:
                     break
-                if type_byte == 0x53:
-                    if length != 4:
-                        break
-                    self.syncs += 1
                 verdict = decide(type_byte, data, pos, end)
                 if verdict is not allow:
                     self._buf, self._pos = data, pos
@@ -226,8 +220,6 @@ class FrontendScanner:
                 self._check_length(type_byte, length)
                 if end > n:
                     return None
-                if type_byte == 0x53:
-                    self.syncs += 1
                 self._pos = end
                 raw = buf if (pos == 0 and end == n) else buf[pos:end]
                 return Frame(type_byte, buf[pos + 5 : end], raw)

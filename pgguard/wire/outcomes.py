@@ -7,10 +7,11 @@ PortalSuspended or ErrorResponse; after an error the server skips everything up 
 ReadyForQuery ends the group. So statements are grouped by the ReadyForQuery that will end them,
 and within a group each completion goes to the first statement still waiting.
 
-The caller announces what it forwards (``query``, ``execute``, ``sync``) with an opaque token per
+The caller announces what it forwards (``query``, ``execute``) with an opaque token per
 statement (None for messages that must be counted but not recorded, such as a refused
-statement's substitute) and feeds what the server says; ``ready`` returns the finished group's
-outcomes, each carrying its token.
+statement's substitute) and the ordinal of the ReadyForQuery that will end it: the caller counts
+the Query and Sync messages it forwards anyway, so no call is needed per Sync. It feeds what the
+server says; ``ready`` returns the finished group's outcomes, each carrying its token.
 """
 
 from __future__ import annotations
@@ -21,10 +22,21 @@ from collections import deque
 class Outcome:
     """How one statement ended (and, while it runs, where its replies go)."""
 
-    __slots__ = ("done", "message", "multi", "skipped", "sqlstate", "suspended", "tags", "token")
+    __slots__ = (
+        "done",
+        "group",
+        "message",
+        "multi",
+        "skipped",
+        "sqlstate",
+        "suspended",
+        "tags",
+        "token",
+    )
 
-    def __init__(self, token: object = None, multi: bool = False) -> None:
+    def __init__(self, token: object = None, group: int = 0, multi: bool = False) -> None:
         self.token = token  # the caller's, for the statement this outcome belongs to
+        self.group = group  # the ordinal of the ReadyForQuery that ends it
         self.multi = multi  # a simple Query: several completions, until ReadyForQuery
         self.done = False
         self.tags: list[str] = []  # CommandComplete tags, in order
@@ -50,30 +62,22 @@ def tag_rows(tag: str) -> int | None:
 
 
 class OutcomeTracker:
-    __slots__ = ("_groups", "_open")
+    __slots__ = ("_ready", "_slots")
 
     def __init__(self) -> None:
-        self._groups: deque[list[Outcome]] = deque()  # each ends with one ReadyForQuery
-        self._open: list[Outcome] | None = None  # extended-protocol messages since the last Sync
+        self._slots: deque[Outcome] = deque()  # forwarded and not finished, in order
+        self._ready = 0  # ReadyForQuery messages seen: the group being answered is the next
 
     # --- what the client sent (in forwarding order) ---------------------------------------
 
-    def query(self, token: object) -> None:
-        """A simple Query (or FunctionCall): it ends its group, with any unsynced extended
-        messages before it (the server treats the Query as their end too)."""
-        group = self._open if self._open is not None else []
-        group.append(Outcome(token, multi=True))
-        self._groups.append(group)
-        self._open = None
+    def query(self, token: object, group: int) -> None:
+        """A simple Query (or FunctionCall), which ends ``group``: unsynced extended messages
+        before it share its group (the server treats the Query as their Sync too)."""
+        self._slots.append(Outcome(token, group, True))
 
-    def execute(self, token: object) -> None:
-        if self._open is None:
-            self._open = []
-        self._open.append(Outcome(token))
-
-    def sync(self) -> None:
-        self._groups.append(self._open if self._open is not None else [])
-        self._open = None
+    def execute(self, token: object, group: int) -> None:
+        """An Execute, ended by the Sync (or Query) whose ReadyForQuery is number ``group``."""
+        self._slots.append(Outcome(token, group))
 
     # --- what the server said ---------------------------------------------------------------
 
@@ -95,43 +99,47 @@ class OutcomeTracker:
             slot.done = True
 
     def error(self, sqlstate: str, message: str) -> None:
-        head = self._head()
-        if head is None:
-            return  # an error outside any statement (FATAL at shutdown): nothing to attribute
-        waiting = [s for s in head if not s.done]
-        if not waiting:
-            return
-        first, rest = waiting[0], waiting[1:]
-        first.sqlstate, first.message = sqlstate, message
-        first.done = True
-        for slot in rest:
-            slot.skipped = True
+        """The first waiting statement of the group being answered failed; the server skips
+        the rest of that group. An error outside any statement (a FATAL at shutdown, a failed
+        Parse) has no statement waiting and is not attributed."""
+        answering = self._ready + 1
+        first = True
+        for slot in self._slots:
+            if slot.group != answering:
+                break
+            if slot.done:
+                continue
+            if first:
+                slot.sqlstate, slot.message = sqlstate, message
+                first = False
+            else:
+                slot.skipped = True
             slot.done = True
 
     def ready(self) -> list[Outcome]:
-        """ReadyForQuery: the head group is finished; the outcomes of its recorded statements
-        (those with a token), in order."""
-        if not self._groups:
-            return []
-        group = self._groups.popleft()
-        return [slot for slot in group if slot.token is not None]
+        """ReadyForQuery: the group being answered is finished; the outcomes of its recorded
+        statements (those with a token), in order."""
+        self._ready += 1
+        slots = self._slots
+        finished = []
+        while slots and slots[0].group <= self._ready:
+            slot = slots.popleft()
+            if slot.token is not None:
+                finished.append(slot)
+        return finished
 
     @property
     def pending(self) -> int:
-        return len(self._groups) + (1 if self._open else 0)
-
-    def _head(self) -> list[Outcome] | None:
-        # Replies to unsynced extended messages arrive before their Sync when the client sent
-        # a Flush (53.2.3), so the open group is the head when nothing else is waiting.
-        if self._groups:
-            return self._groups[0]
-        return self._open
+        """Statements forwarded whose group has not finished."""
+        return len(self._slots)
 
     def _current(self) -> Outcome | None:
-        head = self._head()
-        if head is None:
-            return None
-        for slot in head:
+        # Replies to unsynced extended messages arrive before their Sync when the client sent
+        # a Flush (53.2.3): they belong to the group being answered all the same.
+        answering = self._ready + 1
+        for slot in self._slots:
+            if slot.group != answering:
+                return None
             if not slot.done:
                 return slot
         return None

@@ -324,11 +324,10 @@ def test_tracker_reports_outcomes_whole_and_bytewise() -> None:
     for chunk in (len(stream), 1, 4):
         finished: list[Outcome] = []
         outcomes = OutcomeTracker()
-        outcomes.execute("insert")
-        outcomes.execute("dup")
-        outcomes.execute("never")
-        outcomes.sync()
-        outcomes.query("select")
+        outcomes.execute("insert", 1)
+        outcomes.execute("dup", 1)
+        outcomes.execute("never", 1)  # then Sync
+        outcomes.query("select", 2)
         tracker = BackendTracker()
         tracker.track_outcomes(outcomes, finished.extend)
         out = b""

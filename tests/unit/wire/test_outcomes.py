@@ -7,7 +7,7 @@ from pgguard.wire.outcomes import OutcomeTracker, tag_rows
 
 def test_simple_query_with_several_statements() -> None:
     t = OutcomeTracker()
-    t.query("q1")
+    t.query("q1", 1)
     t.command_complete("BEGIN")
     t.command_complete("INSERT 0 3")
     t.command_complete("COMMIT")
@@ -20,11 +20,11 @@ def test_simple_query_with_several_statements() -> None:
 
 def test_rows_come_from_the_last_counting_tag() -> None:
     t = OutcomeTracker()
-    t.query("q")
+    t.query("q", 1)
     t.command_complete("SELECT 42")
     (outcome,) = t.ready()
     assert outcome.rows == 42
-    t.query("q")
+    t.query("q", 2)
     t.command_complete("CREATE TABLE")
     (outcome,) = t.ready()
     assert outcome.rows is None
@@ -32,12 +32,10 @@ def test_rows_come_from_the_last_counting_tag() -> None:
 
 def test_pipeline_error_skips_the_rest_of_its_group_only() -> None:
     t = OutcomeTracker()
-    t.execute("e1")
-    t.execute("e2")
-    t.execute("e3")
-    t.sync()
-    t.execute("e4")
-    t.sync()
+    t.execute("e1", 1)
+    t.execute("e2", 1)
+    t.execute("e3", 1)  # then Sync: group 1 ends
+    t.execute("e4", 2)  # then Sync: group 2 ends
     t.command_complete("SELECT 1")
     t.error("22012", "division by zero")
     first = t.ready()
@@ -51,11 +49,22 @@ def test_pipeline_error_skips_the_rest_of_its_group_only() -> None:
     assert outcome.rows == 2
 
 
+def test_an_error_in_a_group_without_statements_stays_there() -> None:
+    # Parse(bad) Sync, then Bind Execute Sync: the Parse error belongs to group 1, which has no
+    # statement; the Execute of group 2 must not take it.
+    t = OutcomeTracker()
+    t.execute("e", 2)
+    t.error("42601", "syntax error")
+    assert t.ready() == []
+    t.command_complete("SELECT 1")
+    (outcome,) = t.ready()
+    assert (outcome.token, outcome.sqlstate, outcome.tags) == ("e", None, ["SELECT 1"])
+
+
 def test_uncounted_substitute_consumes_its_error() -> None:
     t = OutcomeTracker()
-    t.execute(None)  # a refused statement's substitute Parse: its error is pgguard's
-    t.execute("later")
-    t.sync()
+    t.execute(None, 1)  # a refused statement's substitute Parse: its error is pgguard's
+    t.execute("later", 1)
     t.error("42501", "refused")
     (outcome,) = t.ready()
     assert outcome.token == "later"
@@ -64,9 +73,8 @@ def test_uncounted_substitute_consumes_its_error() -> None:
 
 def test_flush_without_sync_and_portal_suspended() -> None:
     t = OutcomeTracker()
-    t.execute("cursorish")
+    t.execute("cursorish", 1)
     t.portal_suspended()  # replies arrive after a Flush, before any Sync
-    t.sync()
     (outcome,) = t.ready()
     assert outcome.token == "cursorish"
     assert outcome.suspended
@@ -74,8 +82,8 @@ def test_flush_without_sync_and_portal_suspended() -> None:
 
 def test_query_after_unsynced_extended_messages_ends_both() -> None:
     t = OutcomeTracker()
-    t.execute("e")
-    t.query("q")
+    t.execute("e", 1)
+    t.query("q", 1)
     t.command_complete("INSERT 0 1")
     t.command_complete("SELECT 1")
     finished = t.ready()
