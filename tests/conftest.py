@@ -19,9 +19,7 @@ from pgguard.embedded import EmbeddedPostgres
 from tests.support import OPEN_RAW_CLIENTS, ProxyThread, agent_settings
 
 # Property tests assert what must hold for every input, not how fast: on a shared CI machine a
-# per-example deadline only adds timing flakes, so there is none.
-# Timing is the benchmarks' business (bench/), not the tests': on a shared 2-core machine an
-# example's run time, or how long data generation takes, says nothing about correctness.
+# per-example deadline, or the health check on slow data generation, only adds timing flakes.
 settings.register_profile("pgguard", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("pgguard")
 
