@@ -39,7 +39,7 @@ from pgguard.wire import extended as x
 from pgguard.wire import messages as m
 from pgguard.wire.backend import BackendTracker
 from pgguard.wire.framing import Frame, FrontendScanner
-from pgguard.wire.outcomes import Outcome, OutcomeTracker
+from pgguard.wire.outcomes import OutcomeTracker
 
 if TYPE_CHECKING:
     from pgguard.proxy.server import ProxyContext
@@ -203,7 +203,8 @@ class Connection:
         self._client_write = self.client.transport.write
         self._tracker_feed = session.tracker.feed
         if self._outcomes is not None:
-            session.tracker.track_outcomes(self._outcomes, self._finished)
+            # Straight to the gate's sink: a ReadyForQuery's statements cost one call.
+            session.tracker.track_outcomes(self._outcomes, self.ctx.gate.outcome_sink(session))
         self.ctx.gate.session_started(session)
         if pending_server:
             self._from_server(pending_server)
@@ -215,12 +216,6 @@ class Connection:
     def _replies_owed(self) -> int:
         assert self.session is not None
         return self._zcount + self._scanner.syncs - self.session.tracker.ready_count
-
-    def _finished(self, finished: list[Outcome]) -> None:
-        try:
-            self.ctx.gate.statements_finished(self._session(), finished)
-        except Exception:  # recording an outcome must never break the agent's session
-            log.exception("session %s: could not record outcomes", self._session().session_id)
 
     def _cleanup(self) -> None:
         self.ctx.unregister(self)

@@ -17,6 +17,7 @@ no SQL a policy could read.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -141,9 +142,11 @@ class Gate:
         """What to remember about a statement being forwarded, until its outcome is known."""
         return None
 
-    def statements_finished(self, session: SessionView, outcomes: list[Outcome]) -> None:
-        """The server answered forwarded statements (one ReadyForQuery's worth, in order);
-        each outcome carries the token ``statement_token`` gave."""
+    def outcome_sink(self, session: SessionView) -> Callable[[list[Outcome]], None]:
+        """Where the session's finished statements go (one ReadyForQuery's worth at a time, in
+        order; each outcome carries the token ``statement_token`` gave). Called once per
+        session; the callable it returns must never raise."""
+        return _ignore_outcomes
 
     def session_started(self, session: SessionView) -> None:
         """A session was established (after authentication and the upstream login)."""
@@ -153,3 +156,7 @@ class Gate:
 
     def auth_failed(self, agent: str, database: str, client_address: str, reason: str) -> None:
         """An agent failed to authenticate."""
+
+
+def _ignore_outcomes(outcomes: list[Outcome]) -> None:
+    """The sink of a gate that records nothing."""

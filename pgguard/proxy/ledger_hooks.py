@@ -130,7 +130,8 @@ class LedgerHooks:
     def finished_many(self, session: SessionView, outcomes: list[Outcome]) -> None:
         """Statements the server answered, one ReadyForQuery's worth, in order; each outcome's
         token is the `StatementRecord` the gate handed out. Ordinary statements are only noted
-        here (one append each; `drain` records them), the others are recorded at once."""
+        here (one append each; `drain` records them), the others are recorded at once. Never
+        raises: it runs on the relay's path, and recording must not break the session."""
         now = time.time()
         session_ref: Ref | None = None
         pending = self._pending
@@ -159,7 +160,10 @@ class LedgerHooks:
             if len(pending) >= _PENDING_MAX:
                 # The shipper is stuck (a slow state database): seal here, so the writer's
                 # bounded queue and its spool take over - memory stays bounded.
-                self.drain()
+                try:
+                    self.drain()
+                except Exception:
+                    log.exception("ledger: could not seal the noted statements")
 
     def _record_outcome(
         self, session: SessionView, record: StatementRecord, outcome: Outcome, now: float
@@ -340,7 +344,9 @@ def _outcome_of(record: StatementRecord, completed: float, outcome: Outcome) -> 
         fields = _TAG_FIELDS.get(tags[0])
         if fields is None:
             fields = _tag_fields(tags[0])
-        return epoch_us(record.received), epoch_us(completed), fields[0], fields[1], None, None
+        # epoch_us, inlined: this runs for every statement
+        received_us, completed_us = round(record.received * 1e6), round(completed * 1e6)
+        return received_us, completed_us, fields[0], fields[1], None, None
     return _packed_outcome(
         epoch_us(record.received),
         epoch_us(completed),

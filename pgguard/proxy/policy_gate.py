@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgguard.approvals.model import NewRequest
@@ -336,14 +338,17 @@ class PolicyGate(Gate):
     def statement_token(self, session: SessionView, kind: str, sql: bytes) -> object | None:
         if self.ledger is None:
             return None
-        state = self._state(session)
+        state = session.gate_state
+        if not isinstance(state, _SessionPolicy):  # nothing was checked: a substitute message
+            return StatementRecord(kind, sql, None)
         record = state.approved_record or state.last_record
         state.approved_record = state.last_record = None
         return record if record is not None else StatementRecord(kind, sql, None)
 
-    def statements_finished(self, session: SessionView, outcomes: list[Outcome]) -> None:
-        if self.ledger is not None:
-            self.ledger.finished_many(session, outcomes)
+    def outcome_sink(self, session: SessionView) -> Callable[[list[Outcome]], None]:
+        if self.ledger is None:
+            return super().outcome_sink(session)
+        return functools.partial(self.ledger.finished_many, session)
 
     def session_started(self, session: SessionView) -> None:
         if self.ledger is not None:
