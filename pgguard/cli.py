@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from pgguard.allocator import retain_freed_memory
 from pgguard.errors import ConfigError
 from pgguard.settings import Settings
 
@@ -62,6 +63,7 @@ def serve(config: ConfigOption = None) -> None:
     if not settings.agents:
         typer.echo("pgguard: no [[agents]] configured: nobody could connect", err=True)
         raise typer.Exit(2)
+    retain_freed_memory(settings.limits.allocator_retain_mib)
     run_event_loop(_serve(settings))
 
 

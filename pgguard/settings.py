@@ -113,6 +113,8 @@ class LimitsSettings(_Section):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=(1 << 30) - 1)
     startup_timeout: float = Field(30.0, gt=0)
     shutdown_grace: float = Field(10.0, ge=0)
+    # Freed memory the C allocator keeps for reuse (pgguard.allocator); 0: glibc's defaults.
+    allocator_retain_mib: int = Field(64, ge=0, le=65536)
 
 
 class PolicySettings(_Section):
