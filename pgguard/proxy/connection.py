@@ -109,7 +109,11 @@ class Connection:
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._held: tuple[Frame, g.Hold] | None = None
         self._hold_task: asyncio.Task[None] | None = None
-        self._zcount = 0  # Query/FunctionCall frames forwarded (each ends with ReadyForQuery)
+        # Query/FunctionCall frames forwarded (each ends with ReadyForQuery). With the scanner's
+        # Sync count it numbers the ReadyForQuery messages owed: a statement forwarded now is
+        # ended by number _zcount + syncs (a Query, counted already) or that + 1 (an Execute,
+        # whose Sync is still to come) - the group the OutcomeTracker files it under.
+        self._zcount = 0
         self._upstream_write: Callable[[bytes], None] = _discard
         self._client_write: Callable[[bytes], None] = _discard
         self._tracker_feed: Callable[[bytes], bytes] = bytes

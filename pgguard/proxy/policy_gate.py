@@ -339,7 +339,7 @@ class PolicyGate(Gate):
         if self.ledger is None:
             return None
         state = session.gate_state
-        if not isinstance(state, _SessionPolicy):  # nothing was checked: a substitute message
+        if not isinstance(state, _SessionPolicy):  # no statement of the session checked yet
             return StatementRecord(kind, sql, None)
         record = state.approved_record or state.last_record
         state.approved_record = state.last_record = None
