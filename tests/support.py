@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import shutil
 import socket
 import struct
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pgguard.policy import SHIPPED_RULES_DIR
 from pgguard.proxy.gate import Gate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
@@ -247,3 +250,11 @@ class PgguardThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+def shipped_rules_with(directory: Path, name: str, text: str) -> Path:
+    """``directory`` holding the shipped rules plus one more file, ``name``, with ``text``."""
+    for path in SHIPPED_RULES_DIR.glob("*.yaml"):
+        shutil.copy(path, directory / path.name)
+    (directory / name).write_text(text)
+    return directory

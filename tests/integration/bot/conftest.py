@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,22 +11,17 @@ import httpx
 import psycopg
 import pytest
 
-from pgguard.policy import SHIPPED_RULES_DIR
 from tests.bot_connector_stub import BotConnectorStub
 from tests.integration.bot.helpers import bot_settings
 from tests.integration.holds.helpers import TEST_RULES
-from tests.support import PgguardThread
+from tests.support import PgguardThread, shipped_rules_with
 
 TABLES = ("hold_t", "quorum_t", "dba_only_t")
 
 
 @pytest.fixture(scope="module")
 def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("rules")
-    for path in SHIPPED_RULES_DIR.glob("*.yaml"):
-        shutil.copy(path, directory / path.name)
-    (directory / "zz-test.yaml").write_text(TEST_RULES)
-    return directory
+    return shipped_rules_with(tmp_path_factory.mktemp("rules"), "zz-test.yaml", TEST_RULES)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,19 +10,14 @@ import httpx
 import psycopg
 import pytest
 
-from pgguard.policy import SHIPPED_RULES_DIR
 from tests.integration.holds.helpers import TEST_RULES, hold_settings
-from tests.support import PgguardThread
+from tests.support import PgguardThread, shipped_rules_with
 from tests.teams_stub import TeamsStub
 
 
 @pytest.fixture(scope="module")
 def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("rules")
-    for path in SHIPPED_RULES_DIR.glob("*.yaml"):
-        shutil.copy(path, directory / path.name)
-    (directory / "zz-test.yaml").write_text(TEST_RULES)
-    return directory
+    return shipped_rules_with(tmp_path_factory.mktemp("rules"), "zz-test.yaml", TEST_RULES)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from pgguard.policy import SHIPPED_RULES_DIR, Context, PolicyEngine
+from pgguard.policy import Context, PolicyEngine
+from tests.support import shipped_rules_with
 
 SCRATCH_RULE = """
 version: 1
@@ -23,11 +21,8 @@ rules:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> PolicyEngine:
-    directory: Path = tmp_path_factory.mktemp("rules")
-    for path in SHIPPED_RULES_DIR.glob("*.yaml"):
-        shutil.copy(path, directory / path.name)
-    (directory / "zz-scratch.yaml").write_text(SCRATCH_RULE)
-    return PolicyEngine.load(directory)
+    directory = tmp_path_factory.mktemp("rules")
+    return PolicyEngine.load(shipped_rules_with(directory, "zz-scratch.yaml", SCRATCH_RULE))
 
 
 @pytest.mark.parametrize(
