@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 from pgguard.settings import Settings
 from tests.bot_connector_stub import BotConnectorStub
-from tests.integration.holds.helpers import TOKENS, auth, eventually, sha
-from tests.support import AGENT, AGENT_PASSWORD, OWNER, agent_settings
+from tests.integration.holds.helpers import TOKENS, auth, eventually, sha, wait_for_request
+from tests.support import AGENT, AGENT_PASSWORD, OWNER, PgguardThread, agent_settings
 
 PUBLIC_URL = "https://pgguard.example.test"
 
@@ -114,3 +119,33 @@ def answered_card(response: httpx.Response) -> dict[str, Any]:
 
 def execute_verbs(card: dict[str, Any]) -> list[str]:
     return [a["verb"] for a in card.get("actions", []) if a.get("type") == "Action.Execute"]
+
+
+@dataclass
+class Held:
+    """An agent's statement, held: the agent's connection, its pending call, the request."""
+
+    conn: asyncpg.Connection
+    running: asyncio.Task[Any]
+    request: dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def held(
+    pgguard: PgguardThread,
+    api: httpx.AsyncClient,
+    stub: BotConnectorStub,
+    statement: str,
+    table: str,
+) -> AsyncIterator[Held]:
+    """An agent session whose ``statement`` (about ``table``) is held and has its card posted;
+    the connection is closed on the way out. COPY statements are fetched, others executed."""
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        call = conn.fetch if statement.startswith("COPY") else conn.execute
+        running = asyncio.create_task(call(statement))
+        request = await wait_for_request(api, table)
+        await wait_for_card(stub, request["id"])
+        yield Held(conn, running, request)
+    finally:
+        await conn.close()

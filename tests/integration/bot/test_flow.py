@@ -25,6 +25,7 @@ from tests.integration.bot.helpers import (
     click,
     execute_verbs,
     get_request,
+    held,
     refusal_text,
     send,
     wait_for_card,
@@ -71,11 +72,8 @@ async def test_held_statement_posts_a_card_with_approve_and_deny(
 async def test_click_approves_and_updates_the_message_for_everyone(
     pgguard: PgguardThread, api: httpx.AsyncClient, stub: BotConnectorStub
 ) -> None:
-    conn = await asyncpg.connect(pgguard.dsn())
-    try:
-        running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
-        request = await wait_for_request(api, "hold_t")
-        await wait_for_card(stub, request["id"])
+    async with held(pgguard, api, stub, "DROP TABLE hold_t", "hold_t") as h:
+        running, request = h.running, h.request
         posted = stub.cards_for(request["id"])[0]
         response = await click(api, stub, request["id"], "approve", "dba1", comment="go ahead")
         card = answered_card(response)
@@ -97,18 +95,13 @@ async def test_click_approves_and_updates_the_message_for_everyone(
         assert update.conversation_id == CONVERSATION_ID
         assert execute_verbs(update.card) == []
         assert "Approved by Dana DBA" in json.dumps(update.card)
-    finally:
-        await conn.close()
 
 
 async def test_click_denies_and_the_agent_gets_42501(
     pgguard: PgguardThread, api: httpx.AsyncClient, stub: BotConnectorStub
 ) -> None:
-    conn = await asyncpg.connect(pgguard.dsn())
-    try:
-        running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
-        request = await wait_for_request(api, "hold_t")
-        await wait_for_card(stub, request["id"])
+    async with held(pgguard, api, stub, "DROP TABLE hold_t", "hold_t") as h:
+        running, request, conn = h.running, h.request, h.conn
         response = await click(api, stub, request["id"], "deny", "dba2", comment="not today")
         assert "Denied by Drew DBA" in json.dumps(answered_card(response))
         with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
@@ -123,18 +116,13 @@ async def test_click_denies_and_the_agent_gets_42501(
         ]
         await eventually(lambda: bool(stub.updates_for(request["id"])))
         assert "Denied by Drew DBA" in json.dumps(stub.updates_for(request["id"])[-1].card)
-    finally:
-        await conn.close()
 
 
 async def test_quorum_of_two_needs_two_different_clickers(
     pgguard: PgguardThread, api: httpx.AsyncClient, stub: BotConnectorStub
 ) -> None:
-    conn = await asyncpg.connect(pgguard.dsn())
-    try:
-        running = asyncio.create_task(conn.fetch("COPY quorum_t TO STDOUT"))
-        request = await wait_for_request(api, "quorum_t")
-        await wait_for_card(stub, request["id"])
+    async with held(pgguard, api, stub, "COPY quorum_t TO STDOUT", "quorum_t") as h:
+        running, request = h.running, h.request
         first = answered_card(await click(api, stub, request["id"], "approve", "dba1"))
         # Still pending: the card keeps its buttons and says who approved so far.
         assert execute_verbs(first) == ["approve", "deny"]
@@ -154,18 +142,13 @@ async def test_quorum_of_two_needs_two_different_clickers(
         stored = await get_request(api, request["id"])
         assert stored["state"] == "approved"
         assert sorted(d["approver_id"] for d in stored["decisions"]) == ["dba1", "dba2"]
-    finally:
-        await conn.close()
 
 
 async def test_self_approval_wrong_group_and_strangers_are_refused(
     pgguard: PgguardThread, api: httpx.AsyncClient, stub: BotConnectorStub
 ) -> None:
-    conn = await asyncpg.connect(pgguard.dsn())
-    try:
-        running = asyncio.create_task(conn.fetch("COPY dba_only_t TO STDOUT"))
-        request = await wait_for_request(api, "dba_only_t")
-        await wait_for_card(stub, request["id"])
+    async with held(pgguard, api, stub, "COPY dba_only_t TO STDOUT", "dba_only_t") as h:
+        running, request = h.running, h.request
         own = refusal_text(await click(api, stub, request["id"], "approve", "owner"))
         assert "cannot approve" in own
         group = refusal_text(await click(api, stub, request["id"], "approve", "aud"))
@@ -177,8 +160,6 @@ async def test_self_approval_wrong_group_and_strangers_are_refused(
         assert not running.done()
         answered_card(await click(api, stub, request["id"], "approve", "dba2"))
         await asyncio.wait_for(running, 10)
-    finally:
-        await conn.close()
 
 
 async def test_a_replayed_invoke_is_refused_without_deciding_again(
@@ -188,11 +169,8 @@ async def test_a_replayed_invoke_is_refused_without_deciding_again(
     upstream_dsn: str,
     state_schema: str,
 ) -> None:
-    conn = await asyncpg.connect(pgguard.dsn())
-    try:
-        running = asyncio.create_task(conn.fetch("COPY quorum_t TO STDOUT"))
-        request = await wait_for_request(api, "quorum_t")
-        await wait_for_card(stub, request["id"])
+    async with held(pgguard, api, stub, "COPY quorum_t TO STDOUT", "quorum_t") as h:
+        running, request = h.running, h.request
         token = stub.mint()
         activity = stub.invoke(
             request["id"], "approve", clicker="11111111-1111-4111-8111-111111111111"
@@ -222,8 +200,6 @@ async def test_a_replayed_invoke_is_refused_without_deciding_again(
         await api.post(f"/api/requests/{request['id']}/deny", json={}, headers=auth("dba2"))
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await asyncio.wait_for(running, 10)
-    finally:
-        await conn.close()
 
 
 async def test_non_action_activities_are_acknowledged_and_ignored(
@@ -243,11 +219,8 @@ async def test_another_instance_updates_the_card_from_the_stored_activity_id(
     upstream_dsn: str,
     state_schema: str,
 ) -> None:
-    conn = await asyncpg.connect(pgguard.dsn())
-    try:
-        running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
-        request = await wait_for_request(api, "hold_t")
-        await wait_for_card(stub, request["id"])
+    async with held(pgguard, api, stub, "DROP TABLE hold_t", "hold_t") as h:
+        running, request = h.running, h.request
         posted = stub.cards_for(request["id"])[0]
         response = await api.post(
             f"/api/requests/{request['id']}/deny", json={"reason": "no"}, headers=auth("dba1")
@@ -256,8 +229,6 @@ async def test_another_instance_updates_the_card_from_the_stored_activity_id(
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await asyncio.wait_for(running, 10)
         await eventually(lambda: bool(stub.updates_for(request["id"])))  # this instance's own
-    finally:
-        await conn.close()
     # A second bot, as a freshly started instance would have it: nothing in memory, only the
     # shared state database, finds the message and updates it.
     store = await ApprovalStore.open(upstream_dsn, schema=state_schema)
