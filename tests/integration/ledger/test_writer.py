@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -242,15 +241,18 @@ async def test_durable_goes_to_the_spool_when_the_database_is_unreachable(tmp_pa
         await writer.close()
 
 
-async def test_record_is_cheap(writer: LedgerWriter) -> None:
-    entries = [entry() for _ in range(5000)]
-    started = time.perf_counter()
-    for e in entries:
-        writer.record(e)
-    per_record_us = (time.perf_counter() - started) / len(entries) * 1e6
-    print(f"record(): {per_record_us:.1f} us")
-    assert per_record_us < 500  # generous: CI machines vary; typical is far lower
+async def test_record_only_queues_and_the_shipper_stores_everything(writer: LedgerWriter) -> None:
+    # record() runs on the relay's path: it must never wait for the database. Its speed is the
+    # benchmarks' business (bench/pgbench_compare.py), not a timed assertion here.
+    before = writer.stats()
+    for _ in range(5000):
+        writer.record(entry())
+    queued = writer.stats()
+    assert queued.shipped == before.shipped  # nothing reached the database without an await
+    assert (queued.recorded, queued.queued) == (before.recorded + 5000, before.queued + 5000)
     await writer.flush()
+    done = writer.stats()
+    assert (done.shipped, done.queued, done.spooled) == (before.shipped + 5000, 0, before.spooled)
 
 
 async def test_a_feeders_entries_keep_their_place_in_the_chain(
