@@ -339,10 +339,10 @@ class PolicyGate(Gate):
         if self.ledger is None:
             return None
         state = session.gate_state
-        if not isinstance(state, _SessionPolicy):  # no statement of the session checked yet
-            return StatementRecord(kind, sql, None)
-        record = state.approved_record or state.last_record
-        state.approved_record = state.last_record = None
+        record = None
+        if isinstance(state, _SessionPolicy):  # else no statement of the session was checked
+            record = state.approved_record or state.last_record
+            state.approved_record = state.last_record = None
         return record if record is not None else StatementRecord(kind, sql, None)
 
     def outcome_sink(self, session: SessionView) -> Callable[[list[Outcome]], None]:

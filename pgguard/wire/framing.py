@@ -122,12 +122,10 @@ class FrontendScanner:
     run and every forwarded frame's ``raw`` reproduces the input exactly.
     """
 
-    __slots__ = ("_buf", "_inspected", "_max", "_passed", "_pos", "_skip", "syncs")
+    __slots__ = ("_buf", "_max", "_pos", "_skip", "syncs")
 
     def __init__(self, max_message: int) -> None:
         self.syncs = 0  # Sync messages passed so far; each ends an extended-protocol group
-        self._inspected = _INSPECTED
-        self._passed = _PASSED
         self._buf = b""
         self._pos = 0
         self._skip = 0
@@ -162,8 +160,8 @@ class FrontendScanner:
         pos = 0
         n = len(data)
         max_len = self._max
-        inspected = self._inspected
-        passed = self._passed
+        inspected = _INSPECTED
+        passed = _PASSED
         while pos + 5 <= n:
             type_byte = data[pos]
             length = _unpack_u32(data, pos + 1)[0]
@@ -208,8 +206,8 @@ class FrontendScanner:
             self._pos = pos + take
             return buf[pos : pos + take]
         start = pos
-        inspected = self._inspected
-        passed = self._passed
+        inspected = _INSPECTED
+        passed = _PASSED
         while pos + 5 <= n:
             type_byte = buf[pos]
             length = _unpack_u32(buf, pos + 1)[0]
@@ -255,7 +253,7 @@ class FrontendScanner:
             self._reject(type_byte, length)
 
     def _reject(self, type_byte: int, length: int) -> None:
-        if type_byte not in self._inspected and type_byte not in self._passed:
+        if type_byte not in _INSPECTED and type_byte not in _PASSED:
             raise ProtocolViolation(f"invalid frontend message type {type_byte}")
         raise ProtocolViolation(
             f"invalid message length {length} for message type {chr(type_byte)!r}"
