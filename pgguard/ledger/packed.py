@@ -1,6 +1,6 @@
 """Packed entries: the compact, batched form of ordinary statements in the ledger.
 
-Owns: `PackedEntry`, `session_record`, `text_record`, `record_ref`, `seal_packed` (used by
+Owns: `PackedEntry`, `session_record`, `text_record`, `record_ref`, `seal_packed_many` (used by
 `Chain`), `pack_body`, `unpack`, `PACKED_FIELDS`.
 
 Why: an ordinary statement (allowed, no approval) is most of what the proxy sees; a full entry
@@ -144,20 +144,6 @@ def text_record(
         "action": action,
     }
     return record_ref(record), record
-
-
-def seal_packed(
-    chain_id: str,
-    id_prefix: str,
-    seq: int,
-    prev: tuple[str, str],
-    session: Ref,
-    text: Ref,
-    outcome: PackedOutcome,
-) -> PackedEntry:
-    """Seal one packed entry after ``prev`` (its predecessor's hash and id); ``outcome`` is
-    (received_us, completed_us, command_tag, rows, sqlstate, error_message)."""
-    return seal_packed_many(chain_id, id_prefix, seq, prev, [(session, text, outcome)])[0]
 
 
 def seal_packed_many(
