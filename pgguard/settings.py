@@ -251,6 +251,10 @@ class Settings(BaseSettings):
     oidc: OidcSettings | None = None
     approvers: list[ApproverSettings] = Field(default_factory=list)
     ledger: LedgerSettings = LedgerSettings()
+    # pgguard's own files: the keys it creates at first start (state MAC key, ledger signing key)
+    # and the ledger's anchor file. Created with mode 0700 when missing; keep it off the database
+    # host and out of every agent's reach.
+    data_dir: Path = Path("pgguard-data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("agents")
