@@ -2,13 +2,15 @@
 
 Public API: `LedgerEntry` (what the proxy records), `LedgerWriter` (`record` on the hot path,
 `record_durable` before a privileged statement is forwarded), `query`/`LedgerFilters`/`LedgerRow`
-(reading) and `verify`/`VerifyReport`/`Problem` (tamper evidence), `LedgerUnavailable` (fail
-closed). The tables and the ``ledger`` view are documented in the README (for auditors).
+(reading) and `verify`/`VerifyReport`/`Problem` (tamper evidence; `KeyRing` and the signed
+checkpoints of `pgguard.ledger.checkpoint`), `LedgerUnavailable` (fail closed). The tables and
+the ``ledger`` view are documented in the README (for auditors).
 """
 
 from __future__ import annotations
 
 from pgguard.ledger.chain import GENESIS, Chain, SealedEntry, canonical_bytes, envelope_hash
+from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
 from pgguard.ledger.model import LedgerEntry, LedgerUnavailable, new_entry_id
 from pgguard.ledger.reader import (
     ChainHead,
@@ -27,6 +29,7 @@ __all__ = [
     "GENESIS",
     "Chain",
     "ChainHead",
+    "KeyRing",
     "LedgerEntry",
     "LedgerFilters",
     "LedgerRow",
@@ -36,6 +39,7 @@ __all__ = [
     "LedgerWriter",
     "Problem",
     "SealedEntry",
+    "SignedCheckpoint",
     "Spool",
     "SpoolError",
     "VerifyReport",

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 import orjson
 
+from pgguard.ledger.checkpoint import SignedCheckpoint, parse_signed
 from pgguard.ledger.model import JsonValue, LedgerEntry, entry_content, entry_from_content
 from pgguard.ledger.packed import (
     PACKED_FIELDS,
@@ -110,14 +111,18 @@ def unseal(envelope: Mapping[str, object], stored_hash: str) -> SealedEntry:
     )
 
 
-Sealed = SealedEntry | PackedEntry  # what a chain seals, in order
+# What a chain seals, in order: its entries, and the signed checkpoints of its head, each right
+# after the entry it signs (see `pgguard.ledger.checkpoint`).
+Sealed = SealedEntry | PackedEntry | SignedCheckpoint
 
 
 def parse_spool_line(line: bytes) -> Sealed:
-    """The inverse of ``spool_line`` (either kind); ValueError when the line is damaged."""
+    """The inverse of ``spool_line`` (any kind); ValueError when the line is damaged."""
     record = json.loads(line)
     if isinstance(record, dict) and "packed" in record:
         return _parse_packed_line(record)
+    if isinstance(record, dict) and "checkpoint" in record:
+        return parse_signed(record)
     if not isinstance(record, dict) or not isinstance(record.get("envelope"), dict):
         raise ValueError("not a spooled ledger entry")
     sealed = unseal(record["envelope"], str(record.get("hash")))
@@ -174,6 +179,10 @@ class Chain:
     @property
     def last_hash(self) -> str:
         return self._last_hash
+
+    @property
+    def last_entry_id(self) -> str:
+        return self._last_entry_id
 
     def seal(self, entry: LedgerEntry) -> SealedEntry:
         """Give ``entry`` the next seq and link it to the head; the head then moves to it."""

@@ -1,6 +1,6 @@
 """Reading the ledger back: filtered streaming queries and chain verification (asyncpg).
 
-Owns: `LedgerFilters`, `LedgerRow`, `query`, `verify`, `VerifyReport`, `Problem`.
+Owns: `LedgerFilters`, `LedgerRow`, `query`, `verify`, `VerifyReport` (and re-exports `Problem`).
 
 `query` streams statement-level rows (every kind but ``outcome``), each joined with the outcome
 entry that completes it, through a server-side cursor in a transaction, so an export of millions
@@ -12,29 +12,49 @@ of rows never holds more than a prefetch window. Rows are built from the hashed 
 was rewritten and rehashed so its successor no longer links to it), ``deleted`` (a seq gap; the
 id is the missing predecessor's, as its successor recorded it), ``inserted`` (a row that does not
 link to its predecessor), ``reordered`` (a row sealed at another seq or chain than where it is).
-What verification cannot see on its own: a well-formed entry appended at a chain's END, or a
-chain's tail cut off, by someone who rewrites hashes too. Keep the chain heads `verify` reports
-(or ship them elsewhere) to catch that.
+What the hash checks cannot see on their own: anything done by someone who rewrites hashes too.
+Given the public keys (``keys``), `verify` also checks the signed checkpoints of
+``ledger_checkpoints`` and of the anchor files against the same walk (`pgguard.ledger.audit`),
+which catches a rehashed rewrite, a cut tail and - with the anchor files - a deleted chain or
+deleted checkpoints; problems it finds there are reported with the same `Problem`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
 
 import asyncpg
 
 from pgguard.approvals.schema import checked_schema
+from pgguard.ledger.audit import CheckpointAudit, StoredCheckpoint
 from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
+from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
 from pgguard.ledger.packed import Unpacked, unpack
-from pgguard.ledger.store import COLUMNS, JSONB_COLUMNS, OUTCOME_COLUMNS, row_values
+from pgguard.ledger.problems import Problem, ProblemKind
+from pgguard.ledger.store import (
+    CHECKPOINT_COLUMNS,
+    COLUMNS,
+    JSONB_COLUMNS,
+    OUTCOME_COLUMNS,
+    row_values,
+)
 
-ProblemKind = Literal["modified", "deleted", "inserted", "reordered"]
+__all__ = [
+    "ChainHead",
+    "LedgerFilters",
+    "LedgerRow",
+    "Problem",
+    "ProblemKind",
+    "VerifyReport",
+    "query",
+    "verify",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +95,6 @@ class LedgerRow:
 
 
 @dataclass(frozen=True, slots=True)
-class Problem:
-    """One finding of `verify`."""
-
-    entry_id: str
-    chain_id: str
-    seq: int
-    kind: ProblemKind
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
 class ChainHead:
     entries: int
     last_seq: int
@@ -97,6 +106,9 @@ class VerifyReport:
     entries: int
     chains: dict[str, ChainHead] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    signed: bool = False  # checkpoints were checked (public keys were given)
+    checkpoints: int = 0  # valid signed checkpoints, from the table and the anchor files
 
     @property
     def ok(self) -> bool:
@@ -184,16 +196,40 @@ _EMPTY["detail"] = {}
 _SEQUENCES = frozenset({"categories", "rule_ids", "approvers"})
 
 
-async def verify(conn: asyncpg.Connection, *, schema: str = "pgguard") -> VerifyReport:
+async def verify(
+    conn: asyncpg.Connection,
+    *,
+    schema: str = "pgguard",
+    keys: KeyRing | None = None,
+    anchors: Sequence[SignedCheckpoint] | None = None,
+    open_grace: float = 10.0,
+    now: float | None = None,
+) -> VerifyReport:
     """Check every chain; the report lists each problem by entry id.
 
     Full entries (``ledger_entries``) and packed ones (``ledger_packs``) are walked together in
-    (chain, seq) order, one row and one pack in memory at a time.
+    (chain, seq) order, one row and one pack in memory at a time. With ``keys``, the walk is
+    also checked against the signed checkpoints (the table's and ``anchors``, the lines of the
+    anchor files; None: no anchor file); ``open_grace`` (seconds) is how young an open chain's
+    unsigned tail may be to be a warning rather than a problem (twice ``checkpoint_seconds``).
     """
+    if anchors is not None and keys is None:
+        raise ValueError("checking anchors needs the public keys")
     quoted = checked_schema(schema)
     columns = ", ".join(f"{c}::text" if c in JSONB_COLUMNS else c for c in COLUMNS)
     walker = _Walker()
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
+        if keys is not None:
+            walker.audit = CheckpointAudit(
+                keys,
+                await _stored_checkpoints(conn, quoted),
+                anchors or (),
+                anchored=anchors is not None,
+                open_grace=open_grace,
+                now=time.time() if now is None else now,
+                report=walker.problems.append,
+                warn=walker.warnings.append,
+            )
         full = conn.cursor(
             f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", prefetch=1000
         ).__aiter__()
@@ -217,7 +253,27 @@ async def verify(conn: asyncpg.Connection, *, schema: str = "pgguard") -> Verify
             else:
                 walker.visit_packed(item[0], item[1])
                 item = await anext(packed, None)
-    return VerifyReport(entries=walker.entries, chains=walker.heads, problems=walker.problems)
+    if walker.audit is not None:
+        walker.audit.finish()
+    return VerifyReport(
+        entries=walker.entries,
+        chains=walker.heads,
+        problems=walker.problems,
+        warnings=walker.warnings,
+        signed=walker.audit is not None,
+        checkpoints=walker.audit.checkpoints if walker.audit is not None else 0,
+    )
+
+
+async def _stored_checkpoints(conn: asyncpg.Connection, quoted: str) -> list[StoredCheckpoint]:
+    """Every row of ``ledger_checkpoints`` (none when a ledger predates the table)."""
+    table = f"{quoted}.ledger_checkpoints"
+    if await conn.fetchval("SELECT to_regclass($1)::text", table) is None:
+        return []
+    rows = await conn.fetch(
+        f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM {table} ORDER BY chain_id, seq, final"
+    )
+    return [StoredCheckpoint(**dict(row)) for row in rows]
 
 
 async def _packed_items(
@@ -279,6 +335,8 @@ class _Walker:
         self.heads: dict[str, ChainHead] = {}
         self.problems: list[Problem] = []
         self.displaced: set[str] = set()  # packed entries already reported as out of place
+        self.warnings: list[Problem] = []
+        self.audit: CheckpointAudit | None = None
         self._prev: _Seen | None = None
 
     def visit_packed(self, chain_id: str, item: Unpacked) -> None:
@@ -304,6 +362,15 @@ class _Walker:
                 (chain_id, seq, item.entry_id), (item.prev_entry_id, item.prev_hash), prev, flagged
             )
         self._prev = _Seen(chain_id, seq, item.entry_id, item.hash, flagged)
+        if self.audit is not None:
+            received = item.fields[6]
+            self.audit.entry(
+                chain_id,
+                seq,
+                item.entry_id,
+                item.hash,
+                received / 1e6 if isinstance(received, int) else None,
+            )
 
     def visit(self, record: asyncpg.Record) -> None:
         self.entries += 1
@@ -330,6 +397,10 @@ class _Walker:
                     flagged,
                 )
         self._prev = _Seen(chain_id, seq, row_id, record["hash"], flagged)
+        if self.audit is not None:
+            self.audit.entry(
+                chain_id, seq, row_id, record["hash"], record["received_at"].timestamp()
+            )
 
     def _check_self(self, record: asyncpg.Record, sealed: SealedEntry) -> ProblemKind | None:
         chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry.entry_id

@@ -4,15 +4,17 @@ Owns: `Spool` (append, fsync, read unshipped entries in order, mark them shipped
 `SpoolError`.
 
 Layout of the spool directory: segment files ``<ns-timestamp>-<pid>.jsonl`` (one `spool_line` of
-a sealed entry, full or packed, per line) and ``shipped.json``, the watermark (chain id → last seq
-known to be in the database), replaced atomically (write, fsync, rename, fsync the directory).
+a sealed entry, full or packed, or of a signed checkpoint, per line) and ``shipped.json``, the
+watermark (chain id → last seq known to be in the database), replaced atomically (write, fsync,
+rename, fsync the directory).
 
 Invariants: a process only ever appends to the segment it created itself, so a line torn by a
 crash of an earlier process is never continued; a torn or damaged line is skipped with a warning.
 Entries come out of `read_batch` in the order they were appended. An entry is skipped on reading
 when the watermark says it is already shipped, and a segment is deleted once everything in it is
 shipped, so shipping from the spool is exactly-once together with the database's
-``ON CONFLICT DO NOTHING`` (which covers a crash between the insert and the watermark). OS
+``ON CONFLICT DO NOTHING`` (which covers a crash between the insert and the watermark).
+Checkpoints are not filtered by the watermark (the database ignores one it has already). OS
 errors become `SpoolError`. Not thread-safe: one event loop owns a spool.
 """
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from pgguard.errors import PgGuardError
 from pgguard.ledger.chain import Sealed, parse_spool_line
+from pgguard.ledger.checkpoint import SignedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +202,12 @@ class Spool:
                     sealed = parse_spool_line(line)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("ledger spool %s: skipping a damaged line: %s", path.name, exc)
+                    continue
+                if type(sealed) is SignedCheckpoint:
+                    # Not filtered by the watermark: it shares its seq with the entry it signs,
+                    # which may have been shipped in the batch before. The database ignores a
+                    # checkpoint it already has.
+                    batch.append(sealed)
                     continue
                 if sealed.seq <= self._watermark.get(sealed.chain_id, 0):
                     continue

@@ -2,14 +2,16 @@
 
 Owns: ``<schema>.ledger_entries`` (one row per full entry; every field a plain column, and
 ``content`` the hashed envelope), ``<schema>.ledger_packs`` (ordinary statements in the packed
-form, many to a row), the view ``<schema>.ledger`` (both as one table of entries, for auditors),
+form, many to a row), ``<schema>.ledger_checkpoints`` (signed chain heads), the view
+``<schema>.ledger`` (both as one table of entries, for auditors),
 ``<schema>.ledger_schema_version``, `LedgerStore` (one connection, reconnected on demand),
-`row_values` and `COLUMNS`.
+`row_values`, `checkpoint_values`, `COLUMNS` and `CHECKPOINT_COLUMNS`.
 
 Invariants: migrations are numbered, applied once each, under a transaction-level advisory lock
 distinct from the approvals one. Each batch is one transaction. Full entries are inserted ``ON
 CONFLICT DO NOTHING`` and packed entries only above the chain's stored packs' highest seq, so
-shipping the same sealed entry twice stores it once. Every call has a timeout; asyncpg
+shipping the same sealed entry twice stores it once; checkpoints likewise ``ON CONFLICT DO
+NOTHING``. Every call has a timeout; asyncpg
 and OS errors leave this module as `LedgerStoreUnavailable`, and the connection is dropped so
 the next call reconnects.
 """
@@ -27,6 +29,7 @@ import orjson
 from pgguard.approvals.schema import checked_schema
 from pgguard.errors import PgGuardError
 from pgguard.ledger.chain import Sealed, SealedEntry, canonical_bytes
+from pgguard.ledger.checkpoint import SignedCheckpoint
 from pgguard.ledger.packed import PackedEntry, pack_body
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,37 @@ MIGRATIONS: tuple[str, ...] = (
         CROSS JOIN LATERAL (SELECT b.body->'refs'->(e.value->>4) AS s,
                                    b.body->'refs'->(e.value->>5) AS t) r;
     """,
+    # 3: signed checkpoints of chain heads (see pgguard.ledger.checkpoint). The columns copy the
+    # signed payload for queries; verification reads the payload.
+    """
+    CREATE TABLE {s}.ledger_checkpoints (
+        chain_id      text NOT NULL,
+        seq           bigint NOT NULL CHECK (seq >= 1),
+        final         boolean NOT NULL,
+        head_hash     text NOT NULL,
+        head_entry_id text NOT NULL,
+        signed_at     timestamptz NOT NULL,
+        instance_id   text NOT NULL,
+        key_id        text NOT NULL,
+        payload       text NOT NULL,
+        signature     text NOT NULL,
+        stored_at     timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (chain_id, seq, final)
+    );
+    """,
+)
+
+CHECKPOINT_COLUMNS = (
+    "chain_id",
+    "seq",
+    "final",
+    "head_hash",
+    "head_entry_id",
+    "signed_at",
+    "instance_id",
+    "key_id",
+    "payload",
+    "signature",
 )
 
 # Every column but stored_at, in insert order; `row_values` gives them for one sealed entry.
@@ -224,6 +258,23 @@ def row_values(sealed: SealedEntry, content: dict[str, object]) -> tuple[object,
     )
 
 
+def checkpoint_values(signed: SignedCheckpoint) -> tuple[object, ...]:
+    """The ``ledger_checkpoints`` column values of ``signed``, in `CHECKPOINT_COLUMNS` order."""
+    c = signed.checkpoint
+    return (
+        c.chain_id,
+        c.seq,
+        c.final,
+        c.head_hash,
+        c.head_entry_id,
+        datetime.fromisoformat(c.signed_at),
+        c.instance_id,
+        c.key_id,
+        signed.payload.decode("utf-8"),
+        signed.signature_text(),
+    )
+
+
 def _json_text(value: object) -> str:
     return canonical_bytes(value).decode("utf-8")  # type: ignore[arg-type]
 
@@ -281,6 +332,11 @@ class LedgerStore:
             f"SELECT coalesce(max(last_seq), 0) FROM {self._quoted}.ledger_packs "
             "WHERE chain_id = $1"
         )
+        self._insert_checkpoint_sql = (
+            f"INSERT INTO {self._quoted}.ledger_checkpoints ({', '.join(CHECKPOINT_COLUMNS)}) "
+            f"VALUES ({', '.join(f'${i}' for i in range(1, len(CHECKPOINT_COLUMNS) + 1))}) "
+            "ON CONFLICT DO NOTHING"
+        )
         self._insert_pack_sql = (
             f"INSERT INTO {self._quoted}.ledger_packs (chain_id, first_seq, last_seq, entries, "
             "first_received, last_received, body) VALUES ($1, $2, $3, $4, $5, $6, $7)"
@@ -296,17 +352,20 @@ class LedgerStore:
             return
         rows: list[tuple[object, ...]] = []
         packs: dict[str, list[PackedEntry]] = {}
+        checkpoints: list[tuple[object, ...]] = []
         for sealed in batch:
             if type(sealed) is PackedEntry:
                 chain = packs.get(sealed.chain_id)
                 if chain is None:
                     chain = packs[sealed.chain_id] = []
                 chain.append(sealed)
+            elif type(sealed) is SignedCheckpoint:
+                checkpoints.append(checkpoint_values(sealed))
             else:
                 assert isinstance(sealed, SealedEntry)
                 rows.append(row_values(sealed, _entry_part(sealed)))
         try:
-            await asyncio.wait_for(self._insert_rows(rows, packs), self._timeout)
+            await asyncio.wait_for(self._insert_rows(rows, packs, checkpoints), self._timeout)
         except PgGuardError:
             raise
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -336,10 +395,13 @@ class LedgerStore:
             conn.terminate()
 
     async def _insert_rows(
-        self, rows: list[tuple[object, ...]], packs: dict[str, list[PackedEntry]]
+        self,
+        rows: list[tuple[object, ...]],
+        packs: dict[str, list[PackedEntry]],
+        checkpoints: list[tuple[object, ...]],
     ) -> None:
         conn = await self._connection()
-        if not rows and len(packs) == 1:
+        if not rows and not checkpoints and len(packs) == 1:
             # The usual batch: one chain's packed entries. One INSERT is atomic by itself, so
             # it needs no transaction block - one round trip instead of four.
             ((chain_id, entries),) = packs.items()
@@ -353,6 +415,10 @@ class LedgerStore:
                 await self._copy_entries(conn, rows)
             for chain_id, entries in packs.items():
                 committed[chain_id] = await self._insert_pack(conn, chain_id, entries)
+            if checkpoints:
+                await conn.executemany(
+                    self._insert_checkpoint_sql, checkpoints, timeout=self._timeout
+                )
         self._stored_seq.update(committed)
 
     async def _insert_pack(

@@ -31,6 +31,13 @@ lose only a not-yet-shipped TAIL of ordinary entries, never a middle.
 
 Restart: a new writer opens a new chain (see `chain`); entries an earlier process left in the
 spool keep their chain and are shipped first (the writer starts in spool mode).
+
+Checkpoints (when opened with a signing key; see `pgguard.ledger.checkpoint`): before each
+shipping round the shipper asks the `CheckpointSchedule` whether the chain's head is due, and if
+so signs it and queues the checkpoint right behind the head entry, so it travels to the database
+or the spool in the chain's order. `close` signs a final one. Nothing of this runs per
+statement. Once a checkpoint has left the queue and is durable (shipped, or in the fsync'd
+spool), it is appended to the anchor file (fsync'd, in a thread) and POSTed to the anchor URL.
 """
 
 from __future__ import annotations
@@ -45,7 +52,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgguard.ledger.anchors import AnchorFile, AnchorPoster
 from pgguard.ledger.chain import Chain, Sealed, new_chain_id
+from pgguard.ledger.checkpoint import CheckpointSchedule, CheckpointSigner, SignedCheckpoint
+from pgguard.ledger.keys import load_or_create_signing_key
 from pgguard.ledger.model import LedgerEntry, LedgerUnavailable
 from pgguard.ledger.packed import PackedOutcome, Ref
 from pgguard.ledger.spool import Spool, SpoolError
@@ -54,6 +64,17 @@ from pgguard.ledger.store import LedgerStore, LedgerStoreUnavailable
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 5.0
+_MAX_UNANCHORED = 10_000  # checkpoints kept for an anchor file that keeps failing
+
+
+@dataclass(slots=True)
+class Checkpointing:
+    """What a writer needs to sign and anchor its chain's checkpoints."""
+
+    signer: CheckpointSigner
+    schedule: CheckpointSchedule
+    anchor_file: AnchorFile | None = None
+    poster: AnchorPoster | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +102,7 @@ class LedgerWriter:
         batch_size: int,
         flush_interval: float,
         max_queue: int,
+        checkpoints: Checkpointing | None = None,
     ) -> None:
         self._store = store
         self._spool = spool
@@ -101,6 +123,9 @@ class LedgerWriter:
         self._durable_seq = 0  # every entry of this chain up to here is in the DB or fsync'd
         self._spooled_seq = 0  # the newest entry of this chain appended to the spool
         self._feeders: list[Callable[[], None]] = []
+        self._checkpoints = checkpoints
+        self._unanchored: list[SignedCheckpoint] = []  # signed, not yet in the anchor file
+        self._anchor_lock = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -114,9 +139,27 @@ class LedgerWriter:
         batch_size: int = 500,
         flush_interval: float = 0.2,
         max_queue: int = 10000,
+        signing_key_file: Path | None = None,
+        checkpoint_entries: int = 1000,
+        checkpoint_seconds: float = 5.0,
+        anchor_file: Path | None = None,
+        anchor_url: str | None = None,
     ) -> LedgerWriter:
         """Open the spool, try the database (an unreachable one is retried in the background),
-        start a new chain and the shipper."""
+        start a new chain and the shipper.
+
+        With ``signing_key_file`` (created when missing; `ConfigError` when unusable) the chain's
+        head is signed every ``checkpoint_entries`` entries or ``checkpoint_seconds`` seconds,
+        and each checkpoint also goes to ``anchor_file`` and ``anchor_url`` when given.
+        """
+        checkpoints: Checkpointing | None = None
+        if signing_key_file is not None:
+            checkpoints = Checkpointing(
+                CheckpointSigner(load_or_create_signing_key(signing_key_file), instance_id),
+                CheckpointSchedule(checkpoint_entries, checkpoint_seconds, time.monotonic()),
+                AnchorFile(anchor_file) if anchor_file is not None else None,
+                AnchorPoster(anchor_url, timeout=timeout) if anchor_url else None,
+            )
         store = LedgerStore(dsn, schema=schema, timeout=timeout)
         spool: Spool | None
         try:
@@ -132,6 +175,7 @@ class LedgerWriter:
             batch_size=batch_size,
             flush_interval=flush_interval,
             max_queue=max_queue,
+            checkpoints=checkpoints,
         )
         try:
             await store.connect()
@@ -289,6 +333,7 @@ class LedgerWriter:
         async with self._lock:
             if self._queue and self._move_queue_to_spool():
                 self._fsync_spool()
+        await self._anchor_durable()
 
     async def close(self) -> None:
         """Stop the shipper and leave nothing in memory: ship it, or spool it and fsync."""
@@ -305,6 +350,9 @@ class LedgerWriter:
                     await self._task
         try:
             await self.flush()
+            self._feed()
+            self._checkpoint(final=True)  # after everything recorded so far
+            await self.flush()
         finally:
             if self._queue:
                 self._lost += len(self._queue)
@@ -313,6 +361,7 @@ class LedgerWriter:
                 with contextlib.suppress(SpoolError):
                     self._spool.close()
             await self._store.close()
+            await self._close_anchors()
 
     # --- shipping -------------------------------------------------------------------------------
 
@@ -333,6 +382,13 @@ class LedgerWriter:
         # way, and chasing them with a stream of small batches costs the state database (and
         # this process) a transaction per few entries. So after the first batch, only full ones.
         self._feed()
+        self._checkpoint()
+        try:
+            await self._ship_rounds(everything)
+        finally:
+            await self._anchor_durable()
+
+    async def _ship_rounds(self, everything: bool) -> None:
         first = True
         while self._queue and not self._spooling:
             if not (first or everything or len(self._queue) >= self._batch_size):
@@ -439,14 +495,87 @@ class LedgerWriter:
         """``batch`` (the oldest queued entries, maybe spooled meanwhile) is in the database."""
         self._database_ok()
         self._shipped += len(batch)
-        last = batch[-1].seq
-        self._durable_seq = max(self._durable_seq, last)
+        self._durable_seq = max(self._durable_seq, batch[-1].seq)
+        # By identity, not seq: a checkpoint shares its seq with the entry it signs. The queue
+        # only grows at its end while a batch is on its way, or is moved to the spool whole (and
+        # then holds only newer entries), so either it still starts with the batch or it holds
+        # none of it.
         queue = self._queue
-        if queue and queue[-1].seq <= last:
+        if not queue or queue[0] is not batch[0]:
+            return
+        if len(queue) == len(batch):
             queue.clear()  # the usual case: the batch was the whole queue
             return
-        while queue and queue[0].seq <= last:
+        for _ in range(len(batch)):
             queue.popleft()
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint(self, *, final: bool = False) -> None:
+        """Sign the chain's head when it is due (always when ``final``, if the chain has an
+        entry) and queue the checkpoint behind it."""
+        checkpoints = self._checkpoints
+        chain = self._chain
+        head = chain.next_seq - 1
+        if checkpoints is None or head < 1:
+            return
+        now = time.monotonic()
+        if not (final or checkpoints.schedule.due(head, now)):
+            return
+        signed = checkpoints.signer.sign(
+            chain.chain_id, head, chain.last_hash, chain.last_entry_id, final=final
+        )
+        checkpoints.schedule.signed(head, now)
+        if not self._spooling and len(self._queue) < 2 * self._max_queue:
+            self._queue.append(signed)
+            self._wake.set()
+        elif not self._move_queue_to_spool(signed):
+            self._queue.append(signed)  # spool broken: keep it in order with the entries
+        self._unanchored.append(signed)
+        if len(self._unanchored) > _MAX_UNANCHORED:
+            dropped = self._unanchored.pop(0)
+            log.error(
+                "ledger: checkpoint %s #%d never reached the anchor file",
+                dropped.chain_id,
+                dropped.seq,
+            )
+
+    async def _anchor_durable(self) -> None:
+        """Append the checkpoints that are durable (no longer queued; the spool fsync'd) to the
+        anchor file, oldest first, and post them."""
+        if not self._unanchored or self._checkpoints is None:
+            return
+        async with self._anchor_lock:
+            queued = set(map(id, self._queue)) if self._queue else set()
+            ready: list[SignedCheckpoint] = []
+            for signed in self._unanchored:
+                if id(signed) in queued:
+                    break  # keep the file in the chain's order
+                ready.append(signed)
+            if not ready:
+                return
+            if self._spool is not None and not self._fsync_spool():
+                return  # one of them may be in the spool, unsynced
+            anchor_file, poster = self._checkpoints.anchor_file, self._checkpoints.poster
+            if anchor_file is not None:
+                try:
+                    await asyncio.to_thread(anchor_file.append, ready)
+                except OSError as exc:
+                    log.error(
+                        "ledger: cannot append to the anchor file %s: %s", anchor_file.path, exc
+                    )
+                    return  # retried at the next round
+            del self._unanchored[: len(ready)]
+            if poster is not None:
+                poster.post(ready)
+
+    async def _close_anchors(self) -> None:
+        if self._checkpoints is None:
+            return
+        if self._checkpoints.anchor_file is not None:
+            self._checkpoints.anchor_file.close()
+        if self._checkpoints.poster is not None:
+            await self._checkpoints.poster.aclose(self._timeout)
 
     def _database_due(self) -> bool:
         return time.monotonic() >= self._db_retry_at
