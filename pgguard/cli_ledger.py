@@ -1,8 +1,12 @@
 """Auditor commands: ``pgguard ledger show``, ``pgguard ledger export``, ``pgguard ledger verify``.
 
 They read the ledger straight from the state database named by ``--config`` (the same file as
-``serve``): ``settings.state_dsn()`` and ``[state] schema``. Exit codes: 0 done (verify: intact),
-1 verify found problems, 2 usage, configuration or connection problem.
+``serve``): ``settings.state_dsn()`` and ``[state] schema``. ``verify`` checks the signed
+checkpoints with the public keys given (``--public-key``, repeatable; default: the public half of
+``[ledger] signing_key_file``) and compares them with the anchor files (``--anchors``, repeatable;
+default: ``[ledger] anchor_file`` when it exists); ``--hash-only`` checks the hash chain alone.
+Exit codes: 0 done (verify: intact; warnings are printed), 1 verify found problems, 2 usage,
+configuration or connection problem (a key or anchor file that cannot be read included).
 """
 
 from __future__ import annotations
@@ -16,15 +20,23 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TextIO, TypeVar
+from typing import TYPE_CHECKING, Annotated, TextIO, TypeVar
 
 import asyncpg
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 from rich.table import Table
 
 from pgguard.errors import ConfigError
-from pgguard.ledger.reader import LedgerFilters, LedgerRow, query, verify
+from pgguard.ledger.anchors import read_anchors
+from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
+from pgguard.ledger.keys import load_public_key, public_key_path
+from pgguard.ledger.problems import Problem
+from pgguard.ledger.reader import LedgerFilters, LedgerRow, VerifyReport, query, verify
+
+if TYPE_CHECKING:
+    from pgguard.settings import Settings
 
 T = TypeVar("T")
 
@@ -121,14 +133,13 @@ def _filters(
     )
 
 
-def _state(config: Path | None) -> tuple[str, str, float]:
+def _settings(config: Path | None) -> Settings:
     from pgguard.settings import Settings
 
     try:
-        settings = Settings.load(config)
+        return Settings.load(config)
     except ConfigError as exc:
         raise _fail(exc.message) from None
-    return settings.state_dsn(), settings.state.schema_name, settings.state.timeout
 
 
 @asynccontextmanager
@@ -153,8 +164,11 @@ async def _connect(dsn: str, timeout: float) -> AsyncIterator[asyncpg.Connection
             conn.terminate()
 
 
-def _run(config: Path | None, work: Callable[[asyncpg.Connection, str], Awaitable[T]]) -> T:
-    dsn, schema, timeout = _state(config)
+def _run(
+    config: Path | Settings | None, work: Callable[[asyncpg.Connection, str], Awaitable[T]]
+) -> T:
+    settings = config if not isinstance(config, Path | None) else _settings(config)
+    dsn, schema, timeout = settings.state_dsn(), settings.state.schema_name, settings.state.timeout
 
     async def main() -> T:
         async with _connect(dsn, timeout) as conn:
@@ -293,23 +307,122 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"exported {count} entries to {output}", err=True)
 
     @ledger.command("verify")
-    def verify_command(config: ConfigOption = None) -> None:
-        """Recompute every hash chain; exit 1 and list the problems if anything was altered."""
-
-        report = _run(config, lambda conn, schema: verify(conn, schema=schema))
-        if report.ok:
-            typer.echo(f"ledger verified: {report.entries} entries in {len(report.chains)} chains")
-            for chain_id, head in sorted(report.chains.items()):
-                typer.echo(f"  {chain_id}: #{head.last_seq} head {head.head_hash}")
-            return
-        typer.echo(
-            f"ledger NOT verified: {len(report.problems)} problem(s) in {report.entries} entries",
-            err=True,
-        )
-        for problem in report.problems:
+    def verify_command(
+        config: ConfigOption = None,
+        public_key: Annotated[
+            list[Path] | None,
+            typer.Option(
+                "--public-key",
+                help="Ed25519 public key (PEM) the checkpoints are signed with; repeatable. "
+                "Default: the public half of [ledger] signing_key_file.",
+            ),
+        ] = None,
+        anchors: Annotated[
+            list[Path] | None,
+            typer.Option(
+                "--anchors",
+                help="Anchor file (JSON lines of signed checkpoints); repeatable. "
+                "Default: [ledger] anchor_file, when it exists.",
+            ),
+        ] = None,
+        hash_only: Annotated[
+            bool,
+            typer.Option(
+                "--hash-only",
+                help="Check the hash chain alone (which a database writer can recompute).",
+            ),
+        ] = False,
+    ) -> None:
+        """Recompute every hash chain and check it against the signed checkpoints; exit 1 and
+        list the problems if anything was altered, inserted, deleted or cut off."""
+        settings = _settings(config)
+        if hash_only:
             typer.echo(
-                f"  {problem.kind}: entry {problem.entry_id} ({problem.chain_id} #{problem.seq}): "
-                f"{problem.detail}",
+                "warning: --hash-only: checkpoints are not checked, so a rewrite with recomputed "
+                "hashes, a cut tail or a deleted chain goes unseen",
                 err=True,
             )
-        raise typer.Exit(1)
+            report = _run(settings, lambda conn, schema: verify(conn, schema=schema))
+        else:
+            keys = KeyRing(_public_keys(settings, public_key or []))
+            anchored = _anchors(settings, anchors or [])
+            grace = 2 * settings.ledger.checkpoint_seconds
+            report = _run(
+                settings,
+                lambda conn, schema: verify(
+                    conn, schema=schema, keys=keys, anchors=anchored, open_grace=grace
+                ),
+            )
+        _print_report(report)
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+def _public_keys(settings: Settings, given: list[Path]) -> list[Ed25519PublicKey]:
+    """The keys named on the command line, else the configured signing key's public half."""
+    try:
+        if given:
+            return [load_public_key(path) for path in given]
+        private = settings.ledger_signing_key_file()
+        public = public_key_path(private)
+        for candidate in (public, private):
+            if candidate.exists():
+                return [load_public_key(candidate)]
+    except ConfigError as exc:
+        raise _fail(exc.message) from None
+    raise _fail(
+        f"no public key to check the ledger's checkpoints with: neither {public} nor {private} "
+        "exists; pass --public-key FILE (or --hash-only to check the hash chain alone)"
+    )
+
+
+def _anchors(settings: Settings, given: list[Path]) -> list[SignedCheckpoint] | None:
+    """The checkpoints of the anchor files named, else of the configured one (None: none)."""
+    paths = given
+    if not given:
+        configured = settings.ledger_anchor_file()
+        if not configured.exists():
+            typer.echo(
+                f"warning: no anchor file ({configured} does not exist): a deleted chain, or a "
+                "chain's tail deleted with its checkpoints, cannot be detected; pass --anchors",
+                err=True,
+            )
+            return None
+        paths = [configured]
+    checkpoints: list[SignedCheckpoint] = []
+    for path in paths:
+        try:
+            found, damaged = read_anchors(path)
+        except OSError as exc:
+            raise _fail(f"cannot read the anchor file {path}: {exc}") from None
+        for line in damaged:
+            typer.echo(f"warning: damaged anchor line, ignored: {line}", err=True)
+        checkpoints += found
+    return checkpoints
+
+
+def _print_report(report: VerifyReport) -> None:
+    for warning in report.warnings:
+        typer.echo(f"warning: {_describe(warning)}", err=True)
+    signed = f", {report.checkpoints} signed checkpoints" if report.signed else ""
+    if report.ok:
+        typer.echo(
+            f"ledger verified: {report.entries} entries in {len(report.chains)} chains{signed}"
+        )
+        for chain_id, head in sorted(report.chains.items()):
+            typer.echo(f"  {chain_id}: #{head.last_seq} head {head.head_hash}")
+        return
+    typer.echo(
+        f"ledger NOT verified: {len(report.problems)} problem(s) in {report.entries} "
+        f"entries{signed}",
+        err=True,
+    )
+    for problem in report.problems:
+        typer.echo(f"  {_describe(problem)}", err=True)
+
+
+def _describe(problem: Problem) -> str:
+    where = f"entry {problem.entry_id}"
+    if problem.last_entry_id is not None and problem.last_entry_id != problem.entry_id:
+        where = f"entries {problem.entry_id} .. {problem.last_entry_id}"
+    return f"{problem.kind}: {where} ({problem.chain_id} #{problem.seq}): {problem.detail}"

@@ -228,6 +228,13 @@ class LedgerSettings(_Section):
     batch_size: int = Field(500, ge=1, le=100_000)
     flush_interval: float = Field(0.2, gt=0)
     max_queue: int = Field(10_000, ge=100)
+    # Signed checkpoints of each chain's head (see pgguard.ledger.checkpoint): every N entries or
+    # S seconds, whichever first. The key and the anchor file default to files in data_dir.
+    checkpoint_entries: int = Field(1000, ge=1)
+    checkpoint_seconds: float = Field(5.0, gt=0)
+    signing_key_file: Path | None = None  # default: <data_dir>/ledger-signing.pem
+    anchor_file: Path | None = None  # default: <data_dir>/ledger-anchors.jsonl
+    anchor_url: SecretStr | None = None  # each checkpoint is also POSTed here (may carry a token)
 
 
 class Settings(BaseSettings):
@@ -329,6 +336,12 @@ class Settings(BaseSettings):
     def state_dsn(self) -> str:
         chosen = self.state.dsn or self.upstream.dsn
         return chosen.get_secret_value()
+
+    def ledger_signing_key_file(self) -> Path:
+        return self.ledger.signing_key_file or self.data_dir / "ledger-signing.pem"
+
+    def ledger_anchor_file(self) -> Path:
+        return self.ledger.anchor_file or self.data_dir / "ledger-anchors.jsonl"
 
     @classmethod
     def settings_customise_sources(

@@ -119,6 +119,15 @@ async def start(settings: Settings) -> Running:
             batch_size=settings.ledger.batch_size,
             flush_interval=settings.ledger.flush_interval,
             max_queue=settings.ledger.max_queue,
+            signing_key_file=settings.ledger_signing_key_file(),
+            checkpoint_entries=settings.ledger.checkpoint_entries,
+            checkpoint_seconds=settings.ledger.checkpoint_seconds,
+            anchor_file=settings.ledger_anchor_file(),
+            anchor_url=(
+                settings.ledger.anchor_url.get_secret_value()
+                if settings.ledger.anchor_url
+                else None
+            ),
         )
         hooks = LedgerHooks(ledger, masking, instance_id, settings.upstream.parsed().user)
     gate = PolicyGate(
