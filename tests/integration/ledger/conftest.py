@@ -72,15 +72,21 @@ async def chain_rows(admin: asyncpg.Connection, schema: str, chain_id: str) -> l
     return rows
 
 
+@pytest.fixture(scope="session")
+def ledger_dsn(upstream_dsn: str) -> str:
+    """The state database the ledger tests write to: the one place that names it."""
+    return upstream_dsn
+
+
 @pytest.fixture(scope="module")
 def state_schema() -> str:
     return f"pgguard_ledger_test_{secrets.token_hex(4)}"
 
 
 @pytest.fixture(scope="module")
-async def admin(upstream_dsn: str, state_schema: str) -> AsyncIterator[asyncpg.Connection]:
+async def admin(ledger_dsn: str, state_schema: str) -> AsyncIterator[asyncpg.Connection]:
     """A plain connection to inspect and tamper with the ledger; drops the schema at the end."""
-    conn = await asyncpg.connect(upstream_dsn, timeout=10)
+    conn = await asyncpg.connect(ledger_dsn, timeout=10)
     try:
         yield conn
     finally:

@@ -22,14 +22,20 @@ APPROVER = {"id": "bob", "name": "Bob", "channel": "teams", "comment": "ok"}
 
 @pytest.fixture(scope="module")
 async def config(
-    upstream_dsn: str,
+    ledger_dsn: str,
     state_schema: str,
     admin: asyncpg.Connection,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     directory = tmp_path_factory.mktemp("cli")
+    data = directory / "data"  # the configured data_dir: signing key and anchor file
     writer = await LedgerWriter.open(
-        upstream_dsn, schema=state_schema, spool_dir=directory / "spool", instance_id="cli"
+        ledger_dsn,
+        schema=state_schema,
+        spool_dir=directory / "spool",
+        instance_id="cli",
+        signing_key_file=data / "ledger-signing.pem",
+        anchor_file=data / "ledger-anchors.jsonl",
     )
     writer.record(entry(agent="etl", statement="SELECT 1"))
     await writer.record_durable(
@@ -45,7 +51,10 @@ async def config(
     writer.record(entry(agent="bot", action="deny", categories=("ddl",), statement="DROP TABLE t"))
     await writer.close()
     path = directory / "pgguard.toml"
-    path.write_text(f'[upstream]\ndsn = "{upstream_dsn}"\n\n[state]\nschema = "{state_schema}"\n')
+    path.write_text(
+        f'data_dir = "{data}"\n\n[upstream]\ndsn = "{ledger_dsn}"\n\n'
+        f'[state]\ndsn = "{ledger_dsn}"\nschema = "{state_schema}"\n'
+    )
     return path
 
 
@@ -105,7 +114,7 @@ async def test_verify_exit_codes(
     # asyncio.run inside the CLI needs a thread without a running loop
     code, out, _ = await asyncio.to_thread(run, "ledger", "verify", "-c", str(config))
     assert code == 0
-    assert "ledger verified: 3 entries in 1 chains" in out
+    assert "ledger verified: 3 entries in 1 chains, 1 signed checkpoints" in out
     await admin.execute(
         f"UPDATE \"{state_schema}\".ledger_entries SET statement = 'SELECT 2' "
         "WHERE statement = 'SELECT 1'"
@@ -118,6 +127,6 @@ async def test_verify_exit_codes(
 def test_unreachable_database_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[upstream]\ndsn = "postgresql://x:y@127.0.0.1:1/db"\n[state]\ntimeout = 1\n')
-    code, _, err = run("ledger", "verify", "-c", str(path))
+    code, _, err = run("ledger", "verify", "-c", str(path), "--hash-only")
     assert code == 2
     assert "cannot reach the state database" in err
