@@ -405,6 +405,8 @@ def _print_report(report: VerifyReport) -> None:
     for warning in report.warnings:
         typer.echo(f"warning: {_describe(warning)}", err=True)
     signed = f", {report.checkpoints} signed checkpoints" if report.signed else ""
+    if report.other_ledgers:
+        signed += f" ({report.other_ledgers} anchored ones of other ledgers set aside)"
     if report.ok:
         typer.echo(
             f"ledger verified: {report.entries} entries in {len(report.chains)} chains{signed}"

@@ -8,8 +8,9 @@ key the database never sees pins a chain's head: if the entry stored at the chec
 has the signed hash (and id), then, since every entry links to its predecessor's hash, all
 entries up to it are what pgguard recorded (the walk's own hash checks cover the links).
 
-Fed with the checkpoint rows and the anchor files' lines (each checked against the `KeyRing`),
-then with every entry in (chain, seq) order, `CheckpointAudit` reports:
+Fed with the checkpoint rows and the anchor files' lines (each checked against the `KeyRing`;
+anchored checkpoints of another ledger - another state schema - are set aside), then with every
+entry in (chain, seq) order, `CheckpointAudit` reports:
 - ``bad_signature``: a row or anchor line that does not verify (unknown key included); the
   checkpoint is then ignored. ``modified``: a row whose columns differ from its signed payload.
 - ``checkpoint_deleted``: an anchored checkpoint missing from the table (it is still used).
@@ -93,6 +94,7 @@ class CheckpointAudit:
         stored: Iterable[StoredCheckpoint],
         anchors: Iterable[SignedCheckpoint],
         *,
+        ledger: str,
         anchored: bool,
         open_grace: float,
         now: float,
@@ -100,6 +102,8 @@ class CheckpointAudit:
         warn: Reporter,
     ) -> None:
         self._keys = keys
+        self._ledger = ledger
+        self.other_ledgers = 0  # anchored checkpoints of chains recorded in another schema
         self._anchored = anchored  # anchor files were given: their absence is no excuse
         self._grace = open_grace
         self._now = now
@@ -137,6 +141,15 @@ class CheckpointAudit:
             )
             return
         c = signed.checkpoint
+        if c.ledger != self._ledger:
+            self._problem(
+                c.head_entry_id,
+                c.chain_id,
+                c.seq,
+                "bad_signature",
+                f"{where}: signed for the ledger in schema {c.ledger!r}, not this one",
+            )
+            return
         differing = [
             name
             for name, got, signed_value in (
@@ -168,6 +181,9 @@ class CheckpointAudit:
             self._problem(
                 c.head_entry_id, c.chain_id, c.seq, "bad_signature", f"anchored checkpoint: {wrong}"
             )
+            return
+        if c.ledger != self._ledger:
+            self.other_ledgers += 1  # an anchor file can serve several ledgers
             return
         item = known.get(signed.payload)
         if item is None:

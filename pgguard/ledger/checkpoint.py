@@ -10,10 +10,11 @@ sees, a *checkpoint* of each chain's head every ``checkpoint_entries`` entries o
 chain is closed. The head hash covers every entry before it through the chain's links, so one
 signature authenticates them all, and the cost per statement does not grow.
 
-A checkpoint is the JSON object ``{"chain_id", "seq", "head_hash", "head_entry_id", "signed_at",
-"instance_id", "key_id", "final"}``; what is signed is `DOMAIN` followed by its canonical bytes
-(sorted keys, compact, UTF-8). ``key_id`` is the first 32 hex digits of the sha256 of the raw
-32-byte public key; it picks the key to verify with, the signature proves it.
+A checkpoint is the JSON object ``{"ledger", "chain_id", "seq", "head_hash", "head_entry_id",
+"signed_at", "instance_id", "key_id", "final"}``, where ``ledger`` is the state schema the chain
+is recorded in (anchor files may serve several); what is signed is `DOMAIN` followed by its
+canonical bytes (sorted keys, compact, UTF-8). ``key_id`` is the first 32 hex digits of the
+sha256 of the raw 32-byte public key; it picks the key to verify with, the signature proves it.
 
 Invariants: the payload bytes are the single source of truth - they are what the signature
 covers and what the table, the spool and the anchor file store; readers take every field from a
@@ -37,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 DOMAIN = b"pgguard ledger checkpoint v1\n"  # never valid as anything else this key could sign
 FIELDS = frozenset(
     {
+        "ledger",
         "chain_id",
         "seq",
         "head_hash",
@@ -59,6 +61,7 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 class Checkpoint:
     """The signed statement "chain ``chain_id`` had ``seq`` entries, the last ``head_hash``"."""
 
+    ledger: str
     chain_id: str
     seq: int
     head_hash: str
@@ -71,6 +74,7 @@ class Checkpoint:
     def payload(self) -> bytes:
         return orjson.dumps(
             {
+                "ledger": self.ledger,
                 "chain_id": self.chain_id,
                 "seq": self.seq,
                 "head_hash": self.head_hash,
@@ -140,6 +144,7 @@ def from_stored(payload: bytes | str, signature: str) -> SignedCheckpoint:
     if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(final, bool):
         raise ValueError("checkpoint has the wrong field types")
     checkpoint = Checkpoint(
+        ledger=_text(body, "ledger"),
         chain_id=_text(body, "chain_id"),
         seq=seq,
         head_hash=_text(body, "head_hash"),
@@ -162,11 +167,12 @@ def _text(body: Mapping[str, object], name: str) -> str:
 class CheckpointSigner:
     """Signs checkpoints of one instance's chains with its private key."""
 
-    __slots__ = ("_key", "instance_id", "key_id")
+    __slots__ = ("_key", "instance_id", "key_id", "ledger")
 
-    def __init__(self, private_key: Ed25519PrivateKey, instance_id: str) -> None:
+    def __init__(self, private_key: Ed25519PrivateKey, instance_id: str, ledger: str) -> None:
         self._key = private_key
         self.instance_id = instance_id
+        self.ledger = ledger
         self.key_id = key_id(private_key.public_key())
 
     def sign(
@@ -180,6 +186,7 @@ class CheckpointSigner:
         now: datetime | None = None,
     ) -> SignedCheckpoint:
         checkpoint = Checkpoint(
+            ledger=self.ledger,
             chain_id=chain_id,
             seq=seq,
             head_hash=head_hash,

@@ -109,6 +109,7 @@ class VerifyReport:
     warnings: list[Problem] = field(default_factory=list)
     signed: bool = False  # checkpoints were checked (public keys were given)
     checkpoints: int = 0  # valid signed checkpoints, from the table and the anchor files
+    other_ledgers: int = 0  # anchored checkpoints of another ledger (schema), set aside
 
     @property
     def ok(self) -> bool:
@@ -224,6 +225,7 @@ async def verify(
                 keys,
                 await _stored_checkpoints(conn, quoted),
                 anchors or (),
+                ledger=schema,
                 anchored=anchors is not None,
                 open_grace=open_grace,
                 now=time.time() if now is None else now,
@@ -262,6 +264,7 @@ async def verify(
         warnings=walker.warnings,
         signed=walker.audit is not None,
         checkpoints=walker.audit.checkpoints if walker.audit is not None else 0,
+        other_ledgers=walker.audit.other_ledgers if walker.audit is not None else 0,
     )
 
 

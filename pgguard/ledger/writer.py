@@ -140,7 +140,7 @@ class LedgerWriter:
         flush_interval: float = 0.2,
         max_queue: int = 10000,
         signing_key_file: Path | None = None,
-        checkpoint_entries: int = 1000,
+        checkpoint_entries: int = 10_000,
         checkpoint_seconds: float = 5.0,
         anchor_file: Path | None = None,
         anchor_url: str | None = None,
@@ -155,7 +155,7 @@ class LedgerWriter:
         checkpoints: Checkpointing | None = None
         if signing_key_file is not None:
             checkpoints = Checkpointing(
-                CheckpointSigner(load_or_create_signing_key(signing_key_file), instance_id),
+                CheckpointSigner(load_or_create_signing_key(signing_key_file), instance_id, schema),
                 CheckpointSchedule(checkpoint_entries, checkpoint_seconds, time.monotonic()),
                 AnchorFile(anchor_file) if anchor_file is not None else None,
                 AnchorPoster(anchor_url, timeout=timeout) if anchor_url else None,
@@ -527,8 +527,7 @@ class LedgerWriter:
         )
         checkpoints.schedule.signed(head, now)
         if not self._spooling and len(self._queue) < 2 * self._max_queue:
-            self._queue.append(signed)
-            self._wake.set()
+            self._queue.append(signed)  # shipped with the next batch, no round of its own
         elif not self._move_queue_to_spool(signed):
             self._queue.append(signed)  # spool broken: keep it in order with the entries
         self._unanchored.append(signed)
