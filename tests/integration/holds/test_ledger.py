@@ -251,7 +251,10 @@ async def test_export_and_verify_from_the_cli(
     )
     config = tmp_path / "pgguard.toml"
     schema = pgguard.settings.state.schema_name
-    config.write_text(f'[upstream]\ndsn = "{upstream_dsn}"\n[state]\nschema = "{schema}"\n')
+    config.write_text(  # the instance's data_dir: verify checks its key's checkpoints
+        f'data_dir = "{pgguard.settings.data_dir.resolve()}"\n'
+        f'[upstream]\ndsn = "{upstream_dsn}"\n[state]\nschema = "{schema}"\n'
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGGUARD_")}
     cli = [sys.executable, "-m", "pgguard.cli", "ledger"]
     exported = await asyncio.to_thread(

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+import stat
 from pathlib import Path
 
 import asyncpg
@@ -12,8 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pgguard.ledger import LedgerWriter
+from tests.integration.ledger.attacker import Item, rewrite_chain
 from tests.integration.ledger.conftest import entry, record_packed
 from tests.integration.ledger.test_cli import run
+from tests.support import PgguardThread, agent_settings
 
 
 @pytest.fixture
@@ -103,3 +107,54 @@ async def test_without_the_anchor_file_verify_warns(config: Path) -> None:
     code, _, err = await verify_cli("-c", str(config))
     assert code == 0
     assert "warning: no anchor file" in err
+
+
+async def test_through_the_proxy_then_rewritten(
+    upstream_dsn: str, ledger_dsn: str, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The real path: statements through pgguard (started as `serve` starts it, the key made
+    at first start), a clean stop, `verify -c` passes; the rewrite with recomputed hashes that
+    the bare hash chain misses makes it fail."""
+    schema = f"pgguard_ledger_proxy_{secrets.token_hex(4)}"
+    data = tmp_path / "data"
+    settings = agent_settings(
+        upstream_dsn,
+        state={"dsn": ledger_dsn, "schema": schema},
+        http={"enabled": False},
+        data_dir=str(data),
+        ledger={"spool_dir": str(tmp_path / "spool"), "checkpoint_entries": 5},
+    )
+    thread = PgguardThread(settings).start()
+    try:
+        conn = await asyncpg.connect(thread.dsn())
+        try:
+            for i in range(12):
+                await conn.fetchval(f"SELECT {i}")
+        finally:
+            await conn.close()
+    finally:
+        thread.stop()
+    assert stat.S_IMODE((data / "ledger-signing.pem").stat().st_mode) == 0o600
+    path = tmp_path / "pgguard.toml"
+    path.write_text(f'data_dir = "{data}"\n\n[state]\ndsn = "{ledger_dsn}"\nschema = "{schema}"\n')
+    try:
+        code, out, err = await verify_cli("-c", str(path))
+        assert code == 0, err
+        assert "signed checkpoints" in out
+        (chain_id,) = [
+            r["chain_id"]
+            for r in await admin.fetch(f"SELECT DISTINCT chain_id FROM {schema}.ledger")
+        ]
+
+        def edit(items: list[Item]) -> list[Item]:
+            items[1].set_statement("SELECT 'nothing to see'")
+            return items
+
+        await rewrite_chain(admin, schema, chain_id, edit)
+        code, _, err = await verify_cli("-c", str(path), "--hash-only")
+        assert code == 0
+        code, _, err = await verify_cli("-c", str(path))
+        assert code == 1
+        assert "modified" in err
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

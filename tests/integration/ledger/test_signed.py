@@ -300,7 +300,7 @@ async def test_checkpoints_signed_with_another_key_are_caught(
         return items
 
     items = await rewrite_chain(admin, state_schema, ledger.chain_id, edit)
-    forger = CheckpointSigner(Ed25519PrivateKey.generate(), "signed")
+    forger = CheckpointSigner(Ed25519PrivateKey.generate(), "signed", state_schema)
     table = f'"{state_schema}".ledger_checkpoints'
     await admin.execute(f"DELETE FROM {table}")
     last = items[-1]
@@ -488,3 +488,27 @@ async def test_a_quiet_chain_is_checkpointed_after_checkpoint_seconds(
         assert [(c.seq, c.checkpoint.final) for c in found] == [(2, False)]
     finally:
         await writer.close()
+
+
+async def test_checkpoints_of_another_ledger(
+    ledger: Ledger, admin: asyncpg.Connection, state_schema: str, key_file: Path
+) -> None:
+    """An anchor file serving several ledgers (schemas) is fine; a checkpoint row copied in from
+    another ledger is not."""
+    elsewhere = CheckpointSigner(load_or_create_signing_key(key_file), "signed", "other_schema")
+    with ledger.anchor_file.open("ab") as f:
+        f.write(elsewhere.sign("other-chain", 3, "c" * 64, "d" * 32, final=True).line())
+    report = await check(admin, state_schema, ledger, anchors=True)
+    assert report.ok, report.problems
+    assert report.other_ledgers == 1
+    copied = elsewhere.sign(ledger.chain_id, 12, "c" * 64, "d" * 32, final=True)
+    await admin.execute(f'DELETE FROM "{state_schema}".ledger_checkpoints WHERE seq = 12 AND final')
+    await admin.execute(
+        f'INSERT INTO "{state_schema}".ledger_checkpoints (chain_id, seq, final, head_hash, '
+        "head_entry_id, signed_at, instance_id, key_id, payload, signature) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        *checkpoint_values(copied),
+    )
+    report = await check(admin, state_schema, ledger, anchors=False)
+    assert kinds(report) == {"bad_signature"}
+    assert "other_schema" in report.problems[0].detail

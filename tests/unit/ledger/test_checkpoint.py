@@ -64,7 +64,7 @@ def test_never_due_when_the_head_did_not_move() -> None:
 
 @pytest.fixture
 def signer() -> CheckpointSigner:
-    return CheckpointSigner(Ed25519PrivateKey.generate(), "inst-a")
+    return CheckpointSigner(Ed25519PrivateKey.generate(), "inst-a", "pgguard")
 
 
 def signed(signer: CheckpointSigner, **changes: object) -> SignedCheckpoint:
@@ -90,7 +90,13 @@ def test_signed_checkpoint_verifies_and_round_trips(signer: CheckpointSigner) ->
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("head_hash", "b" * 64), ("seq", 43), ("chain_id", "chain-2"), ("final", True)],
+    [
+        ("head_hash", "b" * 64),
+        ("seq", 43),
+        ("chain_id", "chain-2"),
+        ("final", True),
+        ("ledger", "other"),
+    ],
 )
 def test_any_changed_field_breaks_the_signature(
     signer: CheckpointSigner, field: str, value: object
@@ -105,7 +111,7 @@ def test_any_changed_field_breaks_the_signature(
 
 
 def test_another_key_is_not_trusted(signer: CheckpointSigner) -> None:
-    other = CheckpointSigner(Ed25519PrivateKey.generate(), "inst-a")
+    other = CheckpointSigner(Ed25519PrivateKey.generate(), "inst-a", "pgguard")
     problem = ring(signer).check(signed(other))
     assert problem is not None
     assert other.key_id in problem
@@ -113,7 +119,7 @@ def test_another_key_is_not_trusted(signer: CheckpointSigner) -> None:
 
 def test_a_key_id_rewritten_to_the_trusted_one_does_not_help(signer: CheckpointSigner) -> None:
     """Nearest variant: the forger names the trusted key's id in their own checkpoint."""
-    forger = CheckpointSigner(Ed25519PrivateKey.generate(), "inst-a")
+    forger = CheckpointSigner(Ed25519PrivateKey.generate(), "inst-a", "pgguard")
     forger.key_id = signer.key_id
     assert "does not verify" in (ring(signer).check(signed(forger)) or "")
 
