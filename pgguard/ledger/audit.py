@@ -14,8 +14,9 @@ entry in (chain, seq) order, `CheckpointAudit` reports:
 - ``bad_signature``: a row or anchor line that does not verify (unknown key included); the
   checkpoint is then ignored. ``modified``: a row whose columns differ from its signed payload.
 - ``checkpoint_deleted``: an anchored checkpoint missing from the table (it is still used).
-- ``modified``: the entry at a checkpoint's seq is not the signed one - every entry since the
-  last checkpoint that held is reported as one run (which of them changed cannot be told).
+- ``modified``: the entry at a checkpoint's seq is not the signed one, or it is but the walk
+  found a broken link before it - every entry since the last checkpoint that held is reported
+  as one run (which of them changed cannot be told).
 - ``deleted``: a checkpoint's seq has no entry. ``truncated``: a checkpoint lies past the chain's
   end. ``chain_missing``: checkpoints name a chain that has no entry at all.
 - ``inserted``: entries after the chain's final checkpoint. ``unanchored``: entries covered by
@@ -72,6 +73,7 @@ class _Run:
     last_seq: int
     last_id: str
     count: int = 1
+    broken: bool = False  # the walk found a broken link inside it
 
 
 @dataclass(slots=True)
@@ -122,6 +124,7 @@ class CheckpointAudit:
             checkpoints.sort(key=lambda c: (c.seq, c.final))
         self._walked: set[str] = set()
         self._chain: _ChainState | None = None
+        self._break: str | None = None  # a broken link before the next entry of this chain
 
     # --- the checkpoints ------------------------------------------------------------------------
 
@@ -200,6 +203,12 @@ class CheckpointAudit:
 
     # --- the walk -------------------------------------------------------------------------------
 
+    def link_broken(self, chain_id: str) -> None:
+        """The walk found that the next entry of ``chain_id`` does not link to the one before
+        (told before that entry's `entry`): a checkpoint after it then proves nothing about the
+        entries before it."""
+        self._break = chain_id
+
     def entry(
         self, chain_id: str, seq: int, entry_id: str, hash: str, received: float | None
     ) -> None:
@@ -224,6 +233,8 @@ class CheckpointAudit:
         if run is None:
             state.run = run = _Run(seq, entry_id, received, seq, entry_id, 0)
         run.last_seq, run.last_id, run.count = seq, entry_id, run.count + 1
+        if self._break == chain_id:
+            run.broken, self._break = True, None
         state.last = (seq, entry_id)
         held = failed = None
         while state.next < len(checkpoints) and checkpoints[state.next].seq == seq:
@@ -242,6 +253,13 @@ class CheckpointAudit:
                 f"not the entries signed by checkpoint #{failed.seq} (signed head: entry "
                 f"{failed.head_entry_id}, hash {failed.head_hash[:16]}…): rewritten and rehashed, "
                 "inserted or deleted somewhere in this run",
+            )
+        elif held is not None and run.broken:
+            self._run_problem(
+                state,
+                "modified",
+                f"the head signed by checkpoint #{held.seq} is intact but these entries do not "
+                "link up to it: rewritten and rehashed somewhere in this run",
             )
         elif held is not None:
             state.run = None

@@ -448,6 +448,7 @@ class _Walker:
         expected_hash = prev.hash if prev else GENESIS
         expected_id = prev.entry_id if prev else ""
         if seq > expected_seq:
+            self._link_broken(chain_id)
             missing = (
                 f"#{expected_seq}" if seq == expected_seq + 1 else f"#{expected_seq}..#{seq - 1}"
             )
@@ -461,6 +462,7 @@ class _Walker:
             return
         if prev_entry_id == expected_id and prev_hash == expected_hash:
             return
+        self._link_broken(chain_id)
         if prev is not None and prev_entry_id == expected_id:
             if prev.flagged is None:
                 self.report(
@@ -476,6 +478,10 @@ class _Walker:
             self.report(
                 entry_id, chain_id, seq, "inserted", f"does not link to its predecessor, {after}"
             )
+
+    def _link_broken(self, chain_id: str) -> None:
+        if self.audit is not None:
+            self.audit.link_broken(chain_id)
 
     def report(
         self, entry_id: str, chain_id: str, seq: int, kind: ProblemKind, detail: str
