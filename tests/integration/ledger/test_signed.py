@@ -512,3 +512,106 @@ async def test_checkpoints_of_another_ledger(
     report = await check(admin, state_schema, ledger, anchors=False)
     assert kinds(report) == {"bad_signature"}
     assert "other_schema" in report.problems[0].detail
+
+
+async def test_unsigned_tail_rewritten_while_pgguard_runs_is_exposed_by_the_next_checkpoint(
+    ledger_dsn: str,
+    state_schema: str,
+    admin: asyncpg.Connection,
+    key_file: Path,
+    keys: KeyRing,
+    tmp_path: Path,
+) -> None:
+    """The window before a checkpoint: the attacker rewrites (and rehashes) entries nobody has
+    signed yet; pgguard signs its own copy of the head, so the next checkpoint exposes it."""
+    writer = await LedgerWriter.open(
+        ledger_dsn,
+        schema=state_schema,
+        spool_dir=tmp_path / "spool",
+        instance_id="window",
+        signing_key_file=key_file,
+        checkpoint_entries=1000,
+        checkpoint_seconds=3600,
+    )
+    try:
+        await _truncate_others(admin, state_schema, writer.chain_id)
+        for i in range(4):
+            record_packed(writer, statement=f"SELECT {i}")
+        await writer.flush()  # shipped, not signed
+
+        def edit(items: list[Item]) -> list[Item]:
+            items[1].set_statement("SELECT harmless")
+            return items
+
+        await rewrite_chain(admin, state_schema, writer.chain_id, edit)
+        record_packed(writer, statement="SELECT after")
+    finally:
+        await writer.close()  # the final checkpoint signs pgguard's own head
+    report = await verify(admin, schema=state_schema, keys=keys)
+    assert covers(report, "modified", 2)
+
+
+async def test_checkpoints_are_posted_to_the_anchor_url(
+    ledger_dsn: str, state_schema: str, admin: asyncpg.Connection, key_file: Path, tmp_path: Path
+) -> None:
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        received.append(await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        writer = await LedgerWriter.open(
+            ledger_dsn,
+            schema=state_schema,
+            spool_dir=tmp_path / "spool",
+            instance_id="post",
+            signing_key_file=key_file,
+            anchor_url=f"http://127.0.0.1:{port}/anchors?token=secret",
+        )
+        record_packed(writer)
+        await writer.close()
+    finally:
+        server.close()
+    (line,) = received
+    posted = json.loads(line)
+    assert posted["checkpoint"]["final"] is True
+    assert posted["checkpoint"]["chain_id"] == writer.chain_id
+    assert posted["signature"]
+
+
+async def test_an_unreachable_anchor_url_does_not_stop_the_ledger(
+    ledger_dsn: str,
+    state_schema: str,
+    admin: asyncpg.Connection,
+    key_file: Path,
+    keys: KeyRing,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writer = await LedgerWriter.open(
+        ledger_dsn,
+        schema=state_schema,
+        spool_dir=tmp_path / "spool",
+        instance_id="nopost",
+        signing_key_file=key_file,
+        anchor_url="http://127.0.0.1:1/anchors?token=secret",
+        timeout=1.0,
+    )
+    await _truncate_others(admin, state_schema, writer.chain_id)
+    record_packed(writer)
+    await writer.close()
+    assert (await verify(admin, schema=state_schema, keys=keys)).ok
+    failures = [r.getMessage() for r in caplog.records if "posting checkpoint" in r.getMessage()]
+    assert failures
+    assert not any("secret" in message for message in failures)  # the URL's token is not logged

@@ -13,7 +13,9 @@ import asyncpg
 import pytest
 
 from pgguard.embedded import EmbeddedPostgres
-from pgguard.ledger import LedgerWriter, verify
+from pgguard.ledger import KeyRing, LedgerWriter, verify
+from pgguard.ledger.anchors import read_anchors
+from pgguard.ledger.keys import load_or_create_signing_key
 from tests.integration.ledger.conftest import entry, record_packed
 
 
@@ -32,6 +34,7 @@ def own_pg(embedded_pg: EmbeddedPostgres | None) -> Iterator[EmbeddedPostgres]:
 async def test_spool_survives_outage_and_restart(own_pg: EmbeddedPostgres, tmp_path: Path) -> None:
     dsn = own_pg.unix_dsn()
     spool_dir = tmp_path / "spool"
+    key_file, anchors = tmp_path / "data" / "ledger-signing.pem", tmp_path / "anchors.jsonl"
     recorded: list[str] = []
 
     def record(writer: LedgerWriter, n: int) -> None:
@@ -53,6 +56,9 @@ async def test_spool_survives_outage_and_restart(own_pg: EmbeddedPostgres, tmp_p
         flush_interval=0.05,
         max_queue=100,
         batch_size=50,
+        signing_key_file=key_file,
+        checkpoint_entries=40,  # checkpoints before, during and after the outage
+        anchor_file=anchors,
     )
     record(first, 120)
     await first.flush()
@@ -71,6 +77,8 @@ async def test_spool_survives_outage_and_restart(own_pg: EmbeddedPostgres, tmp_p
         instance_id="a",
         timeout=1.0,
         flush_interval=0.05,
+        signing_key_file=key_file,
+        anchor_file=anchors,
     )
     assert second.stats().spool_mode
     record(second, 10)
@@ -92,5 +100,13 @@ async def test_spool_survives_outage_and_restart(own_pg: EmbeddedPostgres, tmp_p
         report = await verify(conn)
         assert report.ok, report.problems
         assert len(report.chains) == 2
+        # Checkpoints took the same way as the entries, in order, and every one is anchored.
+        public = KeyRing([load_or_create_signing_key(key_file).public_key()])
+        anchored, damaged = read_anchors(anchors)
+        assert not damaged
+        signed = await verify(conn, keys=public, anchors=anchored)
+        assert signed.ok, signed.problems
+        assert signed.warnings == []
+        assert signed.checkpoints == len(anchored) > 2
     finally:
         await conn.close(timeout=10)
