@@ -2,9 +2,9 @@
 
 What it adds to the pass-through gate:
 
-* Query text is classified; ``deny`` refuses with 42501 naming the rule ids. ``hold`` also refuses
-  with 42501 for now, saying approval is required - until the approval flow exists, that is the
-  only fail-closed answer.
+* Query text is classified; ``deny`` refuses with 42501 naming the rule ids. ``hold`` asks for
+  approval (`pgguard.approvals`, the request bound by MAC to the exact statement bytes) and the
+  session waits; without approvers configured it refuses with 42501, saying approval is required.
 * A Parse is classified so its facts are known when it is Executed (and, because protocol-level
   and SQL-level prepared statements share one namespace, to a later SQL ``EXECUTE`` too). Only a
   ``deny`` stops a Parse; everything else is decided at Execute, where the statement runs - judged
@@ -258,7 +258,7 @@ class PolicyGate(Gate):
         record = StatementRecord(event.kind, event.sql, decision)
         state.hold_record = record
         state.hold_task = loop.create_task(
-            self._await_approval(session, record, new, future, state, functions)
+            self._await_approval(session, record, new, future, state, functions, event.bind)
         )
         return Hold(future)
 
@@ -270,6 +270,7 @@ class PolicyGate(Gate):
         future: asyncio.Future[Allow | Deny],
         state: _SessionPolicy,
         functions: tuple[str, ...],
+        bind: bytes | None,
     ) -> None:
         assert self.approvals is not None
         try:
@@ -278,7 +279,7 @@ class PolicyGate(Gate):
                 rows = await estimate_rows(self.upstream, new.database, text, functions)
                 if rows is not None:
                     new = dataclasses.replace(new, touches={**new.touches, "estimated_rows": rows})
-            request, final = await self.approvals.hold(new)
+            request, final = await self.approvals.hold(new, record.sql, bind)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)
             decided = await final

@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from pgguard.approvals import ApprovalRequest, ApprovalService, ApprovalStore, NewRequest
+from tests.keys import STATE_KEY
 
 
 class RecordingNotifier:
@@ -60,7 +61,7 @@ def state_schema() -> str:
 
 @pytest.fixture(scope="module")
 async def store(upstream_dsn: str, state_schema: str) -> AsyncIterator[ApprovalStore]:
-    opened = await ApprovalStore.open(upstream_dsn, schema=state_schema, timeout=5.0)
+    opened = await ApprovalStore.open(upstream_dsn, key=STATE_KEY, schema=state_schema, timeout=5.0)
     try:
         yield opened
     finally:
@@ -77,7 +78,7 @@ async def store_b(
     upstream_dsn: str, state_schema: str, store: ApprovalStore
 ) -> AsyncIterator[ApprovalStore]:
     """A second pool on the same schema: another pgguard instance's view."""
-    opened = await ApprovalStore.open(upstream_dsn, schema=state_schema, timeout=5.0)
+    opened = await ApprovalStore.open(upstream_dsn, key=STATE_KEY, schema=state_schema, timeout=5.0)
     try:
         yield opened
     finally:
@@ -94,7 +95,7 @@ async def service(
     store: ApprovalStore, upstream_dsn: str, notifier: RecordingNotifier
 ) -> AsyncIterator[ApprovalService]:
     started = ApprovalService(
-        store, upstream_dsn, notifier=notifier, poll_interval=1.0, instance_id="a"
+        store, upstream_dsn, key=STATE_KEY, notifier=notifier, poll_interval=1.0, instance_id="a"
     )
     await started.start()
     try:
@@ -105,7 +106,9 @@ async def service(
 
 @pytest.fixture
 async def service_b(store_b: ApprovalStore, upstream_dsn: str) -> AsyncIterator[ApprovalService]:
-    started = ApprovalService(store_b, upstream_dsn, poll_interval=1.0, instance_id="b")
+    started = ApprovalService(
+        store_b, upstream_dsn, key=STATE_KEY, poll_interval=1.0, instance_id="b"
+    )
     await started.start()
     try:
         yield started

@@ -31,6 +31,7 @@ from tests.integration.bot.helpers import (
     wait_for_card,
 )
 from tests.integration.holds.helpers import auth, eventually, wait_for_request
+from tests.keys import STATE_KEY
 from tests.support import PgguardThread
 
 
@@ -231,10 +232,18 @@ async def test_another_instance_updates_the_card_from_the_stored_activity_id(
         await eventually(lambda: bool(stub.updates_for(request["id"])))  # this instance's own
     # A second bot, as a freshly started instance would have it: nothing in memory, only the
     # shared state database, finds the message and updates it.
-    store = await ApprovalStore.open(upstream_dsn, schema=state_schema)
+    store = await ApprovalStore.open(upstream_dsn, key=STATE_KEY, schema=state_schema)
     bot = TeamsBot(pgguard.settings.teams.bot, "https://other-instance.example.test")
     try:
-        bot.register(FastAPI(), ApprovalService(store, upstream_dsn), ApproverDirectory([]))
+        bot.register(
+            FastAPI(),
+            ApprovalService(
+                store,
+                upstream_dsn,
+                key=STATE_KEY,
+            ),
+            ApproverDirectory([]),
+        )
         final = await store.get(request["id"])
         assert final is not None
         assert final.state is RequestState.DENIED
@@ -277,7 +286,7 @@ async def test_a_card_still_waiting_to_be_posted_is_dropped_once_decided(
 async def test_seen_invokes_are_forgotten_once_their_tokens_are_long_expired(
     upstream_dsn: str, state_schema: str, pgguard: PgguardThread
 ) -> None:
-    store = await ApprovalStore.open(upstream_dsn, schema=state_schema)
+    store = await ApprovalStore.open(upstream_dsn, key=STATE_KEY, schema=state_schema)
     try:
         now = datetime.now(UTC)
         assert await store.first_sighting("f:old-invoke", now - timedelta(seconds=1))
