@@ -60,7 +60,11 @@ def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any)
             {"name": "leaky", "password": "leaky-password", "owner": "carol@example.com"},
         ],
         policy={"rules_dir": str(rules_dir)},
-        state={"schema": schema, "timeout": extra.pop("state_timeout", 5.0)},
+        state={
+            "schema": schema,
+            "timeout": extra.pop("state_timeout", 5.0),
+            **extra.pop("state", {}),
+        },
         http={"host": "127.0.0.1", "port": 0, "public_url": PUBLIC_URL},
         approvers=[
             {
