@@ -146,6 +146,7 @@ def _settings(pg: EmbeddedPostgres, webhook_url: str, spool: Path) -> Settings:
         http={"host": "127.0.0.1", "port": 0, "public_url": "https://pgguard.example.com"},
         teams={"webhook_url": webhook_url},
         ledger={"spool_dir": str(spool)},
+        data_dir=str(spool.parent / "data"),  # the demo's keys go away with its work directory
         log_level="WARNING",
     )
 

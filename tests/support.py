@@ -12,6 +12,7 @@ import concurrent.futures
 import shutil
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
 from pgguard.wire import messages as m
 from pgguard.wire.scram import ScramClient
+
+# One data directory for every pgguard a test run starts, so they share one state MAC key, as
+# the instances of one deployment must (keys are made there at first start).
+TEST_DATA_DIR = Path(tempfile.mkdtemp(prefix="pgguard-test-data-"))
 
 AGENT = "agent"
 AGENT_PASSWORD = "agent-password"
@@ -86,6 +91,7 @@ def agent_settings(upstream_dsn: str, **overrides: Any) -> Settings:
             },
         ],
     )
+    overrides.setdefault("data_dir", str(TEST_DATA_DIR))
     return Settings.load(
         listen={"host": "127.0.0.1", "port": 0, **overrides.pop("listen", {})},
         upstream={"dsn": upstream_dsn, **overrides.pop("upstream", {})},
