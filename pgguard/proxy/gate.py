@@ -60,6 +60,9 @@ class SqlEvent:
     portal: str = ""
     candidates: tuple[bytes, ...] = ()
     bind: bytes | None = None
+    # The portal may hold more than one binding (an unanswered pipeline may not have run
+    # as sent): never shown to a reviewer as one text (pgguard.wire.session).
+    ambiguous: bool = False
 
 
 class SessionView(Protocol):

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 
 from pgguard.approvals.model import NewRequest
 from pgguard.approvals.service import ApprovalService
-from pgguard.errors import AdminShutdown, PgGuardError, PolicyDenied, QueryCanceled
+from pgguard.errors import (
+    AdminShutdown,
+    PgGuardError,
+    PolicyDenied,
+    QueryCanceled,
+)
 from pgguard.masking import MaskingRules
 from pgguard.policy import (
     OBSERVE_MODE_NOTICE,
@@ -157,13 +162,46 @@ class PolicyGate(Gate):
             decision = self.engine.classify(f'EXECUTE "{_quote_ident(event.statement)}"', ctx)
             return self._verdict(session, state, decision, event)
         candidates = event.candidates
-        if len(candidates) == 1:
+        sql_prepared = bool(event.statement) and state.tracker.sql_prepared(event.statement)
+        if len(candidates) == 1 and not sql_prepared and not event.ambiguous:
             return self._verdict(
                 session, state, self._classify_remembered(state, candidates[0], ctx), event
             )
         decisions = [self.engine.classify(text, ctx) for text in candidates]
+        if sql_prepared:
+            # The name may also hold what a SQL PREPARE (they share one namespace) put there.
+            name = _quote_ident(event.statement)
+            decisions.append(self.engine.classify(f'EXECUTE "{name}"', ctx))
         strictest = max(decisions, key=lambda d: _ACTION_ORDER[d.action])
+        ambiguous = event.ambiguous or len(candidates) > 1
+        if ambiguous and strictest.action != "allow" and not strictest.observe:
+            return self._refuse_ambiguous(session, state, strictest, event)
         return self._verdict(session, state, strictest, event)
+
+    def _refuse_ambiguous(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> Verdict:
+        """A privileged Execute whose portal may run more than one text: never shown as one."""
+        log.warning(
+            "session %s agent %s: refused an Execute of portal %r that may run %d texts",
+            session.session_id,
+            session.agent,
+            event.portal,
+            len(event.candidates),
+        )
+        error = PolicyDenied(
+            f'pgguard: portal "{event.portal}" of statement "{event.statement}" may run '
+            "more than one text, and one of them needs approval",
+            detail="A Parse, Bind or Close sent before it may not have taken effect on the "
+            "server (an error makes the server skip the rest of a pipeline), so pgguard cannot "
+            "show a reviewer the one text that would run.",
+            hint="Close the statement, Parse it again and wait for the server's answer "
+            "(Sync) before executing it.",
+        )
+        if self.ledger is not None:
+            record = StatementRecord(event.kind, event.sql, decision)
+            self.ledger.refused(session, record, error.sqlstate, error.message)
+        return Deny(error)
 
     def _classify_remembered(self, state: _SessionPolicy, sql: bytes, ctx: Context) -> Decision:
         """``classify``, remembering the last text's decision: a Parse and the Execute of its

@@ -1,0 +1,157 @@
+"""Issue 15: what runs is what was judged, with hand-written protocol messages.
+
+Each test sends a message sequence the security review used to run a privileged statement
+unjudged, through a live proxy to a real PostgreSQL, and asks the server itself (the table still
+exists) whether the statement ran. Privileged statements are refused here (no approvers), so
+"judged" shows as a 42501/55000 refusal and an untouched table.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from pgguard.proxy.assembly import load_engine
+from pgguard.proxy.policy_gate import PolicyGate
+from pgguard.wire import messages as m
+from tests.support import ProxyThread, RawClient, agent_settings, error_fields
+
+
+def bind(portal: str, statement: str) -> bytes:
+    body = portal.encode() + b"\0" + statement.encode() + b"\0" + struct.pack("!hhh", 0, 0, 0)
+    return m.message(ord("B"), body)
+
+
+def execute(portal: str = "") -> bytes:
+    return m.message(ord("E"), portal.encode() + b"\0" + struct.pack("!i", 0))
+
+
+def close(kind: str, name: str) -> bytes:
+    return m.message(ord("C"), kind.encode() + name.encode() + b"\0")
+
+
+SYNC = m.message(ord("S"))
+
+
+@pytest.fixture(scope="module")
+def guarded(upstream_dsn: str) -> Iterator[ProxyThread]:
+    settings = agent_settings(upstream_dsn)
+    thread = ProxyThread(settings, PolicyGate(load_engine(settings))).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.fixture(autouse=True)
+def victim(direct_dsn: str) -> None:
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS model_victim")
+        conn.execute("DROP TABLE IF EXISTS model_scratch")
+        conn.execute("CREATE TABLE model_victim (id int)")
+
+
+def victim_exists(direct_dsn: str) -> bool:
+    with psycopg.connect(direct_dsn) as conn:
+        found = conn.execute("SELECT to_regclass('model_victim') IS NOT NULL").fetchone()
+        return found == (True,)
+
+
+def types(replies: list[tuple[str, bytes]]) -> list[str]:
+    return [t for t, _ in replies]
+
+
+def read_until_closed(raw: RawClient) -> list[tuple[str, bytes]]:
+    replies: list[tuple[str, bytes]] = []
+    try:
+        while True:
+            replies.append(raw.recv_message())
+    except ConnectionError:
+        return replies
+
+
+def first_error(replies: list[tuple[str, bytes]]) -> tuple[str, str]:
+    body = next(b for t, b in replies if t == "E")
+    fields = error_fields(body)
+    return fields.sqlstate, fields.message
+
+
+def test_skipped_close_and_parse_do_not_change_what_runs(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """The review's sequence: the server skipped Close s and Parse s after an error."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s", "DROP TABLE model_victim") + SYNC)
+    assert types(raw.recv_until("Z")) == ["1", "Z"]
+    raw.send(m.parse("x", "SELEC broken") + close("S", "s") + m.parse("s", "SELECT 1") + SYNC)
+    replies = raw.recv_until("Z")
+    assert replies[0][0] == "E"  # the server skipped the Close and the Parse
+    raw.send(bind("", "s") + execute() + SYNC)
+    replies = raw.recv_until("Z")
+    sqlstate, _ = first_error(replies)
+    assert sqlstate in ("42501", "55000")
+    assert "C" not in types(replies)
+    assert victim_exists(direct_dsn)
+
+
+def test_skipped_unnamed_parse_does_not_change_what_runs(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """The nearest variant with the unnamed statement, which a skipped Parse does not replace."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("", "DROP TABLE model_victim") + SYNC)
+    assert types(raw.recv_until("Z")) == ["1", "Z"]
+    raw.send(m.parse("x", "SELEC broken") + m.parse("", "SELECT 1") + SYNC)
+    assert raw.recv_until("Z")[0][0] == "E"
+    raw.send(bind("", "") + execute() + SYNC)
+    replies = raw.recv_until("Z")
+    assert first_error(replies)[0] in ("42501", "55000")
+    assert victim_exists(direct_dsn)
+
+
+def test_a_rejected_reparse_is_judged_by_the_text_the_server_kept(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """Parse s1 = DROP; Parse s1 = CREATE (rejected: the name exists); Bind s1; Execute."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s1", "DROP TABLE model_victim") + SYNC)
+    assert types(raw.recv_until("Z")) == ["1", "Z"]
+    raw.send(m.parse("s1", "SELECT 1") + SYNC)  # harmless text, rejected by the server
+    replies = raw.recv_until("Z")
+    assert first_error(replies)[0] == "42P05"
+    raw.send(bind("", "s1") + execute() + SYNC)
+    replies = raw.recv_until("Z")
+    sqlstate, _ = first_error(replies)
+    assert sqlstate == "42501"  # judged as the DROP it is: a single, certain text
+    assert victim_exists(direct_dsn)
+
+
+def test_a_reparse_after_a_confirmed_close_is_its_new_text(guarded: ProxyThread) -> None:
+    """No false refusals: Close, then Parse the name again, then run it."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s", "DROP TABLE model_victim") + SYNC)
+    raw.recv_until("Z")
+    raw.send(close("S", "s") + m.parse("s", "SELECT 41 + 1") + bind("", "s") + execute() + SYNC)
+    replies = raw.recv_until("Z")
+    assert "E" not in types(replies), replies
+    assert ("C", b"SELECT 1\0") in replies
+
+
+def test_a_query_after_unsynced_extended_messages_is_refused(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """The ledger-desync sequence: a Query the server would skip after a failed Parse."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("x", "SELEC broken") + m.query("DROP TABLE model_victim"))
+    replies = read_until_closed(raw)
+    errors = [error_fields(b) for t, b in replies if t == "E"]
+    assert any(e.sqlstate == "08P01" and "without a Sync" in e.message for e in errors)
+    assert victim_exists(direct_dsn)
