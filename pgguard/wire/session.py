@@ -36,7 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-MAX_POSSIBILITIES = 64  # texts one name may stand for before the client is cut off
+from pgguard.errors import ProtocolViolation
+
+MAX_POSSIBILITIES = 64  # texts one name may stand for before the client is cut off (08P01)
 
 
 class Bound(NamedTuple):
@@ -64,8 +66,8 @@ class _Op:
     bind: bytes = b""  # bind
 
 
-class TooManyPossibilities(Exception):
-    """A name stands for more texts than `MAX_POSSIBILITIES` (a client re-Parsing it in a loop)."""
+class TooManyPossibilities(ProtocolViolation):
+    """A name would stand for more texts than `MAX_POSSIBILITIES` (re-Parsed in a loop)."""
 
 
 class SessionModel:
@@ -83,6 +85,18 @@ class SessionModel:
     # --- what the client sent (in forwarding order) --------------------------------------------
 
     def parse(self, group: int, name: str, sql: bytes) -> None:
+        """A Parse; refused when ``name`` may already stand for too many texts.
+
+        Legitimate clients Close a name before they Parse it again; re-Parses that may not
+        have taken effect only grow what every Execute of the name must be judged against.
+        """
+        possible = len(self._statements.get(name, _NOTHING))
+        pending = sum(1 for op in self._ops if op.kind == "parse" and op.name == name)
+        if possible + pending >= MAX_POSSIBILITIES:
+            raise TooManyPossibilities(
+                f"prepared statement {name!r} may stand for {possible + pending} texts; Close "
+                "it and wait for the server's answer before parsing it again"
+            )
         self._ops.append(_Op(group, "parse", name, sql=sql))
 
     def bind(self, group: int, portal: str, statement: str, bind: bytes) -> None:
@@ -204,7 +218,7 @@ def _statement_after(before: Possible, name: str, op: _Op, succeeded: bool | Non
     """What statement ``name`` may hold after ``op`` (True: it succeeded; None: unknown)."""
     if op.kind == "parse":
         after = _parsed(before, name, op.sql, succeeded)
-        return _checked(after if after else before)  # "succeeded" but could not have: keep
+        return after if after else before  # "succeeded" but could not have: keep
     if op.kind == "close_s":
         return _NOTHING if succeeded else before | _NOTHING
     # A simple Query drops the unnamed statement, and may DEALLOCATE or DISCARD named ones.
@@ -240,15 +254,6 @@ def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> 
         elif succeeded is None:
             after.add(held)  # a name in use: the Parse fails (or is skipped)
     return frozenset(after)
-
-
-def _checked(possible: Possible) -> Possible:
-    if len(possible) > MAX_POSSIBILITIES:
-        raise TooManyPossibilities(
-            f"a prepared statement name stands for {len(possible)} texts; Close it before "
-            "parsing it again"
-        )
-    return possible
 
 
 def _texts(possible: Possible) -> tuple[bytes, ...]:
