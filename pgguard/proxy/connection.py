@@ -60,7 +60,11 @@ class Session:
     client_address: str
     tracker: BackendTracker = field(default_factory=BackendTracker)
     owed: Callable[[], int] = int  # ReadyForQuery messages still owed (set by the connection)
+    portals: Callable[[str], tuple[bytes, ...]] = lambda _name: ()  # set by the connection
     gate_state: object = None
+
+    def portal_texts(self, name: str) -> tuple[bytes, ...]:
+        return self.portals(name)
 
     @property
     def ready_count(self) -> int:
@@ -178,6 +182,7 @@ class Connection:
         session.tracker.txn_status = up.txn_status
         session.tracker.model = self._model
         session.owed = self._replies_owed
+        session.portals = self._portal_texts
         self.session = session
         self.upstream = up.link
         self.backend_key = (up.pid, up.key)
@@ -446,6 +451,11 @@ class Connection:
         if kind == m.F_TERMINATE:
             self._terminating = True
         return g.ALLOW
+
+    def _portal_texts(self, name: str) -> tuple[bytes, ...]:
+        """What portal ``name`` may run for a message forwarded now (SQL FETCH/MOVE of it)."""
+        bindings = self._model.portal(name, self._extended_group())
+        return tuple(dict.fromkeys(b.sql for b in bindings))
 
     def _extended_group(self) -> int:
         """The ReadyForQuery ordinal that ends an extended message forwarded now (its Sync's)."""

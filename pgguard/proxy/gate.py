@@ -96,6 +96,9 @@ class SessionView(Protocol):
     def replies_owed(self) -> int:
         """ReadyForQuery messages the server still owes for what was forwarded."""
 
+    def portal_texts(self, name: str) -> tuple[bytes, ...]:
+        """Every text protocol portal ``name`` may run for a statement forwarded now."""
+
     gate_state: object  # whatever the gate keeps per session
 
 

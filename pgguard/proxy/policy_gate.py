@@ -51,6 +51,7 @@ from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.settings import UpstreamSettings
+from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
@@ -140,6 +141,8 @@ class PolicyGate(Gate):
         ctx = self._context(session, state)
         if event.kind == "query":
             decision, blind = self.engine.classify_keyed(event.sql, ctx)
+            if _fetches(decision):
+                decision = self._with_fetched_portals(session, ctx, decision, event.sql)
             return self._verdict(session, state, decision, event, blind)
         if event.kind == "parse":
             decision = self._classify_remembered(state, event.sql, ctx)
@@ -164,9 +167,10 @@ class PolicyGate(Gate):
         candidates = event.candidates
         sql_prepared = bool(event.statement) and state.tracker.sql_prepared(event.statement)
         if len(candidates) == 1 and not sql_prepared and not event.ambiguous:
-            return self._verdict(
-                session, state, self._classify_remembered(state, candidates[0], ctx), event
-            )
+            decision = self._classify_remembered(state, candidates[0], ctx)
+            if _fetches(decision):
+                decision = self._with_fetched_portals(session, ctx, decision, candidates[0])
+            return self._verdict(session, state, decision, event)
         decisions = [self.engine.classify(text, ctx) for text in candidates]
         if sql_prepared:
             # The name may also hold what a SQL PREPARE (they share one namespace) put there.
@@ -177,6 +181,33 @@ class PolicyGate(Gate):
         if ambiguous and strictest.action != "allow" and not strictest.observe:
             return self._refuse_ambiguous(session, state, strictest, event)
         return self._verdict(session, state, strictest, event)
+
+    def _with_fetched_portals(
+        self, session: SessionView, ctx: Context, decision: Decision, sql: bytes
+    ) -> Decision:
+        """A FETCH or MOVE runs the portal it names: judged by what that portal runs too.
+
+        Protocol portals and SQL cursors share one namespace, so ``FETCH ALL FROM p1`` of a
+        portal bound (never Executed) to a privileged statement would run it unjudged. Such a
+        FETCH cannot be held mid-portal, so it is refused when the portal's text is not plainly
+        allowed: the client Executes the portal instead, where it is held. (SQL cursors were
+        judged by their DECLARE.)
+        """
+        worst = decision
+        for name in fetched_portals(sql.decode("utf-8", "replace")):
+            for text in session.portal_texts(name):
+                judged = self.engine.classify(text, ctx)
+                if _ACTION_ORDER[judged.action] > _ACTION_ORDER[worst.action]:
+                    worst = judged
+        if worst is decision:
+            return decision
+        reason = "FETCH/MOVE of a protocol-level portal that runs a privileged statement"
+        return dataclasses.replace(
+            worst,
+            action="deny",
+            reasons=(*worst.reasons, reason),
+            rule_ids=(*worst.rule_ids, "builtin.fetch-of-privileged-portal"),
+        )
 
     def _refuse_ambiguous(
         self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
@@ -451,6 +482,10 @@ class PolicyGate(Gate):
         if decision.changes_lexing:
             # Confirmed by the ReadyForQuery that follows every reply owed so far.
             state.lex_pending_until = session.ready_count + session.replies_owed + 1
+
+
+def _fetches(decision: Decision) -> bool:
+    return any(statement.kind == "FetchStmt" for statement in decision.statements)
 
 
 def _quote_ident(name: str) -> str:

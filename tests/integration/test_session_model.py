@@ -155,3 +155,45 @@ def test_a_query_after_unsynced_extended_messages_is_refused(
     errors = [error_fields(b) for t, b in replies if t == "E"]
     assert any(e.sqlstate == "08P01" and "without a Sync" in e.message for e in errors)
     assert victim_exists(direct_dsn)
+
+
+def _bound_in_a_transaction(raw: RawClient, portal: str, sql: str) -> None:
+    raw.send(m.query("BEGIN"))
+    raw.recv_until("Z")
+    raw.send(m.parse("", sql) + bind(portal, "") + SYNC)  # bound, never Executed
+    assert types(raw.recv_until("Z")) == ["1", "2", "Z"]
+
+
+@pytest.mark.parametrize(
+    "runner",
+    [
+        m.query("FETCH ALL FROM p1"),
+        m.query("MOVE FORWARD ALL IN p1"),
+        m.query("select 1; fetch 1 from P1"),  # folded to p1, after an allowed statement
+        m.parse("f", "FETCH ALL FROM p1") + bind("", "f") + execute() + SYNC,
+    ],
+    ids=["fetch", "move", "second-statement", "extended-fetch"],
+)
+def test_sql_fetch_of_a_protocol_portal_is_judged(
+    guarded: ProxyThread, direct_dsn: str, runner: bytes
+) -> None:
+    """The review's first attack: FETCH runs a portal pgguard only judged at Execute."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    _bound_in_a_transaction(raw, "p1", "SELECT count(*) FROM (SELECT 1) s, pg_stat_file('.')")
+    raw.send(runner)
+    replies = raw.recv_until("Z")
+    sqlstate, message = first_error(replies)
+    assert sqlstate == "42501", message
+    assert "D" not in types(replies)  # no row of the portal came back
+    assert victim_exists(direct_dsn)
+
+
+def test_sql_fetch_of_an_ordinary_portal_still_works(guarded: ProxyThread) -> None:
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    _bound_in_a_transaction(raw, "p2", "SELECT 7 AS n")
+    raw.send(m.query("FETCH ALL FROM p2"))
+    replies = raw.recv_until("Z")
+    assert "E" not in types(replies), replies
+    assert "D" in types(replies)
