@@ -442,11 +442,16 @@ class Connection:
             return g.ALLOW
         if kind == m.F_FUNCTION_CALL:
             self._refuse_unsynced("a function call")
-            verdict = self.ctx.gate.check_function_call(session)
+            body = data[start + 5 : end]
+            if len(body) < 4:
+                raise ProtocolViolation("invalid FunctionCall message")
+            oid = int.from_bytes(body[:4], "big")
+            verdict = self.ctx.gate.check_function_call(session, oid, body)
             if verdict is g.ALLOW:
                 self._zcount += 1
                 if self._outcomes is not None:
-                    self._outcomes.query(None, self._zcount + self._scanner.syncs)
+                    token = self.ctx.gate.statement_token(session, "query", b"")
+                    self._outcomes.query(token, self._zcount + self._scanner.syncs)
             return verdict
         if kind == m.F_TERMINATE:
             self._terminating = True

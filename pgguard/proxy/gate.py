@@ -11,7 +11,7 @@ its Bind parameters) - reaches ``Gate.check`` as a ``SqlEvent``; a FunctionCall 
 
 ``check`` is synchronous on purpose: the common case (allow) costs no task switch. This base gate
 allows all SQL and refuses the function-call message, which names a function by OID and carries
-no SQL a policy could read.
+no SQL a policy could read (the policy gate resolves the OID and judges the call).
 """
 
 from __future__ import annotations
@@ -102,6 +102,18 @@ class SessionView(Protocol):
     gate_state: object  # whatever the gate keeps per session
 
 
+def function_call_refused(why: str = "") -> Deny:
+    """The refusal of a FunctionCall message that nobody could judge."""
+    return Deny(
+        PolicyDenied(
+            "pgguard refuses the function-call protocol message" + (f": {why}" if why else ""),
+            detail="A FunctionCall ('F') message calls a function by OID without SQL text; "
+            "pgguard judges it only when it can tell which function the OID names.",
+            hint="Call the function with a SQL statement (SELECT fn(...)) instead.",
+        )
+    )
+
+
 @dataclass
 class Gate:
     """Allows every statement; refuses the function-call message. Policies subclass this."""
@@ -111,17 +123,11 @@ class Gate:
     def check(self, session: SessionView, event: SqlEvent) -> Verdict:
         return ALLOW
 
-    def check_function_call(self, session: SessionView) -> Verdict:
+    def check_function_call(self, session: SessionView, oid: int, body: bytes) -> Verdict:
+        """A FunctionCall message (``oid`` names the function; ``body`` is the whole message)."""
         if self.allow_function_call:
             return ALLOW
-        return Deny(
-            PolicyDenied(
-                "pgguard refuses the function-call protocol message",
-                detail="A FunctionCall ('F') message calls a function by OID without SQL text, "
-                "so no policy can inspect it.",
-                hint="Call the function with a SQL statement (SELECT fn(...)) instead.",
-            )
-        )
+        return function_call_refused()
 
     def check_startup(
         self, agent: str, database: str, parameters: list[tuple[str, str]]

@@ -45,8 +45,19 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
+from pgguard.proxy.catalog import function_name
 from pgguard.proxy.estimates import estimate_rows
-from pgguard.proxy.gate import ALLOW, Allow, Deny, Gate, Hold, SessionView, SqlEvent, Verdict
+from pgguard.proxy.gate import (
+    ALLOW,
+    Allow,
+    Deny,
+    Gate,
+    Hold,
+    SessionView,
+    SqlEvent,
+    Verdict,
+    function_call_refused,
+)
 from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
@@ -76,6 +87,7 @@ class _SessionPolicy:
     hold_task: asyncio.Task[None] | None = None
     hold_future: asyncio.Future[Allow | Deny] | None = None
     hold_request_id: str | None = None
+    functions: dict[int, tuple[str, str]] = field(default_factory=dict)  # FunctionCall OIDs
 
 
 class PolicyGate(Gate):
@@ -94,8 +106,9 @@ class PolicyGate(Gate):
         self.approvals = approvals
         self.masking = masking or MaskingRules.load()
         self.instance_id = instance_id
-        self.upstream = upstream  # for the planner's row estimate in review payloads
+        self.upstream = upstream  # row estimates for reviews, FunctionCall OIDs
         self.ledger = ledger
+        self._function_lookups: set[asyncio.Task[None]] = set()
 
     @property
     def observe(self) -> bool:
@@ -153,6 +166,57 @@ class PolicyGate(Gate):
             self._note_lexing(session, state, decision)
             return ALLOW
         return self._check_execute(session, state, ctx, event)
+
+    # --- the FunctionCall message ---------------------------------------------------------
+
+    def check_function_call(self, session: SessionView, oid: int, body: bytes) -> Verdict:
+        """Judge a FunctionCall as the ``SELECT schema.fn()`` call it is.
+
+        The OID is resolved once per session from the catalog, by a read-only query on
+        pgguard's own connection (libpq's large-object API: lo_open, loread, lowrite, ... pass;
+        server-side file functions are judged as they are in SQL). An OID that cannot be
+        resolved is refused. The whole message (its arguments) is what an approval binds.
+        """
+        state = self._state(session)
+        known = state.functions.get(oid)
+        if known is not None:
+            return self.check(session, _function_call_event(known, body))
+        if self.upstream is None:
+            return super().check_function_call(session, oid, body)
+        future: asyncio.Future[Allow | Deny] = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(
+            self._resolve_function_call(session, state, oid, body, future)
+        )
+        self._function_lookups.add(task)
+        task.add_done_callback(self._function_lookups.discard)
+        return Hold(future)
+
+    async def _resolve_function_call(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        oid: int,
+        body: bytes,
+        future: asyncio.Future[Allow | Deny],
+    ) -> None:
+        assert self.upstream is not None
+        try:
+            name = await function_name(self.upstream, session.database, oid)
+            if name is None:
+                settle(future, function_call_refused(f"no function has OID {oid}"))
+                return
+            if len(state.functions) < _MAX_FUNCTIONS:
+                state.functions[oid] = name
+            verdict = self.check(session, _function_call_event(name, body))
+            if isinstance(verdict, Hold):
+                verdict = await verdict.decision
+            settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
+        except asyncio.CancelledError:
+            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            raise
+        except Exception as exc:  # fail closed
+            log.error("function call OID %d not judged: %s", oid, exc)
+            settle(future, function_call_refused("it could not be judged"))
 
     def _check_execute(
         self, session: SessionView, state: _SessionPolicy, ctx: Context, event: SqlEvent
@@ -482,6 +546,14 @@ class PolicyGate(Gate):
         if decision.changes_lexing:
             # Confirmed by the ReadyForQuery that follows every reply owed so far.
             state.lex_pending_until = session.ready_count + session.replies_owed + 1
+
+
+_MAX_FUNCTIONS = 1024  # resolved OIDs a session remembers
+
+
+def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:
+    schema, function = (_quote_ident(part) for part in name)
+    return SqlEvent("query", f'SELECT "{schema}"."{function}"()'.encode(), bind=body)
 
 
 def _fetches(decision: Decision) -> bool:

@@ -9,7 +9,9 @@ exists) whether the statement ran. Privileged statements are refused here (no ap
 from __future__ import annotations
 
 import struct
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -39,7 +41,8 @@ SYNC = m.message(ord("S"))
 @pytest.fixture(scope="module")
 def guarded(upstream_dsn: str) -> Iterator[ProxyThread]:
     settings = agent_settings(upstream_dsn)
-    thread = ProxyThread(settings, PolicyGate(load_engine(settings))).start()
+    gate = PolicyGate(load_engine(settings), upstream=settings.upstream)
+    thread = ProxyThread(settings, gate).start()
     try:
         yield thread
     finally:
@@ -197,3 +200,76 @@ def test_sql_fetch_of_an_ordinary_portal_still_works(guarded: ProxyThread) -> No
     replies = raw.recv_until("Z")
     assert "E" not in types(replies), replies
     assert "D" in types(replies)
+
+
+# --- the FunctionCall message (issue 15, deliverable 3) -----------------------------------------
+
+
+def function_call(oid: int, *args: bytes) -> bytes:
+    body = struct.pack("!Ih", oid, 1) + struct.pack("!h", 0) + struct.pack("!h", len(args))
+    for arg in args:
+        body += struct.pack("!i", len(arg)) + arg
+    return m.message(m.F_FUNCTION_CALL, body + struct.pack("!h", 0))
+
+
+def oid_of(direct_dsn: str, signature: str) -> int:
+    with psycopg.connect(direct_dsn) as conn:
+        row = conn.execute("SELECT %s::regprocedure::oid", (signature,)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_a_function_call_is_judged_as_the_select_it_amounts_to(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(function_call(oid_of(direct_dsn, "pg_catalog.now()")))
+    replies = raw.recv_until("Z")
+    assert types(replies) == ["V", "Z"]
+    # A server-side file read by OID is what SELECT pg_read_file(...) is: privileged.
+    raw.send(function_call(oid_of(direct_dsn, "pg_catalog.pg_read_file(text)"), b"/etc/hostname"))
+    replies = raw.recv_until("Z")
+    sqlstate, message = first_error(replies)
+    assert sqlstate == "42501", message
+    assert "V" not in types(replies)
+    # Resolved once per session: the second call of now() needs no look-up and still works.
+    raw.send(function_call(oid_of(direct_dsn, "pg_catalog.now()")))
+    assert types(raw.recv_until("Z")) == ["V", "Z"]
+
+
+def test_a_function_call_of_an_unknown_oid_is_refused(guarded: ProxyThread) -> None:
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(function_call(4_000_000_000))
+    replies = raw.recv_until("Z")
+    sqlstate, message = first_error(replies)
+    assert sqlstate == "42501"
+    assert "no function has OID" in message
+    raw.send(m.query("SELECT 1"))
+    assert "E" not in types(raw.recv_until("Z"))
+
+
+def test_psql_large_object_import_and_export_work(guarded: ProxyThread, tmp_path: Path) -> None:
+    """libpq's client-side large-object API (psql's \\lo_import / \\lo_export) uses
+    FunctionCall messages for lo_creat, lo_open, lowrite, loread and lo_close."""
+    source = tmp_path / "in.bin"
+    source.write_bytes(bytes(range(256)) * 64)
+    target = tmp_path / "out.bin"
+    script = (
+        "BEGIN;\n"
+        f"\\lo_import {source}\n"
+        f"\\lo_export :LASTOID {target}\n"
+        "SELECT lo_unlink(:LASTOID);\n"
+        "COMMIT;\n"
+    )
+    result = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", guarded.dsn()],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert target.read_bytes() == source.read_bytes()
