@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import SecretStr
 
 from pgguard.dsn import Dsn, parse_dsn
 from pgguard.errors import ConfigError
@@ -112,7 +113,11 @@ def _check(settings: Settings, dsn: str, schema: str) -> None:
     from pgguard.statedb import separation
 
     checked = settings.model_copy(
-        update={"state": settings.state.model_copy(update={"dsn": dsn, "schema_name": schema})}
+        update={
+            "state": settings.state.model_copy(
+                update={"dsn": SecretStr(dsn), "schema_name": schema}
+            )
+        }
     )
     try:
         asyncio.run(separation.check(checked))
