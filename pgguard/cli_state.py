@@ -54,7 +54,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         password: Annotated[
             str | None,
-            typer.Option("--password", help="State role's password (default: a random one)."),
+            typer.Option(
+                "--password",
+                envvar="PGGUARD_STATE_PASSWORD",
+                help="State role's password (default: a random one).",
+            ),
         ] = None,
         upstream_role: Annotated[
             list[str] | None,
