@@ -114,7 +114,7 @@ def _apply(plan: setup.StatePlan, admin_dsn: str, server: Dsn, settings: Setting
 
 
 def _check(settings: Settings, dsn: str, schema: str) -> None:
-    from pgguard.statedb import separation
+    from pgguard.statedb.probe import check_separation
 
     checked = settings.model_copy(
         update={
@@ -124,7 +124,7 @@ def _check(settings: Settings, dsn: str, schema: str) -> None:
         }
     )
     try:
-        asyncio.run(separation.check(checked))
+        asyncio.run(check_separation(checked))
     except ConfigError as exc:
         typer.echo(f"pgguard: {exc.message}", err=True)
         raise typer.Exit(1) from None

@@ -22,7 +22,7 @@ from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
-from pgguard.statedb import separation
+from pgguard.statedb.probe import check_separation
 from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
 from pgguard.web.auth import ApproverDirectory
@@ -80,7 +80,7 @@ async def start(settings: Settings) -> Running:
     instance_id = uuid.uuid4().hex[:8]
     engine = load_engine(settings)
     # Before anything touches the state: refuse to start when agents could reach it.
-    await separation.check(settings)
+    await check_separation(settings)
     approvals: ApprovalService | None = None
     notifier: TeamsWebhookNotifier | None = None
     bot: TeamsBot | None = None
