@@ -10,6 +10,7 @@ the state through pgguard fails while its held statement stays held.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
@@ -365,6 +366,10 @@ async def test_an_agent_cannot_approve_its_own_held_statement(
                 # no such relation in the agent's database (or, with the built-in deny, policy)
                 assert refused.value.sqlstate in ("42P01", "3F000", "42501"), sql
                 await attacker.execute("ROLLBACK")  # leave the failed transaction, if any
+            # A forged wake-up lands in the agent's database, where no pgguard instance listens
+            # (or the built-in deny refuses it).
+            with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                await attacker.execute(f"NOTIFY pgguard_approvals, '{request['id']}'")
             # The nearest variant: through pgguard into the state database itself.
             with pytest.raises(asyncpg.PostgresError) as no_connect:
                 await asyncpg.connect(pgguard.dsn(dbname=plan.database))
