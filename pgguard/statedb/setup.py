@@ -71,7 +71,15 @@ def cluster_statements(plan: StatePlan, upstream_roles: tuple[str, ...] | None =
         f"REVOKE ALL ON DATABASE {db} FROM PUBLIC;",
         f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};",
     ]
-    for upstream in plan.upstream_roles if upstream_roles is None else upstream_roles:
+    roles = plan.upstream_roles if upstream_roles is None else upstream_roles
+    return statements + cutoff_statements(plan, roles)
+
+
+def cutoff_statements(plan: StatePlan, upstream_roles: tuple[str, ...]) -> list[str]:
+    """Upstream roles of this cluster lose any grant on the state database and the state role."""
+    db, role = ident(plan.database), ident(plan.role)
+    statements: list[str] = []
+    for upstream in upstream_roles:
         statements += [
             f"REVOKE ALL ON DATABASE {db} FROM {ident(upstream)};",
             f"REVOKE {role} FROM {ident(upstream)};",
@@ -101,13 +109,13 @@ def script(plan: StatePlan) -> str:
         role_statement(plan),
         database_statement(plan),
     ]
+    lines += cluster_statements(plan, ())
     if plan.upstream_roles:
-        lines.append(
-            "-- The upstream role(s) below live in this cluster: cut them off. (When the state "
-            "has a cluster of its own, drop these lines.) A superuser upstream role cannot be "
-            "cut off: give it a cluster of its own."
-        )
-    lines += cluster_statements(plan)
+        lines += [
+            "-- The upstream roles, when they live in this cluster (else drop these lines). A",
+            "-- superuser upstream role cannot be cut off: give the state a cluster of its own.",
+            *cutoff_statements(plan, plan.upstream_roles),
+        ]
     lines.append(f"\\connect {plan.database}")
     lines += schema_statements(plan)
     return "\n".join(lines) + "\n"
