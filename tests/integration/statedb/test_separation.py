@@ -16,6 +16,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import pytest
 
 from pgguard.approvals import ApprovalStore
 from pgguard.dsn import parse_dsn
-from pgguard.embedded import EmbeddedPostgres
+from pgguard.embedded import EmbeddedPostgres, system_bin_dir
 from pgguard.proxy import assembly
 from pgguard.settings import Settings
 from pgguard.statedb import setup
@@ -75,15 +76,31 @@ class Cluster:
         return setup.state_dsn(plan, parse_dsn(self.pg.superuser_dsn()))
 
 
+def make_cluster(pg: EmbeddedPostgres) -> Cluster:
+    role = f"app_{secrets.token_hex(3)}"
+    pg.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'app-password'")
+    pg.psql(f"CREATE DATABASE {role} OWNER {role}")
+    pg.psql(f"SET ROLE {role}; CREATE TABLE t (id int); INSERT INTO t VALUES (1)", dbname=role)
+    return Cluster(pg, role, role)
+
+
 @pytest.fixture
 def cluster(need_embedded: EmbeddedPostgres) -> Cluster:
-    role = f"app_{secrets.token_hex(3)}"
-    need_embedded.psql(f"CREATE ROLE {role} LOGIN PASSWORD 'app-password'")
-    need_embedded.psql(f"CREATE DATABASE {role} OWNER {role}")
-    need_embedded.psql(
-        f"SET ROLE {role}; CREATE TABLE t (id int); INSERT INTO t VALUES (1)", dbname=role
-    )
-    return Cluster(need_embedded, role, role)
+    return make_cluster(need_embedded)
+
+
+@pytest.fixture
+def pg15() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL 15 cluster (Debian's server, when installed), where CREATEROLE differs."""
+    bins = system_bin_dir()
+    if bins is None or bins.parent.name != "15":
+        pytest.skip("needs Debian's PostgreSQL 15 server")
+    pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="pgguard-pg15-")) / "data", bin_dir=bins)
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
 
 
 def pgguard_settings(upstream_dsn: str, state_dsn: str | None, **extra: Any) -> Settings:
@@ -231,6 +248,31 @@ async def test_a_superuser_it_can_become_refuses(cluster: Cluster) -> None:
     cluster.pg.psql(f"GRANT postgres TO {cluster.role}")
     message = await refusal(pgguard_settings(cluster.upstream_dsn, cluster.state_dsn(plan)))
     assert "is or can become a superuser (postgres" in message
+
+
+async def test_createrole_refuses_before_postgresql_16(pg15: EmbeddedPostgres) -> None:
+    """Before 16, CREATEROLE may grant itself any non-superuser role, the state role too."""
+    cluster = make_cluster(pg15)
+    plan = cluster.plan()
+    await apply(plan, pg15.superuser_dsn())
+    pg15.psql(f"ALTER ROLE {cluster.role} CREATEROLE")
+    message = await refusal(pgguard_settings(cluster.upstream_dsn, cluster.state_dsn(plan)))
+    assert "before PostgreSQL 16 that lets it grant itself the state role" in message
+    assert f'ALTER ROLE "{cluster.role}" NOCREATEROLE;' in message
+    pg15.psql(f'ALTER ROLE "{cluster.role}" NOCREATEROLE;')
+    await starts(pgguard_settings(cluster.upstream_dsn, cluster.state_dsn(plan)))
+
+
+async def test_createrole_alone_cannot_reach_the_state_from_postgresql_16(
+    cluster: Cluster,
+) -> None:
+    """From 16 on, granting the state role needs ADMIN on it (which is membership: refused)."""
+    plan = cluster.plan()
+    await apply(plan, cluster.pg.superuser_dsn())
+    cluster.pg.psql(f"ALTER ROLE {cluster.role} CREATEROLE")
+    with pytest.raises(subprocess.CalledProcessError):
+        cluster.pg.psql(f"SET ROLE {cluster.role}; GRANT {plan.role} TO {cluster.role}")
+    await starts(pgguard_settings(cluster.upstream_dsn, cluster.state_dsn(plan)))
 
 
 async def test_server_file_roles_refuse(cluster: Cluster) -> None:
