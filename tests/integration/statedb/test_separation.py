@@ -370,6 +370,47 @@ async def test_a_superuser_upstream_with_the_state_in_another_cluster_starts(
         await running.stop()
 
 
+@pytest.fixture(scope="module")
+def tls_only_upstream() -> Iterator[EmbeddedPostgres]:
+    """An upstream that accepts TCP logins over TLS only (``hostssl``)."""
+    bins = system_bin_dir()
+    if bins is None:
+        pytest.skip("needs a PostgreSQL server built with TLS (Debian's postgresql package)")
+    datadir = Path(tempfile.mkdtemp(prefix="pgguard-tls-")) / "data"
+    pg = EmbeddedPostgres(datadir, tls=True, bin_dir=bins)
+    pg.start()
+    hba = datadir / "pg_hba.conf"
+    hba.write_text(hba.read_text().replace("\nhost ", "\nhostssl "))
+    pg.psql("SELECT pg_reload_conf()")
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.mark.parametrize("sslmode", ["require", "verify-ca", "verify-full"])
+async def test_the_check_reaches_the_upstream_as_agents_do_over_tls(
+    tls_only_upstream: EmbeddedPostgres, state_dsn: str, sslmode: str
+) -> None:
+    dsn = tls_only_upstream.tcp_dsn(sslmode=sslmode)
+    root = tls_only_upstream.datadir / "server.crt"
+    await starts(pgguard_settings(dsn, state_dsn, upstream={"dsn": dsn, "sslrootcert": root}))
+
+
+@pytest.mark.parametrize(
+    "sslmode",
+    [
+        "verify-full",  # against the system CAs: the self-signed certificate does not verify
+        "disable",  # hostssl only: shows the TLS cases above really used TLS
+    ],
+)
+async def test_an_upstream_the_check_cannot_reach_refuses(
+    tls_only_upstream: EmbeddedPostgres, state_dsn: str, sslmode: str
+) -> None:
+    message = await refusal(pgguard_settings(tls_only_upstream.tcp_dsn(sslmode=sslmode), state_dsn))
+    assert "connecting to the upstream server" in message
+
+
 # --- the attack, with the recommended set-up ----------------------------------------------------
 
 
