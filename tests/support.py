@@ -78,7 +78,10 @@ class ProxyThread:
         self.loop.close()
 
 
-def agent_settings(upstream_dsn: str, **overrides: Any) -> Settings:
+def agent_settings(upstream_dsn: str, state_dsn: str | None = None, **overrides: Any) -> Settings:
+    """Settings for the test agents; ``state_dsn`` goes into ``[state] dsn`` when given."""
+    if state_dsn is not None:
+        overrides["state"] = {"dsn": state_dsn, **overrides.get("state", {})}
     agents = overrides.pop(
         "agents",
         [

@@ -25,6 +25,7 @@ from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
+from pgguard.statedb.probe import check_separation
 from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
 from pgguard.web.auth import ApproverDirectory
@@ -81,6 +82,8 @@ async def start(settings: Settings) -> Running:
     """Start every part the configuration asks for; approvals need at least one approver."""
     instance_id = uuid.uuid4().hex[:8]
     engine = load_engine(settings)
+    # Before anything touches the state: refuse to start when agents could reach it.
+    await check_separation(settings)
     approvals: ApprovalService | None = None
     notifier: TeamsWebhookNotifier | None = None
     bot: TeamsBot | None = None

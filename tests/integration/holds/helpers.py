@@ -51,10 +51,13 @@ def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any) -> Any:
+def hold_settings(
+    upstream_dsn: str, state_dsn: str, rules_dir: Path, schema: str, **extra: Any
+) -> Any:
     extra.setdefault("ledger", {"spool_dir": str(Path(tempfile.mkdtemp(prefix="pgguard-spool-")))})
     return agent_settings(
         upstream_dsn,
+        state_dsn,
         agents=[
             {"name": AGENT, "password": AGENT_PASSWORD, "owner": OWNER},
             {"name": "leaky", "password": "leaky-password", "owner": "carol@example.com"},

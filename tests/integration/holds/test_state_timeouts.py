@@ -22,10 +22,11 @@ from tests.support import PgguardThread
 
 
 @pytest.fixture(scope="module")
-def locked_pgguard(upstream_dsn: str, rules_dir: Path) -> Iterator[PgguardThread]:
+def locked_pgguard(upstream_dsn: str, state_dsn: str, rules_dir: Path) -> Iterator[PgguardThread]:
     schema = f"pgguard_locks_{secrets.token_hex(4)}"
     settings = hold_settings(
         upstream_dsn,
+        state_dsn,
         rules_dir,
         schema,
         state_timeout=20.0,  # far above the lock timeout: what ends the wait is the server
