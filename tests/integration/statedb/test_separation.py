@@ -34,6 +34,7 @@ from pgguard.settings import Settings
 from pgguard.statedb import setup
 from pgguard.statedb.apply import apply
 from pgguard.statedb.separation import SeparationError
+from tests.keys import STATE_KEY
 from tests.support import AGENT, AGENT_PASSWORD, OWNER, PgguardThread, agent_settings
 
 TOKEN = "separation-approver-token"
@@ -196,7 +197,9 @@ async def test_table_privileges_in_the_same_database_refuse(cluster: Cluster) ->
     cluster.pg.psql(f"GRANT CREATE ON DATABASE {cluster.database} TO {plan.role}")
     cluster.pg.psql(f"CREATE SCHEMA pgguard AUTHORIZATION {plan.role}", dbname=cluster.database)
     state_dsn = cluster.state_dsn(plan)
-    store = await ApprovalStore.open(state_dsn, schema="pgguard")  # pgguard's own tables
+    store = await ApprovalStore.open(
+        state_dsn, key=STATE_KEY, schema="pgguard"
+    )  # pgguard's own tables
     await store.close()
     cluster.pg.psql(
         f"GRANT USAGE ON SCHEMA pgguard TO {cluster.role}; "
