@@ -161,11 +161,11 @@ async def test_remembered_approval(service: ApprovalService, notifier: Recording
 
 
 async def test_approval_on_another_instance_releases_within_a_second(
-    store: ApprovalStore, store_b: ApprovalStore, upstream_dsn: str
+    store: ApprovalStore, store_b: ApprovalStore, state_dsn: str
 ) -> None:
     # Polling is slowed right down so only LISTEN/NOTIFY can be this fast.
-    a = ApprovalService(store, upstream_dsn, key=STATE_KEY, poll_interval=30, instance_id="a")
-    b = ApprovalService(store_b, upstream_dsn, key=STATE_KEY, poll_interval=30, instance_id="b")
+    a = ApprovalService(store, state_dsn, key=STATE_KEY, poll_interval=30, instance_id="a")
+    b = ApprovalService(store_b, state_dsn, key=STATE_KEY, poll_interval=30, instance_id="b")
     await a.start()
     await b.start()
     try:
@@ -181,12 +181,12 @@ async def test_approval_on_another_instance_releases_within_a_second(
 
 
 async def test_polling_releases_when_the_listen_connection_drops(
-    service: ApprovalService, service_b: ApprovalService, upstream_dsn: str
+    service: ApprovalService, service_b: ApprovalService, state_dsn: str
 ) -> None:
     pid = service.listen_backend_pid
     assert pid is not None
     held, future = await service.hold(request(), STATEMENT)
-    conn = await asyncpg.connect(upstream_dsn, timeout=10)
+    conn = await asyncpg.connect(state_dsn, timeout=10)
     try:
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid, timeout=10)
     finally:
@@ -196,8 +196,8 @@ async def test_polling_releases_when_the_listen_connection_drops(
     await eventually(lambda: service.listening and service.listen_backend_pid not in (None, pid))
 
 
-async def test_stop_fails_held_statements_closed(store: ApprovalStore, upstream_dsn: str) -> None:
-    svc = ApprovalService(store, upstream_dsn, key=STATE_KEY, instance_id="c")
+async def test_stop_fails_held_statements_closed(store: ApprovalStore, state_dsn: str) -> None:
+    svc = ApprovalService(store, state_dsn, key=STATE_KEY, instance_id="c")
     await svc.start()
     held, future = await svc.hold(request(), STATEMENT)
     await svc.stop()
@@ -209,7 +209,7 @@ async def test_stop_fails_held_statements_closed(store: ApprovalStore, upstream_
 
 
 async def test_a_failing_notifier_never_delays_or_breaks_the_hold(
-    store: ApprovalStore, upstream_dsn: str
+    store: ApprovalStore, state_dsn: str
 ) -> None:
     class Broken:
         async def request_created(self, request: ApprovalRequest) -> None:
@@ -218,7 +218,7 @@ async def test_a_failing_notifier_never_delays_or_breaks_the_hold(
         async def request_updated(self, request: ApprovalRequest) -> None:
             raise RuntimeError("teams is down")
 
-    svc = ApprovalService(store, upstream_dsn, key=STATE_KEY, notifier=Broken(), instance_id="d")
+    svc = ApprovalService(store, state_dsn, key=STATE_KEY, notifier=Broken(), instance_id="d")
     await svc.start()
     try:
         started = time.monotonic()

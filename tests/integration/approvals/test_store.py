@@ -161,12 +161,12 @@ async def test_list_filters_by_state(store: ApprovalStore) -> None:
 
 
 async def test_migrations_are_idempotent_and_schema_names_checked(
-    upstream_dsn: str, state_schema: str
+    state_dsn: str, state_schema: str
 ) -> None:
-    again = await ApprovalStore.open(upstream_dsn, key=STATE_KEY, schema=state_schema)
+    again = await ApprovalStore.open(state_dsn, key=STATE_KEY, schema=state_schema)
     await again.close()
     with pytest.raises(ConfigError):
-        await ApprovalStore.open(upstream_dsn, key=STATE_KEY, schema='x"; DROP')
+        await ApprovalStore.open(state_dsn, key=STATE_KEY, schema='x"; DROP')
 
 
 async def test_unreachable_state_database_fails_closed() -> None:
@@ -179,11 +179,11 @@ async def test_unreachable_state_database_fails_closed() -> None:
 
 
 async def test_schema_is_readable_by_an_auditor(
-    upstream_dsn: str, state_schema: str, store: ApprovalStore
+    state_dsn: str, state_schema: str, store: ApprovalStore
 ) -> None:
     created = await store.create(request(rule_ids=("r1", "r2")), DIGEST)
     await store.record_decision(created.id, BOB, "approve", "fine", "api")
-    conn = await asyncpg.connect(upstream_dsn, timeout=10)
+    conn = await asyncpg.connect(state_dsn, timeout=10)
     try:
         row = await conn.fetchrow(
             f"SELECT r.state, r.rule_ids, r.touches->'tables' AS tables, d.approver_id "
