@@ -24,9 +24,12 @@ import asyncpg
 import httpx
 
 from pgguard.demo import StandInWebhook
+from pgguard.dsn import parse_dsn
 from pgguard.embedded import EmbeddedPostgres
 from pgguard.proxy import assembly
 from pgguard.settings import Settings
+from pgguard.statedb import setup
+from pgguard.statedb.apply import apply
 
 TOKEN = "bench-approver-token"
 
@@ -37,11 +40,17 @@ async def measure(runs: int) -> tuple[list[float], list[float]]:
     workdir = Path(tempfile.mkdtemp(prefix="pgguard-holdbench-"))
     pg = EmbeddedPostgres(workdir / "data")
     await asyncio.to_thread(pg.start)
+    # The upstream role is a superuser: pgguard's state must live in another cluster.
+    state_pg = EmbeddedPostgres(workdir / "statedata")
+    await asyncio.to_thread(state_pg.start)
+    plan = setup.StatePlan(password=setup.new_password())
+    await apply(plan, state_pg.superuser_dsn())
     webhook = StandInWebhook(Console(quiet=True))
     url = await webhook.start()
     settings = Settings.load(
         listen={"host": "127.0.0.1", "port": 0},
         upstream={"dsn": pg.unix_dsn()},
+        state={"dsn": setup.state_dsn(plan, parse_dsn(state_pg.superuser_dsn()))},
         agents=[{"name": "bench", "password": "bench-pw", "owner": "owner@example.com"}],
         approvers=[
             {"id": "dba", "name": "DBA", "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
@@ -84,6 +93,7 @@ async def measure(runs: int) -> tuple[list[float], list[float]]:
         await running.stop(grace=1.0)
         await webhook.stop()
         await asyncio.to_thread(pg.destroy)
+        await asyncio.to_thread(state_pg.destroy)
     return to_webhook, to_server
 
 

@@ -17,6 +17,7 @@ was fast enough.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import json
@@ -36,7 +37,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
+from pgguard.dsn import parse_dsn
 from pgguard.embedded import EmbeddedPostgres, free_port, pgserver_bin_dir
+from pgguard.statedb import setup
+from pgguard.statedb.apply import apply
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEBIAN_PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
@@ -336,12 +340,18 @@ def start_pgguard(
     name = "pgguard" if ledger else "pgguard-noledger"
     port, config, log = free_port(), workdir / f"{name}.toml", workdir / f"{name}.log"
     spool = workdir / f"{name}-spool"
+    # The upstream role is a superuser, so the ledger's state lives in a cluster of its own:
+    # pgguard refuses to start otherwise.
+    state = (
+        f"\n[state]\ndsn = {json.dumps(start_state_cluster(stack, workdir))}\n" if ledger else ""
+    )
     config.write_text(
         'log_level = "WARNING"\n\n[listen]\nhost = "127.0.0.1"\n'
         f"port = {port}\n\n[upstream]\ndsn = {json.dumps(pg.unix_dsn(UPSTREAM_ROLE, DATABASE))}\n"
         f'\n[[agents]]\nname = "{AGENT}"\npassword = "{AGENT_PASSWORD}"\n'
         'owner = "bench-owner@example.com"\n'
         f"\n[ledger]\nenabled = {str(ledger).lower()}\nspool_dir = {json.dumps(str(spool))}\n"
+        + state
     )
     argv = [sys.executable, "-m", "pgguard.cli", "serve", "--config", str(config)]
     print(f"starting {name} on port {port}: {' '.join(argv)}", flush=True)
@@ -349,6 +359,17 @@ def start_pgguard(
     target = Target(name, port, AGENT, AGENT_PASSWORD, proc.pid, log)
     wait_until_ready(target, proc, psql)
     return target, proc
+
+
+def start_state_cluster(stack: contextlib.ExitStack, workdir: Path) -> str:
+    """pgguard's state database in a cluster of its own (``pgguard state init``'s set-up)."""
+    pg = EmbeddedPostgres(workdir / "statedata")
+    stack.callback(pg.destroy)
+    print(f"starting the state cluster on port {pg.port} ...", flush=True)
+    pg.start()
+    plan = setup.StatePlan(password=setup.new_password())
+    asyncio.run(apply(plan, pg.superuser_dsn()))
+    return setup.state_dsn(plan, parse_dsn(pg.superuser_dsn()))
 
 
 def start_bare_relay(

@@ -101,11 +101,12 @@ def demo(
 
 
 def _register_commands() -> None:
-    from pgguard import cli_approver, cli_ledger, cli_policy
+    from pgguard import cli_approver, cli_ledger, cli_policy, cli_state
 
     cli_policy.register(app)
     cli_approver.register(app)
     cli_ledger.register(app)
+    cli_state.register(app)
 
 
 _register_commands()

@@ -1,5 +1,10 @@
 """``pgguard demo``: embedded PostgreSQL, pgguard, an agent, an approver and a stand-in Teams.
 
+The set-up is the one the README recommends: agents act as a non-superuser upstream role
+(``shop_app``, owner of the ``shop`` database), and pgguard keeps its state in a database of its
+own, owned by its own role, that ``shop_app`` cannot connect to - created with the statements
+``pgguard state init --apply`` runs.
+
 Everything runs in this process and a temporary directory, and is torn down on exit or Ctrl-C:
 the agent's ordinary statements pass, two privileged ones are held; the stand-in webhook prints
 the card pgguard posts; a demo approver approves one (through the real HTTP API) and denies the
@@ -23,15 +28,19 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from pgguard.dsn import parse_dsn
 from pgguard.embedded import EmbeddedPostgres
 from pgguard.proxy import assembly
 from pgguard.settings import Settings
+from pgguard.statedb import setup
+from pgguard.statedb.apply import apply
 
 DEMO_AGENT = "demo-agent"
 DEMO_PASSWORD = "demo-agent-password"
 DEMO_DATABASE = "shop"
 DEMO_OWNER = "alice@example.com"
 DEMO_APPROVER_TOKEN = "demo-approver-token"
+DEMO_UPSTREAM_ROLE = "shop_app"  # what agents act as upstream: not a superuser
 
 SAMPLE_SCHEMA = """
 CREATE TABLE customers (
@@ -96,10 +105,10 @@ async def run_demo(*, keep_running: bool = False) -> None:
         console.rule("[bold]pgguard demo")
         console.print("Starting an embedded PostgreSQL server ...")
         await asyncio.to_thread(pg.start)
-        await asyncio.to_thread(pg.psql, f"CREATE DATABASE {DEMO_DATABASE}")
-        await asyncio.to_thread(pg.psql, SAMPLE_SCHEMA, DEMO_DATABASE)
+        upstream_dsn = await asyncio.to_thread(_upstream, pg)
+        state_dsn = await _state(console, pg)
         webhook_url = await webhook.start()
-        settings = _settings(pg, webhook_url, workdir / "spool")
+        settings = _settings(upstream_dsn, state_dsn, webhook_url, workdir)
         running = await assembly.start(settings)
         dsn = (
             f"postgresql://{DEMO_AGENT}:{DEMO_PASSWORD}@127.0.0.1:{running.proxy.port}"
@@ -110,7 +119,7 @@ async def run_demo(*, keep_running: bool = False) -> None:
             f"Approval API: {running.http_url}   (the agent never sees upstream credentials)\n"
         )
         await _agent_session(console, dsn, running.http_url, webhook)
-        await _show_ledger(console, running, pg)
+        await _show_ledger(console, running, state_dsn)
         if keep_running:
             console.print("\nThe proxy keeps running; connect with the DSN above. Ctrl-C stops it.")
             await asyncio.Event().wait()
@@ -123,10 +132,33 @@ async def run_demo(*, keep_running: bool = False) -> None:
         console.print("Demo finished; everything was shut down.")
 
 
-def _settings(pg: EmbeddedPostgres, webhook_url: str, spool: Path) -> Settings:
+def _upstream(pg: EmbeddedPostgres) -> str:
+    """The shop database, owned by the non-superuser role agents act as; its DSN."""
+    pg.psql(f"CREATE ROLE {DEMO_UPSTREAM_ROLE} LOGIN PASSWORD '{DEMO_UPSTREAM_ROLE}-password'")
+    pg.psql(f"CREATE DATABASE {DEMO_DATABASE} OWNER {DEMO_UPSTREAM_ROLE}")
+    pg.psql(f"SET ROLE {DEMO_UPSTREAM_ROLE};\n{SAMPLE_SCHEMA}", DEMO_DATABASE)
+    return (
+        f"postgresql://{DEMO_UPSTREAM_ROLE}:{DEMO_UPSTREAM_ROLE}-password@/{DEMO_DATABASE}"
+        f"?host={pg.socket_dir}&port={pg.port}"
+    )
+
+
+async def _state(console: Console, pg: EmbeddedPostgres) -> str:
+    """pgguard's own role and database, as ``pgguard state init --apply`` makes them."""
+    plan = setup.StatePlan(password=setup.new_password(), upstream_roles=(DEMO_UPSTREAM_ROLE,))
+    await apply(plan, pg.superuser_dsn())
+    console.print(
+        f"pgguard state init: role [bold]{plan.role}[/] owns database [bold]{plan.database}[/]; "
+        f"the agents' upstream role {DEMO_UPSTREAM_ROLE} cannot connect to it"
+    )
+    return setup.state_dsn(plan, parse_dsn(pg.superuser_dsn()))
+
+
+def _settings(upstream_dsn: str, state_dsn: str, webhook_url: str, workdir: Path) -> Settings:
     return Settings.load(
         listen={"host": "127.0.0.1", "port": 0},
-        upstream={"dsn": pg.unix_dsn(dbname=DEMO_DATABASE)},
+        upstream={"dsn": upstream_dsn},
+        state={"dsn": state_dsn},
         agents=[
             {
                 "name": DEMO_AGENT,
@@ -145,7 +177,8 @@ def _settings(pg: EmbeddedPostgres, webhook_url: str, spool: Path) -> Settings:
         ],
         http={"host": "127.0.0.1", "port": 0, "public_url": "https://pgguard.example.com"},
         teams={"webhook_url": webhook_url},
-        ledger={"spool_dir": str(spool)},
+        ledger={"spool_dir": str(workdir / "spool")},
+        data_dir=str(workdir / "pgguard-data"),
         log_level="WARNING",
     )
 
@@ -250,7 +283,7 @@ def _card_title(card: dict[str, Any]) -> str:
     return "(card)"
 
 
-async def _show_ledger(console: Console, running: assembly.Running, pg: EmbeddedPostgres) -> None:
+async def _show_ledger(console: Console, running: assembly.Running, state_dsn: str) -> None:
     """What an auditor finds afterwards: the ledger's entries, and a verified hash chain."""
     from pgguard.ledger import verify
 
@@ -258,7 +291,7 @@ async def _show_ledger(console: Console, running: assembly.Running, pg: Embedded
         return
     await running.ledger.flush()
     console.rule("the ledger (what an auditor sees)")
-    conn = await asyncpg.connect(pg.unix_dsn(dbname=DEMO_DATABASE))
+    conn = await asyncpg.connect(state_dsn)
     try:
         rows = await conn.fetch(
             "SELECT kind, agent, action, statement, request_id, approvers, command_tag, sqlstate "

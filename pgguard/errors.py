@@ -76,6 +76,12 @@ class PolicyDenied(PgGuardError):
     sqlstate = "42501"
 
 
+class AmbiguousStatement(PgGuardError):
+    """A privileged Execute whose portal may run more than one text (pgguard.wire.session)."""
+
+    sqlstate = "55000"  # object_not_in_prerequisite_state: the client must settle it first
+
+
 class QueryCanceled(PgGuardError):
     """The statement was cancelled (by the client, while it was held)."""
 

@@ -30,6 +30,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pgguard.approvals.identity import identity_collisions
 from pgguard.dsn import SSLMODES, Dsn, parse_dsn
 from pgguard.errors import ConfigError
 from pgguard.wire.scram import Verifier
@@ -126,6 +127,21 @@ class StateSettings(_Section):
     dsn: SecretStr | None = None  # default: the upstream DSN
     schema_name: str = Field("pgguard", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     timeout: float = Field(5.0, gt=0)
+    # The server-side limits of every state-database session (approvals, ledger): a lock held
+    # by someone else, or a slow statement, fails the call (fail closed) instead of hanging it.
+    lock_timeout: float = Field(2.0, gt=0, le=3600)
+    statement_timeout: float = Field(5.0, gt=0, le=3600)
+    # The approval MAC key (pgguard.approvals.signing); never stored in the state database.
+    signing_key: SecretStr | None = None
+    signing_key_file: Path | None = None  # default: <data_dir>/state-signing.key, made if absent
+
+    def server_settings(self) -> dict[str, str]:
+        """The GUCs every state-database connection starts with (milliseconds)."""
+        return {
+            "lock_timeout": str(round(self.lock_timeout * 1000)),
+            "statement_timeout": str(round(self.statement_timeout * 1000)),
+            "idle_in_transaction_session_timeout": str(round(self.statement_timeout * 4000)),
+        }
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -275,12 +291,29 @@ class Settings(BaseSettings):
             raise ValueError(f"duplicate agent names: {', '.join(duplicates)}")
         return agents
 
+    @field_validator("agents")
+    @classmethod
+    def _owners_are_unambiguous(cls, agents: list[AgentSettings]) -> list[AgentSettings]:
+        clashes = identity_collisions({a.owner for a in agents})
+        if clashes:
+            raise ValueError(
+                "agent owners that are one identity spelled differently (owners are compared "
+                f"case-folded, without +tags): {_clash_list(clashes)}; spell each owner one way"
+            )
+        return agents
+
     @field_validator("approvers")
     @classmethod
     def _unique_approvers(cls, approvers: list[ApproverSettings]) -> list[ApproverSettings]:
         ids = [a.id for a in approvers]
         if len(set(ids)) != len(ids):
             raise ValueError("approver ids must be unique")
+        clashes = identity_collisions(ids)
+        if clashes:
+            raise ValueError(
+                "approver ids that are one identity spelled differently (compared case-folded, "
+                f"without +tags): {_clash_list(clashes)}"
+            )
         tokens = [a.token_sha256 for a in approvers if a.token_sha256 is not None]
         if len(set(tokens)) != len(tokens):
             raise ValueError("two approvers share a token")
@@ -388,6 +421,10 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.listen.host).is_loopback
         except ValueError:
             return self.listen.host == "localhost"
+
+
+def _clash_list(clashes: list[tuple[str, ...]]) -> str:
+    return "; ".join(" / ".join(group) for group in clashes)
 
 
 def _check_toml(path: Path) -> None:

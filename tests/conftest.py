@@ -3,10 +3,15 @@
 The upstream is an embedded server (pgserver's binaries) unless ``PGGUARD_TEST_UPSTREAM_DSN``
 names an existing one (it must allow a superuser login; tests needing the embedded server's
 extra roles skip themselves then).
+
+pgguard's state lives where the README tells users to put it when the upstream role is a
+superuser: in another cluster (always embedded), in a database of its own, owned by a
+non-superuser state role created by the same code as ``pgguard state init --apply``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +20,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from pgguard.dsn import parse_dsn
 from pgguard.embedded import EmbeddedPostgres
+from pgguard.statedb import setup
+from pgguard.statedb.apply import apply
 from tests.support import OPEN_RAW_CLIENTS, ProxyThread, agent_settings
 
 # Property tests assert what must hold for every input, not how fast: on a shared CI machine a
@@ -54,6 +62,27 @@ def direct_dsn(embedded_pg: EmbeddedPostgres | None) -> str:
     if embedded_pg is None:
         return os.environ[UPSTREAM_ENV]
     return embedded_pg.tcp_dsn()
+
+
+@pytest.fixture(scope="session")
+def state_pg() -> Iterator[EmbeddedPostgres]:
+    """The cluster holding pgguard's state: never the upstream's."""
+    pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="pgguard-state-")) / "data")
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+STATE_PLAN = setup.StatePlan(password="state-password")
+
+
+@pytest.fixture(scope="session")
+def state_dsn(state_pg: EmbeddedPostgres) -> str:
+    """pgguard's ``[state] dsn``: the state role on its own database in the state cluster."""
+    asyncio.run(apply(STATE_PLAN, state_pg.superuser_dsn()))
+    return setup.state_dsn(STATE_PLAN, parse_dsn(state_pg.superuser_dsn()))
 
 
 @pytest.fixture(scope="session")

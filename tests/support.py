@@ -12,6 +12,7 @@ import concurrent.futures
 import shutil
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
 from pgguard.wire import messages as m
 from pgguard.wire.scram import ScramClient
+
+# One data directory for every pgguard a test run starts, so they share one state MAC key, as
+# the instances of one deployment must (keys are made there at first start).
+TEST_DATA_DIR = Path(tempfile.mkdtemp(prefix="pgguard-test-data-"))
 
 AGENT = "agent"
 AGENT_PASSWORD = "agent-password"
@@ -73,7 +78,10 @@ class ProxyThread:
         self.loop.close()
 
 
-def agent_settings(upstream_dsn: str, **overrides: Any) -> Settings:
+def agent_settings(upstream_dsn: str, state_dsn: str | None = None, **overrides: Any) -> Settings:
+    """Settings for the test agents; ``state_dsn`` goes into ``[state] dsn`` when given."""
+    if state_dsn is not None:
+        overrides["state"] = {"dsn": state_dsn, **overrides.get("state", {})}
     agents = overrides.pop(
         "agents",
         [
@@ -86,6 +94,7 @@ def agent_settings(upstream_dsn: str, **overrides: Any) -> Settings:
             },
         ],
     )
+    overrides.setdefault("data_dir", str(TEST_DATA_DIR))
     return Settings.load(
         listen={"host": "127.0.0.1", "port": 0, **overrides.pop("listen", {})},
         upstream={"dsn": upstream_dsn, **overrides.pop("upstream", {})},

@@ -22,6 +22,8 @@ from enum import StrEnum
 from typing import Literal
 from urllib.parse import unquote
 
+from pgguard.approvals.identity import normalise_identity
+from pgguard.approvals.signing import RequestBinding
 from pgguard.errors import PgGuardError
 
 Verdict = Literal["approve", "deny"]
@@ -82,6 +84,12 @@ class DuplicateApproval(ApprovalError):
     sqlstate = "55000"
 
 
+class IntegrityFailure(ApprovalError):
+    """A stored request or decision fails its MAC: written by someone other than pgguard."""
+
+    sqlstate = "XX001"  # data_corrupted
+
+
 class ApprovalStoreUnavailable(PgGuardError):
     """The approval state database could not be reached or answered in time (fail closed)."""
 
@@ -106,9 +114,13 @@ class Approver:
     aliases: tuple[str, ...] = ()
 
     def is_owner(self, owner: str) -> bool:
-        """Whether ``owner`` (an agent's configured owner) names this approver."""
-        folded = owner.casefold()
-        return self.id == owner or any(a.casefold() == folded for a in self.aliases if a)
+        """Whether ``owner`` (an agent's configured owner) names this approver.
+
+        Compared in normalised form (`pgguard.approvals.identity`): ``Ops`` owns what ``ops``
+        owns, and so does ``ops+ci@example.com``.
+        """
+        target = normalise_identity(owner)
+        return any(normalise_identity(name) == target for name in (self.id, *self.aliases) if name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +133,7 @@ class DecisionRecord:
     channel: str
     comment: str
     decided_at: datetime
+    mac: str | None = None  # pgguard.approvals.signing.StateKey.decision_mac; not shown
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -195,6 +208,25 @@ class ApprovalRequest:
     decisions: tuple[DecisionRecord, ...]
     remembered_from: str | None
     state_reason: str | None
+    # pgguard.approvals.signing: what the holding instance bound the request to, and its MACs
+    statement_digest: str | None = None
+    request_mac: str | None = None
+    state_mac: str | None = None
+
+    def binding(self, statement_digest: str | None = None) -> RequestBinding:
+        """What the request's MAC covers; pass the holder's own digest to check it against."""
+        return RequestBinding(
+            request_id=self.id,
+            statement_digest=statement_digest or self.statement_digest or "",
+            agent=self.agent,
+            owner=self.owner,
+            database=self.database,
+            session_id=self.session_id,
+            fingerprint=self.fingerprint,
+            approver_groups=self.approver_groups,
+            min_approvals=self.min_approvals,
+            remember_s=self.remember_s,
+        )
 
     @property
     def approvals(self) -> tuple[DecisionRecord, ...]:

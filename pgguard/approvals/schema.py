@@ -1,6 +1,7 @@
 """The approval tables in the state database, and their idempotent migrations.
 
-Owns: the DDL of ``<schema>.approval_requests`` and ``<schema>.approval_decisions``, the Teams
+Owns: the DDL of ``<schema>.approval_requests`` and ``<schema>.approval_decisions`` (with the
+MAC columns that `pgguard.approvals.signing` fills and checks), the Teams
 bot's ``bot_messages`` (which message shows which request) and ``bot_seen_activities`` (invokes
 already acted on, for replay refusal), and the migration runner. Every column an auditor needs
 is a plain column (text, text[], jsonb, timestamptz), so the tables read well without pgguard.
@@ -83,6 +84,15 @@ MIGRATIONS: tuple[str, ...] = (
         keep_until  timestamptz NOT NULL
     );
     CREATE INDEX bot_seen_activities_keep ON {s}.bot_seen_activities (keep_until);
+    """,
+    # 3: MACs made with a key the database never sees (pgguard.approvals.signing); rows without
+    # them, or with wrong ones, release nothing
+    """
+    ALTER TABLE {s}.approval_requests
+        ADD COLUMN statement_digest text,
+        ADD COLUMN request_mac      text,
+        ADD COLUMN state_mac        text;
+    ALTER TABLE {s}.approval_decisions ADD COLUMN mac text;
     """,
 )
 

@@ -7,8 +7,11 @@ Invariants: each held request has at most one waiting future, resolved exactly o
 request in a final state — or, fail closed, with an error when the service stops. Waiters learn
 of decisions from ``LISTEN pgguard_approvals`` (any instance), from a poll of the ids they wait
 for every ``poll_interval`` (the fallback when notifications are lost), and from the expiry loop.
-A waiter whose request is past its expiry while the state database is unreachable is released
-as expired, locally. Notifier calls run in background tasks with a timeout and never raise here.
+A waiter is released only by a final state whose MACs verify against its own digest of the held
+statement (`pgguard.approvals.verify`); anything else is reported as a forgery and ignored. A
+waiter whose request is past its expiry while the state database is unreachable, or whose row
+was changed by someone else, is released as expired, locally. Notifier calls run in background
+tasks with a timeout and never raise here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -31,7 +34,9 @@ from pgguard.approvals.model import (
     RequestState,
 )
 from pgguard.approvals.schema import NOTIFY_CHANNEL
+from pgguard.approvals.signing import StateKey
 from pgguard.approvals.store import ApprovalStore
+from pgguard.approvals.verify import final_state_problem, remembered_approval_problem
 from pgguard.errors import AdminShutdown, PgGuardError
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,14 @@ class Notifier(Protocol):
 class _Waiter:
     request: ApprovalRequest
     future: asyncio.Future[ApprovalRequest]
-    local_deadline: float  # loop.time() past which an unreachable database means expired
+    local_deadline: (
+        float  # loop.time() past which the request is expired, whatever the database says
+    )
+    statement_digest: str  # the holder's own digest of the held statement; never read back
+    forgeries_seen: set[str] = dataclasses.field(default_factory=set)
+
+
+ForgeryHandler = Callable[[ApprovalRequest, str], None]
 
 
 class ApprovalService:
@@ -69,13 +81,19 @@ class ApprovalService:
         store: ApprovalStore,
         dsn: str,
         *,
+        key: StateKey,
         notifier: Notifier | None = None,
         poll_interval: float = 1.0,
         instance_id: str = "",
         timeout: float = 5.0,
+        server_settings: Mapping[str, str] | None = None,
+        on_forgery: ForgeryHandler | None = None,
     ) -> None:
         self._store = store
         self._dsn = dsn
+        self._key = key
+        self._server_settings = dict(server_settings or {})
+        self.on_forgery = on_forgery  # told of every forged final state a waiter saw (ledger)
         self._notifier = notifier
         self._poll_interval = poll_interval
         self._instance_id = instance_id
@@ -146,34 +164,54 @@ class ApprovalService:
     # --- the proxy's side -----------------------------------------------------------------------
 
     async def hold(
-        self, new: NewRequest
+        self, new: NewRequest, statement: bytes, parameters: bytes | None = None
     ) -> tuple[ApprovalRequest, asyncio.Future[ApprovalRequest]]:
         """Create the request (or auto-approve it from a remembered approval) and a future.
 
-        The future resolves with the request once it is final. Cancelling the future only stops
-        waiting; call `cancel` to end the request. Raises ApprovalStoreUnavailable (fail closed).
+        ``statement`` and ``parameters`` are the exact bytes the policy judged (the SQL text and
+        the raw Bind message): the request's MAC binds their keyed digest, and only decisions
+        whose MACs verify against it release the future. The future resolves with the request
+        once it is final. Cancelling the future only stops waiting; call `cancel` to end the
+        request. Raises ApprovalStoreUnavailable (fail closed).
         """
         if not new.instance_id and self._instance_id:
             new = dataclasses.replace(new, instance_id=self._instance_id)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ApprovalRequest] = loop.create_future()
+        digest = self._key.statement_digest(statement, parameters)
         if new.remember_s is not None:
-            remembered = await self._store.find_remembered(
-                new.agent, new.fingerprint, database=new.database
-            )
+            remembered = await self._remembered(new)
             if remembered is not None:
-                request = await self._store.create(new, remembered_from=remembered.id)
+                request = await self._store.create(new, digest, remembered_from=remembered.id)
                 future.set_result(request)
                 return request, future
-        request = await self._store.create(new)
+        request = await self._store.create(new, digest)
         self._waiters[request.id] = _Waiter(
-            request, future, loop.time() + new.expires_in_s + LOCAL_EXPIRY_GRACE_S
+            request, future, loop.time() + new.expires_in_s + LOCAL_EXPIRY_GRACE_S, digest
         )
         future.add_done_callback(lambda _: self._forget(request.id, future))
         until_expiry = (request.expires_at - datetime.now(UTC)).total_seconds()
         limit = max(until_expiry, 0.0) + NOTIFIER_SLACK_S
         self._in_background(self._notify_created(request), limit)
         return request, future
+
+    async def _remembered(self, new: NewRequest) -> ApprovalRequest | None:
+        """The newest remembered approval covering ``new`` whose MACs verify; forged ones logged."""
+        candidates = await self._store.remembered_candidates(
+            new.agent, new.fingerprint, database=new.database
+        )
+        for candidate in candidates:
+            problem = remembered_approval_problem(
+                candidate,
+                self._key,
+                agent=new.agent,
+                database=new.database,
+                fingerprint=new.fingerprint,
+            )
+            if problem is None:
+                return candidate
+            self._report_forgery(candidate, f"not used as a remembered approval: {problem}")
+        return None
 
     async def cancel(self, request_id: str, reason: str) -> None:
         """End a pending request (client disconnect, CancelRequest); quiet if already final."""
@@ -216,14 +254,42 @@ class ApprovalService:
     # --- settling waiters -----------------------------------------------------------------------
 
     def _settle(self, request: ApprovalRequest, *, announce: bool = True) -> None:
-        """Resolve the request's waiter if it is final; announce the transition this side made."""
+        """Resolve the request's waiter if it is final and authentic; announce what this side did.
+
+        A final state whose MACs do not verify against the waiter's own statement digest is no
+        decision: it is logged and reported (`on_forgery`), and the waiter goes on waiting until
+        a genuine decision or its local expiry.
+        """
         if not request.state.final:
             return
-        waiter = self._waiters.pop(request.id, None)
-        if waiter is not None and not waiter.future.done():
-            waiter.future.set_result(request)
+        waiter = self._waiters.get(request.id)
+        if waiter is not None:
+            problem = final_state_problem(request, self._key, waiter.statement_digest)
+            if problem is not None:
+                if problem not in waiter.forgeries_seen:
+                    waiter.forgeries_seen.add(problem)
+                    self._report_forgery(request, problem)
+                return
+            del self._waiters[request.id]
+            if not waiter.future.done():
+                waiter.future.set_result(request)
         if announce:
             self._in_background(self._notify_updated(request), FOLLOW_UP_LIMIT_S)
+
+    def _report_forgery(self, request: ApprovalRequest, problem: str) -> None:
+        log.error(
+            "INTEGRITY: approval request %s (agent %s) is %s in the state database, but %s; "
+            "treated as no decision",
+            request.id,
+            request.agent,
+            request.state.value,
+            problem,
+        )
+        if self.on_forgery is not None:
+            try:
+                self.on_forgery(request, problem)
+            except Exception:  # reporting must never release or break a hold
+                log.exception("could not report the forged approval row")
 
     def _forget(self, request_id: str, future: asyncio.Future[ApprovalRequest]) -> None:
         waiter = self._waiters.get(request_id)
@@ -244,15 +310,20 @@ class ApprovalService:
         for request in requests:
             self._settle(request, announce=False)
 
-    def _release_overdue(self) -> None:
-        """Fail closed: a waiter past expiry while the database is silent is released as expired."""
+    def _release_overdue(self, why: str = "the approval state database was unreachable") -> None:
+        """Fail closed: a waiter past its local deadline is released as expired.
+
+        Its request expired by the database clock a moment before (``LOCAL_EXPIRY_GRACE_S``),
+        so this only acts when the database is unreachable or its row no longer says pending
+        because someone other than pgguard changed it.
+        """
         now = asyncio.get_running_loop().time()
         for request_id, waiter in list(self._waiters.items()):
             if now >= waiter.local_deadline:
                 expired = dataclasses.replace(
                     waiter.request,
                     state=RequestState.EXPIRED,
-                    state_reason="expired while the approval state database was unreachable",
+                    state_reason=f"expired while {why}",
                 )
                 self._waiters.pop(request_id, None)
                 if not waiter.future.done():
@@ -272,7 +343,10 @@ class ApprovalService:
                         timeout=self._timeout,
                         command_timeout=self._timeout,
                         server_settings={
-                            "application_name": f"pgguard-approvals-listen {self._instance_id}"[:63]
+                            **self._server_settings,
+                            "application_name": f"pgguard-approvals-listen {self._instance_id}"[
+                                :63
+                            ],
                         },
                     ),
                     self._timeout * 2,
@@ -317,6 +391,7 @@ class ApprovalService:
                 continue
             for request in expired:
                 self._settle(request)
+            self._release_overdue("its stored state was not pgguard's (see INTEGRITY errors)")
 
     async def _poll_loop(self) -> None:
         while True:

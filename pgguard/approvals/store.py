@@ -5,7 +5,12 @@ and the Teams bot's bookkeeping (posted card per request, invoke ids already act
 
 Invariants: a request leaves `pending` only through ``UPDATE ... WHERE id = $1 AND state =
 'pending'``, and the same transaction sends ``NOTIFY pgguard_approvals, '<id>'``, so two approvers
-or two instances can never both decide and every instance learns of each transition. Expiry is
+or two instances can never both decide and every instance learns of each transition. Every row
+this module writes carries a MAC made with the state key (`pgguard.approvals.signing`): the
+request binds its statement, context and terms; each decision its verdict and approver; each final
+state the request. Quorum counts only decisions whose MACs verify; a request whose own MAC fails
+cannot be decided. The store never trusts what it reads back: holders re-verify
+(`pgguard.approvals.verify`). Expiry is
 judged by the database clock (``now()``). Every call has a timeout; asyncpg and OS errors leave
 this module as `ApprovalStoreUnavailable`, so a caller holding a statement fails closed.
 """
@@ -16,7 +21,7 @@ import asyncio
 import builtins
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Literal
@@ -30,6 +35,7 @@ from pgguard.approvals.model import (
     Approver,
     DecisionRecord,
     DuplicateApproval,
+    IntegrityFailure,
     NewRequest,
     NotAllowedToApprove,
     RequestNotFound,
@@ -43,6 +49,8 @@ from pgguard.approvals.schema import (
     checked_schema,
     migration_statements,
 )
+from pgguard.approvals.signing import RequestBinding, StateKey
+from pgguard.approvals.verify import verified_approvers
 from pgguard.errors import PgGuardError
 
 log = logging.getLogger(__name__)
@@ -51,17 +59,23 @@ _REQUEST_COLUMNS = (
     "id, state, agent, owner, database, client_address, application_name, statement, parameters, "
     "fingerprint, categories, rule_ids, reason, approver_groups, min_approvals, remember_s, "
     "expires_in_s, session_id, instance_id, touches, created_at, expires_at, decided_at, "
-    "remembered_from, state_reason"
+    "remembered_from, state_reason, statement_digest, request_mac, state_mac"
 )
-_DECISION_COLUMNS = "request_id, approver_id, approver_name, verdict, channel, comment, decided_at"
+_DECISION_COLUMNS = (
+    "request_id, approver_id, approver_name, verdict, channel, comment, decided_at, mac"
+)
+REMEMBERED_CANDIDATES = 5  # newest approvals tried; a forged one costs a look, never a release
 
 
 class ApprovalStore:
     """Approval requests and decisions in ``<schema>.approval_requests``/``approval_decisions``."""
 
-    def __init__(self, pool: asyncpg.Pool, quoted_schema: str, timeout: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, quoted_schema: str, timeout: float, key: StateKey
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._key = key
         self._requests = f"{quoted_schema}.approval_requests"
         self._decisions = f"{quoted_schema}.approval_decisions"
         self._bot_messages = f"{quoted_schema}.bot_messages"
@@ -72,10 +86,17 @@ class ApprovalStore:
         cls,
         dsn: str,
         *,
+        key: StateKey,
         schema: str = "pgguard",
         timeout: float = 5.0,  # noqa: ASYNC109 - the per-statement timeout, not one deadline
+        server_settings: Mapping[str, str] | None = None,
     ) -> ApprovalStore:
-        """Connect a small pool and bring the schema up to date."""
+        """Connect a small pool and bring the schema up to date.
+
+        ``server_settings`` are the state sessions' GUCs (``lock_timeout``, ``statement_timeout``
+        from `StateSettings.server_settings`): a lock someone else holds fails a call, never
+        hangs it.
+        """
         quoted = checked_schema(schema)
         try:
             pool = await asyncio.wait_for(
@@ -85,7 +106,10 @@ class ApprovalStore:
                     max_size=5,
                     timeout=timeout,
                     command_timeout=timeout,
-                    server_settings={"application_name": "pgguard-approvals"},
+                    server_settings={
+                        **(server_settings or {}),
+                        "application_name": "pgguard-approvals",
+                    },
                 ),
                 timeout * 2,
             )
@@ -93,7 +117,7 @@ class ApprovalStore:
             raise ApprovalStoreUnavailable(
                 f"could not connect to the approval state database: {type(exc).__name__}"
             ) from exc
-        store = cls(pool, quoted, timeout)
+        store = cls(pool, quoted, timeout, key)
         try:
             await store._migrate(quoted)
         except BaseException:
@@ -137,12 +161,14 @@ class ApprovalStore:
             )
             return await self._with_decisions(conn, rows)
 
-    async def find_remembered(
+    async def remembered_candidates(
         self, agent: str, fingerprint: str, *, database: str | None = None
-    ) -> ApprovalRequest | None:
-        """An approved, rememberable request whose window still covers now (newest first).
+    ) -> builtins.list[ApprovalRequest]:
+        """Approved, rememberable requests whose window still covers now (newest first).
 
-        Auto-approvals are never themselves remembered, so a window cannot extend itself.
+        Candidates only: the caller keeps one whose MACs verify
+        (`pgguard.approvals.verify.remembered_approval_problem`). Auto-approvals are never
+        themselves remembered, so a window cannot extend itself.
         """
         async with self._connection() as conn:
             rows = await conn.fetch(
@@ -150,31 +176,53 @@ class ApprovalStore:
                 "WHERE agent = $1 AND fingerprint = $2 AND ($3::text IS NULL OR database = $3) "
                 "AND state = 'approved' AND remember_s IS NOT NULL AND remembered_from IS NULL "
                 "AND decided_at + remember_s * interval '1 second' > now() "
-                "ORDER BY decided_at DESC LIMIT 1",
+                "ORDER BY decided_at DESC LIMIT $4",
                 agent,
                 fingerprint,
                 database,
+                REMEMBERED_CANDIDATES,
                 timeout=self._timeout,
             )
-            found = await self._with_decisions(conn, rows)
-            return found[0] if found else None
+            return await self._with_decisions(conn, rows)
 
     # --- transitions ----------------------------------------------------------------------------
 
     async def create(
-        self, new: NewRequest, *, remembered_from: str | None = None
+        self, new: NewRequest, statement_digest: str, *, remembered_from: str | None = None
     ) -> ApprovalRequest:
-        """Store a pending request; with ``remembered_from``, an already-approved one citing it."""
+        """Store a pending request; with ``remembered_from``, an already-approved one citing it.
+
+        ``statement_digest`` is the holder's keyed digest of the exact statement
+        (`StateKey.statement_digest`); the row's MAC binds it, the context and the rule's terms.
+        """
+        request_id = new_request_id()
         state = RequestState.PENDING if remembered_from is None else RequestState.APPROVED
         state_reason = None if remembered_from is None else f"remembered approval {remembered_from}"
+        binding = RequestBinding(
+            request_id=request_id,
+            statement_digest=statement_digest,
+            agent=new.agent,
+            owner=new.owner,
+            database=new.database,
+            session_id=new.session_id,
+            fingerprint=new.fingerprint,
+            approver_groups=tuple(new.approver_groups),
+            min_approvals=new.min_approvals,
+            remember_s=new.remember_s,
+        )
+        state_mac = (
+            None
+            if remembered_from is None
+            else self._key.state_mac(request_id, state.value, statement_digest)
+        )
         async with self._transaction() as conn:
             row = await conn.fetchrow(
                 f"INSERT INTO {self._requests} ({_REQUEST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, "
                 "$6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20::jsonb, "
                 "now(), now() + $17 * interval '1 second', "
-                "CASE WHEN $2 = 'pending' THEN NULL ELSE now() END, $21, $22) "
+                "CASE WHEN $2 = 'pending' THEN NULL ELSE now() END, $21, $22, $23, $24, $25) "
                 f"RETURNING {_REQUEST_COLUMNS}",
-                new_request_id(),
+                request_id,
                 state.value,
                 new.agent,
                 new.owner,
@@ -196,6 +244,9 @@ class ApprovalStore:
                 json.dumps(dict(new.touches), default=str),
                 remembered_from,
                 state_reason,
+                statement_digest,
+                self._key.request_mac(binding),
+                state_mac,
                 timeout=self._timeout,
             )
             assert row is not None
@@ -212,9 +263,10 @@ class ApprovalStore:
     ) -> ApprovalRequest:
         """Record one approver's verdict under a row lock; decide when quorum or any deny.
 
-        Refusals, in order: unknown id, self-approval (whatever the groups), wrong group, no longer
-        pending (a pending request past its expiry is expired here and then refused), same
-        approver twice. The request is approved once ``min_approvals`` distinct approvers approved.
+        Refusals, in order: unknown id, a row that fails its MAC, self-approval (whatever the
+        groups, under any spelling), wrong group, no longer pending (a pending request past its
+        expiry is expired here and then refused), same approver twice. The request is approved
+        once ``min_approvals`` distinct approvers approved with decisions whose MACs verify.
         """
         async with self._transaction() as conn:
             decided = await self._decide(conn, request_id, approver, verdict, comment, channel)
@@ -240,72 +292,103 @@ class ApprovalStore:
         )
         if row is None:
             raise RequestNotFound(f"approval request {request_id} does not exist")
-        if verdict == "approve" and approver.is_owner(row["owner"]):
+        stored = _request(row, ())
+        binding = stored.binding()
+        if not self._key.request_verifies(binding, stored.request_mac):
+            log.error(
+                "INTEGRITY: approval request %s fails its MAC; refusing a decision on it "
+                "(the state database was written by someone other than pgguard)",
+                request_id,
+            )
+            raise IntegrityFailure(
+                f"approval request {request_id} fails its integrity check and cannot be decided"
+            )
+        if verdict == "approve" and approver.is_owner(stored.owner):
             raise SelfApproval(
-                f"{approver.id} owns agent {row['agent']} and cannot approve its request "
+                f"{approver.id} owns agent {stored.agent} and cannot approve its request "
                 f"{request_id}"
             )
-        groups = tuple(row["approver_groups"])
+        groups = stored.approver_groups
         if groups and not set(groups) & set(approver.groups):
             raise NotAllowedToApprove(
                 f"request {request_id} needs an approver in one of: {', '.join(groups)}"
             )
-        if row["state"] == RequestState.PENDING and row["due"]:
-            await self._transition(conn, request_id, RequestState.EXPIRED, "expired")
+        digest = binding.statement_digest
+        if stored.state == RequestState.PENDING and row["due"]:
+            await self._transition(conn, request_id, RequestState.EXPIRED, "expired", digest)
             return None
-        if row["state"] != RequestState.PENDING:
-            raise AlreadyDecided(f"approval request {request_id} is already {row['state']}")
+        if stored.state != RequestState.PENDING:
+            raise AlreadyDecided(f"approval request {request_id} is already {stored.state}")
         try:
             await conn.execute(
                 f"INSERT INTO {self._decisions} (request_id, approver_id, approver_name, "
-                "verdict, channel, comment) VALUES ($1, $2, $3, $4, $5, $6)",
+                "verdict, channel, comment, mac) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 request_id,
                 approver.id,
                 approver.name,
                 verdict,
                 channel,
                 comment,
+                self._key.decision_mac(binding, verdict, approver.id, channel),
                 timeout=self._timeout,
             )
         except asyncpg.UniqueViolationError as exc:
             raise DuplicateApproval(
                 f"{approver.id} has already decided on request {request_id}"
             ) from exc
-        approvals = await conn.fetchval(
-            f"SELECT count(*) FROM {self._decisions} WHERE request_id = $1 AND verdict = 'approve'",
-            request_id,
-            timeout=self._timeout,
-        )
+        current = await self._reload(conn, request_id)
         if verdict == "deny":
             await self._transition(
-                conn, request_id, RequestState.DENIED, f"denied by {approver.id}"
+                conn, request_id, RequestState.DENIED, f"denied by {approver.id}", digest
             )
-        elif approvals >= row["min_approvals"]:
+            return await self._reload(conn, request_id)
+        approvals = len(verified_approvers(current, self._key, binding))
+        if approvals >= stored.min_approvals:
             await self._transition(
-                conn, request_id, RequestState.APPROVED, f"approved by {approvals} approver(s)"
+                conn,
+                request_id,
+                RequestState.APPROVED,
+                f"approved by {approvals} approver(s)",
+                digest,
             )
-        else:
-            await self._notify(conn, request_id)  # a partial approval is news too
-        return await self._reload(conn, request_id)
+            return await self._reload(conn, request_id)
+        await self._notify(conn, request_id)  # a partial approval is news too
+        return current
 
     async def cancel(self, request_id: str, reason: str) -> ApprovalRequest | None:
         """Pending → cancelled; None when the request is unknown or no longer pending."""
         async with self._transaction() as conn:
-            if not await self._transition(conn, request_id, RequestState.CANCELLED, reason):
+            digest = await conn.fetchval(
+                f"SELECT statement_digest FROM {self._requests} WHERE id = $1 FOR UPDATE",
+                request_id,
+                timeout=self._timeout,
+            )
+            if not await self._transition(
+                conn, request_id, RequestState.CANCELLED, reason, digest or ""
+            ):
                 return None
             return await self._reload(conn, request_id)
 
     async def expire_due(self) -> builtins.list[ApprovalRequest]:
         """Pending → expired for every request whose expiry has passed (database clock)."""
         async with self._transaction() as conn:
-            rows = await conn.fetch(
-                f"UPDATE {self._requests} SET state = 'expired', decided_at = now(), "
-                "state_reason = 'expired' WHERE state = 'pending' AND expires_at <= now() "
-                f"RETURNING {_REQUEST_COLUMNS}",
+            due = await conn.fetch(
+                f"SELECT id, statement_digest FROM {self._requests} "
+                "WHERE state = 'pending' AND expires_at <= now() FOR UPDATE SKIP LOCKED",
                 timeout=self._timeout,
             )
-            for row in rows:
-                await self._notify(conn, row["id"])
+            expired = []
+            for row in due:
+                digest = row["statement_digest"] or ""
+                if await self._transition(conn, row["id"], RequestState.EXPIRED, "expired", digest):
+                    expired.append(row["id"])
+            if not expired:
+                return []
+            rows = await conn.fetch(
+                f"SELECT {_REQUEST_COLUMNS} FROM {self._requests} WHERE id = ANY($1::text[])",
+                expired,
+                timeout=self._timeout,
+            )
             return await self._with_decisions(conn, rows)
 
     # --- the Teams bot's bookkeeping ------------------------------------------------------------
@@ -359,15 +442,25 @@ class ApprovalStore:
     # --- helpers --------------------------------------------------------------------------------
 
     async def _transition(
-        self, conn: asyncpg.Connection, request_id: str, to: RequestState, reason: str
+        self,
+        conn: asyncpg.Connection,
+        request_id: str,
+        to: RequestState,
+        reason: str,
+        statement_digest: str,
     ) -> bool:
-        """The compare-and-swap: pending → ``to``; notifies and returns True when it won."""
+        """The compare-and-swap: pending → ``to``; notifies and returns True when it won.
+
+        The new state carries pgguard's state MAC, so a final state written by anyone else is
+        recognised as forged by every instance.
+        """
         won = await conn.fetchval(
-            f"UPDATE {self._requests} SET state = $2, decided_at = now(), state_reason = $3 "
-            "WHERE id = $1 AND state = 'pending' RETURNING true",
+            f"UPDATE {self._requests} SET state = $2, decided_at = now(), state_reason = $3, "
+            "state_mac = $4 WHERE id = $1 AND state = 'pending' RETURNING true",
             request_id,
             to.value,
             reason,
+            self._key.state_mac(request_id, to.value, statement_digest),
             timeout=self._timeout,
         )
         if won:
@@ -408,6 +501,7 @@ class ApprovalStore:
                     channel=d["channel"],
                     comment=d["comment"],
                     decided_at=d["decided_at"],
+                    mac=d["mac"],
                 )
             )
         return [_request(row, tuple(by_request.get(row["id"], ()))) for row in rows]
@@ -471,4 +565,7 @@ def _request(row: asyncpg.Record, decisions: tuple[DecisionRecord, ...]) -> Appr
         decisions=decisions,
         remembered_from=row["remembered_from"],
         state_reason=row["state_reason"],
+        statement_digest=row["statement_digest"],
+        request_mac=row["request_mac"],
+        state_mac=row["state_mac"],
     )

@@ -22,13 +22,16 @@ from typing import Literal, cast
 
 from pgguard.errors import PgGuardError
 
-EntryKind = Literal["statement", "outcome", "session_start", "session_end", "auth_failure"]
+EntryKind = Literal[
+    "statement", "outcome", "session_start", "session_end", "auth_failure", "integrity_alert"
+]
 ENTRY_KINDS: tuple[EntryKind, ...] = (
     "statement",
     "outcome",
     "session_start",
     "session_end",
     "auth_failure",
+    "integrity_alert",  # pgguard found a row in its state it did not write (a forged decision)
 )
 APPROVER_KEYS = ("id", "name", "channel", "comment")
 

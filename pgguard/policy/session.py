@@ -42,11 +42,18 @@ class SessionTracker:
 
     def __init__(self) -> None:
         self._prepared: dict[str, PreparedSummary] = {}
+        self._sql_prepared: set[str] = set()  # names a SQL PREPARE may have taken
         self._lock = threading.Lock()
 
-    def remember(self, name: str, body: StatementFacts) -> None:
-        """Record that `name` was (or may have been) prepared with this body."""
+    def remember(self, name: str, body: StatementFacts, *, sql_prepare: bool = True) -> None:
+        """Record that `name` was (or may have been) prepared with this body.
+
+        ``sql_prepare`` is False for a protocol-level Parse, whose texts the connection's
+        server-confirmed model (`pgguard.wire.session`) knows exactly.
+        """
         with self._lock:
+            if sql_prepare:
+                self._sql_prepared.add(name)
             old = self._prepared.get(name)
             parts: list[PreparedSummary | StatementFacts] = [body] if old is None else [old, body]
             self._prepared[name] = PreparedSummary(
@@ -61,6 +68,11 @@ class SessionTracker:
     def knows(self, name: str) -> bool:
         with self._lock:
             return name in self._prepared
+
+    def sql_prepared(self, name: str) -> bool:
+        """Whether a SQL PREPARE (not only protocol Parses) may have used ``name``."""
+        with self._lock:
+            return name in self._sql_prepared
 
     def names(self) -> tuple[str, ...]:
         with self._lock:
@@ -101,4 +113,4 @@ class SessionTracker:
     def remember_all(self, name: str, bodies: tuple[StatementFacts, ...]) -> None:
         """Record a protocol-level named Parse (its Decision.facts) under `name`."""
         for body in bodies:
-            self.remember(name, body)
+            self.remember(name, body, sql_prepare=False)

@@ -10,8 +10,11 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from pydantic import SecretStr
+
 from pgguard.approvals.fanout import FanOutNotifier
 from pgguard.approvals.service import ApprovalService, Notifier
+from pgguard.approvals.signing import load_state_key
 from pgguard.approvals.store import ApprovalStore
 from pgguard.approvals.teams import TeamsWebhookNotifier
 from pgguard.errors import ConfigError
@@ -22,6 +25,7 @@ from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
+from pgguard.statedb.probe import check_separation
 from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
 from pgguard.web.auth import ApproverDirectory
@@ -78,12 +82,24 @@ async def start(settings: Settings) -> Running:
     """Start every part the configuration asks for; approvals need at least one approver."""
     instance_id = uuid.uuid4().hex[:8]
     engine = load_engine(settings)
+    # Before anything touches the state: refuse to start when agents could reach it.
+    await check_separation(settings)
     approvals: ApprovalService | None = None
     notifier: TeamsWebhookNotifier | None = None
     bot: TeamsBot | None = None
     if settings.approvals_enabled():
+        state_key = load_state_key(
+            _secret(settings.state.signing_key),
+            settings.state.signing_key_file,
+            settings.data_dir,
+        )
+        log.info("approval decisions are authenticated with state key %s", state_key.key_id)
         store = await ApprovalStore.open(
-            settings.state_dsn(), schema=settings.state.schema_name, timeout=settings.state.timeout
+            settings.state_dsn(),
+            key=state_key,
+            schema=settings.state.schema_name,
+            timeout=settings.state.timeout,
+            server_settings=settings.state.server_settings(),
         )
         public_url = settings.http.base_url()
         notifiers: list[Notifier] = []
@@ -100,8 +116,11 @@ async def start(settings: Settings) -> Running:
         approvals = ApprovalService(
             store,
             settings.state_dsn(),
+            key=state_key,
             notifier=_one_notifier(notifiers),
             instance_id=instance_id,
+            timeout=settings.state.timeout,
+            server_settings=settings.state.server_settings(),
         )
         await approvals.start()
     else:
@@ -130,6 +149,8 @@ async def start(settings: Settings) -> Running:
             ),
         )
         hooks = LedgerHooks(ledger, masking, instance_id, settings.upstream.parsed().user)
+        if approvals is not None:
+            approvals.on_forgery = hooks.integrity_alert
     gate = PolicyGate(
         engine,
         approvals=approvals,
@@ -173,6 +194,10 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
     running.http = HttpServer(app, settings.http.host, settings.http.port)
     await running.http.start()
     log.info("pgguard HTTP API on %s", running.http_url)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
 
 
 def _one_notifier(notifiers: list[Notifier]) -> Notifier | None:

@@ -40,6 +40,7 @@ from pgguard.wire import messages as m
 from pgguard.wire.backend import BackendTracker
 from pgguard.wire.framing import Frame, FrontendScanner
 from pgguard.wire.outcomes import OutcomeTracker
+from pgguard.wire.session import SessionModel
 
 if TYPE_CHECKING:
     from pgguard.proxy.server import ProxyContext
@@ -59,7 +60,11 @@ class Session:
     client_address: str
     tracker: BackendTracker = field(default_factory=BackendTracker)
     owed: Callable[[], int] = int  # ReadyForQuery messages still owed (set by the connection)
+    portals: Callable[[str], tuple[bytes, ...]] = lambda _name: ()  # set by the connection
     gate_state: object = None
+
+    def portal_texts(self, name: str) -> tuple[bytes, ...]:
+        return self.portals(name)
 
     @property
     def ready_count(self) -> int:
@@ -105,7 +110,8 @@ class Connection:
         tracking = ctx.gate.tracks_outcomes
         self._scanner = FrontendScanner(ctx.settings.limits.max_message_bytes)
         self._outcomes: OutcomeTracker | None = OutcomeTracker() if tracking else None
-        self._extended = x.ExtendedState()
+        # The server's statements and portals, confirmed by its answers (pgguard.wire.session).
+        self._model = SessionModel()
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._held: tuple[Frame, g.Hold] | None = None
         self._hold_task: asyncio.Task[None] | None = None
@@ -174,7 +180,9 @@ class Connection:
             tracker=BackendTracker(up.parameters),
         )
         session.tracker.txn_status = up.txn_status
+        session.tracker.model = self._model
         session.owed = self._replies_owed
+        session.portals = self._portal_texts
         self.session = session
         self.upstream = up.link
         self.backend_key = (up.pid, up.key)
@@ -400,55 +408,98 @@ class Connection:
         if kind == m.F_QUERY:
             if data[end - 1] != 0:
                 raise ProtocolViolation("invalid Query message: missing terminator")
+            self._refuse_unsynced("a simple Query")
             sql = data[start + 5 : end - 1]
             verdict = self.ctx.gate.check(session, g.SqlEvent("query", sql))
             if verdict is g.ALLOW:
                 self._zcount += 1
+                self._model.query(self._zcount + self._scanner.syncs)
                 if self._outcomes is not None:
                     token = self.ctx.gate.statement_token(session, "query", sql)
                     self._outcomes.query(token, self._zcount + self._scanner.syncs)
             return verdict
         if kind == m.F_PARSE:
             parse = x.decode_parse(data[start + 5 : end])
+            self._scanner.unsynced = True
             verdict = self.ctx.gate.check(
                 session, g.SqlEvent("parse", parse.sql, statement=parse.statement)
             )
             if not isinstance(verdict, g.Deny):
-                self._extended.parsed(parse)
+                self._model.parse(self._extended_group(), parse.statement, parse.sql)
             return verdict
         if kind == m.F_BIND:
-            self._extended.bound(x.decode_bind(data[start + 5 : end]))
+            bind = x.decode_bind(data[start + 5 : end])
+            self._scanner.unsynced = True
+            self._model.bind(self._extended_group(), bind.portal, bind.statement, bind.body)
             return g.ALLOW
         if kind == m.F_EXECUTE:
+            self._scanner.unsynced = True
             return self._decide_execute(session, x.decode_portal_name(data[start + 5 : end]))
         if kind == m.F_CLOSE:
-            self._extended.closed(*x.decode_close(data[start + 5 : end]))
+            close_kind, name = x.decode_close(data[start + 5 : end])
+            self._scanner.unsynced = True
+            self._model.close(self._extended_group(), close_kind, name)
             return g.ALLOW
         if kind == m.F_FUNCTION_CALL:
-            verdict = self.ctx.gate.check_function_call(session)
+            self._refuse_unsynced("a function call")
+            body = data[start + 5 : end]
+            if len(body) < 4:
+                raise ProtocolViolation("invalid FunctionCall message")
+            oid = int.from_bytes(body[:4], "big")
+            verdict = self.ctx.gate.check_function_call(session, oid, body)
             if verdict is g.ALLOW:
                 self._zcount += 1
                 if self._outcomes is not None:
-                    self._outcomes.query(None, self._zcount + self._scanner.syncs)
+                    token = self.ctx.gate.statement_token(session, "query", b"")
+                    self._outcomes.query(token, self._zcount + self._scanner.syncs)
             return verdict
         if kind == m.F_TERMINATE:
             self._terminating = True
         return g.ALLOW
 
+    def _portal_texts(self, name: str) -> tuple[bytes, ...]:
+        """What portal ``name`` may run for a message forwarded now (SQL FETCH/MOVE of it)."""
+        bindings = self._model.portal(name, self._extended_group())
+        return tuple(dict.fromkeys(b.sql for b in bindings))
+
+    def _extended_group(self) -> int:
+        """The ReadyForQuery ordinal that ends an extended message forwarded now (its Sync's)."""
+        return self._zcount + self._scanner.syncs + 1
+
+    def _refuse_unsynced(self, what: str) -> None:
+        """A Query or FunctionCall right after unsynced extended messages is refused.
+
+        If one of those messages fails, the server skips everything up to Sync - this Query too,
+        which then gets no ReadyForQuery (postgres.c ignore_till_sync) - so neither the judged
+        statement nor the ledger's numbering of replies could be trusted. libpq, JDBC, asyncpg
+        and psycopg always send Sync first.
+        """
+        if self._scanner.unsynced:
+            raise ProtocolViolation(
+                f"pgguard refuses {what} sent after extended-protocol messages without a Sync",
+                hint="Send Sync to end the extended-protocol pipeline first.",
+            )
+
     def _decide_execute(self, session: Session, portal_name: str) -> g.Verdict:
-        portal = self._extended.portal(portal_name)
-        if portal is None:
+        bindings = self._model.portal(portal_name, self._extended_group())
+        if not bindings:
             # Unknown to us means unknown to the server too (it will raise "portal does not
             # exist"); judge it as an empty statement so the gate still sees the Execute.
             event = g.SqlEvent("execute", b"", portal=portal_name)
         else:
+            # One binding, or every binding the server may hold when an earlier message of an
+            # unanswered pipeline may not have run: the gate judges the strictest of them and
+            # refuses to show a reviewer one text while another may run.
+            texts = tuple(dict.fromkeys(b.sql for b in bindings))
+            only = bindings[0] if len(bindings) == 1 else None
             event = g.SqlEvent(
                 "execute",
-                portal.candidates[-1] if portal.candidates else b"",
-                statement=portal.statement,
+                texts[-1],
+                statement=bindings[0].statement,
                 portal=portal_name,
-                candidates=portal.candidates,
-                bind=portal.bind,
+                candidates=texts,
+                bind=only.bind if only is not None else None,
+                ambiguous=len(bindings) > 1,
             )
         verdict = self.ctx.gate.check(session, event)
         if verdict is g.ALLOW and self._outcomes is not None:
@@ -463,6 +514,7 @@ class Connection:
         self._session().tracker.replace_error(marker.encode("ascii"), error_message(error), group)
         if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
             self._zcount += 1
+            self._model.query(self._zcount + self._scanner.syncs)  # the marker is a Query
             if self._outcomes is not None:  # the refusal is recorded by the gate
                 self._outcomes.query(None, self._zcount + self._scanner.syncs)
             return m.query(marker)
@@ -493,6 +545,8 @@ class Connection:
         else:
             if frame.type in (m.F_QUERY, m.F_FUNCTION_CALL):
                 self._zcount += 1
+                if frame.type == m.F_QUERY:
+                    self._model.query(self._zcount + self._scanner.syncs)
             if self._outcomes is not None:
                 kind = "query" if frame.type == m.F_QUERY else "execute"
                 token = self.ctx.gate.statement_token(self._session(), kind, b"")

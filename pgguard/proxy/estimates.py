@@ -15,20 +15,18 @@ the extended protocol, whose Parse refuses a second command smuggled into the te
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
 
-import asyncpg
 from pglast import parse_sql
 from pglast.stream import RawStream
 
+from pgguard.proxy.catalog import own_connection
 from pgguard.settings import UpstreamSettings
 
 log = logging.getLogger(__name__)
 
-_TIMEOUT_S = 2.0
 _DIRECT = ("UpdateStmt", "DeleteStmt")
 
 
@@ -65,26 +63,10 @@ async def estimate_rows(
     query = explainable_query(sql)
     if query is None:
         return None
-    dsn = settings.parsed()
     try:
-        async with asyncio.timeout(_TIMEOUT_S):
-            conn = await asyncpg.connect(
-                host=dsn.host,
-                port=dsn.port,
-                user=dsn.user,
-                password=dsn.password,
-                database=database,
-                ssl=None if dsn.is_unix_socket else settings.effective_sslmode(),
-                server_settings={"application_name": "pgguard-estimate"},
-            )
-            try:
-                async with conn.transaction(readonly=True):
-                    await conn.execute("SET LOCAL standard_conforming_strings = on")
-                    await conn.execute("SET LOCAL statement_timeout = '500ms'")
-                    await conn.execute("SET LOCAL lock_timeout = '200ms'")
-                    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}")
-            finally:
-                await conn.close(timeout=1)
+        async with own_connection(settings, database, "pgguard-estimate") as conn:
+            await conn.execute("SET LOCAL standard_conforming_strings = on")
+            plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {query}")
     except Exception as exc:  # best effort by design: no estimate rather than no review
         log.info("no row estimate: %s", type(exc).__name__)
         return None

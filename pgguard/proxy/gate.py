@@ -11,7 +11,7 @@ its Bind parameters) - reaches ``Gate.check`` as a ``SqlEvent``; a FunctionCall 
 
 ``check`` is synchronous on purpose: the common case (allow) costs no task switch. This base gate
 allows all SQL and refuses the function-call message, which names a function by OID and carries
-no SQL a policy could read.
+no SQL a policy could read (the policy gate resolves the OID and judges the call).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class SqlEvent:
     portal: str = ""
     candidates: tuple[bytes, ...] = ()
     bind: bytes | None = None
+    # The portal may hold more than one binding (an unanswered pipeline may not have run
+    # as sent): never shown to a reviewer as one text (pgguard.wire.session).
+    ambiguous: bool = False
 
 
 class SessionView(Protocol):
@@ -93,7 +96,22 @@ class SessionView(Protocol):
     def replies_owed(self) -> int:
         """ReadyForQuery messages the server still owes for what was forwarded."""
 
+    def portal_texts(self, name: str) -> tuple[bytes, ...]:
+        """Every text protocol portal ``name`` may run for a statement forwarded now."""
+
     gate_state: object  # whatever the gate keeps per session
+
+
+def function_call_refused(why: str = "") -> Deny:
+    """The refusal of a FunctionCall message that nobody could judge."""
+    return Deny(
+        PolicyDenied(
+            "pgguard refuses the function-call protocol message" + (f": {why}" if why else ""),
+            detail="A FunctionCall ('F') message calls a function by OID without SQL text; "
+            "pgguard judges it only when it can tell which function the OID names.",
+            hint="Call the function with a SQL statement (SELECT fn(...)) instead.",
+        )
+    )
 
 
 @dataclass
@@ -105,17 +123,11 @@ class Gate:
     def check(self, session: SessionView, event: SqlEvent) -> Verdict:
         return ALLOW
 
-    def check_function_call(self, session: SessionView) -> Verdict:
+    def check_function_call(self, session: SessionView, oid: int, body: bytes) -> Verdict:
+        """A FunctionCall message (``oid`` names the function; ``body`` is the whole message)."""
         if self.allow_function_call:
             return ALLOW
-        return Deny(
-            PolicyDenied(
-                "pgguard refuses the function-call protocol message",
-                detail="A FunctionCall ('F') message calls a function by OID without SQL text, "
-                "so no policy can inspect it.",
-                hint="Call the function with a SQL statement (SELECT fn(...)) instead.",
-            )
-        )
+        return function_call_refused()
 
     def check_startup(
         self, agent: str, database: str, parameters: list[tuple[str, str]]

@@ -103,6 +103,23 @@ class LedgerHooks:
             )
         )
 
+    def integrity_alert(self, request: ApprovalRequest, problem: str) -> None:
+        """A state row pgguard did not write (a forged or altered approval): on the record."""
+        self.writer.record(
+            LedgerEntry(
+                kind="integrity_alert",
+                instance_id=self.instance_id,
+                session_id=request.session_id,
+                received_at=_when(time.time()),
+                agent=request.agent,
+                owner=request.owner,
+                database=request.database,
+                fingerprint=request.fingerprint,
+                request_id=request.id,
+                detail={"stored_state": request.state.value, "problem": problem},
+            )
+        )
+
     # --- statements ---------------------------------------------------------------------------
 
     def refused(

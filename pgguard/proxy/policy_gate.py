@@ -2,9 +2,9 @@
 
 What it adds to the pass-through gate:
 
-* Query text is classified; ``deny`` refuses with 42501 naming the rule ids. ``hold`` also refuses
-  with 42501 for now, saying approval is required - until the approval flow exists, that is the
-  only fail-closed answer.
+* Query text is classified; ``deny`` refuses with 42501 naming the rule ids. ``hold`` asks for
+  approval (`pgguard.approvals`, the request bound by MAC to the exact statement bytes) and the
+  session waits; without approvers configured it refuses with 42501, saying approval is required.
 * A Parse is classified so its facts are known when it is Executed (and, because protocol-level
   and SQL-level prepared statements share one namespace, to a later SQL ``EXECUTE`` too). Only a
   ``deny`` stops a Parse; everything else is decided at Execute, where the statement runs - judged
@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 
 from pgguard.approvals.model import NewRequest
 from pgguard.approvals.service import ApprovalService
-from pgguard.errors import AdminShutdown, PgGuardError, PolicyDenied, QueryCanceled
+from pgguard.errors import (
+    AdminShutdown,
+    PgGuardError,
+    PolicyDenied,
+    QueryCanceled,
+)
 from pgguard.masking import MaskingRules
 from pgguard.policy import (
     OBSERVE_MODE_NOTICE,
@@ -40,12 +45,24 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
+from pgguard.proxy.catalog import function_name
 from pgguard.proxy.estimates import estimate_rows
-from pgguard.proxy.gate import ALLOW, Allow, Deny, Gate, Hold, SessionView, SqlEvent, Verdict
+from pgguard.proxy.gate import (
+    ALLOW,
+    Allow,
+    Deny,
+    Gate,
+    Hold,
+    SessionView,
+    SqlEvent,
+    Verdict,
+    function_call_refused,
+)
 from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.settings import UpstreamSettings
+from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
@@ -70,6 +87,7 @@ class _SessionPolicy:
     hold_task: asyncio.Task[None] | None = None
     hold_future: asyncio.Future[Allow | Deny] | None = None
     hold_request_id: str | None = None
+    functions: dict[int, tuple[str, str]] = field(default_factory=dict)  # FunctionCall OIDs
 
 
 class PolicyGate(Gate):
@@ -88,8 +106,9 @@ class PolicyGate(Gate):
         self.approvals = approvals
         self.masking = masking or MaskingRules.load()
         self.instance_id = instance_id
-        self.upstream = upstream  # for the planner's row estimate in review payloads
+        self.upstream = upstream  # row estimates for reviews, FunctionCall OIDs
         self.ledger = ledger
+        self._function_lookups: set[asyncio.Task[None]] = set()
 
     @property
     def observe(self) -> bool:
@@ -135,6 +154,8 @@ class PolicyGate(Gate):
         ctx = self._context(session, state)
         if event.kind == "query":
             decision, blind = self.engine.classify_keyed(event.sql, ctx)
+            if _fetches(decision):
+                decision = self._with_fetched_portals(session, ctx, decision, event.sql)
             return self._verdict(session, state, decision, event, blind)
         if event.kind == "parse":
             decision = self._classify_remembered(state, event.sql, ctx)
@@ -145,6 +166,57 @@ class PolicyGate(Gate):
             self._note_lexing(session, state, decision)
             return ALLOW
         return self._check_execute(session, state, ctx, event)
+
+    # --- the FunctionCall message ---------------------------------------------------------
+
+    def check_function_call(self, session: SessionView, oid: int, body: bytes) -> Verdict:
+        """Judge a FunctionCall as the ``SELECT schema.fn()`` call it is.
+
+        The OID is resolved once per session from the catalog, by a read-only query on
+        pgguard's own connection (libpq's large-object API: lo_open, loread, lowrite, ... pass;
+        server-side file functions are judged as they are in SQL). An OID that cannot be
+        resolved is refused. The whole message (its arguments) is what an approval binds.
+        """
+        state = self._state(session)
+        known = state.functions.get(oid)
+        if known is not None:
+            return self.check(session, _function_call_event(known, body))
+        if self.upstream is None:
+            return super().check_function_call(session, oid, body)
+        future: asyncio.Future[Allow | Deny] = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(
+            self._resolve_function_call(session, state, oid, body, future)
+        )
+        self._function_lookups.add(task)
+        task.add_done_callback(self._function_lookups.discard)
+        return Hold(future)
+
+    async def _resolve_function_call(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        oid: int,
+        body: bytes,
+        future: asyncio.Future[Allow | Deny],
+    ) -> None:
+        assert self.upstream is not None
+        try:
+            name = await function_name(self.upstream, session.database, oid)
+            if name is None:
+                settle(future, function_call_refused(f"no function has OID {oid}"))
+                return
+            if len(state.functions) < _MAX_FUNCTIONS:
+                state.functions[oid] = name
+            verdict = self.check(session, _function_call_event(name, body))
+            if isinstance(verdict, Hold):
+                verdict = await verdict.decision
+            settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
+        except asyncio.CancelledError:
+            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            raise
+        except Exception as exc:  # fail closed
+            log.error("function call OID %d not judged: %s", oid, exc)
+            settle(future, function_call_refused("it could not be judged"))
 
     def _check_execute(
         self, session: SessionView, state: _SessionPolicy, ctx: Context, event: SqlEvent
@@ -157,13 +229,74 @@ class PolicyGate(Gate):
             decision = self.engine.classify(f'EXECUTE "{_quote_ident(event.statement)}"', ctx)
             return self._verdict(session, state, decision, event)
         candidates = event.candidates
-        if len(candidates) == 1:
-            return self._verdict(
-                session, state, self._classify_remembered(state, candidates[0], ctx), event
-            )
+        sql_prepared = bool(event.statement) and state.tracker.sql_prepared(event.statement)
+        if len(candidates) == 1 and not sql_prepared and not event.ambiguous:
+            decision = self._classify_remembered(state, candidates[0], ctx)
+            if _fetches(decision):
+                decision = self._with_fetched_portals(session, ctx, decision, candidates[0])
+            return self._verdict(session, state, decision, event)
         decisions = [self.engine.classify(text, ctx) for text in candidates]
+        if sql_prepared:
+            # The name may also hold what a SQL PREPARE (they share one namespace) put there.
+            name = _quote_ident(event.statement)
+            decisions.append(self.engine.classify(f'EXECUTE "{name}"', ctx))
         strictest = max(decisions, key=lambda d: _ACTION_ORDER[d.action])
+        ambiguous = event.ambiguous or len(candidates) > 1
+        if ambiguous and strictest.action != "allow" and not strictest.observe:
+            return self._refuse_ambiguous(session, state, strictest, event)
         return self._verdict(session, state, strictest, event)
+
+    def _with_fetched_portals(
+        self, session: SessionView, ctx: Context, decision: Decision, sql: bytes
+    ) -> Decision:
+        """A FETCH or MOVE runs the portal it names: judged by what that portal runs too.
+
+        Protocol portals and SQL cursors share one namespace, so ``FETCH ALL FROM p1`` of a
+        portal bound (never Executed) to a privileged statement would run it unjudged. Such a
+        FETCH cannot be held mid-portal, so it is refused when the portal's text is not plainly
+        allowed: the client Executes the portal instead, where it is held. (SQL cursors were
+        judged by their DECLARE.)
+        """
+        worst = decision
+        for name in fetched_portals(sql.decode("utf-8", "replace")):
+            for text in session.portal_texts(name):
+                judged = self.engine.classify(text, ctx)
+                if _ACTION_ORDER[judged.action] > _ACTION_ORDER[worst.action]:
+                    worst = judged
+        if worst is decision:
+            return decision
+        reason = "FETCH/MOVE of a protocol-level portal that runs a privileged statement"
+        return dataclasses.replace(
+            worst,
+            action="deny",
+            reasons=(*worst.reasons, reason),
+            rule_ids=(*worst.rule_ids, "builtin.fetch-of-privileged-portal"),
+        )
+
+    def _refuse_ambiguous(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> Verdict:
+        """A privileged Execute whose portal may run more than one text: never shown as one."""
+        log.warning(
+            "session %s agent %s: refused an Execute of portal %r that may run %d texts",
+            session.session_id,
+            session.agent,
+            event.portal,
+            len(event.candidates),
+        )
+        error = PolicyDenied(
+            f'pgguard: portal "{event.portal}" of statement "{event.statement}" may run '
+            "more than one text, and one of them needs approval",
+            detail="A Parse, Bind or Close sent before it may not have taken effect on the "
+            "server (an error makes the server skip the rest of a pipeline), so pgguard cannot "
+            "show a reviewer the one text that would run.",
+            hint="Close the statement, Parse it again and wait for the server's answer "
+            "(Sync) before executing it.",
+        )
+        if self.ledger is not None:
+            record = StatementRecord(event.kind, event.sql, decision)
+            self.ledger.refused(session, record, error.sqlstate, error.message)
+        return Deny(error)
 
     def _classify_remembered(self, state: _SessionPolicy, sql: bytes, ctx: Context) -> Decision:
         """``classify``, remembering the last text's decision: a Parse and the Execute of its
@@ -258,7 +391,7 @@ class PolicyGate(Gate):
         record = StatementRecord(event.kind, event.sql, decision)
         state.hold_record = record
         state.hold_task = loop.create_task(
-            self._await_approval(session, record, new, future, state, functions)
+            self._await_approval(session, record, new, future, state, functions, event.bind)
         )
         return Hold(future)
 
@@ -270,6 +403,7 @@ class PolicyGate(Gate):
         future: asyncio.Future[Allow | Deny],
         state: _SessionPolicy,
         functions: tuple[str, ...],
+        bind: bytes | None,
     ) -> None:
         assert self.approvals is not None
         try:
@@ -278,7 +412,7 @@ class PolicyGate(Gate):
                 rows = await estimate_rows(self.upstream, new.database, text, functions)
                 if rows is not None:
                     new = dataclasses.replace(new, touches={**new.touches, "estimated_rows": rows})
-            request, final = await self.approvals.hold(new)
+            request, final = await self.approvals.hold(new, record.sql, bind)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)
             decided = await final
@@ -412,6 +546,18 @@ class PolicyGate(Gate):
         if decision.changes_lexing:
             # Confirmed by the ReadyForQuery that follows every reply owed so far.
             state.lex_pending_until = session.ready_count + session.replies_owed + 1
+
+
+_MAX_FUNCTIONS = 1024  # resolved OIDs a session remembers
+
+
+def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:
+    schema, function = (_quote_ident(part) for part in name)
+    return SqlEvent("query", f'SELECT "{schema}"."{function}"()'.encode(), bind=body)
+
+
+def _fetches(decision: Decision) -> bool:
+    return any(statement.kind == "FetchStmt" for statement in decision.statements)
 
 
 def _quote_ident(name: str) -> str:

@@ -212,8 +212,13 @@ class ProxyServer:
             link.close()
             return
         if isinstance(first, m.CancelRequest):
-            link.close()
-            await self._cancel(first)
+            # Close the client's cancel connection only once the server has closed ours, i.e.
+            # the cancel was delivered: libpq waits for this close before it sends its next
+            # statement, which must not be the one the late cancel hits (53.2.7).
+            try:
+                await self._cancel(first)
+            finally:
+                link.close()
             return
         if not isinstance(first, m.StartupMessage):
             # SSLRequest/GSSENCRequest inside TLS, or after a StartupMessage was expected.

@@ -23,6 +23,7 @@ from pgguard.approvals.model import (
     AlreadyDecided,
     Approver,
     DuplicateApproval,
+    IntegrityFailure,
     NotAllowedToApprove,
     RequestNotFound,
     RequestState,
@@ -120,6 +121,6 @@ def _status_for(exc: PgGuardError) -> int:
         return 404
     if isinstance(exc, SelfApproval | NotAllowedToApprove):
         return 403
-    if isinstance(exc, AlreadyDecided | DuplicateApproval):
+    if isinstance(exc, AlreadyDecided | DuplicateApproval | IntegrityFailure):
         return 409
     return 503

@@ -1,9 +1,11 @@
 """Following the server's stream (sans-IO): transaction status, parameters, outcomes, rewrites.
 
-``BackendTracker`` observes ReadyForQuery (transaction status) and ParameterStatus (protocol docs
-53.2.6, 53.7), forwards bytes unchanged on its fast path, can report completions and errors to an
-``OutcomeTracker`` (for the ledger), and can replace the one ErrorResponse caused by a statement
-the proxy substituted for a refused one (see ``pgguard.proxy.connection``) with pgguard's own.
+``BackendTracker`` observes ReadyForQuery (transaction status), ParameterStatus (protocol docs
+53.2.6, 53.7) and ErrorResponse (which makes the server skip to Sync: the `SessionModel` learns
+which of its group's operations may not have run), forwards bytes unchanged on its fast path,
+can report completions and errors to an ``OutcomeTracker`` (for the ledger), and can replace the
+one ErrorResponse caused by a statement the proxy substituted for a refused one (see
+``pgguard.proxy.connection``) with pgguard's own.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from collections.abc import Callable
 from pgguard.errors import ProtocolViolation
 from pgguard.wire import messages as m
 from pgguard.wire.outcomes import Outcome, OutcomeTracker
+from pgguard.wire.session import SessionModel
 
 _unpack_u32 = struct.Struct("!I").unpack_from
 _FATAL_FIELDS = (b"SFATAL\0", b"SPANIC\0")
-_WATCHED = frozenset(b"ZS")  # ReadyForQuery, ParameterStatus
+_WATCHED = frozenset(b"ZSE")  # ReadyForQuery, ParameterStatus, ErrorResponse (rare)
 _WATCHED_FOR_OUTCOMES = frozenset(b"ZSCEIs")  # + CommandComplete, Error, EmptyQuery, Suspended
 
 
@@ -47,6 +50,7 @@ class BackendTracker:
         "_replacements",
         "_skip",
         "_watched",
+        "model",
         "on_finished",
         "outcomes",
         "parameters",
@@ -63,6 +67,8 @@ class BackendTracker:
         self.ready_count = 0  # ReadyForQuery messages seen since the session started
         self.saw_fatal = False  # the server sent a FATAL error (it is about to close)
         self.outcomes: OutcomeTracker | None = None
+        # The session's statements and portals, confirmed by what this stream answers.
+        self.model: SessionModel | None = None
         self.on_finished: Callable[[list[Outcome]], None] | None = None
         self._watched = _WATCHED
         self._skip = 0
@@ -113,8 +119,6 @@ class BackendTracker:
                     self._pending = bytearray(data[pos + 5 :])
                     return
                 self._handle(type_byte, data[pos + 5 : end])
-            elif type_byte == 0x45 and end <= n:  # 'E': remember a FATAL before the close
-                self.saw_fatal = self.saw_fatal or data.startswith(_FATAL_FIELDS, pos + 5)
             elif end > n:
                 self._skip = end - n
                 return
@@ -146,6 +150,8 @@ class BackendTracker:
             if len(body) != 1 or body not in (b"I", b"T", b"E"):
                 raise ProtocolViolation("server sent an invalid ReadyForQuery")
             self.txn_status = body
+            if self.model is not None:
+                self.model.ready(body)
             if self.outcomes is not None:
                 finished = self.outcomes.ready()
                 if finished and self.on_finished is not None:
@@ -156,6 +162,8 @@ class BackendTracker:
             self.parameters_version += 1
         elif type_byte == 0x45:
             self.saw_fatal = self.saw_fatal or body.startswith(_FATAL_FIELDS)
+            if self.model is not None:
+                self.model.error()
             if self.outcomes is not None:
                 fields = m.decode_error_fields(body)
                 self.outcomes.error(fields.sqlstate, fields.message)
@@ -219,7 +227,7 @@ class BackendTracker:
             body_len = _unpack_u32(header, 1)[0] - 4
             if body_len < 0:
                 raise ProtocolViolation("server sent invalid message length")
-            if header[0] in (0x5A, 0x53):
+            if header[0] in self._watched:
                 self._partial_type = header[0]
                 self._partial_want = body_len
                 self._pending = bytearray()

@@ -1,10 +1,7 @@
-"""Extended-query bookkeeping: which SQL text a portal will run when it is Executed (53.2.3).
+"""Extended-query messages (protocol docs 53.2.3, 55.7): decoding Parse, Bind, Execute, Close.
 
-The proxy decides on an Execute by the statement text behind its portal, so it must know what the
-server knows. It cannot see whether a Parse succeeded on the server, so a statement name maps to
-*every* text it may hold: a named statement whose re-Parse the server may have rejected ("already
-exists") keeps its old text as a candidate. Candidates are only forgotten on Close, when the
-server forgets them too. The caller judges an Execute by the strictest candidate (fail closed).
+What each name holds on the server is `pgguard.wire.session`'s business; this module only reads
+the messages, and fails with `ProtocolViolation` on a malformed one.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ from pgguard.errors import ProtocolViolation
 from pgguard.wire.messages import read_cstring
 
 _I16 = struct.Struct("!h")
-MAX_CANDIDATES = 64  # texts one named statement may hold before the client is cut off
 
 
 # Plain slotted dataclasses, not frozen: these are built for every extended-protocol message,
@@ -34,13 +30,6 @@ class BindMessage:
     portal: str
     statement: str
     body: bytes  # kept whole; parameters are only decoded when a decision needs them
-
-
-@dataclass(slots=True)
-class BoundPortal:
-    statement: str
-    candidates: tuple[bytes, ...]
-    bind: bytes
 
 
 def decode_parse(body: bytes) -> ParseMessage:
@@ -107,45 +96,3 @@ def decode_bind_parameters(body: bytes) -> list[bytes | None]:
     except struct.error as exc:
         raise ProtocolViolation("malformed Bind message") from exc
     return values
-
-
-class ExtendedState:
-    """Prepared statements and portals of one session, as far as the proxy can know them."""
-
-    __slots__ = ("_portals", "_statements")
-
-    def __init__(self) -> None:
-        self._statements: dict[str, tuple[bytes, ...]] = {}
-        self._portals: dict[str, BoundPortal] = {}
-
-    def parsed(self, msg: ParseMessage) -> None:
-        if msg.statement == "":
-            # postgres.c exec_parse_message drops any prior unnamed statement before it parses,
-            # so after this Parse the unnamed statement is this text or nothing at all.
-            self._statements[""] = (msg.sql,)
-            return
-        old = self._statements.get(msg.statement, ())
-        if msg.sql not in old:
-            if len(old) >= MAX_CANDIDATES:
-                # Legitimate clients Close a statement before re-Parsing its name; this many
-                # rejected re-Parses only grow state and the work of judging each Execute.
-                raise ProtocolViolation(
-                    f"statement {msg.statement!r} parsed again {len(old)} times without Close"
-                )
-            self._statements[msg.statement] = (*old, msg.sql)
-
-    def bound(self, msg: BindMessage) -> None:
-        candidates = self._statements.get(msg.statement, ())
-        self._portals[msg.portal] = BoundPortal(msg.statement, candidates, msg.body)
-
-    def portal(self, name: str) -> BoundPortal | None:
-        return self._portals.get(name)
-
-    def statement(self, name: str) -> tuple[bytes, ...]:
-        return self._statements.get(name, ())
-
-    def closed(self, kind: bytes, name: str) -> None:
-        if kind == b"S":
-            self._statements.pop(name, None)
-        else:
-            self._portals.pop(name, None)

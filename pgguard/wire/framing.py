@@ -122,10 +122,14 @@ class FrontendScanner:
     run and every forwarded frame's ``raw`` reproduces the input exactly.
     """
 
-    __slots__ = ("_buf", "_max", "_pos", "_skip", "syncs")
+    __slots__ = ("_buf", "_max", "_pos", "_skip", "syncs", "unsynced")
 
     def __init__(self, max_message: int) -> None:
         self.syncs = 0  # Sync messages passed so far; each ends an extended-protocol group
+        # An extended-protocol message passed since the last Sync (the caller sets it for the
+        # messages it inspects): a simple Query now could be skipped by the server, see
+        # pgguard.proxy.connection.
+        self.unsynced = False
         self._buf = b""
         self._pos = 0
         self._skip = 0
@@ -178,6 +182,9 @@ class FrontendScanner:
             elif type_byte in passed and self._length_ok(type_byte, length):
                 if type_byte == 0x53:
                     self.syncs += 1
+                    self.unsynced = False
+                elif type_byte == 0x44:  # Describe (a Flush cannot fail, so it does not count)
+                    self.unsynced = True
                 if end > n:
                     self._skip = end - n
                     pos = n
@@ -227,6 +234,9 @@ class FrontendScanner:
                 self._reject(type_byte, length)
             if type_byte == 0x53:
                 self.syncs += 1
+                self.unsynced = False
+            elif type_byte == 0x44:  # Describe (a Flush cannot fail, so it does not count)
+                self.unsynced = True
             if end > n:
                 self._skip = end - n
                 pos = n

@@ -190,6 +190,14 @@ def _decode_startup_parameters(body: bytes) -> tuple[tuple[str, str], ...]:
     pairs = tuple(zip(texts[0::2], texts[1::2], strict=True))
     if any(not k for k, _ in pairs):
         raise ProtocolViolation("invalid startup packet layout: empty parameter name")
+    # PostgreSQL takes the LAST value of a repeated key (and setting names are case-blind), so
+    # judging the first would judge something else: a repeated key is refused outright.
+    seen: set[str] = set()
+    for key, _ in pairs:
+        folded = key.lower()
+        if folded in seen:
+            raise ProtocolViolation(f"invalid startup packet: parameter {key!r} given twice")
+        seen.add(folded)
     return pairs
 
 

@@ -350,3 +350,39 @@ def test_cancel_for_another_instances_session_is_forwarded(
         assert any(kind == "E" and b"57014" in body for kind, body in replies)
     finally:
         other.stop()
+
+
+def test_the_clients_cancel_connection_closes_after_the_servers(upstream_dsn: str) -> None:
+    """libpq waits for its cancel connection to close before the next statement: pgguard must
+    not close it before the server has taken the cancel (issue 15). A listener that holds the
+    forwarded cancel for a second plays a slow server, so the order is visible."""
+    from pgguard.wire import messages as m
+    from tests.support import agent_settings
+
+    slow = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def hold_then_close() -> None:
+        conn, _ = slow.accept()
+        with conn:
+            received.append(conn.recv(16))
+            time.sleep(1.0)
+
+    server = threading.Thread(target=hold_then_close, daemon=True)
+    server.start()
+    port = slow.getsockname()[1]
+    proxy = ProxyThread(
+        agent_settings(f"postgresql://nobody@127.0.0.1:{port}/postgres?sslmode=disable")
+    ).start()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as cancel:
+            started = time.monotonic()
+            cancel.sendall(m.cancel_request(1234, b"\x00\x00\x00\x07"))
+            assert cancel.recv(10) == b""
+            waited = time.monotonic() - started
+        assert received == [m.cancel_request(1234, b"\x00\x00\x00\x07")]
+        assert waited >= 0.9, f"closed {waited:.2f} s after the request, before the server"
+    finally:
+        proxy.stop()
+        server.join(5)
+        slow.close()

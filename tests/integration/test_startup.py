@@ -149,6 +149,29 @@ def test_replication_connections_are_refused(proxy: ProxyThread) -> None:
     assert "replication" in fields.message
 
 
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("replication", "false"), ("replication", "database")],  # the review's walsender
+        [("search_path", "public"), ("SEARCH_PATH", "pgguard")],  # setting names are case-blind
+        [("user", AGENT), ("user", "postgres")],
+    ],
+    ids=["replication", "setting-case", "user"],
+)
+def test_repeated_startup_keys_are_refused(
+    proxy: ProxyThread, pairs: list[tuple[str, str]]
+) -> None:
+    """PostgreSQL uses a repeated key's last value; pgguard judged the first (issue 15)."""
+    raw = RawClient.connect(proxy.port)
+    raw.send(m.startup_message(m.PROTOCOL_3_0, [("database", "postgres"), *pairs]))
+    type_char, body = raw.recv_message()
+    assert type_char == "E"
+    fields = error_fields(body)
+    assert fields.sqlstate == "08P01"
+    assert "given twice" in fields.message
+    assert raw.is_closed()
+
+
 # --- protocol negotiation -----------------------------------------------------------------------
 
 

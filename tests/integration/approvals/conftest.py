@@ -1,4 +1,4 @@
-"""Fixtures for the approval tests: a private state schema in the session's upstream server.
+"""Fixtures for the approval tests: a private state schema in the session's state database.
 
 Each test module gets its own schema (``pgguard_test_<random>``), dropped at the end, so these
 tests share the embedded server with the rest of the suite without seeing each other's rows.
@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from pgguard.approvals import ApprovalRequest, ApprovalService, ApprovalStore, NewRequest
+from tests.keys import STATE_KEY
 
 
 class RecordingNotifier:
@@ -59,13 +60,13 @@ def state_schema() -> str:
 
 
 @pytest.fixture(scope="module")
-async def store(upstream_dsn: str, state_schema: str) -> AsyncIterator[ApprovalStore]:
-    opened = await ApprovalStore.open(upstream_dsn, schema=state_schema, timeout=5.0)
+async def store(state_dsn: str, state_schema: str) -> AsyncIterator[ApprovalStore]:
+    opened = await ApprovalStore.open(state_dsn, key=STATE_KEY, schema=state_schema, timeout=5.0)
     try:
         yield opened
     finally:
         await opened.close()
-        conn = await asyncpg.connect(upstream_dsn, timeout=10)
+        conn = await asyncpg.connect(state_dsn, timeout=10)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{state_schema}" CASCADE', timeout=10)
         finally:
@@ -74,10 +75,10 @@ async def store(upstream_dsn: str, state_schema: str) -> AsyncIterator[ApprovalS
 
 @pytest.fixture(scope="module")
 async def store_b(
-    upstream_dsn: str, state_schema: str, store: ApprovalStore
+    state_dsn: str, state_schema: str, store: ApprovalStore
 ) -> AsyncIterator[ApprovalStore]:
     """A second pool on the same schema: another pgguard instance's view."""
-    opened = await ApprovalStore.open(upstream_dsn, schema=state_schema, timeout=5.0)
+    opened = await ApprovalStore.open(state_dsn, key=STATE_KEY, schema=state_schema, timeout=5.0)
     try:
         yield opened
     finally:
@@ -91,10 +92,10 @@ def notifier() -> RecordingNotifier:
 
 @pytest.fixture
 async def service(
-    store: ApprovalStore, upstream_dsn: str, notifier: RecordingNotifier
+    store: ApprovalStore, state_dsn: str, notifier: RecordingNotifier
 ) -> AsyncIterator[ApprovalService]:
     started = ApprovalService(
-        store, upstream_dsn, notifier=notifier, poll_interval=1.0, instance_id="a"
+        store, state_dsn, key=STATE_KEY, notifier=notifier, poll_interval=1.0, instance_id="a"
     )
     await started.start()
     try:
@@ -104,8 +105,8 @@ async def service(
 
 
 @pytest.fixture
-async def service_b(store_b: ApprovalStore, upstream_dsn: str) -> AsyncIterator[ApprovalService]:
-    started = ApprovalService(store_b, upstream_dsn, poll_interval=1.0, instance_id="b")
+async def service_b(store_b: ApprovalStore, state_dsn: str) -> AsyncIterator[ApprovalService]:
+    started = ApprovalService(store_b, state_dsn, key=STATE_KEY, poll_interval=1.0, instance_id="b")
     await started.start()
     try:
         yield started

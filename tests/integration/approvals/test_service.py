@@ -21,6 +21,7 @@ from pgguard.approvals import (
 )
 from pgguard.errors import AdminShutdown
 from tests.integration.approvals.conftest import RecordingNotifier, request
+from tests.keys import STATE_KEY, STATEMENT
 
 BOB = Approver("bob@example.com", "Bob", ("dba",))
 CAROL = Approver("carol@example.com", "Carol", ("dba",))
@@ -44,7 +45,7 @@ async def eventually(predicate: object, within: float = WAIT) -> None:
 async def test_approve_releases_the_hold(
     service: ApprovalService, notifier: RecordingNotifier
 ) -> None:
-    held, future = await service.hold(request())
+    held, future = await service.hold(request(), STATEMENT)
     assert held.state is RequestState.PENDING
     assert held.instance_id == "a"
     assert not future.done()
@@ -58,7 +59,7 @@ async def test_approve_releases_the_hold(
 
 
 async def test_deny_releases_the_hold(service: ApprovalService) -> None:
-    held, future = await service.hold(request())
+    held, future = await service.hold(request(), STATEMENT)
     await service.deny(held.id, BOB, "not tonight", "teams")
     final = await resolved(future)
     assert final.state is RequestState.DENIED
@@ -66,7 +67,7 @@ async def test_deny_releases_the_hold(service: ApprovalService) -> None:
 
 
 async def test_quorum_of_two(service: ApprovalService) -> None:
-    held, future = await service.hold(request(min_approvals=2))
+    held, future = await service.hold(request(min_approvals=2), STATEMENT)
     partial = await service.approve(held.id, BOB, "", "api")
     assert partial.state is RequestState.PENDING
     with pytest.raises(DuplicateApproval):
@@ -78,7 +79,7 @@ async def test_quorum_of_two(service: ApprovalService) -> None:
 
 
 async def test_self_approval_and_wrong_group_keep_it_pending(service: ApprovalService) -> None:
-    held, future = await service.hold(request(approver_groups=("dba",)))
+    held, future = await service.hold(request(approver_groups=("dba",)), STATEMENT)
     with pytest.raises(SelfApproval):
         await service.approve(held.id, OWNER, "", "api")
     with pytest.raises(NotAllowedToApprove):
@@ -91,7 +92,7 @@ async def test_self_approval_and_wrong_group_keep_it_pending(service: ApprovalSe
 async def test_double_decision_race_across_two_instances(
     service: ApprovalService, service_b: ApprovalService
 ) -> None:
-    held, future = await service.hold(request())
+    held, future = await service.hold(request(), STATEMENT)
     results = await asyncio.gather(
         service.approve(held.id, BOB, "", "api"),
         service_b.deny(held.id, CAROL, "", "teams"),
@@ -107,7 +108,7 @@ async def test_expiry_releases_with_no_client_action(
     service: ApprovalService, notifier: RecordingNotifier
 ) -> None:
     started = time.monotonic()
-    held, future = await service.hold(request(expires_in_s=0.5))
+    held, future = await service.hold(request(expires_in_s=0.5), STATEMENT)
     final = await resolved(future, within=WAIT)
     assert final.state is RequestState.EXPIRED
     assert time.monotonic() - started < 2.5
@@ -115,7 +116,7 @@ async def test_expiry_releases_with_no_client_action(
 
 
 async def test_cancel_releases_and_is_quiet_when_final(service: ApprovalService) -> None:
-    held, future = await service.hold(request())
+    held, future = await service.hold(request(), STATEMENT)
     await service.cancel(held.id, "client disconnected")
     final = await resolved(future)
     assert final.state is RequestState.CANCELLED
@@ -124,7 +125,7 @@ async def test_cancel_releases_and_is_quiet_when_final(service: ApprovalService)
 
 
 async def test_a_cancelled_wait_does_not_leak(service: ApprovalService) -> None:
-    held, future = await service.hold(request())
+    held, future = await service.hold(request(), STATEMENT)
     future.cancel()
     await asyncio.sleep(0)
     assert service.waiting == 0
@@ -132,38 +133,44 @@ async def test_a_cancelled_wait_does_not_leak(service: ApprovalService) -> None:
 
 
 async def test_remembered_approval(service: ApprovalService, notifier: RecordingNotifier) -> None:
-    original, future = await service.hold(request(fingerprint="fp-remember", remember_s=60))
+    original, future = await service.hold(
+        request(fingerprint="fp-remember", remember_s=60), STATEMENT
+    )
     await service.approve(original.id, BOB, "", "api")
     await resolved(future)
-    again, again_future = await service.hold(request(fingerprint="fp-remember", remember_s=60))
+    again, again_future = await service.hold(
+        request(fingerprint="fp-remember", remember_s=60), STATEMENT
+    )
     assert again.state is RequestState.APPROVED
     assert again.remembered_from == original.id
     assert again_future.done()
     assert again_future.result() == again
     assert again.id != original.id
-    other, other_future = await service.hold(request(fingerprint="fp-other", remember_s=60))
+    other, other_future = await service.hold(
+        request(fingerprint="fp-other", remember_s=60), STATEMENT
+    )
     assert other.state is RequestState.PENDING
     assert not other_future.done()
     other_agent, _ = await service.hold(
-        request(fingerprint="fp-remember", remember_s=60, agent="other")
+        request(fingerprint="fp-remember", remember_s=60, agent="other"), STATEMENT
     )
     assert other_agent.state is RequestState.PENDING
-    no_remember_rule, _ = await service.hold(request(fingerprint="fp-remember"))
+    no_remember_rule, _ = await service.hold(request(fingerprint="fp-remember"), STATEMENT)
     assert no_remember_rule.state is RequestState.PENDING
     assert again.id not in {r.id for r in notifier.created}
 
 
 async def test_approval_on_another_instance_releases_within_a_second(
-    store: ApprovalStore, store_b: ApprovalStore, upstream_dsn: str
+    store: ApprovalStore, store_b: ApprovalStore, state_dsn: str
 ) -> None:
     # Polling is slowed right down so only LISTEN/NOTIFY can be this fast.
-    a = ApprovalService(store, upstream_dsn, poll_interval=30, instance_id="a")
-    b = ApprovalService(store_b, upstream_dsn, poll_interval=30, instance_id="b")
+    a = ApprovalService(store, state_dsn, key=STATE_KEY, poll_interval=30, instance_id="a")
+    b = ApprovalService(store_b, state_dsn, key=STATE_KEY, poll_interval=30, instance_id="b")
     await a.start()
     await b.start()
     try:
         assert a.listening
-        held, future = await a.hold(request())
+        held, future = await a.hold(request(), STATEMENT)
         await b.approve(held.id, BOB, "", "api")
         started = time.monotonic()
         assert (await resolved(future, within=1.0)).state is RequestState.APPROVED
@@ -174,12 +181,12 @@ async def test_approval_on_another_instance_releases_within_a_second(
 
 
 async def test_polling_releases_when_the_listen_connection_drops(
-    service: ApprovalService, service_b: ApprovalService, upstream_dsn: str
+    service: ApprovalService, service_b: ApprovalService, state_dsn: str
 ) -> None:
     pid = service.listen_backend_pid
     assert pid is not None
-    held, future = await service.hold(request())
-    conn = await asyncpg.connect(upstream_dsn, timeout=10)
+    held, future = await service.hold(request(), STATEMENT)
+    conn = await asyncpg.connect(state_dsn, timeout=10)
     try:
         assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid, timeout=10)
     finally:
@@ -189,10 +196,10 @@ async def test_polling_releases_when_the_listen_connection_drops(
     await eventually(lambda: service.listening and service.listen_backend_pid not in (None, pid))
 
 
-async def test_stop_fails_held_statements_closed(store: ApprovalStore, upstream_dsn: str) -> None:
-    svc = ApprovalService(store, upstream_dsn, instance_id="c")
+async def test_stop_fails_held_statements_closed(store: ApprovalStore, state_dsn: str) -> None:
+    svc = ApprovalService(store, state_dsn, key=STATE_KEY, instance_id="c")
     await svc.start()
-    held, future = await svc.hold(request())
+    held, future = await svc.hold(request(), STATEMENT)
     await svc.stop()
     with pytest.raises(AdminShutdown):
         await resolved(future)
@@ -202,7 +209,7 @@ async def test_stop_fails_held_statements_closed(store: ApprovalStore, upstream_
 
 
 async def test_a_failing_notifier_never_delays_or_breaks_the_hold(
-    store: ApprovalStore, upstream_dsn: str
+    store: ApprovalStore, state_dsn: str
 ) -> None:
     class Broken:
         async def request_created(self, request: ApprovalRequest) -> None:
@@ -211,11 +218,11 @@ async def test_a_failing_notifier_never_delays_or_breaks_the_hold(
         async def request_updated(self, request: ApprovalRequest) -> None:
             raise RuntimeError("teams is down")
 
-    svc = ApprovalService(store, upstream_dsn, notifier=Broken(), instance_id="d")
+    svc = ApprovalService(store, state_dsn, key=STATE_KEY, notifier=Broken(), instance_id="d")
     await svc.start()
     try:
         started = time.monotonic()
-        held, future = await svc.hold(request())
+        held, future = await svc.hold(request(), STATEMENT)
         assert time.monotonic() - started < 1.0
         await svc.approve(held.id, BOB, "", "api")
         assert (await resolved(future)).state is RequestState.APPROVED
@@ -227,11 +234,13 @@ async def test_polling_alone_releases_when_listen_cannot_connect(
     store: ApprovalStore, service_b: ApprovalService
 ) -> None:
     unreachable = "postgresql://nobody:x@127.0.0.1:1/postgres?sslmode=disable"
-    svc = ApprovalService(store, unreachable, poll_interval=0.5, instance_id="e", timeout=1.0)
+    svc = ApprovalService(
+        store, unreachable, key=STATE_KEY, poll_interval=0.5, instance_id="e", timeout=1.0
+    )
     await svc.start()
     try:
         assert not svc.listening
-        held, future = await svc.hold(request())
+        held, future = await svc.hold(request(), STATEMENT)
         await service_b.approve(held.id, BOB, "", "api")
         assert (await resolved(future, within=2.0)).state is RequestState.APPROVED
     finally:

@@ -20,6 +20,7 @@ from pgguard.approvals import (
 from pgguard.approvals.model import ApprovalStoreUnavailable
 from pgguard.errors import ConfigError
 from tests.integration.approvals.conftest import request
+from tests.keys import DIGEST, STATE_KEY
 
 BOB = Approver("bob@example.com", "Bob", ("dba",))
 CAROL = Approver("carol@example.com", "Carol", ("security",))
@@ -27,7 +28,7 @@ ALICE_OWNER = Approver("alice@example.com", "Alice", ("dba", "security"))
 
 
 async def test_create_stores_every_field(store: ApprovalStore) -> None:
-    created = await store.create(request())
+    created = await store.create(request(), DIGEST)
     assert created.state is RequestState.PENDING
     assert len(created.id) == 16
     assert created.id.isalnum()
@@ -44,13 +45,13 @@ async def test_create_stores_every_field(store: ApprovalStore) -> None:
 
 
 async def test_ids_are_unique(store: ApprovalStore) -> None:
-    ids = {(await store.create(request())).id for _ in range(20)}
+    ids = {(await store.create(request(), DIGEST)).id for _ in range(20)}
     assert len(ids) == 20
 
 
 async def test_approve_and_deny(store: ApprovalStore) -> None:
     approved = await store.record_decision(
-        (await store.create(request())).id, BOB, "approve", "ok", "api"
+        (await store.create(request(), DIGEST)).id, BOB, "approve", "ok", "api"
     )
     assert approved.state is RequestState.APPROVED
     assert approved.decided_at is not None
@@ -62,7 +63,7 @@ async def test_approve_and_deny(store: ApprovalStore) -> None:
         "ok",
     )
     denied = await store.record_decision(
-        (await store.create(request())).id, BOB, "deny", "no", "teams"
+        (await store.create(request(), DIGEST)).id, BOB, "deny", "no", "teams"
     )
     assert denied.state is RequestState.DENIED
     with pytest.raises(AlreadyDecided):
@@ -70,7 +71,7 @@ async def test_approve_and_deny(store: ApprovalStore) -> None:
 
 
 async def test_quorum_needs_distinct_approvers(store: ApprovalStore) -> None:
-    created = await store.create(request(min_approvals=2))
+    created = await store.create(request(min_approvals=2), DIGEST)
     first = await store.record_decision(created.id, BOB, "approve", "", "api")
     assert first.state is RequestState.PENDING
     assert len(first.approvals) == 1
@@ -82,21 +83,21 @@ async def test_quorum_needs_distinct_approvers(store: ApprovalStore) -> None:
 
 
 async def test_one_deny_decides_a_quorum_request(store: ApprovalStore) -> None:
-    created = await store.create(request(min_approvals=3))
+    created = await store.create(request(min_approvals=3), DIGEST)
     await store.record_decision(created.id, BOB, "approve", "", "api")
     denied = await store.record_decision(created.id, CAROL, "deny", "no", "api")
     assert denied.state is RequestState.DENIED
 
 
 async def test_self_approval_is_refused_whatever_the_groups(store: ApprovalStore) -> None:
-    created = await store.create(request(approver_groups=("dba",)))
+    created = await store.create(request(approver_groups=("dba",)), DIGEST)
     with pytest.raises(SelfApproval):
         await store.record_decision(created.id, ALICE_OWNER, "approve", "", "api")
     assert (await store.get(created.id)).state is RequestState.PENDING  # type: ignore[union-attr]
 
 
 async def test_wrong_group_is_refused(store: ApprovalStore) -> None:
-    created = await store.create(request(approver_groups=("dba",)))
+    created = await store.create(request(approver_groups=("dba",)), DIGEST)
     with pytest.raises(NotAllowedToApprove):
         await store.record_decision(created.id, CAROL, "approve", "", "api")
     with pytest.raises(NotAllowedToApprove):
@@ -112,7 +113,7 @@ async def test_unknown_request(store: ApprovalStore) -> None:
 
 
 async def test_cancel_is_a_compare_and_swap(store: ApprovalStore) -> None:
-    created = await store.create(request())
+    created = await store.create(request(), DIGEST)
     cancelled = await store.cancel(created.id, "client disconnected")
     assert cancelled is not None
     assert cancelled.state is RequestState.CANCELLED
@@ -123,7 +124,7 @@ async def test_cancel_is_a_compare_and_swap(store: ApprovalStore) -> None:
 
 
 async def test_decision_after_expiry_expires_instead(store: ApprovalStore) -> None:
-    created = await store.create(request(expires_in_s=0.05))
+    created = await store.create(request(expires_in_s=0.05), DIGEST)
     await asyncio.sleep(0.1)
     with pytest.raises(AlreadyDecided):
         await store.record_decision(created.id, BOB, "approve", "", "api")
@@ -134,7 +135,7 @@ async def test_concurrent_decisions_on_two_pools_have_one_winner(
     store: ApprovalStore, store_b: ApprovalStore
 ) -> None:
     for _ in range(5):
-        created = await store.create(request())
+        created = await store.create(request(), DIGEST)
         results = await asyncio.gather(
             store.record_decision(created.id, BOB, "approve", "", "api"),
             store_b.record_decision(created.id, CAROL, "deny", "", "teams"),
@@ -152,7 +153,7 @@ async def test_concurrent_decisions_on_two_pools_have_one_winner(
 
 
 async def test_list_filters_by_state(store: ApprovalStore) -> None:
-    created = await store.create(request())
+    created = await store.create(request(), DIGEST)
     pending = await store.list(RequestState.PENDING, limit=1000)
     assert created.id in {r.id for r in pending}
     assert all(r.state is RequestState.PENDING for r in pending)
@@ -160,27 +161,29 @@ async def test_list_filters_by_state(store: ApprovalStore) -> None:
 
 
 async def test_migrations_are_idempotent_and_schema_names_checked(
-    upstream_dsn: str, state_schema: str
+    state_dsn: str, state_schema: str
 ) -> None:
-    again = await ApprovalStore.open(upstream_dsn, schema=state_schema)
+    again = await ApprovalStore.open(state_dsn, key=STATE_KEY, schema=state_schema)
     await again.close()
     with pytest.raises(ConfigError):
-        await ApprovalStore.open(upstream_dsn, schema='x"; DROP')
+        await ApprovalStore.open(state_dsn, key=STATE_KEY, schema='x"; DROP')
 
 
 async def test_unreachable_state_database_fails_closed() -> None:
     with pytest.raises(ApprovalStoreUnavailable):
         await ApprovalStore.open(
-            "postgresql://nobody:x@127.0.0.1:1/postgres?sslmode=disable", timeout=1.0
+            "postgresql://nobody:x@127.0.0.1:1/postgres?sslmode=disable",
+            key=STATE_KEY,
+            timeout=1.0,
         )
 
 
 async def test_schema_is_readable_by_an_auditor(
-    upstream_dsn: str, state_schema: str, store: ApprovalStore
+    state_dsn: str, state_schema: str, store: ApprovalStore
 ) -> None:
-    created = await store.create(request(rule_ids=("r1", "r2")))
+    created = await store.create(request(rule_ids=("r1", "r2")), DIGEST)
     await store.record_decision(created.id, BOB, "approve", "fine", "api")
-    conn = await asyncpg.connect(upstream_dsn, timeout=10)
+    conn = await asyncpg.connect(state_dsn, timeout=10)
     try:
         row = await conn.fetchrow(
             f"SELECT r.state, r.rule_ids, r.touches->'tables' AS tables, d.approver_id "

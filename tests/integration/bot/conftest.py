@@ -37,10 +37,12 @@ def state_schema() -> str:
 
 @pytest.fixture(scope="module")
 def pgguard(
-    upstream_dsn: str, rules_dir: Path, stub: BotConnectorStub, state_schema: str
+    upstream_dsn: str, state_dsn: str, rules_dir: Path, stub: BotConnectorStub, state_schema: str
 ) -> Iterator[PgguardThread]:
     spool = Path(tempfile.mkdtemp(prefix="pgguard-spool-"))
-    settings = bot_settings(upstream_dsn, rules_dir, state_schema, spool, stub.bot_settings())
+    settings = bot_settings(
+        upstream_dsn, state_dsn, rules_dir, state_schema, spool, stub.bot_settings()
+    )
     thread = PgguardThread(settings).start()
     try:
         yield thread

@@ -30,7 +30,12 @@ SUBJECTS = {
 
 
 def bot_settings(
-    upstream_dsn: str, rules_dir: Path, schema: str, spool: Path, bot: dict[str, object]
+    upstream_dsn: str,
+    state_dsn: str,
+    rules_dir: Path,
+    schema: str,
+    spool: Path,
+    bot: dict[str, object],
 ) -> Settings:
     """pgguard with the test rules, token+subject approvers, and ``[teams.bot]`` = ``bot``."""
     approvers = [
@@ -41,6 +46,7 @@ def bot_settings(
     ]
     return agent_settings(
         upstream_dsn,
+        state_dsn,
         agents=[{"name": AGENT, "password": AGENT_PASSWORD, "owner": OWNER}],
         policy={"rules_dir": str(rules_dir)},
         state={"schema": schema, "timeout": 5.0},

@@ -44,6 +44,7 @@ def stub(certificate: tuple[Path, bytes]) -> Iterator[BotConnectorStub]:
 @pytest.fixture(scope="module")
 def pgguard(
     upstream_dsn: str,
+    state_dsn: str,
     rules_dir: Path,
     stub: BotConnectorStub,
     certificate: tuple[Path, bytes],
@@ -52,7 +53,9 @@ def pgguard(
     spool = Path(tempfile.mkdtemp(prefix="pgguard-spool-"))
     bot = stub.bot_settings(certificate=str(certificate[0]))
     assert "app_password" not in bot
-    thread = PgguardThread(bot_settings(upstream_dsn, rules_dir, schema, spool, bot)).start()
+    thread = PgguardThread(
+        bot_settings(upstream_dsn, state_dsn, rules_dir, schema, spool, bot)
+    ).start()
     try:
         yield thread
     finally:

@@ -31,6 +31,7 @@ from tests.integration.bot.helpers import (
     wait_for_card,
 )
 from tests.integration.holds.helpers import auth, eventually, wait_for_request
+from tests.keys import STATE_KEY
 from tests.support import PgguardThread
 
 
@@ -166,7 +167,7 @@ async def test_a_replayed_invoke_is_refused_without_deciding_again(
     pgguard: PgguardThread,
     api: httpx.AsyncClient,
     stub: BotConnectorStub,
-    upstream_dsn: str,
+    state_dsn: str,
     state_schema: str,
 ) -> None:
     async with held(pgguard, api, stub, "COPY quorum_t TO STDOUT", "quorum_t") as h:
@@ -188,7 +189,7 @@ async def test_a_replayed_invoke_is_refused_without_deciding_again(
         assert stored["state"] == "pending"
         assert [d["approver_id"] for d in stored["decisions"]] == ["dba1"]
         # Remembered in the shared state database, so other instances refuse it too.
-        state = await asyncpg.connect(upstream_dsn)
+        state = await asyncpg.connect(state_dsn)
         try:
             seen = await state.fetchval(
                 f"SELECT count(*) FROM {state_schema}.bot_seen_activities WHERE activity_id = $1",
@@ -216,7 +217,7 @@ async def test_another_instance_updates_the_card_from_the_stored_activity_id(
     pgguard: PgguardThread,
     api: httpx.AsyncClient,
     stub: BotConnectorStub,
-    upstream_dsn: str,
+    state_dsn: str,
     state_schema: str,
 ) -> None:
     async with held(pgguard, api, stub, "DROP TABLE hold_t", "hold_t") as h:
@@ -231,10 +232,12 @@ async def test_another_instance_updates_the_card_from_the_stored_activity_id(
         await eventually(lambda: bool(stub.updates_for(request["id"])))  # this instance's own
     # A second bot, as a freshly started instance would have it: nothing in memory, only the
     # shared state database, finds the message and updates it.
-    store = await ApprovalStore.open(upstream_dsn, schema=state_schema)
+    store = await ApprovalStore.open(state_dsn, key=STATE_KEY, schema=state_schema)
     bot = TeamsBot(pgguard.settings.teams.bot, "https://other-instance.example.test")
     try:
-        bot.register(FastAPI(), ApprovalService(store, upstream_dsn), ApproverDirectory([]))
+        bot.register(
+            FastAPI(), ApprovalService(store, state_dsn, key=STATE_KEY), ApproverDirectory([])
+        )
         final = await store.get(request["id"])
         assert final is not None
         assert final.state is RequestState.DENIED
@@ -275,9 +278,9 @@ async def test_a_card_still_waiting_to_be_posted_is_dropped_once_decided(
 
 
 async def test_seen_invokes_are_forgotten_once_their_tokens_are_long_expired(
-    upstream_dsn: str, state_schema: str, pgguard: PgguardThread
+    state_dsn: str, state_schema: str, pgguard: PgguardThread
 ) -> None:
-    store = await ApprovalStore.open(upstream_dsn, schema=state_schema)
+    store = await ApprovalStore.open(state_dsn, key=STATE_KEY, schema=state_schema)
     try:
         now = datetime.now(UTC)
         assert await store.first_sighting("f:old-invoke", now - timedelta(seconds=1))
@@ -287,7 +290,7 @@ async def test_seen_invokes_are_forgotten_once_their_tokens_are_long_expired(
         assert not await store.first_sighting("f:old-invoke", now + timedelta(hours=1))
     finally:
         await store.close()
-    state = await asyncpg.connect(upstream_dsn)
+    state = await asyncpg.connect(state_dsn)
     try:
         overdue = await state.fetchval(
             f"SELECT count(*) FROM {state_schema}.bot_seen_activities WHERE keep_until < now()"

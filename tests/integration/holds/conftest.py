@@ -27,9 +27,13 @@ async def teams() -> AsyncIterator[TeamsStub]:
 
 
 @pytest.fixture(scope="module")
-def pgguard(upstream_dsn: str, rules_dir: Path, teams: TeamsStub) -> Iterator[PgguardThread]:
+def pgguard(
+    upstream_dsn: str, state_dsn: str, rules_dir: Path, teams: TeamsStub
+) -> Iterator[PgguardThread]:
     schema = f"pgguard_holds_{secrets.token_hex(4)}"  # one per test module
-    settings = hold_settings(upstream_dsn, rules_dir, schema, teams={"webhook_url": teams.url})
+    settings = hold_settings(
+        upstream_dsn, state_dsn, rules_dir, schema, teams={"webhook_url": teams.url}
+    )
     thread = PgguardThread(settings).start()
     try:
         yield thread

@@ -51,16 +51,23 @@ def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def hold_settings(upstream_dsn: str, rules_dir: Path, schema: str, **extra: Any) -> Any:
+def hold_settings(
+    upstream_dsn: str, state_dsn: str, rules_dir: Path, schema: str, **extra: Any
+) -> Any:
     extra.setdefault("ledger", {"spool_dir": str(Path(tempfile.mkdtemp(prefix="pgguard-spool-")))})
     return agent_settings(
         upstream_dsn,
+        state_dsn,
         agents=[
             {"name": AGENT, "password": AGENT_PASSWORD, "owner": OWNER},
             {"name": "leaky", "password": "leaky-password", "owner": "carol@example.com"},
         ],
         policy={"rules_dir": str(rules_dir)},
-        state={"schema": schema, "timeout": extra.pop("state_timeout", 5.0)},
+        state={
+            "schema": schema,
+            "timeout": extra.pop("state_timeout", 5.0),
+            **extra.pop("state", {}),
+        },
         http={"host": "127.0.0.1", "port": 0, "public_url": PUBLIC_URL},
         approvers=[
             {

@@ -321,10 +321,14 @@ async def test_approver_cli(pgguard: PgguardThread, api: httpx.AsyncClient) -> N
 
 
 async def test_two_instances_behave_as_one(
-    pgguard: PgguardThread, upstream_dsn: str, rules_dir: Path, api: httpx.AsyncClient
+    pgguard: PgguardThread,
+    upstream_dsn: str,
+    state_dsn: str,
+    rules_dir: Path,
+    api: httpx.AsyncClient,
 ) -> None:
     schema = pgguard.settings.state.schema_name
-    other = PgguardThread(hold_settings(upstream_dsn, rules_dir, schema)).start()
+    other = PgguardThread(hold_settings(upstream_dsn, state_dsn, rules_dir, schema)).start()
     try:
         conn = await asyncpg.connect(other.dsn())  # held on instance B
         try:

@@ -23,9 +23,9 @@ from tests.integration.holds.helpers import OWNER, auth, wait_for_request
 from tests.support import PgguardThread
 
 
-async def entries(pgguard: PgguardThread, upstream_dsn: str, where: str, *args: Any) -> list[Any]:
+async def entries(pgguard: PgguardThread, state_dsn: str, where: str, *args: Any) -> list[Any]:
     schema = pgguard.settings.state.schema_name
-    conn = await asyncpg.connect(upstream_dsn)
+    conn = await asyncpg.connect(state_dsn)
     try:
         return list(
             await conn.fetch(f"SELECT * FROM {schema}.ledger WHERE {where} ORDER BY seq", *args)
@@ -35,13 +35,13 @@ async def entries(pgguard: PgguardThread, upstream_dsn: str, where: str, *args: 
 
 
 async def wait_for_entries(
-    pgguard: PgguardThread, upstream_dsn: str, where: str, *args: Any, count: int = 1
+    pgguard: PgguardThread, state_dsn: str, where: str, *args: Any, count: int = 1
 ) -> list[Any]:
     found: list[Any] = []
 
     async def enough() -> bool:
         nonlocal found
-        found = await entries(pgguard, upstream_dsn, where, *args)
+        found = await entries(pgguard, state_dsn, where, *args)
         return len(found) >= count
 
     async with asyncio.timeout(10):
@@ -51,9 +51,7 @@ async def wait_for_entries(
             await asyncio.sleep(0.1)
 
 
-async def test_allowed_statement_with_its_outcome(
-    pgguard: PgguardThread, upstream_dsn: str
-) -> None:
+async def test_allowed_statement_with_its_outcome(pgguard: PgguardThread, state_dsn: str) -> None:
     conn = await asyncpg.connect(pgguard.dsn())
     try:
         await conn.execute("INSERT INTO hold_t VALUES (77, 'zed@example.com')")
@@ -61,7 +59,7 @@ async def test_allowed_statement_with_its_outcome(
     finally:
         await conn.close()
     (insert,) = await wait_for_entries(
-        pgguard, upstream_dsn, "kind = 'statement' AND statement LIKE 'INSERT INTO hold_t%'"
+        pgguard, state_dsn, "kind = 'statement' AND statement LIKE 'INSERT INTO hold_t%'"
     )
     assert insert["agent"] == "agent"
     assert insert["owner"] == OWNER
@@ -74,14 +72,14 @@ async def test_allowed_statement_with_its_outcome(
     assert insert["upstream_role"]
     (select,) = await wait_for_entries(
         pgguard,
-        upstream_dsn,
+        state_dsn,
         "kind = 'statement' AND statement LIKE 'SELECT count(*) FROM hold_t%'",
     )
     assert select["command_tag"] == "SELECT 1"
 
 
 async def test_ordinary_statements_are_packed_masked_and_verifiable(
-    pgguard: PgguardThread, upstream_dsn: str
+    pgguard: PgguardThread, state_dsn: str
 ) -> None:
     """Ordinary statements go many to a row of ledger_packs; the view shows each as a row, the
     raw pack holds no literal value, and verify walks packs and full entries as one chain."""
@@ -95,7 +93,7 @@ async def test_ordinary_statements_are_packed_masked_and_verifiable(
         await conn.close()
     found = await wait_for_entries(
         pgguard,
-        upstream_dsn,
+        state_dsn,
         "packed AND statement LIKE 'SELECT id FROM hold_t WHERE email%'",
         count=5,
     )
@@ -103,7 +101,7 @@ async def test_ordinary_statements_are_packed_masked_and_verifiable(
     assert all(f["command_tag"] == "SELECT 0" and f["agent"] == "agent" for f in found)
     assert len({f["entry_id"] for f in found}) == 5
     schema = pgguard.settings.state.schema_name
-    admin = await asyncpg.connect(upstream_dsn)
+    admin = await asyncpg.connect(state_dsn)
     try:
         bodies = [r["body"] for r in await admin.fetch(f"SELECT body FROM {schema}.ledger_packs")]
         assert bodies
@@ -115,7 +113,7 @@ async def test_ordinary_statements_are_packed_masked_and_verifiable(
 
 
 async def test_packed_statement_with_unusual_text_keeps_the_view_readable(
-    pgguard: PgguardThread, upstream_dsn: str
+    pgguard: PgguardThread, state_dsn: str
 ) -> None:
     """Non-ASCII, quoted identifiers and a failing statement in a pack: the view still reads
     (it casts every pack body to jsonb), and verify passes."""
@@ -127,11 +125,11 @@ async def test_packed_statement_with_unusual_text_keeps_the_view_readable(
     finally:
         await conn.close()
     found = await wait_for_entries(
-        pgguard, upstream_dsn, "packed AND statement LIKE '%\u2603%'", count=2
+        pgguard, state_dsn, "packed AND statement LIKE '%\u2603%'", count=2
     )
     assert {f["sqlstate"] for f in found} == {None, "42703"}
     assert not any("h\u00e9llo" in f["statement"] for f in found)  # the literal is masked
-    admin = await asyncpg.connect(upstream_dsn)
+    admin = await asyncpg.connect(state_dsn)
     try:
         report = await verify(admin, schema=pgguard.settings.state.schema_name)
         assert report.ok, report.problems
@@ -139,9 +137,7 @@ async def test_packed_statement_with_unusual_text_keeps_the_view_readable(
         await admin.close()
 
 
-async def test_failed_statement_records_its_error(
-    pgguard: PgguardThread, upstream_dsn: str
-) -> None:
+async def test_failed_statement_records_its_error(pgguard: PgguardThread, state_dsn: str) -> None:
     conn = await asyncpg.connect(pgguard.dsn())
     try:
         with pytest.raises(asyncpg.DivisionByZeroError):
@@ -149,14 +145,14 @@ async def test_failed_statement_records_its_error(
     finally:
         await conn.close()
     (failed,) = await wait_for_entries(
-        pgguard, upstream_dsn, "statement LIKE '%FROM hold_t' AND sqlstate = '22012'"
+        pgguard, state_dsn, "statement LIKE '%FROM hold_t' AND sqlstate = '22012'"
     )
     assert failed["sqlstate"] == "22012"
     assert "division by zero" in failed["error_message"]
 
 
 async def test_approved_statement_is_durable_with_its_approver(
-    pgguard: PgguardThread, api: httpx.AsyncClient, upstream_dsn: str
+    pgguard: PgguardThread, api: httpx.AsyncClient, state_dsn: str
 ) -> None:
     conn = await asyncpg.connect(pgguard.dsn())
     try:
@@ -171,7 +167,7 @@ async def test_approved_statement_is_durable_with_its_approver(
     finally:
         await conn.close()
     (statement,) = await wait_for_entries(
-        pgguard, upstream_dsn, "kind = 'statement' AND request_id = $1", request["id"]
+        pgguard, state_dsn, "kind = 'statement' AND request_id = $1", request["id"]
     )
     assert statement["action"] == "hold"
     assert statement["categories"] == ["export"]
@@ -186,7 +182,7 @@ async def test_approved_statement_is_durable_with_its_approver(
     assert approvers[0]["channel"] == "api"
     assert approvers[0]["comment"] == "fine"
     (outcome,) = await wait_for_entries(
-        pgguard, upstream_dsn, "kind = 'outcome' AND statement_entry_id = $1", statement["entry_id"]
+        pgguard, state_dsn, "kind = 'outcome' AND statement_entry_id = $1", statement["entry_id"]
     )
     assert outcome["command_tag"] == "COPY 1"
     # Durable before forwarding: the decision's entry precedes its outcome in the chain.
@@ -196,7 +192,7 @@ async def test_approved_statement_is_durable_with_its_approver(
 
 @pytest.mark.parametrize("how", ["deny", "expire"])
 async def test_refused_statements_are_recorded(
-    pgguard: PgguardThread, api: httpx.AsyncClient, upstream_dsn: str, how: str
+    pgguard: PgguardThread, api: httpx.AsyncClient, state_dsn: str, how: str
 ) -> None:
     conn = await asyncpg.connect(pgguard.dsn())
     # short_t exports expire after 1 s (a test rule); hold_t ones wait for the denial.
@@ -212,34 +208,34 @@ async def test_refused_statements_are_recorded(
             await asyncio.wait_for(running, 10)
     finally:
         await conn.close()
-    (entry,) = await wait_for_entries(pgguard, upstream_dsn, "request_id = $1", request["id"])
+    (entry,) = await wait_for_entries(pgguard, state_dsn, "request_id = $1", request["id"])
     assert entry["sqlstate"] == "42501"
     assert entry["action"] == "hold"
     assert ("denied" if how == "deny" else "expired") in entry["error_message"]
 
 
 async def test_sessions_and_auth_failures_are_recorded(
-    pgguard: PgguardThread, upstream_dsn: str
+    pgguard: PgguardThread, state_dsn: str
 ) -> None:
     conn = await asyncpg.connect(pgguard.dsn(application_name="ledger-app"))
     await conn.close()
     with pytest.raises(asyncpg.InvalidPasswordError):
         await asyncpg.connect(pgguard.dsn(password="wrong"))
     started = await wait_for_entries(
-        pgguard, upstream_dsn, "kind = 'session_start' AND application_name = 'ledger-app'"
+        pgguard, state_dsn, "kind = 'session_start' AND application_name = 'ledger-app'"
     )
     ended = await wait_for_entries(
-        pgguard, upstream_dsn, "kind = 'session_end' AND session_id = $1", started[0]["session_id"]
+        pgguard, state_dsn, "kind = 'session_end' AND session_id = $1", started[0]["session_id"]
     )
     assert ended
     failures = await wait_for_entries(
-        pgguard, upstream_dsn, "kind = 'auth_failure' AND agent = 'agent'"
+        pgguard, state_dsn, "kind = 'auth_failure' AND agent = 'agent'"
     )
     assert failures[0]["client_address"].startswith("127.0.0.1")
 
 
 async def test_export_and_verify_from_the_cli(
-    pgguard: PgguardThread, upstream_dsn: str, tmp_path: Path
+    pgguard: PgguardThread, state_dsn: str, tmp_path: Path
 ) -> None:
     conn = await asyncpg.connect(pgguard.dsn())
     try:
@@ -247,13 +243,14 @@ async def test_export_and_verify_from_the_cli(
     finally:
         await conn.close()
     await wait_for_entries(
-        pgguard, upstream_dsn, "statement LIKE '%FROM hold_t' AND command_tag = 'SELECT 1'"
+        pgguard, state_dsn, "statement LIKE '%FROM hold_t' AND command_tag = 'SELECT 1'"
     )
     config = tmp_path / "pgguard.toml"
     schema = pgguard.settings.state.schema_name
+    upstream = pgguard.settings.upstream.dsn.get_secret_value()
     config.write_text(  # the instance's data_dir: verify checks its key's checkpoints
         f'data_dir = "{pgguard.settings.data_dir.resolve()}"\n'
-        f'[upstream]\ndsn = "{upstream_dsn}"\n[state]\nschema = "{schema}"\n'
+        f'[upstream]\ndsn = "{upstream}"\n[state]\ndsn = "{state_dsn}"\nschema = "{schema}"\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGGUARD_")}
     cli = [sys.executable, "-m", "pgguard.cli", "ledger"]
@@ -282,7 +279,7 @@ async def test_export_and_verify_from_the_cli(
 
 
 async def test_approved_statement_is_refused_when_the_ledger_cannot_record_it(
-    upstream_dsn: str, rules_dir: Path
+    upstream_dsn: str, state_dsn: str, rules_dir: Path
 ) -> None:
     """Fail closed: neither the state database nor the spool can take the decision's entry."""
     import secrets
@@ -292,13 +289,14 @@ async def test_approved_statement_is_refused_when_the_ledger_cannot_record_it(
     schema = f"pgguard_noledger_{secrets.token_hex(4)}"
     settings = hold_settings(
         upstream_dsn,
+        state_dsn,
         rules_dir,
         schema,
         ledger={"spool_dir": f"/proc/pgguard-spool-{secrets.token_hex(4)}"},  # cannot exist
         state_timeout=1.0,
     )
     thread = PgguardThread(settings).start()
-    admin = await asyncpg.connect(upstream_dsn)
+    admin = await asyncpg.connect(state_dsn)
     try:
         # From now on the state database refuses every ledger row (approvals still work).
         await admin.execute(

@@ -41,7 +41,7 @@ async def test_no_sensitive_value_in_any_captured_output(
     api: httpx.AsyncClient,
     teams: TeamsStub,
     caplog: pytest.LogCaptureFixture,
-    upstream_dsn: str,
+    state_dsn: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     captured: list[str] = []
@@ -88,7 +88,7 @@ async def test_no_sensitive_value_in_any_captured_output(
     assert pgguard.running.ledger is not None
     pgguard.call(pgguard.running.ledger.flush())
     schema = pgguard.settings.state.schema_name
-    ledger = await asyncpg.connect(upstream_dsn)
+    ledger = await asyncpg.connect(state_dsn)
     try:
         rows = await ledger.fetch(
             f"SELECT to_jsonb(e)::text AS row FROM {schema}.ledger_entries e WHERE agent = 'leaky'"

@@ -73,9 +73,9 @@ async def chain_rows(admin: asyncpg.Connection, schema: str, chain_id: str) -> l
 
 
 @pytest.fixture(scope="session")
-def ledger_dsn(upstream_dsn: str) -> str:
+def ledger_dsn(state_dsn: str) -> str:
     """The state database the ledger tests write to: the one place that names it."""
-    return upstream_dsn
+    return state_dsn
 
 
 @pytest.fixture(scope="module")

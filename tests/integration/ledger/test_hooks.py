@@ -24,10 +24,10 @@ def completed(record: StatementRecord, tag: str) -> list[Outcome]:
 
 
 async def test_noted_statements_are_sealed_in_order_and_memory_stays_bounded(
-    upstream_dsn: str, state_schema: str, admin: asyncpg.Connection, tmp_path: Path
+    ledger_dsn: str, state_schema: str, admin: asyncpg.Connection, tmp_path: Path
 ) -> None:
     writer = await LedgerWriter.open(
-        upstream_dsn, schema=state_schema, spool_dir=tmp_path, instance_id="hooks"
+        ledger_dsn, schema=state_schema, spool_dir=tmp_path, instance_id="hooks"
     )
     hooks = LedgerHooks(writer, MaskingRules.load(), "hooks", "pgguard_scram")
     session = Session("hooks-1", "agent", "owner", "postgres", "127.0.0.1:5", BackendTracker())

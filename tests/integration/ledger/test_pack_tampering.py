@@ -22,14 +22,14 @@ Body = dict[str, Any]
 
 @pytest.fixture
 async def ids(
-    upstream_dsn: str,
+    ledger_dsn: str,
     state_schema: str,
     admin: asyncpg.Connection,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> list[str]:
     """A fresh chain of 9 entries: 4 packed, 1 full, 4 packed (one pack each side); its ids."""
     writer = await LedgerWriter.open(
-        upstream_dsn,
+        ledger_dsn,
         schema=state_schema,
         spool_dir=tmp_path_factory.mktemp("spool"),
         instance_id="packs",

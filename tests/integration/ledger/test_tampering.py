@@ -14,14 +14,14 @@ from tests.integration.ledger.conftest import entry
 
 @pytest.fixture
 async def chain(
-    upstream_dsn: str,
+    ledger_dsn: str,
     state_schema: str,
     admin: asyncpg.Connection,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> list[asyncpg.Record]:
     """A fresh 8-entry chain (the table is emptied first); its rows in seq order."""
     writer = await LedgerWriter.open(
-        upstream_dsn,
+        ledger_dsn,
         schema=state_schema,
         spool_dir=tmp_path_factory.mktemp("spool"),
         instance_id="tamper",

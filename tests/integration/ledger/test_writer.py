@@ -30,13 +30,13 @@ APPROVER = {"id": "bob@example.com", "name": "Bob", "channel": "teams", "comment
 
 @pytest.fixture(scope="module")
 async def writer(
-    upstream_dsn: str,
+    ledger_dsn: str,
     state_schema: str,
     admin: asyncpg.Connection,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[LedgerWriter]:
     opened = await LedgerWriter.open(
-        upstream_dsn,
+        ledger_dsn,
         schema=state_schema,
         spool_dir=tmp_path_factory.mktemp("spool"),
         instance_id="inst-a",
@@ -182,15 +182,15 @@ async def test_batches_land_exactly_once(
 
 
 async def test_a_pack_shipped_twice_is_stored_once(
-    upstream_dsn: str, state_schema: str, admin: asyncpg.Connection
+    ledger_dsn: str, state_schema: str, admin: asyncpg.Connection
 ) -> None:
     """An answer lost after the commit makes the writer ship the same entries again (from the
     spool, perhaps cut into other batches): the packs' watermark keeps them stored once."""
     chain = Chain("twice:1")
     text = text_record("SELECT ?", "fp", ["read"], ["read.default"], "allow")
     sealed = [chain.seal_packed(SESSION, text, (1, 2, "SELECT 1", 1, None, None)) for _ in range(6)]
-    store = LedgerStore(upstream_dsn, schema=state_schema)
-    again = LedgerStore(upstream_dsn, schema=state_schema)  # knows nothing of what is stored
+    store = LedgerStore(ledger_dsn, schema=state_schema)
+    again = LedgerStore(ledger_dsn, schema=state_schema)  # knows nothing of what is stored
     try:
         await store.insert(sealed[:4])
         await store.insert(sealed[2:])  # overlaps the first batch
@@ -256,12 +256,12 @@ async def test_record_only_queues_and_the_shipper_stores_everything(writer: Ledg
 
 
 async def test_a_feeders_entries_keep_their_place_in_the_chain(
-    upstream_dsn: str, state_schema: str, admin: asyncpg.Connection, tmp_path: Path
+    ledger_dsn: str, state_schema: str, admin: asyncpg.Connection, tmp_path: Path
 ) -> None:
     """What a feeder holds (the proxy's noted ordinary statements) is sealed before anything
     recorded after it: a full entry, a durable one, or the final flush."""
     writer = await LedgerWriter.open(
-        upstream_dsn, schema=state_schema, spool_dir=tmp_path, instance_id="feeder"
+        ledger_dsn, schema=state_schema, spool_dir=tmp_path, instance_id="feeder"
     )
     held: list[tuple[Ref, Ref, PackedOutcome]] = []
 
@@ -319,14 +319,14 @@ class AnswerLost(LedgerStore):
 
 
 async def test_a_pack_whose_answer_was_lost_is_stored_once(
-    upstream_dsn: str, state_schema: str, admin: asyncpg.Connection
+    ledger_dsn: str, state_schema: str, admin: asyncpg.Connection
 ) -> None:
     """The store follows each chain's stored watermark itself (one round trip per batch); after
     a failure it asks the database again instead of trusting what it followed."""
     chain = Chain("lost:1")
     text = text_record("SELECT ?", "fp", ["read"], ["read.default"], "allow")
     sealed = [chain.seal_packed(SESSION, text, (1, 2, "SELECT 1", 1, None, None)) for _ in range(6)]
-    store = AnswerLost(upstream_dsn, schema=state_schema)
+    store = AnswerLost(ledger_dsn, schema=state_schema)
     try:
         await store.insert(sealed[:2])
         await store.insert(sealed[2:4])  # from the followed watermark

@@ -27,9 +27,13 @@ def provider() -> Iterator[OidcProvider]:
 
 
 @pytest.fixture(scope="module")
-def pgguard(upstream_dsn: str, rules_dir: Path, provider: OidcProvider) -> Iterator[PgguardThread]:
+def pgguard(
+    upstream_dsn: str, state_dsn: str, rules_dir: Path, provider: OidcProvider
+) -> Iterator[PgguardThread]:
     schema = f"pgguard_oidc_{secrets.token_hex(4)}"  # one per test module
-    thread = PgguardThread(oidc_settings(upstream_dsn, rules_dir, schema, provider)).start()
+    thread = PgguardThread(
+        oidc_settings(upstream_dsn, state_dsn, rules_dir, schema, provider)
+    ).start()
     try:
         yield thread
     finally:

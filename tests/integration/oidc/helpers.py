@@ -97,6 +97,7 @@ def new_provider(*redirect_uris: str) -> OidcProvider:
 
 def oidc_settings(
     upstream_dsn: str,
+    state_dsn: str,
     rules_dir: Path,
     schema: str,
     provider: OidcProvider,
@@ -106,6 +107,7 @@ def oidc_settings(
 ) -> Settings:
     return agent_settings(
         upstream_dsn,
+        state_dsn,
         agents=[
             {"name": AGENT, "password": AGENT_PASSWORD, "owner": OWNER},
             {"name": ALICES_AGENT, "password": AGENT_PASSWORDS[ALICES_AGENT], "owner": ALICE.oid},

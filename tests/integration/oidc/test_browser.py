@@ -56,7 +56,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def browser_pgguard(
-    upstream_dsn: str, rules_dir: Path, provider: OidcProvider
+    upstream_dsn: str, state_dsn: str, rules_dir: Path, provider: OidcProvider
 ) -> Iterator[PgguardThread]:
     """A pgguard the browser reaches at its public URL (plain HTTP on loopback, a real port)."""
     port = free_port()
@@ -64,7 +64,7 @@ def browser_pgguard(
     provider.redirect_uris.add(f"{public_url}/auth/callback")
     schema = f"pgguard_oidc_browser_{secrets.token_hex(4)}"
     settings = oidc_settings(
-        upstream_dsn, rules_dir, schema, provider, public_url=public_url, http_port=port
+        upstream_dsn, state_dsn, rules_dir, schema, provider, public_url=public_url, http_port=port
     )
     thread = PgguardThread(settings).start()
     try:

@@ -96,7 +96,7 @@ async def test_the_authorize_request_carries_pkce_nonce_and_state(
 
 
 async def test_approver_by_subject_signs_in_and_approves(
-    pgguard: PgguardThread, provider: OidcProvider, api: httpx.AsyncClient, upstream_dsn: str
+    pgguard: PgguardThread, provider: OidcProvider, api: httpx.AsyncClient, state_dsn: str
 ) -> None:
     response = await sign_in(pgguard.http_url, provider, DANA, next_path="/requests")
     assert response.status_code == 303
@@ -142,7 +142,7 @@ async def test_approver_by_subject_signs_in_and_approves(
     assert decision["approver_id"] == "dana"
     assert decision["channel"] == "page"
     assert decision["comment"] == "signed in with Entra"
-    entry = await ledger_statement(upstream_dsn, pgguard.settings.state.schema_name, request["id"])
+    entry = await ledger_statement(state_dsn, pgguard.settings.state.schema_name, request["id"])
     approvers = entry["approvers"]
     approvers = json.loads(approvers) if isinstance(approvers, str) else approvers
     assert approvers[0]["id"] == "dana"

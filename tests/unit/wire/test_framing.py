@@ -339,17 +339,3 @@ def test_tracker_reports_outcomes_whole_and_bytewise() -> None:
         assert finished[1].sqlstate == "23505"
         assert finished[2].skipped
         assert finished[3].tags == ["SELECT 7"]
-
-
-def test_named_statement_candidates_are_bounded() -> None:
-    from pgguard.wire.extended import MAX_CANDIDATES, ExtendedState, ParseMessage
-
-    state = ExtendedState()
-    for i in range(MAX_CANDIDATES):
-        state.parsed(ParseMessage("s", b"SELECT %d" % i))
-    assert len(state.statement("s")) == MAX_CANDIDATES
-    with pytest.raises(ProtocolViolation, match="without Close"):
-        state.parsed(ParseMessage("s", b"SELECT 'one more'"))
-    state.closed(b"S", "s")  # after Close the name starts afresh
-    state.parsed(ParseMessage("s", b"SELECT 1"))
-    assert state.statement("s") == (b"SELECT 1",)

@@ -1,0 +1,67 @@
+"""pgguard's own short, read-only look-ups in the upstream database (never an agent's session).
+
+Owns: `own_connection` (a fresh upstream connection to one database, as pgguard's upstream role,
+inside a READ ONLY transaction with short statement and lock timeouts) and `function_name` (what
+a FunctionCall message's OID names). Used by the row estimates of review payloads and by the
+FunctionCall judgement.
+
+Invariant: nothing here runs an agent's text; every failure is the caller's "don't know" (None),
+which the callers turn into a refusal (fail closed) or into "no estimate".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from pgguard.settings import UpstreamSettings
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 2.0
+
+
+@asynccontextmanager
+async def own_connection(
+    settings: UpstreamSettings, database: str, application_name: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in a READ ONLY transaction; raises on any failure (callers catch)."""
+    dsn = settings.parsed()
+    async with asyncio.timeout(TIMEOUT_S):
+        conn = await asyncpg.connect(
+            host=dsn.host,
+            port=dsn.port,
+            user=dsn.user,
+            password=dsn.password,
+            database=database,
+            ssl=None if dsn.is_unix_socket else settings.effective_sslmode(),
+            server_settings={"application_name": application_name},
+        )
+        try:
+            async with conn.transaction(readonly=True):
+                await conn.execute("SET LOCAL statement_timeout = '500ms'")
+                await conn.execute("SET LOCAL lock_timeout = '200ms'")
+                yield conn
+        finally:
+            await conn.close(timeout=1)
+
+
+async def function_name(
+    settings: UpstreamSettings, database: str, oid: int
+) -> tuple[str, str] | None:
+    """(schema, name) of the function with this OID in ``database``, or None when unknown."""
+    try:
+        async with own_connection(settings, database, "pgguard-catalog") as conn:
+            row = await conn.fetchrow(
+                "SELECT n.nspname, p.proname FROM pg_catalog.pg_proc p "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = $1",
+                oid,
+            )
+    except Exception as exc:  # unknown means refused by the caller
+        log.warning("could not resolve function OID %d: %s", oid, type(exc).__name__)
+        return None
+    return None if row is None else (str(row["nspname"]), str(row["proname"]))

@@ -1,0 +1,264 @@
+"""The server's prepared statements and portals, as the server's answers say they are (sans-IO).
+
+Owns: `SessionModel`. The proxy judges an Execute by the text its portal runs, so it must know
+what the *server* holds under each statement and portal name - not what the client asked for.
+After an ErrorResponse the server skips every extended-protocol message up to Sync (protocol
+docs, "Extended Query"), so a Parse, Bind or Close the proxy forwarded may never have happened.
+
+The model keeps, for every name, the set of everything the server may hold under it (``None``:
+nothing). Each forwarded Parse, Bind and Close is an *operation* filed under the Sync group whose
+ReadyForQuery ends it (the numbering `pgguard.wire.outcomes` uses). Operations change the
+*confirmed* state only when the server has answered their group:
+
+- ReadyForQuery with no error in the group: every operation of the group ran and succeeded, so
+  each is applied as a success (and a state in which one would have failed is ruled out);
+- an ErrorResponse in the group: some prefix of the group's operations ran, any of them may have
+  failed, the rest were skipped: the result is the union over every prefix and outcome.
+
+A message being judged now sees the confirmed state, then every group the server has not
+answered yet (each as "some prefix ran"), then the operations of its own open group before it as
+successes: if one of those failed, the server skips the message being judged, so it never runs.
+
+What each operation does (PostgreSQL's postgres.c): a named Parse of a name already in use fails
+(42P05); the unnamed Parse drops the old unnamed statement first; any Parse may fail on the
+server (analysis errors), leaving the name empty. A Bind of a named portal in use fails; Close of
+a missing name succeeds. A ReadyForQuery that reports no transaction ('I') means every portal is
+gone. A simple Query drops the unnamed statement, and may DEALLOCATE or DISCARD named ones (SQL
+``PREPARE``d names are the gate's business: `pgguard.policy.session`).
+
+Invariant (the proxy's promise): the set of candidates for a name always contains what the
+server really holds. Callers judge the strictest candidate, and refuse to show a reviewer one
+text while the server may run another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pgguard.errors import ProtocolViolation
+
+MAX_POSSIBILITIES = 64  # texts one name may stand for before the client is cut off (08P01)
+
+
+class Bound(NamedTuple):
+    """What a portal runs: the statement name it was bound from, the text, the Bind body."""
+
+    statement: str
+    sql: bytes
+    bind: bytes
+
+
+Possible = frozenset[bytes | None]
+PossiblePortal = frozenset[Bound | None]
+
+_NOTHING: Possible = frozenset({None})
+_NO_PORTAL: PossiblePortal = frozenset({None})
+
+
+@dataclass(slots=True)
+class _Op:
+    group: int
+    kind: str  # "parse", "bind", "close_s", "close_p", "query"
+    name: str  # statement (parse, close_s) or portal (bind, close_p) name
+    sql: bytes = b""  # parse
+    statement: str = ""  # bind
+    bind: bytes = b""  # bind
+
+
+class TooManyPossibilities(ProtocolViolation):
+    """A name would stand for more texts than `MAX_POSSIBILITIES` (re-Parsed in a loop)."""
+
+
+class SessionModel:
+    """Statement and portal names of one session, driven by the server's answers."""
+
+    __slots__ = ("_answered", "_errored", "_ops", "_portals", "_statements")
+
+    def __init__(self) -> None:
+        self._statements: dict[str, Possible] = {}
+        self._portals: dict[str, PossiblePortal] = {}
+        self._ops: list[_Op] = []  # forwarded, their group not answered yet, in order
+        self._answered = 0  # ReadyForQuery messages seen
+        self._errored = False  # the group being answered had an ErrorResponse
+
+    # --- what the client sent (in forwarding order) --------------------------------------------
+
+    def parse(self, group: int, name: str, sql: bytes) -> None:
+        """A Parse; refused when ``name`` may already stand for too many texts.
+
+        Legitimate clients Close a name before they Parse it again; re-Parses that may not
+        have taken effect only grow what every Execute of the name must be judged against.
+        """
+        possible = len(self._statements.get(name, _NOTHING))
+        pending = sum(1 for op in self._ops if op.kind == "parse" and op.name == name)
+        if possible + pending >= MAX_POSSIBILITIES:
+            raise TooManyPossibilities(
+                f"prepared statement {name!r} may stand for {possible + pending} texts; Close "
+                "it and wait for the server's answer before parsing it again"
+            )
+        self._ops.append(_Op(group, "parse", name, sql=sql))
+
+    def bind(self, group: int, portal: str, statement: str, bind: bytes) -> None:
+        self._ops.append(_Op(group, "bind", portal, statement=statement, bind=bind))
+
+    def close(self, group: int, kind: bytes, name: str) -> None:
+        self._ops.append(_Op(group, "close_s" if kind == b"S" else "close_p", name))
+
+    def query(self, group: int) -> None:
+        """A simple Query (its own group): drops the unnamed statement, may deallocate others."""
+        self._ops.append(_Op(group, "query", ""))
+
+    # --- what the server said -------------------------------------------------------------------
+
+    def error(self) -> None:
+        """An ErrorResponse: the group being answered did not run to its end."""
+        self._errored = True
+
+    def ready(self, txn_status: bytes) -> None:
+        """ReadyForQuery: the group being answered is over; its operations become confirmed."""
+        self._answered += 1
+        done = [op for op in self._ops if op.group <= self._answered]
+        if done:
+            self._ops = [op for op in self._ops if op.group > self._answered]
+            if self._errored:
+                self._apply_uncertain(self._statements, self._portals, done)
+            else:
+                self._apply_succeeded(self._statements, self._portals, done)
+            for op in done:  # forget closed names, so the state stays bounded
+                if op.kind != "bind" and self._statements.get(op.name) == _NOTHING:
+                    del self._statements[op.name]
+        self._errored = False
+        if txn_status == b"I":
+            self._portals.clear()  # portals live until the end of their transaction
+
+    @property
+    def pending(self) -> int:
+        """Operations forwarded whose group the server has not answered."""
+        return len(self._ops)
+
+    # --- what a message being judged now may meet -----------------------------------------------
+
+    def statement_texts(self, name: str, group: int) -> tuple[bytes, ...]:
+        """Every text the server may hold under statement ``name`` for a message in ``group``."""
+        return _texts(self._statement_at(name, group, len(self._ops)))
+
+    def portal(self, name: str, group: int) -> tuple[Bound, ...]:
+        """Every binding the server may hold under portal ``name`` for a message in ``group``."""
+        possible = self._portals.get(name, _NO_PORTAL)
+        for index, op in enumerate(self._ops):
+            if op.group > group:
+                break
+            touches = op.name == name if op.kind in ("bind", "close_p") else op.kind == "query"
+            if not touches or (op.kind == "query" and name != ""):
+                continue
+            succeeded = True if op.group == group else None
+            texts = (
+                _texts(self._statement_at(op.statement, op.group, index))
+                if op.kind == "bind"
+                else ()
+            )
+            possible = _portal_after(possible, op, texts, succeeded)
+        return tuple(sorted((b for b in possible if b is not None), key=_key))
+
+    def _statement_at(self, name: str, group: int, upto: int) -> Possible:
+        """What ``name`` may hold for a message in ``group`` placed after ``self._ops[:upto]``."""
+        possible = self._statements.get(name, _NOTHING)
+        for op in self._ops[:upto]:
+            if op.group > group:
+                break
+            if op.kind == "query" or (op.name == name and op.kind in ("parse", "close_s")):
+                possible = _statement_after(possible, name, op, True if op.group == group else None)
+        return possible
+
+    # --- applying a group the server answered ----------------------------------------------------
+
+    def _apply_succeeded(
+        self,
+        statements: dict[str, Possible],
+        portals: dict[str, PossiblePortal],
+        ops: list[_Op],
+    ) -> None:
+        self._apply(statements, portals, ops, True)
+
+    def _apply_uncertain(
+        self,
+        statements: dict[str, Possible],
+        portals: dict[str, PossiblePortal],
+        ops: list[_Op],
+    ) -> None:
+        # Each operation either ran (and succeeded or failed) or was skipped; applying "or
+        # unchanged" to each in turn covers every prefix, for every name at once.
+        self._apply(statements, portals, ops, None)
+
+    @staticmethod
+    def _apply(
+        statements: dict[str, Possible],
+        portals: dict[str, PossiblePortal],
+        ops: list[_Op],
+        succeeded: bool | None,
+    ) -> None:
+        for op in ops:
+            kind = op.kind
+            if kind == "bind" or kind == "close_p":
+                texts = _texts(statements.get(op.statement, _NOTHING)) if kind == "bind" else ()
+                portals[op.name] = _portal_after(
+                    portals.get(op.name, _NO_PORTAL), op, texts, succeeded
+                )
+            elif kind == "query":
+                for name, possible in list(statements.items()):
+                    statements[name] = _statement_after(possible, name, op, succeeded)
+                portals[""] = _portal_after(portals.get("", _NO_PORTAL), op, (), succeeded)
+            else:
+                before = statements.get(op.name, _NOTHING)
+                statements[op.name] = _statement_after(before, op.name, op, succeeded)
+
+
+def _statement_after(before: Possible, name: str, op: _Op, succeeded: bool | None) -> Possible:
+    """What statement ``name`` may hold after ``op`` (True: it succeeded; None: unknown)."""
+    if op.kind == "parse":
+        after = _parsed(before, name, op.sql, succeeded)
+        return after if after else before  # "succeeded" but could not have: keep
+    if op.kind == "close_s":
+        return _NOTHING if succeeded else before | _NOTHING
+    # A simple Query drops the unnamed statement, and may DEALLOCATE or DISCARD named ones.
+    if name == "":
+        return _NOTHING if succeeded else before | _NOTHING
+    return before | _NOTHING
+
+
+def _portal_after(
+    before: PossiblePortal, op: _Op, texts: tuple[bytes, ...], succeeded: bool | None
+) -> PossiblePortal:
+    """What a portal may hold after ``op`` (a Bind of it, a Close of it, or a simple Query)."""
+    if op.kind == "bind":
+        made = frozenset(Bound(op.statement, t, op.bind) for t in texts)
+        if op.name and None not in before:
+            made = frozenset()  # a named portal still in use: this Bind fails
+        if succeeded:
+            return made if made else before
+        return before | made
+    # Close of the portal, or a simple Query (which runs in, then drops, the unnamed portal).
+    return _NO_PORTAL if succeeded else before | _NO_PORTAL
+
+
+def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> Possible:
+    """What a Parse of ``name`` leaves, from each thing the name may have held."""
+    after: set[bytes | None] = set()
+    for held in before:
+        if name == "" or held is None:
+            after.add(sql)  # success
+            if succeeded is None:
+                after.add(None if name == "" else held)  # failed (unnamed: dropped first)
+                after.add(held)  # or skipped
+        elif succeeded is None:
+            after.add(held)  # a name in use: the Parse fails (or is skipped)
+    return frozenset(after)
+
+
+def _texts(possible: Possible) -> tuple[bytes, ...]:
+    return tuple(sorted(t for t in possible if t is not None))
+
+
+def _key(bound: Bound) -> tuple[str, bytes, bytes]:
+    return (bound.statement, bound.sql, bound.bind)
