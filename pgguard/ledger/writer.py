@@ -32,12 +32,12 @@ lose only a not-yet-shipped TAIL of ordinary entries, never a middle.
 Restart: a new writer opens a new chain (see `chain`); entries an earlier process left in the
 spool keep their chain and are shipped first (the writer starts in spool mode).
 
-Checkpoints (when opened with a signing key; see `pgguard.ledger.checkpoint`): before each
-shipping round the shipper asks the `CheckpointSchedule` whether the chain's head is due, and if
-so signs it and queues the checkpoint right behind the head entry, so it travels to the database
-or the spool in the chain's order. `close` signs a final one. Nothing of this runs per
-statement. Once a checkpoint has left the queue and is durable (shipped, or in the fsync'd
-spool), it is appended to the anchor file (fsync'd, in a thread) and POSTed to the anchor URL.
+Checkpoints (when opened with a signing key; see `pgguard.ledger.checkpoint` and
+`pgguard.ledger.checkpointer`): before each shipping round the shipper asks its `Checkpointer`
+whether the chain's head is due, and if so queues the signed checkpoint right behind the head
+entry, so it travels to the database or the spool in the chain's order. `close` signs a final
+one. Nothing of this runs per statement. After each round, checkpoints that have left the queue
+and are durable (shipped, or in the fsync'd spool) go to the anchor file and the anchor URL.
 """
 
 from __future__ import annotations
@@ -52,10 +52,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgguard.ledger.anchors import AnchorFile, AnchorPoster
 from pgguard.ledger.chain import Chain, Sealed, new_chain_id
-from pgguard.ledger.checkpoint import CheckpointSchedule, CheckpointSigner, SignedCheckpoint
-from pgguard.ledger.keys import load_or_create_signing_key
+from pgguard.ledger.checkpointer import Checkpointer
 from pgguard.ledger.model import LedgerEntry, LedgerUnavailable
 from pgguard.ledger.packed import PackedOutcome, Ref
 from pgguard.ledger.spool import Spool, SpoolError
@@ -64,17 +62,6 @@ from pgguard.ledger.store import LedgerStore, LedgerStoreUnavailable
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 5.0
-_MAX_UNANCHORED = 10_000  # checkpoints kept for an anchor file that keeps failing
-
-
-@dataclass(slots=True)
-class Checkpointing:
-    """What a writer needs to sign and anchor its chain's checkpoints."""
-
-    signer: CheckpointSigner
-    schedule: CheckpointSchedule
-    anchor_file: AnchorFile | None = None
-    poster: AnchorPoster | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +89,7 @@ class LedgerWriter:
         batch_size: int,
         flush_interval: float,
         max_queue: int,
-        checkpoints: Checkpointing | None = None,
+        checkpoints: Checkpointer | None = None,
     ) -> None:
         self._store = store
         self._spool = spool
@@ -124,8 +111,6 @@ class LedgerWriter:
         self._spooled_seq = 0  # the newest entry of this chain appended to the spool
         self._feeders: list[Callable[[], None]] = []
         self._checkpoints = checkpoints
-        self._unanchored: list[SignedCheckpoint] = []  # signed, not yet in the anchor file
-        self._anchor_lock = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -152,13 +137,17 @@ class LedgerWriter:
         head is signed every ``checkpoint_entries`` entries or ``checkpoint_seconds`` seconds,
         and each checkpoint also goes to ``anchor_file`` and ``anchor_url`` when given.
         """
-        checkpoints: Checkpointing | None = None
+        checkpoints = None
         if signing_key_file is not None:
-            checkpoints = Checkpointing(
-                CheckpointSigner(load_or_create_signing_key(signing_key_file), instance_id, schema),
-                CheckpointSchedule(checkpoint_entries, checkpoint_seconds, time.monotonic()),
-                AnchorFile(anchor_file) if anchor_file is not None else None,
-                AnchorPoster(anchor_url, timeout=timeout) if anchor_url else None,
+            checkpoints = Checkpointer.open(
+                signing_key_file,
+                instance_id=instance_id,
+                ledger=schema,
+                every_entries=checkpoint_entries,
+                every_seconds=checkpoint_seconds,
+                anchor_file=anchor_file,
+                anchor_url=anchor_url,
+                timeout=timeout,
             )
         store = LedgerStore(dsn, schema=schema, timeout=timeout)
         spool: Spool | None
@@ -361,7 +350,8 @@ class LedgerWriter:
                 with contextlib.suppress(SpoolError):
                     self._spool.close()
             await self._store.close()
-            await self._close_anchors()
+            if self._checkpoints is not None:
+                await self._checkpoints.close(self._timeout)
 
     # --- shipping -------------------------------------------------------------------------------
 
@@ -512,69 +502,23 @@ class LedgerWriter:
     # --- checkpoints ----------------------------------------------------------------------------
 
     def _checkpoint(self, *, final: bool = False) -> None:
-        """Sign the chain's head when it is due (always when ``final``, if the chain has an
-        entry) and queue the checkpoint behind it."""
-        checkpoints = self._checkpoints
-        chain = self._chain
-        head = chain.next_seq - 1
-        if checkpoints is None or head < 1:
+        """Queue a checkpoint of the chain's head behind it, when one is due."""
+        if self._checkpoints is None:
             return
-        now = time.monotonic()
-        if not (final or checkpoints.schedule.due(head, now)):
+        signed = self._checkpoints.sign_if_due(self._chain, final=final)
+        if signed is None:
             return
-        signed = checkpoints.signer.sign(
-            chain.chain_id, head, chain.last_hash, chain.last_entry_id, final=final
-        )
-        checkpoints.schedule.signed(head, now)
         if not self._spooling and len(self._queue) < 2 * self._max_queue:
             self._queue.append(signed)  # shipped with the next batch, no round of its own
         elif not self._move_queue_to_spool(signed):
             self._queue.append(signed)  # spool broken: keep it in order with the entries
-        self._unanchored.append(signed)
-        if len(self._unanchored) > _MAX_UNANCHORED:
-            dropped = self._unanchored.pop(0)
-            log.error(
-                "ledger: checkpoint %s #%d never reached the anchor file",
-                dropped.chain_id,
-                dropped.seq,
-            )
 
     async def _anchor_durable(self) -> None:
-        """Append the checkpoints that are durable (no longer queued; the spool fsync'd) to the
-        anchor file, oldest first, and post them."""
-        if not self._unanchored or self._checkpoints is None:
-            return
-        async with self._anchor_lock:
-            queued = set(map(id, self._queue)) if self._queue else set()
-            ready: list[SignedCheckpoint] = []
-            for signed in self._unanchored:
-                if id(signed) in queued:
-                    break  # keep the file in the chain's order
-                ready.append(signed)
-            if not ready:
-                return
-            if self._spool is not None and not self._fsync_spool():
-                return  # one of them may be in the spool, unsynced
-            anchor_file, poster = self._checkpoints.anchor_file, self._checkpoints.poster
-            if anchor_file is not None:
-                try:
-                    await asyncio.to_thread(anchor_file.append, ready)
-                except OSError as exc:
-                    log.error(
-                        "ledger: cannot append to the anchor file %s: %s", anchor_file.path, exc
-                    )
-                    return  # retried at the next round
-            del self._unanchored[: len(ready)]
-            if poster is not None:
-                poster.post(ready)
+        if self._checkpoints is not None:
+            await self._checkpoints.anchor(self._queue, self._sync_spool)
 
-    async def _close_anchors(self) -> None:
-        if self._checkpoints is None:
-            return
-        if self._checkpoints.anchor_file is not None:
-            self._checkpoints.anchor_file.close()
-        if self._checkpoints.poster is not None:
-            await self._checkpoints.poster.aclose(self._timeout)
+    def _sync_spool(self) -> bool:
+        return self._spool is None or self._fsync_spool()
 
     def _database_due(self) -> bool:
         return time.monotonic() >= self._db_retry_at
