@@ -345,8 +345,9 @@ def start_pgguard(
     state = (
         f"\n[state]\ndsn = {json.dumps(start_state_cluster(stack, workdir))}\n" if ledger else ""
     )
-    config.write_text(
-        'log_level = "WARNING"\n\n[listen]\nhost = "127.0.0.1"\n'
+    config.write_text(  # data_dir: keys and ledger anchors stay in the run's directory
+        f'log_level = "WARNING"\ndata_dir = {json.dumps(str(workdir / (name + "-data")))}\n'
+        '\n[listen]\nhost = "127.0.0.1"\n'
         f"port = {port}\n\n[upstream]\ndsn = {json.dumps(pg.unix_dsn(UPSTREAM_ROLE, DATABASE))}\n"
         f'\n[[agents]]\nname = "{AGENT}"\npassword = "{AGENT_PASSWORD}"\n'
         'owner = "bench-owner@example.com"\n'
