@@ -615,3 +615,40 @@ async def test_an_unreachable_anchor_url_does_not_stop_the_ledger(
     failures = [r.getMessage() for r in caplog.records if "posting checkpoint" in r.getMessage()]
     assert failures
     assert not any("secret" in message for message in failures)  # the URL's token is not logged
+
+
+async def test_instances_with_their_own_keys_and_anchor_files(
+    ledger_dsn: str, state_schema: str, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Two instances, each with its own key and anchor file: verify takes both keys and both
+    files; without one instance's key its checkpoints prove nothing."""
+    keys, anchor_files = [], []
+    for name in ("a", "b"):
+        key_file = tmp_path / name / "ledger-signing.pem"
+        anchor_file = tmp_path / name / "anchors.jsonl"
+        chain_id, _ = await write_chain(
+            ledger_dsn,
+            state_schema,
+            key_file,
+            anchor_file,
+            tmp_path / name / "spool",
+            instance_id=name,
+        )
+        if name == "a":
+            await admin.execute(
+                f'DELETE FROM "{state_schema}".ledger_checkpoints WHERE chain_id <> $1', chain_id
+            )
+            for table in ("ledger_entries", "ledger_packs"):
+                await admin.execute(
+                    f'DELETE FROM "{state_schema}".{table} WHERE chain_id <> $1', chain_id
+                )
+        keys.append(load_or_create_signing_key(key_file).public_key())
+        anchor_files.append(anchor_file)
+    anchored = [c for path in anchor_files for c in read_anchors(path)[0]]
+    both = await verify(admin, schema=state_schema, keys=KeyRing(keys), anchors=anchored)
+    assert both.ok, both.problems
+    assert len(both.chains) == 2
+    assert both.checkpoints == 8
+    only_a = await verify(admin, schema=state_schema, keys=KeyRing(keys[:1]), anchors=anchored)
+    assert kinds(only_a) == {"bad_signature", "unanchored"}
+    assert {p.chain_id for p in only_a.problems} == {c for c in both.chains if c.startswith("b:")}
