@@ -106,9 +106,7 @@ async def service(
 
 @pytest.fixture
 async def service_b(store_b: ApprovalStore, state_dsn: str) -> AsyncIterator[ApprovalService]:
-    started = ApprovalService(
-        store_b, state_dsn, key=STATE_KEY, poll_interval=1.0, instance_id="b"
-    )
+    started = ApprovalService(store_b, state_dsn, key=STATE_KEY, poll_interval=1.0, instance_id="b")
     await started.start()
     try:
         yield started
