@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from pgguard.approvals.fanout import FanOutNotifier
+from pgguard.approvals.schema import NOTIFY_CHANNEL
 from pgguard.approvals.service import ApprovalService, Notifier
 from pgguard.approvals.store import ApprovalStore
 from pgguard.approvals.teams import TeamsWebhookNotifier
@@ -22,6 +23,7 @@ from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
+from pgguard.sql.statenames import ProtectedNames
 from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
 from pgguard.web.auth import ApproverDirectory
@@ -65,9 +67,18 @@ class Running:
             await self.ledger.close()
 
 
+def protected_names(settings: Settings) -> ProtectedNames:
+    """pgguard's own names no agent statement may use: the state schema and channels."""
+    return ProtectedNames(schema=settings.state.schema_name, channels=(NOTIFY_CHANNEL,))
+
+
 def load_engine(settings: Settings) -> PolicyEngine:
     try:
-        return PolicyEngine.load(settings.policy.rules_dir, mode=settings.policy.mode)
+        return PolicyEngine.load(
+            settings.policy.rules_dir,
+            mode=settings.policy.mode,
+            protected=protected_names(settings),
+        )
     except RulesError as exc:
         raise ConfigError(f"policy.rules_dir: invalid rules: {exc}") from None
     except OSError as exc:
