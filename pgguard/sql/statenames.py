@@ -87,6 +87,9 @@ _STRING_TOKENS = re.compile(
     r'(?P<quoted>"(?:[^"]|"")*"?)|(?P<word>[\w$]+)|(?P<blank>\s+)|(?P<comment>--|/\*)|(?P<other>.)',
     re.DOTALL,
 )
+_UNQUOTED_TOKENS = re.compile(
+    r"(?P<word>[\w$]+)|(?P<blank>\s+)|(?P<comment>--|/\*)|(?P<other>.)", re.DOTALL
+)
 
 STATE_SCHEMA_REASON = "names pgguard's state schema {name} ({where})"
 CHANNEL_REASON = "names pgguard's notification channel {name} ({where})"
@@ -338,7 +341,15 @@ def _check_string(value: str, names: ProtectedNames, found: dict[str, None], whe
     lowered = value.lower()
     if not any(n in lowered for n in names.all_names):
         return  # also the fast exit for every ordinary string
-    tokens = _significant_tokens(value)
+    # Read once with "..." as quoted identifiers (SQL, reg* input, search_path) and once with
+    # double quotes as plain characters (code in other languages: plpy.execute("... pgguard.x")).
+    for tokens in (_significant_tokens(value, True), _significant_tokens(value, False)):
+        _check_tokens(tokens, names, found, where)
+
+
+def _check_tokens(
+    tokens: list[tuple[str, str]], names: ProtectedNames, found: dict[str, None], where: str
+) -> None:
     for index, (kind, text) in enumerate(tokens):
         if kind not in {"quoted", "word"}:
             continue
@@ -354,10 +365,10 @@ def _check_string(value: str, names: ProtectedNames, found: dict[str, None], whe
             _schema(found, names, where)
 
 
-def _significant_tokens(value: str) -> list[tuple[str, str]]:
+def _significant_tokens(value: str, quotes: bool) -> list[tuple[str, str]]:
     """Identifier-like tokens and punctuation of a string, blanks dropped, quotes undone."""
     out: list[tuple[str, str]] = []
-    for match in _STRING_TOKENS.finditer(value):
+    for match in (_STRING_TOKENS if quotes else _UNQUOTED_TOKENS).finditer(value):
         kind = match.lastgroup or "other"
         if kind == "blank":
             continue
