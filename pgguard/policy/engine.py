@@ -127,7 +127,8 @@ class PolicyEngine:
             decision, blind = self._classify(sql, ctx)
         except Exception:  # never raise into the proxy; fail closed instead
             log.exception("classifier failed; treating the statement as unparseable")
-            facts = (unparseable_facts("internal error while classifying"),)
+            text = sql if isinstance(sql, str) else bytes(sql)
+            facts = (self._unparseable("internal error while classifying", text),)
             decision = self._decide(facts, ctx, "", None)
         if decision.observe and decision.action != "allow":
             log.info(

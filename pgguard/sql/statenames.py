@@ -46,7 +46,7 @@ Invariants:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pgguard.sql.nodes import literal_text
 from pgguard.sql.tree import UNWRAPPED_FIELD_TYPES, Fields, JsonValue, unwrap
@@ -110,42 +110,57 @@ class ProtectedNames:
 
     schema: str | None = DEFAULT_STATE_SCHEMA
     channels: tuple[str, ...] = DEFAULT_CHANNELS
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _screen: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _screen_bytes: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.schema is not None:
-            object.__setattr__(self, "schema", fold(self.schema))
-        object.__setattr__(self, "channels", tuple(fold(c) for c in self.channels))
+        schema = fold(self.schema) if self.schema is not None else None
+        channels = tuple(fold(c) for c in self.channels)
+        names = (*((schema,) if schema else ()), *channels)
+        object.__setattr__(self, "schema", schema)
+        object.__setattr__(self, "channels", channels)
+        object.__setattr__(self, "_names", names)
+        # One C-level search per text: the hiding places and the names themselves.
+        pattern = "|".join(re.escape(n) for n in (*_HIDING, *names))
+        object.__setattr__(self, "_screen", re.compile(pattern))
+        object.__setattr__(self, "_screen_bytes", re.compile(pattern.encode()))
 
     def __bool__(self) -> bool:
-        return self.schema is not None or bool(self.channels)
+        return bool(self._names)
 
     @property
     def all_names(self) -> tuple[str, ...]:
-        return (*((self.schema,) if self.schema else ()), *self.channels)
+        return self._names
 
     def may_name(self, text: str | bytes) -> bool:
-        """False only when `text` certainly names none of the protected names (sound screen)."""
-        if not self:
+        """False only when `text` certainly names none of the protected names (sound screen).
+
+        On the classifier's hot path: one regular-expression search, a second one only when
+        the text has quotes (a name split by string continuation: `'pg'<newline>'guard'`)."""
+        if not self._names:
             return False
         if isinstance(text, bytes):
             lowered_bytes = text.lower()
-            if any(h.encode() in lowered_bytes for h in _HIDING):
+            if self._screen_bytes.search(lowered_bytes) is not None:
                 return True
+            if b"'" not in lowered_bytes:
+                return False
             squeezed_bytes = lowered_bytes.translate(None, _SQUEEZE_BYTES)
-            return any(n.encode() in squeezed_bytes for n in self.all_names)
+            return self._screen_bytes.search(squeezed_bytes) is not None
         lowered = text.lower()
-        if any(h in lowered for h in _HIDING):
+        if self._screen.search(lowered) is not None:
             return True
-        squeezed = lowered.translate(_SQUEEZE)
-        return any(n in squeezed for n in self.all_names)
+        if "'" not in lowered:
+            return False
+        return self._screen.search(lowered.translate(_SQUEEZE)) is not None
 
     def mentions(self, text: str | bytes) -> bool:
         """Whether text that could not be parsed spells a protected name (best effort)."""
         if isinstance(text, bytes):
-            squeezed_bytes = text.lower().translate(None, _SQUEEZE_BYTES)
-            return any(n.encode() in squeezed_bytes for n in self.all_names)
+            text = text.decode("latin-1")  # names are ASCII; any byte maps to one character
         squeezed = text.lower().translate(_SQUEEZE)
-        return any(n in squeezed for n in self.all_names)
+        return any(n in squeezed for n in self._names)
 
     def is_schema(self, name: str) -> bool:
         return self.schema is not None and fold(name) == self.schema

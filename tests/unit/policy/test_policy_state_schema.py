@@ -19,6 +19,7 @@ from pgguard.policy import Context, PolicyEngine, RulesError
 from pgguard.policy.rules import STATE_SCHEMA_RULE
 from pgguard.proxy.assembly import load_engine
 from pgguard.settings import Settings
+from pgguard.sql.classify import StatementFacts
 from pgguard.sql.statenames import DEFAULT_CHANNELS, DEFAULT_STATE_SCHEMA, ProtectedNames
 
 WriteRules = Callable[..., Path]
@@ -104,6 +105,20 @@ def test_unreadable_text_that_spells_a_name_is_denied_even_when_rules_allow_unre
     assert (undecodable.action, undecodable.rule_ids) == ("deny", (STATE_SCHEMA_RULE,))
     # Unreadable text that names nothing of pgguard's is still up to the rules.
     assert engine.classify("SELEC 1 +", ctx(engine)).action == "allow"
+
+
+def test_a_classifier_failure_on_a_naming_text_is_still_the_builtin_deny(
+    monkeypatch: pytest.MonkeyPatch, write_rules: WriteRules
+) -> None:
+    import pgguard.policy.engine as engine_module
+
+    def broken(*args: object, **kwargs: object) -> tuple[StatementFacts, ...]:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(engine_module, "classify_text", broken)
+    engine = PolicyEngine.load(write_rules(**{"10-open.yaml": ALLOW_EVERYTHING}), cache_size=0)
+    decision = engine.classify("UPDATE pgguard.approval_requests SET state = 'x'", ctx(engine))
+    assert (decision.action, decision.rule_ids) == ("deny", (STATE_SCHEMA_RULE,))
 
 
 def test_a_multi_statement_string_is_denied_for_its_naming_statement() -> None:
