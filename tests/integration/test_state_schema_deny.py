@@ -166,6 +166,19 @@ def test_startup_search_path_naming_the_schema_is_refused(guarded: ProxyThread) 
         assert conn.execute("SHOW search_path").fetchone() == ("public",)
 
 
+async def test_startup_parameter_naming_the_schema_is_refused(guarded: ProxyThread) -> None:
+    """asyncpg sends server_settings as StartupMessage parameters, not through `options`."""
+    for value in ("pgguard", "public, pgguard"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as info:
+            await asyncpg.connect(guarded.dsn(dbname=DB), server_settings={"search_path": value})
+        assert RULE in str(info.value)
+    conn = await asyncpg.connect(guarded.dsn(dbname=DB), server_settings={"search_path": "public"})
+    try:
+        assert await conn.fetchval("SHOW search_path") == "public"
+    finally:
+        await conn.close()
+
+
 def test_ordinary_statements_and_look_alikes_pass(guarded: ProxyThread, state_copy: str) -> None:
     with psycopg.connect(guarded.dsn(dbname=DB), autocommit=True) as conn:
         conn.execute(

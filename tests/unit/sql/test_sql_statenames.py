@@ -142,6 +142,9 @@ SEARCH_PATH = [
     "ALTER FUNCTION f() SET search_path = pgguard",
     # A start-up option `-c search_path=...` is judged as this SET (policy_gate._set_statement).
     "SET \"search_path\" TO 'public,pgguard'",
+    # A role named like the schema would make search_path's "$user" resolve to it.
+    "SET ROLE pgguard",
+    "SET SESSION AUTHORIZATION pgguard",
 ]
 
 
