@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pgguard.sql.catalog import Catalog
 from pgguard.sql.classify import classify_text
-from pgguard.sql.statenames import NO_PROTECTED_NAMES, ProtectedNames, fold
+from pgguard.sql.parse import ParseFailure, parse_statements
+from pgguard.sql.statenames import NO_PROTECTED_NAMES, ProtectedNames, fold, state_references
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +314,85 @@ def test_the_screen_passes_ordinary_text(sql: str) -> None:
 def test_the_screen_never_misses_a_naming_text(sql: str) -> None:
     assert ProtectedNames().may_name(sql), sql
     assert ProtectedNames().may_name(sql.encode()), sql
+
+
+IDENTIFIERS = [
+    "pgguard",
+    "PGGUARD",
+    "pgGuard",
+    '"pgguard"',
+    'U&"\\0070gguard"',
+    "U&\"!0070gguard\" UESCAPE '!'",
+]
+DOTS = [".", " .", ". ", " /* c */ .", " --c\n."]
+TEMPLATES_IDENT = [
+    "SELECT * FROM {n}{d}approval_requests",
+    "UPDATE {n}{d}approval_requests SET state = 'approved'",
+    "SELECT {n}{d}f(1)",
+    "SET search_path = public, {n}",
+    "DROP SCHEMA {n}",
+]
+CHANNEL_SPELLINGS = [
+    "pgguard_approvals",
+    "PGGUARD_APPROVALS",
+    '"pgguard_approvals"',
+    'U&"\\0070gguard_approvals"',
+]
+TEMPLATES_CHANNEL = ["LISTEN {c}", "UNLISTEN {c}", "NOTIFY {c}", "NOTIFY {c}, 'x'"]
+TEMPLATES_STRING = [
+    "SELECT {s}::regclass",
+    "SELECT to_regclass({s})",
+    "SELECT set_config('search_path', {s}, false)",
+    "SELECT pg_notify({s}, 'x')",
+]
+
+
+@st.composite
+def string_spelling(draw: st.DrawFn) -> str:
+    """'pgguard.approval_requests' (or the channel) as a constant: split across continuations,
+    escaped, dollar-quoted."""
+    value = draw(
+        st.sampled_from(["pgguard.approval_requests", "public, pgguard", "pgguard_approvals"])
+    )
+    style = draw(st.sampled_from(["plain", "continued", "escaped", "unicode", "dollar"]))
+    if style == "dollar":
+        return f"$${value}$$"
+    if style == "escaped":
+        return "E'" + "".join(f"\\x{ord(c):02x}" if c in "pg" else c for c in value) + "'"
+    if style == "unicode":
+        return "U&'" + "".join(f"\\{ord(c):04x}" if c in "gu" else c for c in value) + "'"
+    if style == "continued":
+        cut = draw(st.integers(min_value=1, max_value=len(value) - 1))
+        gap = draw(st.sampled_from(["\n", " \n ", "\n--c\n", "\r\n\t"]))
+        return f"'{value[:cut]}'{gap}'{value[cut:]}'"
+    return f"'{value}'"
+
+
+naming_texts = st.one_of(
+    st.builds(
+        lambda t, n, d: t.format(n=n, d=d),
+        st.sampled_from(TEMPLATES_IDENT),
+        st.sampled_from(IDENTIFIERS),
+        st.sampled_from(DOTS),
+    ),
+    st.builds(lambda t, s: t.format(s=s), st.sampled_from(TEMPLATES_STRING), string_spelling()),
+    st.builds(
+        lambda t, c: t.format(c=c),
+        st.sampled_from(TEMPLATES_CHANNEL),
+        st.sampled_from(CHANNEL_SPELLINGS),
+    ),
+)
+
+
+@given(naming_texts)
+def test_the_screen_is_sound(sql: str) -> None:
+    """Every spelling the walk finds, the screen that gates the walk lets through."""
+    try:
+        statements = parse_statements(sql)
+    except ParseFailure:
+        return
+    names = ProtectedNames()
+    found = [r for s in statements for r in state_references(s.kind, s.node, names)]
+    assert found, sql  # every generated text names something
+    assert names.may_name(sql), (sql, found)
+    assert names.may_name(sql.encode()), (sql, found)
