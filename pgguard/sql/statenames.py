@@ -15,8 +15,8 @@ it too costs nothing):
 - a field that names a schema (`schemaname`, `ALTER ... SET SCHEMA`, `IMPORT FOREIGN SCHEMA`
   remote or local, `CREATE EXTENSION ... SCHEMA`, `ALTER DEFAULT PRIVILEGES IN SCHEMA`,
   `FOR TABLES IN SCHEMA`), the object of a statement about a schema (CREATE/ALTER/DROP/COMMENT/
-  SECURITY LABEL ON/GRANT ON SCHEMA, `... ON ALL TABLES IN SCHEMA`), and `CREATE SCHEMA
-  AUTHORIZATION` a role of that name (the schema takes the role's name);
+  SECURITY LABEL ON/GRANT ON SCHEMA, `... ON ALL TABLES IN SCHEMA`, `REINDEX SCHEMA`), and
+  `CREATE SCHEMA AUTHORIZATION` a role of that name (the schema takes the role's name);
 - any string constant, wherever it is (reg* casts, catalog functions such as `to_regclass`,
   `has_table_privilege`, `nextval`, `set_config`, search_path values, SQL passed as a string,
   foreign-table options) that is the schema name, uses it as a qualifier (`'pgguard.x'`,
@@ -60,8 +60,11 @@ _SQUEEZE_BYTES = b"'\"" + _BLANKS.encode()
 # Text through which a name can hide from a plain substring search (see the module docstring),
 # and the two ways to set search_path to a value that is not a constant.
 _HIDING = ("\\", "u&", "--", "/*", "set_config", "pg_settings")
-_SCHEMA_TYPED_FIELDS = ("objtype", "removeType", "objectType", "renameType")
-_SCHEMA_OBJECT_FIELDS = ("object", "objects", "subname", "newname")
+# An enum value saying the node is about a schema: OBJECT_SCHEMA (DROP, COMMENT, GRANT, ALTER
+# ... OWNER/RENAME, SECURITY LABEL, ALTER EXTENSION ADD), ACL_TARGET_ALL_IN_SCHEMA,
+# REINDEX_OBJECT_SCHEMA, PUBLICATIONOBJ_TABLES_IN_SCHEMA; then these fields name schemas.
+_SCHEMA_KIND = re.compile(r"[A-Z_]*SCHEMA[A-Z_]*")
+_SCHEMA_OBJECT_FIELDS = ("object", "objects", "subname", "newname", "name")
 _SCHEMA_OPTIONS = frozenset({"schema", "schemas"})
 # Lists of plain names (columns, labels) rather than one qualified name.
 _NAME_SET_FIELDS = frozenset(
@@ -241,9 +244,7 @@ def _check_node(
     checker = _NODE_CHECKS.get(node_type)
     if checker is not None:
         checker(fields, names, found)
-    if any(fields.get(f) == "OBJECT_SCHEMA" for f in _SCHEMA_TYPED_FIELDS) or (
-        fields.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA"
-    ):
+    if any(type(v) is str and _SCHEMA_KIND.fullmatch(v) for v in fields.values()):
         for field in _SCHEMA_OBJECT_FIELDS:
             if any(names.is_schema(s) for s in _strings(fields.get(field))):
                 _schema(found, names, "statement about the schema")
@@ -297,13 +298,6 @@ def _on_def_elem(fields: Fields, names: ProtectedNames, found: dict[str, None]) 
         _check_string(value, names, found, "option value")
 
 
-def _on_publication_object(fields: Fields, names: ProtectedNames, found: dict[str, None]) -> None:
-    name = fields.get("name")
-    in_schema = fields.get("pubobjtype") == "PUBLICATIONOBJ_TABLES_IN_SCHEMA"
-    if in_schema and isinstance(name, str) and names.is_schema(name):
-        _schema(found, names, "FOR TABLES IN SCHEMA")
-
-
 def _on_create_schema(fields: Fields, names: ProtectedNames, found: dict[str, None]) -> None:
     role = fields.get("authrole")
     rolename = role.get("rolename") if isinstance(role, dict) else None
@@ -344,7 +338,6 @@ _NODE_CHECKS = {
     "A_Const": _on_const,
     "ColumnRef": _on_column_ref,
     "DefElem": _on_def_elem,
-    "PublicationObjSpec": _on_publication_object,
     "CreateSchemaStmt": _on_create_schema,
     "FuncCall": _on_func_call,
     "UpdateStmt": _on_update,

@@ -110,6 +110,15 @@ SCHEMA_ITSELF = [
     "CREATE EXTENSION hstore SCHEMA pgguard",
     "ALTER EXTENSION hstore SET SCHEMA pgguard",
     "CREATE PUBLICATION p FOR TABLES IN SCHEMA pgguard",
+    "ALTER PUBLICATION p ADD TABLES IN SCHEMA pgguard",
+    "REINDEX SCHEMA pgguard",
+    "REINDEX SCHEMA CONCURRENTLY PGGUARD",
+    "ALTER EXTENSION hstore ADD SCHEMA pgguard",
+    "VACUUM pgguard.ledger",
+    "ANALYZE pgguard.ledger",
+    "CLUSTER pgguard.ledger USING ledger_pkey",
+    "REINDEX TABLE pgguard.ledger",
+    "ALTER TABLE pgguard.approval_requests SET SCHEMA public",
     "CREATE FOREIGN TABLE ft (id text) SERVER loopback "
     "OPTIONS (schema_name 'pgguard', table_name 'approval_requests')",
 ]
@@ -258,6 +267,10 @@ CLEAN = [
     "NOTIFY my_channel, 'pgguard'",
     "SELECT pg_notify('my_channel', 'x')",
     "SELECT 1 -- a comment\n",
+    "REINDEX SCHEMA public",
+    "REINDEX TABLE pgguard",
+    "DROP TABLE pgguard",
+    "GRANT SELECT ON pgguard TO agent",
 ]
 
 
