@@ -22,6 +22,7 @@ import typer
 
 from pgguard.policy import Context, PolicyEngine, RulesError, SessionTracker
 from pgguard.policy.examples import run_examples
+from pgguard.sql.statenames import ProtectedNames
 
 _DEFAULT_AGENT = "cli"
 _DEFAULT_DATABASE = "cli"
@@ -139,7 +140,8 @@ def rules_check_command(
 
 def _load_engine(rules: Path | None) -> PolicyEngine:
     try:
-        return PolicyEngine.load(rules)
+        # The default state schema and channels, as a pgguard with default settings protects.
+        return PolicyEngine.load(rules, protected=ProtectedNames())
     except RulesError as exc:
         for problem in exc.problems:
             sys.stderr.write(problem + "\n")

@@ -5,7 +5,8 @@ Owns: `Context` (who is asking, where, in which session state), `StatementVerdic
 
 Invariants: values are frozen. Reasons never contain literal values from the SQL. `privileged` is
 True for anything that could not be fully read; in observe mode `action` is still the would-be
-action and `observe` tells the proxy not to act on it.
+action and `observe` tells the proxy not to act on it - except for a statement that names
+pgguard's own state (`builtin.state-schema`), whose deny has `observe` False in every mode.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Decision:
     fingerprint: str
     hold_timeout_s: float
     approver_groups: tuple[str, ...]
-    observe: bool
+    observe: bool  # True: log `action`, do not act on it (observe mode, not a built-in deny)
     changes_lexing: bool = False
     min_approvals: int = 1  # distinct approvers a hold needs (the largest any held rule asks)
     remember_s: float | None = None  # how long an approval covers repeats (all held rules agree)

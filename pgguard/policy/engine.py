@@ -6,11 +6,17 @@ Invariants:
 - `classify` never raises and never answers `allow` for text it could not fully read: undecodable
   text, a NUL byte, oversized text, parse failures and internal errors are `unparseable`
   statements; a session state that changes lexing holds the statement (built-in, not a rule).
+- A statement that names pgguard's own state schema or notification channels
+  (`pgguard.sql.statenames`; unreadable text that spells one of them counts) is denied by
+  `builtin.state-schema`, whatever the rules say, in observe mode too (`Decision.observe` is
+  False for it): pgguard protecting itself is not a policy choice.
 - Caching never changes an answer. The exact cache is keyed by the raw text and everything in the
   context that matters (agent, database, lex state); decisions that read or change session state
   (PREPARE, EXECUTE, DEALLOCATE) are never cached. The shape cache is keyed by the text with its
   constants replaced (`normalized_key`) and only holds decisions proven independent of constant
-  values (`StatementFacts.cacheable`), in the default lex state.
+  values (`StatementFacts.cacheable`), in the default lex state. The state-schema check reads
+  string constants, so a text that may name a protected name (`ProtectedNames.may_name`, a sound
+  screen) never takes its answer from the shape or literal-blind cache.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 from pgguard.policy.cache import BoundedCache
 from pgguard.policy.decision import ActionName, Context, Decision, Mode, StatementVerdict
 from pgguard.policy.loader import LoadedPolicy, load_policy
-from pgguard.policy.rules import Judgement, judge_statement, stricter
+from pgguard.policy.rules import STATE_SCHEMA_RULE, Judgement, judge_statement, stricter
 from pgguard.policy.session import SessionTracker
 from pgguard.sql.classify import StatementFacts, classify_text, unparseable_facts
 from pgguard.sql.fastkey import literal_blind_key
@@ -37,6 +43,7 @@ from pgguard.sql.lexstate import (
     lexing_hazard,
 )
 from pgguard.sql.parse import ParseFailure, fingerprint, normalized_key
+from pgguard.sql.statenames import ProtectedNames
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +52,10 @@ LEX_HAZARD_RULE = "builtin.lex-hazard"
 NO_COMMON_APPROVER_RULE = "builtin.no-common-approver"
 MAX_CACHED_TEXT = 16 * 1024
 OBSERVE_MODE_NOTICE = (
-    "pgguard is in OBSERVE mode: no statement is held or denied; "
-    "every statement's would-be action is computed and logged"
+    "pgguard is in OBSERVE mode: no statement is held or denied (except those naming pgguard's "
+    "own state); every statement's would-be action is computed and logged"
 )
+UNREADABLE_STATE_REASON = "text pgguard cannot read spells a name of pgguard's own state"
 
 CacheKey = tuple[str | bytes, str, str, LexState]
 
@@ -62,8 +70,12 @@ class PolicyEngine:
         mode: Mode = "enforce",
         max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES,
         cache_size: int = 8192,
+        protected: ProtectedNames | None = None,
     ) -> None:
-        self.policy = policy
+        # None: pgguard's default state schema and channels (safe when a caller forgets them).
+        self.protected = protected if protected is not None else ProtectedNames()
+        catalog = replace(policy.catalog, protected=self.protected)
+        self.policy = replace(policy, catalog=catalog)
         self.mode: Mode = mode
         self.max_sql_bytes = max_sql_bytes
         self._exact: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
@@ -79,12 +91,20 @@ class PolicyEngine:
         mode: Mode = "enforce",
         max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES,
         cache_size: int = 8192,
+        protected: ProtectedNames | None = None,
     ) -> PolicyEngine:
-        """Load and validate rules (None: the shipped rules); raises RulesError naming file:line."""
+        """Load and validate rules (None: the shipped rules); raises RulesError naming file:line.
+
+        `protected`: pgguard's state schema and channels (None: the defaults, `pgguard` and
+        `pgguard_approvals`); statements naming them are always denied."""
         if mode not in ("enforce", "observe"):
             raise ValueError(f"unknown policy mode {mode!r} (expected 'enforce' or 'observe')")
         engine = cls(
-            load_policy(rules_dir), mode=mode, max_sql_bytes=max_sql_bytes, cache_size=cache_size
+            load_policy(rules_dir),
+            mode=mode,
+            max_sql_bytes=max_sql_bytes,
+            cache_size=cache_size,
+            protected=protected,
         )
         if mode == "observe":
             log.warning("%s", OBSERVE_MODE_NOTICE.upper())
@@ -107,9 +127,10 @@ class PolicyEngine:
             decision, blind = self._classify(sql, ctx)
         except Exception:  # never raise into the proxy; fail closed instead
             log.exception("classifier failed; treating the statement as unparseable")
-            facts = (unparseable_facts("internal error while classifying"),)
+            text = sql if isinstance(sql, str) else bytes(sql)
+            facts = (self._unparseable("internal error while classifying", text),)
             decision = self._decide(facts, ctx, "", None)
-        if self.mode == "observe" and decision.action != "allow":
+        if decision.observe and decision.action != "allow":
             log.info(
                 "observe mode: would %s statement %s (%s)",
                 decision.action,
@@ -133,19 +154,21 @@ class PolicyEngine:
                 blind = literal_blind_key(sql)
                 if blind is not None:
                     blind_key = (blind, ctx.agent, ctx.database, ctx.lex)
-                    hit = self._blind.get(blind_key)
+                    hit = None if self.protected.may_name(sql) else self._blind.get(blind_key)
                     if hit is not None:
                         return hit, blind
         try:
             text = decode_sql(sql, ctx.lex, self.max_sql_bytes)
         except UnreadableSQL as exc:
-            decision = self._decide((unparseable_facts(str(exc)),), ctx, "", None)
+            unread = (self._unparseable(str(exc), sql),)
+            decision = self._decide(unread, ctx, "", None)
             if small:
                 self._exact.put(key, decision)
             return decision, blind
         hazard = lexing_hazard(text, ctx.lex)
         shape_key: CacheKey | None = None
-        if small and hazard is None and lex_state_is_default(ctx.lex):
+        shareable = not self.protected.may_name(text)
+        if small and hazard is None and shareable and lex_state_is_default(ctx.lex):
             normalized = normalized_key(text)
             if normalized is not None:
                 shape_key = (normalized, ctx.agent, ctx.database, ctx.lex)
@@ -159,7 +182,7 @@ class PolicyEngine:
         try:
             facts = classify_text(text, self.policy.catalog)
         except ParseFailure as exc:
-            facts = (unparseable_facts(f"PostgreSQL's parser rejects it: {exc}"),)
+            facts = (self._unparseable(f"PostgreSQL's parser rejects it: {exc}", text),)
         parsed = not any(f.kind == UNPARSEABLE for f in facts)
         decision = self._decide(facts, ctx, fingerprint(text) if parsed else "", hazard)
         if small and not any(f.touches_session for f in facts):
@@ -169,6 +192,12 @@ class PolicyEngine:
                 if blind_key is not None:
                     self._blind.put(blind_key, decision)
         return decision, blind
+
+    def _unparseable(self, reason: str, text: str | bytes) -> StatementFacts:
+        facts = unparseable_facts(reason)
+        if self.protected.mentions(text):
+            facts = replace(facts, state_refs=(UNREADABLE_STATE_REASON,))
+        return facts
 
     def _decide(
         self,
@@ -222,9 +251,12 @@ class PolicyEngine:
             action = "deny"
             rule_ids = [NO_COMMON_APPROVER_RULE]
             reasons.append("no approver group may approve every held statement; send them apart")
+        protects_state = any(f.state_refs for f in facts)
+        if protects_state:  # judge_statement denied these; keep the built-in rule in front
+            rule_ids = [STATE_SCHEMA_RULE, *(r for r in rule_ids if r != STATE_SCHEMA_RULE)]
         return Decision(
             action=action,
-            privileged=bool(categories) or hazard is not None,
+            privileged=bool(categories) or hazard is not None or protects_state,
             categories=categories,
             rule_ids=tuple(dict.fromkeys(rule_ids)),
             reasons=tuple(dict.fromkeys(reasons)),
@@ -234,7 +266,7 @@ class PolicyEngine:
             approver_groups=approvers,
             min_approvals=min_approvals,
             remember_s=remember_s,
-            observe=self.mode == "observe",
+            observe=self.mode == "observe" and not protects_state,
             changes_lexing=any(f.changes_lexing for f in facts),
             # Without text: a shape-cache hit must not carry another statement's literals.
             facts=tuple(replace(f, text="") for f in facts),
@@ -248,7 +280,7 @@ def _verdict(facts: StatementFacts, judgement: Judgement) -> StatementVerdict:
         rules=judgement.matched,
         action=judgement.action,
         rule=judgement.deciding_rule,
-        reasons=facts.reasons,
+        reasons=(*facts.reasons, *facts.state_refs),
         functions=facts.flagged_functions,
         relations=facts.relations,
     )

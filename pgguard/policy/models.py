@@ -4,7 +4,8 @@ Owns: `PolicyFile` (rules plus optional catalog entries), `Rule`, `Match`, `Exam
 vocabulary checks: categories, statement kinds, id syntax, regex patterns, durations.
 
 Invariants: unknown keys are errors (`extra="forbid"`); an invalid regex, an unknown category or
-statement kind is an error at load time, never a rule that silently matches nothing.
+statement kind is an error at load time, never a rule that silently matches nothing. Rule ids
+starting with `builtin.` are reserved for pgguard's built-in decisions.
 """
 
 from __future__ import annotations
@@ -98,6 +99,15 @@ class Rule(_Strict):
     min_approvals: Annotated[int, Field(ge=1, le=10)] = 1
     remember: float | str | None = None
     examples: Examples = Field(default_factory=Examples)
+
+    @field_validator("id")
+    @classmethod
+    def _not_builtin(cls, value: str) -> str:
+        # Built-in decisions (builtin.state-schema, ...) must be recognisable in logs and the
+        # ledger as pgguard's own, never as a rule file's.
+        if value.lower().startswith("builtin."):
+            raise ValueError("rule ids starting with 'builtin.' are reserved for pgguard")
+        return value
 
     @field_validator("hold_timeout", "remember")
     @classmethod

@@ -13,6 +13,8 @@ Matching semantics (documented in rules/README.md):
   name could live in any schema).
 - `unparseable` statements are matched only by rules that name `unparseable` explicitly.
 - A rule that raises while matching makes the statement at least `hold`; it never allows.
+- A statement that names pgguard's own state (`StatementFacts.state_refs`) is denied by
+  `builtin.state-schema` whatever matched; no rule can change that.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ SEVERITY: dict[str, int] = {"allow": 0, "hold": 1, "deny": 2}
 FALLBACK_HOLD = "builtin.privileged-hold"
 FALLBACK_DENY = "builtin.unparseable-deny"
 RULE_ERROR = "builtin.rule-error"
+STATE_SCHEMA_RULE = "builtin.state-schema"
 
 
 def stricter(left: Action, right: Action) -> Action:
@@ -209,6 +212,8 @@ def judge_statement(
         )
     else:
         judgement = _fallback(facts, matched_ids)
+    if facts.state_refs:
+        return Judgement("deny", STATE_SCHEMA_RULE, (*matched_ids, STATE_SCHEMA_RULE), None, ())
     if errored and SEVERITY[judgement.action] < SEVERITY["hold"]:
         return Judgement("hold", RULE_ERROR, (*matched_ids, RULE_ERROR), None, ())
     return judgement

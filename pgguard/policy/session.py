@@ -31,6 +31,7 @@ class PreparedSummary:
     functions: tuple[str, ...]
     flagged_functions: tuple[str, ...]
     relations: tuple[str, ...]
+    state_refs: tuple[str, ...] = ()
 
 
 def _union(*parts: tuple[str, ...]) -> tuple[str, ...]:
@@ -63,6 +64,7 @@ class SessionTracker:
                 functions=_union(*(p.functions for p in parts)),
                 flagged_functions=_union(*(p.flagged_functions for p in parts)),
                 relations=_union(*(p.relations for p in parts)),
+                state_refs=_union(*(p.state_refs for p in parts)),
             )
 
     def knows(self, name: str) -> bool:
@@ -87,6 +89,7 @@ class SessionTracker:
         kinds, functions, flagged, relations = [facts.kinds], [facts.functions], [], []
         flagged.append(facts.flagged_functions)
         relations.append(facts.relations)
+        state_refs = [facts.state_refs]
         with self._lock:
             summaries = [self._prepared.get(name) for name in facts.executes]
         for name, summary in zip(facts.executes, summaries, strict=True):
@@ -100,6 +103,7 @@ class SessionTracker:
             functions.append(summary.functions)
             flagged.append(summary.flagged_functions)
             relations.append(summary.relations)
+            state_refs.append(tuple(f"prepared statement {name}: {r}" for r in summary.state_refs))
         return replace(
             facts,
             categories=_union(tuple(categories)),
@@ -108,6 +112,7 @@ class SessionTracker:
             functions=_union(*functions),
             flagged_functions=_union(*flagged),
             relations=_union(*relations),
+            state_refs=_union(*state_refs),
         )
 
     def remember_all(self, name: str, bodies: tuple[StatementFacts, ...]) -> None:

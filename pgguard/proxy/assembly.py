@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydantic import SecretStr
 
 from pgguard.approvals.fanout import FanOutNotifier
+from pgguard.approvals.schema import NOTIFY_CHANNEL
 from pgguard.approvals.service import ApprovalService, Notifier
 from pgguard.approvals.signing import load_state_key
 from pgguard.approvals.store import ApprovalStore
@@ -25,6 +26,7 @@ from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
+from pgguard.sql.statenames import ProtectedNames
 from pgguard.statedb.probe import check_separation
 from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
@@ -69,9 +71,18 @@ class Running:
             await self.ledger.close()
 
 
+def protected_names(settings: Settings) -> ProtectedNames:
+    """pgguard's own names no agent statement may use: the state schema and channels."""
+    return ProtectedNames(schema=settings.state.schema_name, channels=(NOTIFY_CHANNEL,))
+
+
 def load_engine(settings: Settings) -> PolicyEngine:
     try:
-        return PolicyEngine.load(settings.policy.rules_dir, mode=settings.policy.mode)
+        return PolicyEngine.load(
+            settings.policy.rules_dir,
+            mode=settings.policy.mode,
+            protected=protected_names(settings),
+        )
     except RulesError as exc:
         raise ConfigError(f"policy.rules_dir: invalid rules: {exc}") from None
     except OSError as exc:

@@ -120,6 +120,10 @@ class Connection:
         # ended by number _zcount + syncs (a Query, counted already) or that + 1 (an Execute,
         # whose Sync is still to come) - the group the OutcomeTracker files it under.
         self._zcount = 0
+        # Parse/Bind/Close messages forwarded in the current extended group (each is answered
+        # with an acknowledgement; see OutcomeTracker.error) and that group's number.
+        self._acked = 0
+        self._acked_group = 0
         self._upstream_write: Callable[[bytes], None] = _discard
         self._client_write: Callable[[bytes], None] = _discard
         self._tracker_feed: Callable[[bytes], bytes] = bytes
@@ -426,11 +430,13 @@ class Connection:
             )
             if not isinstance(verdict, g.Deny):
                 self._model.parse(self._extended_group(), parse.statement, parse.sql)
+                self._count_acked()
             return verdict
         if kind == m.F_BIND:
             bind = x.decode_bind(data[start + 5 : end])
             self._scanner.unsynced = True
             self._model.bind(self._extended_group(), bind.portal, bind.statement, bind.body)
+            self._count_acked()
             return g.ALLOW
         if kind == m.F_EXECUTE:
             self._scanner.unsynced = True
@@ -439,6 +445,7 @@ class Connection:
             close_kind, name = x.decode_close(data[start + 5 : end])
             self._scanner.unsynced = True
             self._model.close(self._extended_group(), close_kind, name)
+            self._count_acked()
             return g.ALLOW
         if kind == m.F_FUNCTION_CALL:
             self._refuse_unsynced("a function call")
@@ -461,6 +468,17 @@ class Connection:
         """What portal ``name`` may run for a message forwarded now (SQL FETCH/MOVE of it)."""
         bindings = self._model.portal(name, self._extended_group())
         return tuple(dict.fromkeys(b.sql for b in bindings))
+
+    def _count_acked(self) -> None:
+        group = self._extended_group()
+        if group != self._acked_group:
+            self._acked_group, self._acked = group, 0
+        self._acked += 1
+
+    def _acks_before(self) -> int:
+        """Answered messages of the current group forwarded so far (Describe included)."""
+        acked = self._acked if self._acked_group == self._extended_group() else 0
+        return acked + self._scanner.describes
 
     def _extended_group(self) -> int:
         """The ReadyForQuery ordinal that ends an extended message forwarded now (its Sync's)."""
@@ -504,7 +522,7 @@ class Connection:
         verdict = self.ctx.gate.check(session, event)
         if verdict is g.ALLOW and self._outcomes is not None:
             token = self.ctx.gate.statement_token(session, "execute", event.sql)
-            self._outcomes.execute(token, self._zcount + self._scanner.syncs + 1)
+            self._outcomes.execute(token, self._extended_group(), self._acks_before())
         return verdict
 
     def _refusal(self, frame: Frame, error: PgGuardError) -> bytes:
@@ -519,7 +537,7 @@ class Connection:
                 self._outcomes.query(None, self._zcount + self._scanner.syncs)
             return m.query(marker)
         if self._outcomes is not None:
-            self._outcomes.execute(None, self._zcount + self._scanner.syncs + 1)
+            self._outcomes.execute(None, self._extended_group(), self._acks_before())
         return m.parse(marker, marker)
 
     # --- holds ----------------------------------------------------------------------------------
@@ -551,7 +569,7 @@ class Connection:
                 kind = "query" if frame.type == m.F_QUERY else "execute"
                 token = self.ctx.gate.statement_token(self._session(), kind, b"")
                 if frame.type == m.F_EXECUTE:
-                    self._outcomes.execute(token, self._zcount + self._scanner.syncs + 1)
+                    self._outcomes.execute(token, self._extended_group(), self._acks_before())
                 else:
                     self._outcomes.query(token, self._zcount + self._scanner.syncs)
             self._upstream_write(frame.raw)

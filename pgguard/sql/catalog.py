@@ -1,7 +1,8 @@
 """The function and setting catalog the classifier consults: plain data, loaded from rules/.
 
 Owns: `Catalog` (function name → categories, setting name → categories, each with the reason a
-reviewer reads) and `Facts`-independent helpers to look names up.
+reviewer reads; and the names pgguard protects, `statenames.ProtectedNames`, which the policy
+engine sets from settings and no rule file can change) and helpers to look names up.
 
 Invariants: names are stored exactly as PostgreSQL resolves them: function names case-sensitive
 (the parser has already folded unquoted names to lower case, so "PG_READ_FILE" is a different
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from pgguard.sql.statenames import NO_PROTECTED_NAMES, ProtectedNames
 
 Entry = tuple[tuple[str, ...], str]
 """(categories, why) for one function or setting."""
@@ -36,6 +39,7 @@ class Catalog:
 
     functions: Mapping[str, Entry] = field(default_factory=lambda: _EMPTY)
     settings: Mapping[str, Entry] = field(default_factory=lambda: _EMPTY)
+    protected: ProtectedNames = NO_PROTECTED_NAMES
 
     def function(self, name: str) -> Entry | None:
         """(categories, why) for a function name as the parser produced it, or None."""
@@ -50,6 +54,7 @@ class Catalog:
         return Catalog(
             functions=MappingProxyType(_merge(self.functions, other.functions)),
             settings=MappingProxyType(_merge(self.settings, other.settings)),
+            protected=self.protected or other.protected,
         )
 
 

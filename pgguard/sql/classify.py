@@ -12,6 +12,8 @@ Invariants:
   taken from the catalog.
 - `literal_sensitive` is set whenever a constant's (or a parameter's) value or form was read to
   decide anything; such statements must never share a cache entry across different constants.
+- `state_refs` says where a statement (or code inside it) names pgguard's own state schema or
+  channels (`statenames`, with the catalog's protected names); the engine denies those.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pgguard.sql.kinds import (
 from pgguard.sql.lexstate import encoding_is_ascii_unsafe
 from pgguard.sql.nodes import function_name_from_literal, literal_text, names_of
 from pgguard.sql.parse import ParsedStatement, parse_statements
+from pgguard.sql.statenames import state_references
 from pgguard.sql.tree import Fields, JsonValue, iter_nodes
 
 # Kinds whose verdict can be shared between texts that differ only in constants.
@@ -65,6 +68,7 @@ class StatementFacts:
     prepares: str | None = None
     executes: tuple[str, ...] = ()
     deallocates: tuple[str, ...] = ()
+    state_refs: tuple[str, ...] = ()  # where pgguard's state schema or channels are named
 
     @property
     def touches_session(self) -> bool:
@@ -77,6 +81,7 @@ class StatementFacts:
         """True when texts differing only in constants are guaranteed the same facts."""
         return (
             not self.literal_sensitive
+            and not self.state_refs
             and not self.embedded_code
             and not self.touches_session
             and all(kind in CACHEABLE_KINDS for kind in self.kinds)
@@ -118,6 +123,10 @@ def classify_statement(stmt: ParsedStatement, catalog: Catalog, depth: int = 0) 
         walk.prepares = name if isinstance(name, str) else ""
     if DDL in walk.categories:
         walk.note_catalog_names_in_definition()
+    protected = catalog.protected
+    if protected and protected.may_name(stmt.text):
+        for reason in state_references(stmt.kind, stmt.node, protected):
+            walk.state_refs[reason] = None
     return StatementFacts(
         kind=stmt.kind,
         text=stmt.text,
@@ -133,6 +142,7 @@ def classify_statement(stmt: ParsedStatement, catalog: Catalog, depth: int = 0) 
         prepares=walk.prepares,
         executes=tuple(walk.executes),
         deallocates=tuple(walk.deallocates),
+        state_refs=tuple(walk.state_refs),
     )
 
 

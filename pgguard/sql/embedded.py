@@ -56,6 +56,7 @@ class Collector:
         self.literal_sensitive = False
         self.embedded_code = False
         self.changes_lexing = False
+        self.state_refs: dict[str, None] = {}
         self._classify_text = classify_text
 
     def add(self, categories: tuple[str, ...], reason: str) -> None:
@@ -116,6 +117,8 @@ class Collector:
                 self.categories[category] = None
         for reason in facts.reasons:
             self.reasons[f"{where}: {reason}"] = None
+        for reason in facts.state_refs:
+            self.state_refs[f"{where}: {reason}"] = None
         if facts.kind not in {"SelectStmt", "PLAssignStmt"}:
             self.kinds[facts.kind] = None
         self.functions.update(facts.functions)

@@ -22,7 +22,11 @@ from pgguard.wire.session import SessionModel
 _unpack_u32 = struct.Struct("!I").unpack_from
 _FATAL_FIELDS = (b"SFATAL\0", b"SPANIC\0")
 _WATCHED = frozenset(b"ZSE")  # ReadyForQuery, ParameterStatus, ErrorResponse (rare)
-_WATCHED_FOR_OUTCOMES = frozenset(b"ZSCEIs")  # + CommandComplete, Error, EmptyQuery, Suspended
+# + CommandComplete, Error, EmptyQuery, Suspended, and the acknowledgements of the messages
+# before an Execute (ParseComplete, BindComplete, CloseComplete, RowDescription, NoData), which
+# tell an Execute's own error from one of a message before it.
+_WATCHED_FOR_OUTCOMES = frozenset(b"ZSCEIs123Tn")
+_ACKS = frozenset(b"123Tn")
 
 
 class _Replacement:
@@ -168,7 +172,9 @@ class BackendTracker:
                 fields = m.decode_error_fields(body)
                 self.outcomes.error(fields.sqlstate, fields.message)
         elif self.outcomes is not None:
-            if type_byte == 0x43:  # CommandComplete
+            if type_byte in _ACKS:
+                self.outcomes.ack()
+            elif type_byte == 0x43:  # CommandComplete
                 self.outcomes.command_complete(body.rstrip(b"\0").decode("utf-8", "replace"))
             elif type_byte == 0x49:  # EmptyQueryResponse
                 self.outcomes.empty_query()

@@ -122,7 +122,7 @@ class FrontendScanner:
     run and every forwarded frame's ``raw`` reproduces the input exactly.
     """
 
-    __slots__ = ("_buf", "_max", "_pos", "_skip", "syncs", "unsynced")
+    __slots__ = ("_buf", "_max", "_pos", "_skip", "describes", "syncs", "unsynced")
 
     def __init__(self, max_message: int) -> None:
         self.syncs = 0  # Sync messages passed so far; each ends an extended-protocol group
@@ -130,6 +130,7 @@ class FrontendScanner:
         # messages it inspects): a simple Query now could be skipped by the server, see
         # pgguard.proxy.connection.
         self.unsynced = False
+        self.describes = 0  # Describe messages passed since the last Sync (each is answered)
         self._buf = b""
         self._pos = 0
         self._skip = 0
@@ -183,8 +184,10 @@ class FrontendScanner:
                 if type_byte == 0x53:
                     self.syncs += 1
                     self.unsynced = False
+                    self.describes = 0
                 elif type_byte == 0x44:  # Describe (a Flush cannot fail, so it does not count)
                     self.unsynced = True
+                    self.describes += 1
                 if end > n:
                     self._skip = end - n
                     pos = n
@@ -235,8 +238,10 @@ class FrontendScanner:
             if type_byte == 0x53:
                 self.syncs += 1
                 self.unsynced = False
+                self.describes = 0
             elif type_byte == 0x44:  # Describe (a Flush cannot fail, so it does not count)
                 self.unsynced = True
+                self.describes += 1
             if end > n:
                 self._skip = end - n
                 pos = n

@@ -23,6 +23,7 @@ class Outcome:
     """How one statement ended (and, while it runs, where its replies go)."""
 
     __slots__ = (
+        "acks_before",
         "done",
         "group",
         "message",
@@ -34,9 +35,14 @@ class Outcome:
         "token",
     )
 
-    def __init__(self, token: object = None, group: int = 0, multi: bool = False) -> None:
+    def __init__(
+        self, token: object = None, group: int = 0, multi: bool = False, acks_before: int = 0
+    ) -> None:
         self.token = token  # the caller's, for the statement this outcome belongs to
         self.group = group  # the ordinal of the ReadyForQuery that ends it
+        # Parse/Bind/Close/Describe messages of its group forwarded before it: each answers with
+        # one acknowledgement; until all have, an error is theirs and this statement never ran.
+        self.acks_before = acks_before
         self.multi = multi  # a simple Query: several completions, until ReadyForQuery
         self.done = False
         self.tags: list[str] = []  # CommandComplete tags, in order
@@ -62,11 +68,12 @@ def tag_rows(tag: str) -> int | None:
 
 
 class OutcomeTracker:
-    __slots__ = ("_ready", "_slots")
+    __slots__ = ("_acks", "_ready", "_slots")
 
     def __init__(self) -> None:
         self._slots: deque[Outcome] = deque()  # forwarded and not finished, in order
         self._ready = 0  # ReadyForQuery messages seen: the group being answered is the next
+        self._acks = 0  # acknowledgements (ParseComplete, ...) of the group being answered
 
     # --- what the client sent (in forwarding order) ---------------------------------------
 
@@ -75,11 +82,16 @@ class OutcomeTracker:
         before it share its group (the server treats the Query as their Sync too)."""
         self._slots.append(Outcome(token, group, True))
 
-    def execute(self, token: object, group: int) -> None:
-        """An Execute, ended by the Sync (or Query) whose ReadyForQuery is number ``group``."""
-        self._slots.append(Outcome(token, group))
+    def execute(self, token: object, group: int, acks_before: int = 0) -> None:
+        """An Execute, ended by the Sync whose ReadyForQuery is number ``group``, after
+        ``acks_before`` acknowledged messages (Parse, Bind, Close, Describe) of its group."""
+        self._slots.append(Outcome(token, group, False, acks_before))
 
     # --- what the server said ---------------------------------------------------------------
+
+    def ack(self) -> None:
+        """ParseComplete, BindComplete, CloseComplete, or the end of a Describe's answer."""
+        self._acks += 1
 
     def command_complete(self, tag: str) -> None:
         slot = self._current()
@@ -99,9 +111,10 @@ class OutcomeTracker:
             slot.done = True
 
     def error(self, sqlstate: str, message: str) -> None:
-        """The first waiting statement of the group being answered failed; the server skips
-        the rest of that group. An error outside any statement (a FATAL at shutdown, a failed
-        Parse) has no statement waiting and is not attributed."""
+        """The first waiting statement of the group being answered failed - unless a message
+        before it in its group has not been acknowledged yet, which is then what failed - and
+        the server skips the rest of that group. An error outside any statement (a FATAL at
+        shutdown, a failed Parse) has no statement waiting and is not attributed."""
         answering = self._ready + 1
         first = True
         for slot in self._slots:
@@ -109,17 +122,18 @@ class OutcomeTracker:
                 break
             if slot.done:
                 continue
-            if first:
+            if first and slot.acks_before <= self._acks:
                 slot.sqlstate, slot.message = sqlstate, message
-                first = False
             else:
                 slot.skipped = True
+            first = False
             slot.done = True
 
     def ready(self) -> list[Outcome]:
         """ReadyForQuery: the group being answered is finished; the outcomes of its recorded
         statements (those with a token), in order."""
         self._ready += 1
+        self._acks = 0
         slots = self._slots
         finished = []
         while slots and slots[0].group <= self._ready:

@@ -1,0 +1,237 @@
+"""Issue 15, deliverable 4: PostgreSQL is the oracle for what ran, the policy and the ledger.
+
+Hypothesis writes random message programs - simple Queries and extended-protocol pipelines of
+Parse, Bind, Execute and Close, with and without errors, inside and outside transactions - and
+sends them byte for byte through a live pgguard to a server that logs every statement it
+executes (``log_statement = 'all'``). After each program:
+
+- no privileged text ever reached execution (the server's log has none, the table is there);
+- the statements the server executed are exactly those the ledger records as run (allowed, with
+  a command tag or an error), marker for marker, and nothing the ledger calls skipped or refused
+  ran.
+
+Each statement carries a unique marker (``m<k>``, an identifier, so masking keeps it). The run is
+bounded in CI; ``PGGUARD_DIFF_EXAMPLES=2000 pytest tests/integration/test_differential.py`` is the
+long mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import secrets
+import struct
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pgguard.embedded import EmbeddedPostgres
+from pgguard.wire import messages as m
+from tests.support import PgguardThread, RawClient, agent_settings
+
+EXAMPLES = int(os.environ.get("PGGUARD_DIFF_EXAMPLES", "25"))
+VICTIM = "diff_victim"
+SYNC = m.message(ord("S"))
+_LOG_LINE = re.compile(r"\[(\d+)\] LOG:  (?:statement|execute [^:]*): (.*)$")
+_MARKER = re.compile(r"\bm(\d+)\b")
+
+# --- the oracle server and pgguard in front of it -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oracle_pg() -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(
+        Path(tempfile.mkdtemp(prefix="pgguard-oracle-")) / "data", log_statements=True
+    )
+    pg.start()
+    pg.psql(
+        f"CREATE TABLE {VICTIM} (id int); CREATE TABLE diff_zero (x int); "
+        "INSERT INTO diff_zero VALUES (0)"
+    )
+    try:
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture(scope="module")
+def guarded(oracle_pg: EmbeddedPostgres, state_dsn: str) -> Iterator[PgguardThread]:
+    settings = agent_settings(
+        oracle_pg.unix_dsn(),
+        state_dsn,
+        state={"schema": f"pgguard_diff_{secrets.token_hex(4)}"},
+        ledger={"spool_dir": tempfile.mkdtemp(prefix="pgguard-spool-")},
+    )
+    thread = PgguardThread(settings).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+# --- programs -------------------------------------------------------------------------------
+
+# What a statement text does: runs, fails while running, fails when the server parses it (after
+# pgguard allowed it), is refused by pgguard (privileged, unparseable).
+KINDS = ("ok", "ok", "ok", "fails", "missing", "privileged", "unparseable")
+
+
+def text(kind: str, marker: int) -> str:
+    if kind == "ok":
+        return f"SELECT {marker} AS m{marker}"
+    if kind == "fails":
+        return f"SELECT 1 / x AS m{marker} FROM diff_zero"  # division by zero while running
+    if kind == "missing":
+        return f"SELECT m{marker} FROM diff_no_such_table"
+    if kind == "privileged":
+        return f"DROP TABLE {VICTIM} /* m{marker} */"
+    return f"SELEC m{marker} FROM"
+
+
+STATEMENTS = st.sampled_from(["", "s"])
+PORTALS = st.sampled_from(["", "p"])
+OPS = st.one_of(
+    st.tuples(st.just("parse"), STATEMENTS, st.sampled_from(KINDS)),
+    st.tuples(st.just("bind"), PORTALS, STATEMENTS),
+    st.tuples(st.just("execute"), PORTALS),
+    st.tuples(st.just("close"), st.sampled_from(["S", "P"]), STATEMENTS),
+)
+BATCHES = st.one_of(
+    st.tuples(st.just("query"), st.sampled_from(KINDS)),
+    st.tuples(st.just("txn"), st.sampled_from(["BEGIN", "COMMIT", "ROLLBACK"])),
+    st.tuples(st.just("pipeline"), st.lists(OPS, min_size=1, max_size=6)),
+)
+PROGRAMS = st.lists(BATCHES, min_size=1, max_size=8)
+
+
+def bind(portal: str, statement: str) -> bytes:
+    body = portal.encode() + b"\0" + statement.encode() + b"\0" + struct.pack("!hhh", 0, 0, 0)
+    return m.message(ord("B"), body)
+
+
+def execute(portal: str) -> bytes:
+    return m.message(ord("E"), portal.encode() + b"\0" + struct.pack("!i", 0))
+
+
+def close(kind: str, name: str) -> bytes:
+    return m.message(ord("C"), kind.encode() + name.encode() + b"\0")
+
+
+def encode(program: list[tuple[object, ...]], markers: Iterator[int]) -> list[bytes]:
+    """One byte string per batch, each ending in a message that gets a ReadyForQuery."""
+    batches: list[bytes] = []
+    for batch in program:
+        if batch[0] == "query":
+            batches.append(m.query(text(str(batch[1]), next(markers))))
+        elif batch[0] == "txn":
+            batches.append(m.query(str(batch[1])))
+        else:
+            out = b""
+            for op in batch[1]:  # type: ignore[attr-defined]
+                if op[0] == "parse":
+                    out += m.parse(op[1], text(op[2], next(markers)))
+                elif op[0] == "bind":
+                    out += bind(op[1], op[2])
+                elif op[0] == "execute":
+                    out += execute(op[1])
+                else:
+                    out += close(op[1], op[2])
+            batches.append(out + SYNC)
+    return batches
+
+
+# --- what the server and the ledger say ---------------------------------------------------------
+
+
+def executed_markers(pg: EmbeddedPostgres, pid: int) -> Counter[int]:
+    found: Counter[int] = Counter()
+    log = (pg.datadir / "server.log").read_text(errors="replace")
+    for line in log.splitlines():
+        match = _LOG_LINE.search(line)
+        if match and int(match.group(1)) == pid:
+            markers = _MARKER.findall(match.group(2))
+            assert VICTIM not in match.group(2) or "DROP" not in match.group(2), line
+            found.update(int(k) for k in markers)
+    return found
+
+
+# The error PostgreSQL raises for an Execute before it logs it (postgres.c exec_execute_message
+# looks the portal up first): the ledger rightly records the Execute as failed, and the
+# server's log has no line for it. (In a failed transaction, 25P02 comes after the log line;
+# an error of a Parse or Bind before the Execute makes the ledger say "skipped".)
+NOT_STARTED = frozenset({"34000"})
+
+
+def ledger_markers(
+    guarded: PgguardThread, application_name: str
+) -> tuple[Counter[int], Counter[int], Counter[int]]:
+    """Markers the ledger records as (succeeded, failed while running, never run)."""
+    guarded.call(guarded.running.ledger.flush())
+    schema = guarded.settings.state.schema_name
+    with psycopg.connect(guarded.settings.state_dsn()) as conn:
+        rows = conn.execute(
+            f"SELECT statement, action, command_tag, sqlstate, error_message "
+            f"FROM {schema}.ledger WHERE kind = 'statement' AND application_name = %s",
+            (application_name,),
+        ).fetchall()
+    succeeded: Counter[int] = Counter()
+    failed: Counter[int] = Counter()
+    not_run: Counter[int] = Counter()
+    for statement, action, tag, sqlstate, error in rows:
+        markers = [int(k) for k in _MARKER.findall(statement or "")]
+        assert not (action != "allow" and tag is not None), (statement, action, tag, error)
+        if action == "allow" and tag is not None:
+            succeeded.update(markers)
+        elif action == "allow" and sqlstate is not None and sqlstate not in NOT_STARTED:
+            failed.update(markers)
+        else:
+            not_run.update(markers)  # refused, skipped, or failed before it started
+    return succeeded, failed, not_run
+
+
+def victim_exists(pg: EmbeddedPostgres) -> bool:
+    return pg.psql(f"SELECT to_regclass('{VICTIM}') IS NOT NULL").strip().endswith("t")
+
+
+# --- the property -------------------------------------------------------------------------------
+
+_counter = itertools.count(1)
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(program=PROGRAMS)
+def test_what_ran_is_what_was_judged_and_recorded(
+    oracle_pg: EmbeddedPostgres, guarded: PgguardThread, program: list[tuple[object, ...]]
+) -> None:
+    application_name = f"diff-{secrets.token_hex(6)}"
+    raw = RawClient.connect(guarded.port)
+    welcome = raw.login(application_name=application_name)
+    key = next(body for kind, body in welcome if kind == "K")
+    pid = struct.unpack("!i", key[:4])[0]
+    markers = _counter  # unique across examples, so a stale log line cannot match
+    for batch in encode(program, markers):
+        raw.send(batch)
+        raw.recv_until("Z")
+    raw.send(m.query("ROLLBACK"))  # leave no transaction open (a WARNING outside one)
+    raw.recv_until("Z")
+    raw.send(m.message(ord("X")))
+    time.sleep(0.05)  # the server writes its log lines as it runs; let the last one land
+    ran_on_server = executed_markers(oracle_pg, pid)
+    succeeded, failed, not_run = ledger_markers(guarded, application_name)
+    # What the server ran is what the ledger says ran (succeeded or failed while running) ...
+    assert succeeded + failed == ran_on_server
+    # ... and nothing it calls refused, skipped or not started ran.
+    assert not (set(not_run) & set(ran_on_server))
+    assert victim_exists(oracle_pg)
