@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -308,10 +308,20 @@ async def migrate(conn: asyncpg.Connection, quoted_schema: str, timeout: float) 
 class LedgerStore:
     """One lazily (re)connected asyncpg connection that inserts batches of sealed entries."""
 
-    def __init__(self, dsn: str, *, schema: str = "pgguard", timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "pgguard",
+        timeout: float = 5.0,
+        server_settings: Mapping[str, str] | None = None,
+    ) -> None:
         self._dsn = dsn
         self._quoted = checked_schema(schema)
         self._timeout = timeout
+        # lock_timeout/statement_timeout (StateSettings.server_settings): a lock someone else
+        # holds on the ledger's tables fails a shipping round (the spool takes over), never hangs
+        self._server_settings = dict(server_settings or {})
         self._conn: asyncpg.Connection | None = None
         self._migrated = False
         placeholders = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
@@ -472,7 +482,7 @@ class LedgerStore:
                 self._dsn,
                 timeout=self._timeout,
                 command_timeout=self._timeout,
-                server_settings={"application_name": "pgguard-ledger"},
+                server_settings={**self._server_settings, "application_name": "pgguard-ledger"},
             )
         if not self._migrated:
             await migrate(self._conn, self._quoted, self._timeout)

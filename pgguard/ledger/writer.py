@@ -48,7 +48,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +129,7 @@ class LedgerWriter:
         checkpoint_seconds: float = 5.0,
         anchor_file: Path | None = None,
         anchor_url: str | None = None,
+        server_settings: Mapping[str, str] | None = None,
     ) -> LedgerWriter:
         """Open the spool, try the database (an unreachable one is retried in the background),
         start a new chain and the shipper.
@@ -149,7 +150,7 @@ class LedgerWriter:
                 anchor_url=anchor_url,
                 timeout=timeout,
             )
-        store = LedgerStore(dsn, schema=schema, timeout=timeout)
+        store = LedgerStore(dsn, schema=schema, timeout=timeout, server_settings=server_settings)
         spool: Spool | None
         try:
             spool = Spool.open(spool_dir)

@@ -158,6 +158,7 @@ async def start(settings: Settings) -> Running:
                 if settings.ledger.anchor_url
                 else None
             ),
+            server_settings=settings.state.server_settings(),
         )
         hooks = LedgerHooks(ledger, masking, instance_id, settings.upstream.parsed().user)
         if approvals is not None:

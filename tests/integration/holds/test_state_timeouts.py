@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import psycopg
 import pytest
 
@@ -64,3 +65,41 @@ async def test_a_locked_approval_table_refuses_the_hold_quickly(
             await c.close()
     with psycopg.connect(direct_dsn) as direct:
         assert direct.execute("SELECT to_regclass('hold_t')").fetchone() != (None,)
+
+
+async def test_a_locked_ledger_table_does_not_hold_up_an_approved_statement(
+    locked_pgguard: PgguardThread, direct_dsn: str
+) -> None:
+    """The approved statement's entry must be durable before it runs: with the ledger's table
+    locked by someone else, it goes to the spool after [state] lock_timeout, not after the
+    20 s call timeout, and nothing is lost once the lock is gone."""
+    from tests.integration.holds.helpers import auth, wait_for_request
+
+    schema = locked_pgguard.settings.state.schema_name
+    locker = await asyncpg.connect(locked_pgguard.settings.state_dsn())
+    conn = await asyncpg.connect(locked_pgguard.dsn())
+    try:
+        async with httpx.AsyncClient(base_url=locked_pgguard.http_url, timeout=10) as api:
+            held = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
+            request = await wait_for_request(api, "hold_t")
+            await locker.execute("BEGIN")
+            await locker.execute(f"LOCK TABLE {schema}.ledger_entries")
+            started = time.monotonic()
+            response = await api.post(
+                f"/api/requests/{request['id']}/approve", json={}, headers=auth("dba1")
+            )
+            assert response.status_code == 200
+            assert await asyncio.wait_for(held, 15) == "DROP TABLE"
+            elapsed = time.monotonic() - started
+            assert elapsed < 8, f"the approved statement waited {elapsed:.1f} s on the lock"
+        await locker.execute("ROLLBACK")
+        locked_pgguard.call(locked_pgguard.running.ledger.flush())
+        recorded = await locker.fetchval(
+            f"SELECT count(*) FROM {schema}.ledger WHERE request_id = $1", request["id"]
+        )
+        assert recorded >= 1
+    finally:
+        for c in (locker, conn):
+            await c.close()
+    with psycopg.connect(direct_dsn) as direct:
+        assert direct.execute("SELECT to_regclass('hold_t')").fetchone() == (None,)
