@@ -123,6 +123,10 @@ async def run_demo(*, keep_running: bool = False) -> None:
         if keep_running:
             console.print("\nThe proxy keeps running; connect with the DSN above. Ctrl-C stops it.")
             await asyncio.Event().wait()
+        # A clean stop signs each chain's final checkpoint; then verify as an auditor would.
+        stopping, running = running, None
+        await stopping.stop(grace=1.0)
+        await _verify_ledger(console, settings, state_dsn)
     finally:
         if running is not None:
             await running.stop(grace=1.0)
@@ -284,9 +288,7 @@ def _card_title(card: dict[str, Any]) -> str:
 
 
 async def _show_ledger(console: Console, running: assembly.Running, state_dsn: str) -> None:
-    """What an auditor finds afterwards: the ledger's entries, and a verified hash chain."""
-    from pgguard.ledger import verify
-
+    """What an auditor finds afterwards: the ledger's entries."""
     if running.ledger is None:
         return
     await running.ledger.flush()
@@ -310,8 +312,34 @@ async def _show_ledger(console: Console, running: assembly.Running, state_dsn: s
                 row["sqlstate"] or row["command_tag"] or "",
             )
         console.print(table)
-        report = await verify(conn, schema="pgguard")
+    finally:
+        await conn.close()
+
+
+async def _verify_ledger(console: Console, settings: Settings, state_dsn: str) -> None:
+    """As `pgguard ledger verify --config` does: every chain against its signed checkpoints
+    (the signing key's public half) and against the anchor file kept outside the database."""
+    from pgguard.ledger import verify
+    from pgguard.ledger.anchors import read_anchors
+    from pgguard.ledger.checkpoint import KeyRing
+    from pgguard.ledger.keys import load_public_key
+
+    conn = await asyncpg.connect(state_dsn)
+    try:
+        keys = KeyRing([load_public_key(settings.ledger_signing_key_file())])
+        anchors_file = settings.ledger_anchor_file()
+        anchors = read_anchors(anchors_file)[0] if anchors_file.exists() else []
+        report = await verify(
+            conn,
+            schema="pgguard",
+            keys=keys,
+            anchors=anchors,
+            open_grace=2 * settings.ledger.checkpoint_seconds,
+        )
         state = "[green]intact[/]" if report.ok else "[red]ALTERED[/]"
-        console.print(f"pgguard ledger verify: {report.entries} entries, hash chains {state}")
+        console.print(
+            f"pgguard ledger verify: {report.entries} entries, signed checkpoints: {report.checkpoints}, "
+            f"hash chains {state}"
+        )
     finally:
         await conn.close()
