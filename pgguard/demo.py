@@ -338,8 +338,8 @@ async def _verify_ledger(console: Console, settings: Settings, state_dsn: str) -
         )
         state = "[green]intact[/]" if report.ok else "[red]ALTERED[/]"
         console.print(
-            f"pgguard ledger verify: {report.entries} entries, signed checkpoints: {report.checkpoints}, "
-            f"hash chains {state}"
+            f"pgguard ledger verify: {report.entries} entries, signed checkpoints: "
+            f"{report.checkpoints}, hash chains {state}"
         )
     finally:
         await conn.close()
