@@ -153,6 +153,9 @@ class HttpSettings(_Section):
     public_url: str = ""  # default: http://{host}:{port}
     session_secret: SecretStr | None = None  # signs page sessions; set it when N instances share
     session_seconds: int = Field(1800, ge=60, le=86_400)  # approval-page sign-in lifetime
+    # Largest request body accepted (413 above it, checked before and while it is read): the
+    # HTTP server shares the proxy's process, so an upload's size is every agent's memory.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1 << 30)
 
     def base_url(self, port: int | None = None) -> str:
         if self.public_url:

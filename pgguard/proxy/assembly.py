@@ -200,6 +200,7 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
         public_url=public_url,
         session_seconds=settings.http.session_seconds,
         oidc=running.oidc,
+        max_body_bytes=settings.http.max_body_bytes,
     )
     if running.bot is not None:
         running.bot.register(app, approvals, directory)

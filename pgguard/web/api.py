@@ -8,11 +8,13 @@
 
 Every ``/api`` call needs ``Authorization: Bearer <token>`` of a configured approver.
 Status codes: 200 with the request's JSON; 401 unknown or missing token; 403 not in an approving
-group, or self-approval; 404 no such request; 409 already decided or expired.
+group, or self-approval; 404 no such request; 409 already decided or expired; 413 a body larger
+than ``[http] max_body_bytes``. The token is checked before the body is read (`BoundedBodies`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -32,6 +34,7 @@ from pgguard.approvals.model import (
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import PgGuardError
 from pgguard.web.auth import ApproverDirectory
+from pgguard.web.limits import BoundedBodies, Scope, header
 from pgguard.web.oidc import OidcSignIn
 from pgguard.web.pages import SESSION_SECONDS, register_pages
 
@@ -54,6 +57,24 @@ def _approver(request: Request, authorization: Annotated[str | None, Header()] =
     return found
 
 
+def _early_refusal(directory: ApproverDirectory) -> Callable[[Scope], str | None]:
+    """API calls without a valid approver token are refused before their body is read.
+
+    The Teams bot's endpoint (``/api/messages``) verifies its own bearer token before it reads
+    the body; pages take small forms; both are bounded by ``max_body_bytes`` like everything."""
+
+    def refusal(scope: Scope) -> str | None:
+        path: str = scope.get("path", "")
+        if path != "/api/requests" and not path.startswith("/api/requests/"):
+            return None
+        scheme, _, token = header(scope, b"authorization").partition(" ")
+        if scheme.lower() == "bearer" and directory.by_token(token.strip()) is not None:
+            return None
+        return "unknown or missing approver token"
+
+    return refusal
+
+
 # Module level: FastAPI resolves these string annotations in the module's namespace.
 Caller = Annotated[Approver, Depends(_approver)]
 
@@ -66,9 +87,13 @@ def create_app(
     public_url: str = "",
     session_seconds: int = SESSION_SECONDS,
     oidc: OidcSignIn | None = None,
+    max_body_bytes: int = 1024 * 1024,
 ) -> FastAPI:
     app = FastAPI(title="pgguard", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.approvers = approvers
+    app.add_middleware(
+        BoundedBodies, max_body_bytes=max_body_bytes, admit=_early_refusal(approvers)
+    )
     register_pages(
         app,
         service,
