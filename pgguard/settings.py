@@ -91,6 +91,9 @@ class AgentSettings(_Section):
     scram_verifier: SecretStr | None = None
     owner: str = Field(min_length=1)
     databases: list[str] = Field(default_factory=list)
+    # Upstream sessions this agent may hold at once (53300 above it); unset: half the total
+    # when several agents are configured, so no one agent can take every slot.
+    max_sessions: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_secret(self) -> AgentSettings:
@@ -116,6 +119,9 @@ class LimitsSettings(_Section):
     shutdown_grace: float = Field(10.0, ge=0)
     # Freed memory the C allocator keeps for reuse (pgguard.allocator); 0: glibc's defaults.
     allocator_retain_mib: int = Field(64, ge=0, le=65536)
+    # Upstream sessions of all agents together; unset: the upstream's max_connections minus its
+    # reserved slots and pgguard's own state connections, read at start-up (pgguard.proxy.capacity).
+    max_upstream_sessions: int | None = Field(None, ge=1)
 
 
 class PolicySettings(_Section):

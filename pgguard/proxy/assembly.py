@@ -22,6 +22,7 @@ from pgguard.errors import ConfigError
 from pgguard.ledger import LedgerWriter
 from pgguard.masking import MaskingRules
 from pgguard.policy import PolicyEngine, RulesError
+from pgguard.proxy.capacity import SessionSlots, read_capacity
 from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
@@ -95,6 +96,8 @@ async def start(settings: Settings) -> Running:
     engine = load_engine(settings)
     # Before anything touches the state: refuse to start when agents could reach it.
     await check_separation(settings)
+    # One line naming upstream.dsn when the upstream cannot be reached; sizes the session limits.
+    capacity = await read_capacity(settings)
     approvals: ApprovalService | None = None
     notifier: TeamsWebhookNotifier | None = None
     bot: TeamsBot | None = None
@@ -172,6 +175,7 @@ async def start(settings: Settings) -> Running:
         ledger=hooks,
     )
     proxy = ProxyServer(settings, gate)
+    proxy.ctx.slots = SessionSlots.from_settings(settings, capacity)
     proxy.ctx.instance_id = instance_id
     await proxy.start()
     running = Running(settings, proxy, gate, approvals, notifier, ledger=ledger, bot=bot)

@@ -128,6 +128,7 @@ class Connection:
         self._client_write: Callable[[bytes], None] = _discard
         self._tracker_feed: Callable[[bytes], bytes] = bytes
         self._terminating = False
+        self._slot_of: str | None = None  # the agent whose upstream slot this session holds
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Connection:
         refusal = self.ctx.gate.check_startup(login.agent.name, login.database, login.parameters)
         if refusal is not None:
             raise StartupRefused(refusal.message, detail=refusal.detail, hint=refusal.hint)
+        self._take_slot(login.agent.name)
         up = await upstream.connect(
             self.ctx.settings.upstream, login.version, login.parameters, login.database
         )
@@ -173,6 +175,14 @@ class Connection:
             up.link.abort()
             raise LinkClosed("client closed the connection during start-up")
         return up
+
+    def _take_slot(self, agent: str) -> None:
+        """One upstream session slot (TooManyConnections, 53300, names the limit); returned in
+        ``_cleanup`` however the session ends."""
+        slots = self.ctx.slots
+        if slots is not None:
+            slots.take(agent)
+            self._slot_of = agent
 
     def _start_relay(self, login: AgentLogin, up: upstream.UpstreamSession) -> None:
         session = Session(
@@ -235,6 +245,9 @@ class Connection:
 
     def _cleanup(self) -> None:
         self.ctx.unregister(self)
+        if self._slot_of is not None and self.ctx.slots is not None:
+            self.ctx.slots.give_back(self._slot_of)
+            self._slot_of = None
         if self.session is not None:
             self.ctx.gate.session_ended(self.session)
         if self._hold_task is not None:
@@ -304,7 +317,23 @@ class Connection:
             )
             self.fail(UpstreamUnavailable("the upstream server sent an invalid message"))
         except Exception:
-            self._internal_error("relaying the server's reply")
+            if self._client_gone():
+                self._client_went_away()
+            else:
+                self._internal_error("relaying the server's reply")
+
+    def _client_gone(self) -> bool:
+        transport = self.client.transport
+        return self.client.closed or transport is None or transport.is_closing()
+
+    def _client_went_away(self) -> None:
+        """The client vanished mid-reply (uvloop raises on writes to a reset transport): an
+        ordinary end of a session, not a bug - no error to send, nobody to send it to."""
+        session_id = self.session.session_id if self.session is not None else "-"
+        log.info("session %s: client went away while its reply was relayed", session_id)
+        self._client_write = _discard
+        self.client.close()
+        self._finish()
 
     # --- relay: client -> server ----------------------------------------------------------------
 

@@ -24,11 +24,13 @@ from pathlib import Path
 
 from pgguard.errors import (
     AdminShutdown,
+    ConfigError,
     PgGuardError,
     ProtocolViolation,
     TooManyConnections,
 )
 from pgguard.proxy import upstream
+from pgguard.proxy.capacity import SessionSlots
 from pgguard.proxy.connection import Connection, error_message
 from pgguard.proxy.gate import Gate
 from pgguard.proxy.link import Link, LinkClosed
@@ -54,6 +56,7 @@ class ProxyContext:
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     sessions: dict[tuple[int, bytes], Connection] = field(default_factory=dict)
     connections: set[Connection] = field(default_factory=set)
+    slots: SessionSlots | None = None  # upstream sessions per agent and in total
 
     def register(self, conn: Connection) -> None:
         if conn.backend_key is not None:
@@ -88,6 +91,8 @@ class ProxyServer:
             gate=gate or Gate(),
             tls=tls,
             channel_binding=binding,
+            # Until assembly.start has read the upstream's capacity: the configured limits.
+            slots=SessionSlots.from_settings(settings, None),
         )
         self._sockets: list[socket.socket] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
@@ -114,7 +119,16 @@ class ProxyServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((addr[0], port, *addr[2:]))
+            try:
+                sock.bind((addr[0], port, *addr[2:]))
+            except OSError as exc:
+                sock.close()
+                for bound in self._sockets:
+                    bound.close()
+                self._sockets.clear()
+                raise ConfigError(
+                    f"listen.port: cannot listen on {listen.host}:{port}: {exc.strerror}"
+                ) from None
             port = sock.getsockname()[1]  # with port 0, bind every address to the same port
             sock.listen(512)
             sock.setblocking(False)

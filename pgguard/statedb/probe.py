@@ -90,10 +90,11 @@ async def gather(settings: Settings) -> Facts:
     """Connect as the upstream role and as the state role, and ask both what they are."""
     timeout = settings.upstream.connect_timeout
     try:
-        upstream = await asyncio.wait_for(_connect_upstream(settings.upstream), timeout * 2)
+        upstream = await asyncio.wait_for(connect_upstream(settings.upstream), timeout * 2)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise SeparationError(
-            "cannot check that agents cannot reach pgguard's state: connecting to the upstream "
+            "upstream.dsn: cannot check that agents cannot reach pgguard's state: connecting to "
+            "the upstream "
             f"server at {settings.upstream.parsed().describe()} failed ({_reason(exc)})"
         ) from exc
     try:
@@ -198,7 +199,7 @@ async def _connect_state(settings: Settings) -> asyncpg.Connection:
     return conn
 
 
-async def _connect_upstream(upstream: UpstreamSettings) -> asyncpg.Connection:
+async def connect_upstream(upstream: UpstreamSettings) -> asyncpg.Connection:
     """A connection as the role agents act as, with the upstream DSN's address and TLS mode."""
     dsn: Dsn = parse_dsn(upstream.dsn.get_secret_value())
     conn: asyncpg.Connection = await asyncpg.connect(
