@@ -88,6 +88,13 @@ class QueryCanceled(PgGuardError):
     sqlstate = "57014"
 
 
+class StatementTooComplex(PgGuardError):
+    """A statement above ``[limits] max_statement_bytes``, or whose analysis ran over its budget:
+    refused (fail closed); the session goes on."""
+
+    sqlstate = "54000"  # program_limit_exceeded
+
+
 class StartupRefused(PolicyDenied):
     """A connection refused by policy because of its start-up parameters."""
 

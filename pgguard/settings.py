@@ -122,6 +122,14 @@ class LimitsSettings(_Section):
     # Upstream sessions of all agents together; unset: the upstream's max_connections minus its
     # reserved slots and pgguard's own state connections, read at start-up (pgguard.proxy.capacity).
     max_upstream_sessions: int | None = Field(None, ge=1)
+    # Statements longer than this are refused with 54000 before anything reads them.
+    max_statement_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=(1 << 30) - 1)
+    # Statements longer than this are classified in a worker process (pglast holds the GIL, so
+    # a thread would still stall every session), with parse_budget seconds each; 54000 beyond.
+    # (A dense 16 KiB text takes pglast ~0.1 s; 4 KiB ~25 ms.)
+    parse_offload_bytes: int = Field(4096, ge=256)
+    parse_workers: int = Field(2, ge=1, le=64)
+    parse_budget: float = Field(2.0, gt=0, le=600)
 
 
 class PolicySettings(_Section):

@@ -24,6 +24,7 @@ from pgguard.masking import MaskingRules
 from pgguard.policy import PolicyEngine, RulesError
 from pgguard.proxy.capacity import SessionSlots, read_capacity
 from pgguard.proxy.ledger_hooks import LedgerHooks
+from pgguard.proxy.offload import ParseOffload
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
@@ -70,6 +71,8 @@ class Running:
             await self.oidc.aclose()
         if self.ledger is not None:
             await self.ledger.close()
+        if self.gate.offload is not None:
+            await self.gate.offload.close()
 
 
 def protected_names(settings: Settings) -> ProtectedNames:
@@ -173,6 +176,8 @@ async def start(settings: Settings) -> Running:
         instance_id=instance_id,
         upstream=settings.upstream,
         ledger=hooks,
+        offload=await _start_offload(settings),
+        max_statement_bytes=settings.limits.max_statement_bytes,
     )
     proxy = ProxyServer(settings, gate)
     proxy.ctx.slots = SessionSlots.from_settings(settings, capacity)
@@ -211,6 +216,20 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
     running.http = HttpServer(app, settings.http.host, settings.http.port)
     await running.http.start()
     log.info("pgguard HTTP API on %s", running.http_url)
+
+
+async def _start_offload(settings: Settings) -> ParseOffload:
+    limits = settings.limits
+    offload = ParseOffload(
+        rules_dir=settings.policy.rules_dir,
+        mode=settings.policy.mode,
+        protected=protected_names(settings),
+        workers=limits.parse_workers,
+        threshold=limits.parse_offload_bytes,
+        budget=limits.parse_budget,
+    )
+    await offload.start()
+    return offload
 
 
 def _secret(value: SecretStr | None) -> str | None:

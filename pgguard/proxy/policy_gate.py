@@ -16,6 +16,10 @@ What it adds to the pass-through gate:
 * Start-up parameters (``options=-c role=...`` and friends) are judged as the SET statements they
   amount to; a parameter that is not plainly allowed refuses the connection.
 * ``[policy] mode = "observe"`` computes and logs every would-be action but never refuses.
+* Size (``pgguard.proxy.offload``): a text above ``[limits] max_statement_bytes`` is refused with
+  54000 unread. With an offload, a Query or single-text Execute above its threshold is
+  classified in a worker process while the session waits (a Hold resolved by a task, as for a
+  FunctionCall); such a Parse is let through unjudged - its Execute is where it is judged.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pgguard.errors import (
     PgGuardError,
     PolicyDenied,
     QueryCanceled,
+    StatementTooComplex,
 )
 from pgguard.masking import MaskingRules
 from pgguard.policy import (
@@ -61,6 +66,7 @@ from pgguard.proxy.gate import (
 from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
+from pgguard.proxy.offload import ParseOffload
 from pgguard.settings import UpstreamSettings
 from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
@@ -100,8 +106,12 @@ class PolicyGate(Gate):
         instance_id: str = "",
         upstream: UpstreamSettings | None = None,
         ledger: LedgerHooks | None = None,
+        offload: ParseOffload | None = None,
+        max_statement_bytes: int | None = None,
     ) -> None:
         super().__init__()
+        self.offload = offload
+        self.max_statement_bytes = max_statement_bytes
         self.engine = engine
         self.approvals = approvals
         self.masking = masking or MaskingRules.load()
@@ -152,6 +162,10 @@ class PolicyGate(Gate):
     def check(self, session: SessionView, event: SqlEvent) -> Verdict:
         state = self._state(session)
         ctx = self._context(session, state)
+        if self.max_statement_bytes is not None or self.offload is not None:
+            sized = self._by_size(session, state, ctx, event)
+            if sized is not None:
+                return sized
         if event.kind == "query":
             decision, blind = self.engine.classify_keyed(event.sql, ctx)
             if _fetches(decision):
@@ -166,6 +180,85 @@ class PolicyGate(Gate):
             self._note_lexing(session, state, decision)
             return ALLOW
         return self._check_execute(session, state, ctx, event)
+
+    # --- large statements -------------------------------------------------------------------
+
+    def _by_size(
+        self, session: SessionView, state: _SessionPolicy, ctx: Context, event: SqlEvent
+    ) -> Verdict | None:
+        """A verdict for a text too large for the loop, or None to judge it here as usual."""
+        longest = max((len(t) for t in (event.sql, *event.candidates)), default=0)
+        limit = self.max_statement_bytes
+        if limit is not None and longest > limit:
+            return Deny(
+                StatementTooComplex(
+                    f"pgguard refuses statements longer than {limit} bytes "
+                    "([limits] max_statement_bytes)"
+                )
+            )
+        offload = self.offload
+        if offload is None or longest <= offload.threshold:
+            return None
+        if event.kind == "parse":
+            return ALLOW  # judged at its Execute (only a deny stops a Parse, nothing runs here)
+        if event.kind == "query":
+            return self._offloaded(session, state, ctx, event, event.sql)
+        single = len(event.candidates) == 1 and not event.ambiguous
+        if single and not (event.statement and state.tracker.sql_prepared(event.statement)):
+            return self._offloaded(session, state, ctx, event, event.candidates[0])
+        return None
+
+    def _offloaded(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        ctx: Context,
+        event: SqlEvent,
+        text: bytes,
+    ) -> Hold:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Allow | Deny] = loop.create_future()
+        task = loop.create_task(self._judge_offloaded(session, state, ctx, event, text, future))
+        self._function_lookups.add(task)
+        task.add_done_callback(self._function_lookups.discard)
+        return Hold(future)
+
+    async def _judge_offloaded(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        ctx: Context,
+        event: SqlEvent,
+        text: bytes,
+        future: asyncio.Future[Allow | Deny],
+    ) -> None:
+        assert self.offload is not None
+        try:
+            decision, blind = await self.offload.classify(text, ctx)
+            if any(f.executes for f in decision.facts):
+                raise StatementTooComplex(
+                    "pgguard judges a statement this long only when it EXECUTEs no prepared "
+                    "statement",
+                    hint="Send the EXECUTE as a statement of its own.",
+                )
+            if ctx.session is not None:  # what the worker's empty tracker remembered
+                for facts in decision.facts:
+                    if facts.prepares is not None:
+                        ctx.session.remember(facts.prepares, facts)
+            if _fetches(decision):
+                decision = self._with_fetched_portals(session, ctx, decision, text)
+            verdict = self._verdict(session, state, decision, event, blind)
+            if isinstance(verdict, Hold):
+                verdict = await verdict.decision
+            settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
+        except asyncio.CancelledError:
+            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            raise
+        except StatementTooComplex as exc:
+            settle(future, Deny(exc))
+        except Exception as exc:  # fail closed
+            log.error("session %s: a long statement was not judged: %s", session.session_id, exc)
+            settle(future, Deny(StatementTooComplex("pgguard could not analyse this statement")))
 
     # --- the FunctionCall message ---------------------------------------------------------
 

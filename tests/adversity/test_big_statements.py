@@ -1,0 +1,127 @@
+"""Megabyte statements from one agent: judged off the loop within a budget, others unharmed.
+
+pgguard runs whole (assembly.start, as ``pgguard serve``); the attacker and a well-behaved agent
+use real drivers over real sockets at the same time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.support import PgguardThread, agent_settings
+
+MIB = 1024 * 1024
+
+
+def dense_select(size: int) -> str:
+    """``SELECT cardinality(ARRAY[1,1,...])``: cheap for the server, as expensive to parse as
+    the issue's ``SELECT a,a,a,...`` (one node per two bytes), and the server can run it."""
+    head = "SELECT cardinality(ARRAY[1"
+    return head + ",1" * ((size - len(head) - 2) // 2) + "])"
+
+
+def start(upstream_dsn: str, **limits: Any) -> PgguardThread:
+    settings = agent_settings(
+        upstream_dsn,
+        ledger={"enabled": False},
+        limits={"parse_workers": 1, **limits},
+    )
+    return PgguardThread(settings).start()
+
+
+@pytest.fixture(scope="module")
+def pgguard(upstream_dsn: str) -> Iterator[PgguardThread]:
+    thread = start(upstream_dsn, parse_budget=30.0, max_statement_bytes=4 * MIB)
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def test_a_long_statement_is_judged_and_runs(pgguard: PgguardThread) -> None:
+    with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
+        text = dense_select(64 * 1024)
+        assert conn.execute(text).fetchone() == (text.count("1"),)
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_a_long_privileged_statement_is_still_refused(pgguard: PgguardThread) -> None:
+    # Without approvers a held statement is refused: the worker's judgement is applied.
+    padding = " ".join(f"/* {i} */" for i in range(8000))
+    with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"DROP TABLE IF EXISTS no_such_t {padding}")
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_a_long_privileged_statement_through_extended_protocol(pgguard: PgguardThread) -> None:
+    padding = " ".join(f"/* {i} */" for i in range(8000))
+    with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f"DROP TABLE IF EXISTS no_such_t {padding}", prepare=True)
+        text = dense_select(64 * 1024).replace("ARRAY[1", "ARRAY[%s::int")
+        assert conn.execute(text, (7,)).fetchone() == (text.count(",1") + 1,)
+
+
+def test_over_max_statement_bytes_is_54000_and_the_session_goes_on(
+    pgguard: PgguardThread,
+) -> None:
+    with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded) as caught:
+            conn.execute(dense_select(5 * MIB))
+        assert "max_statement_bytes" in str(caught.value)
+        assert conn.execute("SELECT 4").fetchone() == (4,)
+
+
+def test_over_budget_is_54000_and_the_session_goes_on(upstream_dsn: str) -> None:
+    thread = start(upstream_dsn, parse_budget=0.2)
+    try:
+        with psycopg.connect(thread.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.ProgramLimitExceeded) as caught:
+                conn.execute(dense_select(MIB))
+            assert "parse_budget" in str(caught.value)
+            assert conn.execute("SELECT 5").fetchone() == (5,)
+            # The pool came back: the next long statement is judged again.
+            assert conn.execute(dense_select(8 * 1024)).fetchone() is not None
+    finally:
+        thread.stop()
+
+
+def test_others_stay_fast_while_one_agent_sends_megabyte_statements(
+    pgguard: PgguardThread,
+) -> None:
+    stop = threading.Event()
+    attacks = 0
+
+    def attacker() -> None:
+        nonlocal attacks
+        with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(dense_select(MIB // 4))
+                attacks += 1
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    latencies = []
+    try:
+        with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
+            time.sleep(0.5)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                conn.execute("SELECT 1").fetchone()
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert attacks >= 1
+    # Generous for a shared machine: on the loop, each 256 KiB text stalled everyone ~1.3 s.
+    assert max(latencies) < 0.5, (max(latencies), statistics.median(latencies))
