@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MASK_CACHE = 4096
+_PREMASKED = 16  # a few per concurrently long-statement session; the bytes are the record's
 _MASK_CACHE_TEXT = 16 * 1024  # bytes; bounds the cache at about 64 MiB of keys
 _PENDING_BATCH = 256  # noted statements that make the shipper run now (else: flush_interval)
 _PENDING_MAX = 4096  # ... and that are sealed at once, when the shipper does not come
@@ -71,6 +72,8 @@ class LedgerHooks:
         self.instance_id = instance_id
         self.upstream_role = upstream_role
         self._masked: OrderedDict[bytes, str] = OrderedDict()
+        # Large texts masked off the loop (pgguard.proxy.offload), until they are recorded.
+        self._premasked: OrderedDict[bytes, str] = OrderedDict()
         self._texts: OrderedDict[tuple[bytes | str, int], tuple[Decision | None, Ref]] = (
             OrderedDict()
         )
@@ -329,6 +332,9 @@ class LedgerHooks:
         else goes through the full masker.
         """
         if len(sql) > _MASK_CACHE_TEXT:
+            premasked = self._premasked.get(sql)
+            if premasked is not None:
+                return premasked
             # Large texts are neither cached (memory) nor scanned twice; the masker redacts
             # what it will not read.
             return mask_sql(sql.decode("utf-8", "replace"), self.masking).text
@@ -342,6 +348,12 @@ class LedgerHooks:
             text = mask_sql(sql.decode("utf-8", "replace"), self.masking).text
         self._remember(sql, text)
         return text
+
+    def premask(self, sql: bytes, text: str) -> None:
+        """``sql``'s masked text, computed by a worker process: recording it costs no parse."""
+        self._premasked[sql] = text
+        if len(self._premasked) > _PREMASKED:
+            self._premasked.popitem(last=False)
 
     def _remember(self, key: bytes, text: str) -> None:
         self._masked[key] = text

@@ -1,8 +1,9 @@
 """Classifying large statements off the event loop, each within a time budget.
 
 Owns: `ParseOffload`, a process pool of ``[limits] parse_workers`` workers, each with its own
-`PolicyEngine` loaded from the same rules. pglast holds the GIL while it parses, so a thread
-would stall every session just the same; a process does not.
+`PolicyEngine` loaded from the same rules; a worker also masks the text for the ledger. pglast
+holds the GIL while it parses, so a thread would stall every session just the same; a process
+does not.
 
 Invariants:
 * The worker decides with an empty session tracker; the caller replays what the statement
@@ -26,6 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from pgguard.errors import StatementTooComplex
+from pgguard.masking import MaskingRules, mask_sql
 from pgguard.policy import Context, Decision, LexState, PolicyEngine
 from pgguard.sql.statenames import ProtectedNames
 
@@ -33,20 +35,26 @@ log = logging.getLogger(__name__)
 
 _WARM_UP_TIMEOUT = 60.0  # starting a worker: a new interpreter, pglast, the rules
 _engine: PolicyEngine | None = None  # the worker process's own engine
+_masking: MaskingRules | None = None
 
 
 def _init_worker(rules_dir: Path | None, mode: str, protected: ProtectedNames) -> None:
-    global _engine
+    global _engine, _masking
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # pgguard's shutdown stops the pool itself
     os.nice(10)  # on a busy machine the proxy's own loop comes first
     _engine = PolicyEngine.load(rules_dir, mode=mode, protected=protected)  # type: ignore[arg-type]
+    _masking = MaskingRules.load()  # the rules the ledger masks with (assembly.start)
 
 
-def _classify(
-    sql: bytes, agent: str, database: str, lex: LexState
-) -> tuple[Decision, bytes | None]:
+Judged = tuple[Decision, bytes | None, str | None]  # decision, literal-blind key, masked text
+
+
+def _classify(sql: bytes, agent: str, database: str, lex: LexState, mask: bool) -> Judged:
     assert _engine is not None
-    return _engine.classify_keyed(sql, Context(agent, database, lex, None))
+    assert _masking is not None
+    decision, blind = _engine.classify_keyed(sql, Context(agent, database, lex, None))
+    masked = mask_sql(sql.decode("utf-8", "replace"), _masking).text if mask else None
+    return decision, blind, masked
 
 
 def _ready() -> int:
@@ -95,8 +103,9 @@ class ParseOffload:
     def wants(self, sql: bytes) -> bool:
         return len(sql) > self.threshold
 
-    async def classify(self, sql: bytes, ctx: Context) -> tuple[Decision, bytes | None]:
-        """The decision for ``sql`` in ``ctx`` (without its session; see the module docstring).
+    async def classify(self, sql: bytes, ctx: Context, *, mask: bool = False) -> Judged:
+        """The decision for ``sql`` in ``ctx`` (without its session; see the module docstring),
+        its literal-blind key, and (``mask``) its masked text for the ledger.
 
         StatementTooComplex (54000) when it is not reached within the budget.
         """
@@ -106,7 +115,7 @@ class ParseOffload:
                 async with asyncio.timeout(_WARM_UP_TIMEOUT):
                     await asyncio.shield(self._warming)
             pool = self._pool
-            future = pool.submit(_classify, bytes(sql), ctx.agent, ctx.database, ctx.lex)
+            future = pool.submit(_classify, bytes(sql), ctx.agent, ctx.database, ctx.lex, mask)
             try:
                 async with asyncio.timeout(self.budget):
                     return await asyncio.wrap_future(future)

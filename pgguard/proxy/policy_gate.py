@@ -234,7 +234,11 @@ class PolicyGate(Gate):
     ) -> None:
         assert self.offload is not None
         try:
-            decision, blind = await self.offload.classify(text, ctx)
+            decision, blind, masked = await self.offload.classify(
+                text, ctx, mask=self.ledger is not None
+            )
+            if masked is not None and self.ledger is not None:
+                self.ledger.premask(text, masked)
             if any(f.executes for f in decision.facts):
                 raise StatementTooComplex(
                     "pgguard judges a statement this long only when it EXECUTEs no prepared "

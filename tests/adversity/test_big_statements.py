@@ -6,15 +6,21 @@ use real drivers over real sockets at the same time.
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import statistics
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
+from pgguard.policy import SHIPPED_RULES_DIR
+from tests.integration.holds.helpers import hold_settings
 from tests.support import PgguardThread, agent_settings
 
 MIB = 1024 * 1024
@@ -125,3 +131,39 @@ def test_others_stay_fast_while_one_agent_sends_megabyte_statements(
     assert attacks >= 1
     # Generous for a shared machine: on the loop, each 256 KiB text stalled everyone ~1.3 s.
     assert max(latencies) < 0.5, (max(latencies), statistics.median(latencies))
+
+
+async def test_a_long_statement_is_recorded_masked_by_the_worker(
+    upstream_dsn: str, state_dsn: str
+) -> None:
+    schema = f"pgguard_big_{secrets.token_hex(4)}"
+    settings = hold_settings(
+        upstream_dsn, state_dsn, Path(SHIPPED_RULES_DIR), schema, limits={"parse_workers": 1}
+    )
+    thread = await asyncio.to_thread(lambda: PgguardThread(settings).start())
+    try:
+        text = dense_select(64 * 1024) + " WHERE 'big-secret-marker' <> ''"
+        conn = await asyncpg.connect(thread.dsn())
+        try:
+            await conn.execute(text)
+        finally:
+            await conn.close()
+        hooks = thread.running.gate.ledger
+        assert hooks._premasked.get(text.encode()) is not None  # masked by the worker
+        state = await asyncpg.connect(state_dsn)
+        try:
+            async with asyncio.timeout(15):
+                while True:
+                    rows = await state.fetch(
+                        f"SELECT statement FROM {schema}.ledger"
+                        " WHERE statement LIKE 'SELECT cardinality(ARRAY[%'"
+                    )
+                    if rows:
+                        break
+                    await asyncio.sleep(0.2)
+        finally:
+            await state.close()
+        [row] = rows
+        assert "big-secret-marker" not in row["statement"]
+    finally:
+        await asyncio.to_thread(thread.stop)
