@@ -190,12 +190,15 @@ class PolicyGate(Gate):
         longest = max((len(t) for t in (event.sql, *event.candidates)), default=0)
         limit = self.max_statement_bytes
         if limit is not None and longest > limit:
-            return Deny(
-                StatementTooComplex(
-                    f"pgguard refuses statements longer than {limit} bytes "
-                    "([limits] max_statement_bytes)"
-                )
+            error = StatementTooComplex(
+                f"pgguard refuses statements longer than {limit} bytes "
+                "([limits] max_statement_bytes)"
             )
+            if self.ledger is not None:  # recorded as what it is, without reading it
+                self.ledger.premask(event.sql, f"<{longest} bytes, not read>")
+                record = StatementRecord(event.kind, event.sql, None)
+                self.ledger.refused(session, record, error.sqlstate, error.message)
+            return Deny(error)
         offload = self.offload
         if offload is None or longest <= offload.threshold:
             return None

@@ -110,8 +110,8 @@ def test_others_stay_fast_while_one_agent_sends_megabyte_statements(
         nonlocal attacks
         with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
             while not stop.is_set():
-                conn.execute(dense_select(MIB // 4))
-                attacks += 1
+                attacks += 1  # counted when sent: one 1 MiB text keeps a worker busy ~3 s
+                conn.execute(dense_select(MIB))
 
     thread = threading.Thread(target=attacker, daemon=True)
     thread.start()
@@ -119,7 +119,7 @@ def test_others_stay_fast_while_one_agent_sends_megabyte_statements(
     try:
         with psycopg.connect(pgguard.dsn(), autocommit=True) as conn:
             time.sleep(0.5)
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 6
             while time.monotonic() < deadline:
                 started = time.perf_counter()
                 conn.execute("SELECT 1").fetchone()
@@ -129,8 +129,8 @@ def test_others_stay_fast_while_one_agent_sends_megabyte_statements(
         stop.set()
         thread.join(60)
     assert attacks >= 1
-    # Generous for a shared machine: on the loop, each 256 KiB text stalled everyone ~1.3 s.
-    assert max(latencies) < 0.5, (max(latencies), statistics.median(latencies))
+    # Generous for a shared machine: on the loop, each 1 MiB text stalls everyone ~3 s.
+    assert max(latencies) < 1.0, (max(latencies), statistics.median(latencies))
 
 
 async def test_a_long_statement_is_recorded_masked_by_the_worker(
@@ -138,7 +138,11 @@ async def test_a_long_statement_is_recorded_masked_by_the_worker(
 ) -> None:
     schema = f"pgguard_big_{secrets.token_hex(4)}"
     settings = hold_settings(
-        upstream_dsn, state_dsn, Path(SHIPPED_RULES_DIR), schema, limits={"parse_workers": 1}
+        upstream_dsn,
+        state_dsn,
+        Path(SHIPPED_RULES_DIR),
+        schema,
+        limits={"parse_workers": 1, "max_statement_bytes": MIB, "parse_budget": 30.0},
     )
     thread = await asyncio.to_thread(lambda: PgguardThread(settings).start())
     try:
@@ -146,6 +150,8 @@ async def test_a_long_statement_is_recorded_masked_by_the_worker(
         conn = await asyncpg.connect(thread.dsn())
         try:
             await conn.execute(text)
+            with pytest.raises(asyncpg.ProgramLimitExceededError):
+                await conn.execute(dense_select(MIB + 1024))
         finally:
             await conn.close()
         hooks = thread.running.gate.ledger
@@ -161,9 +167,16 @@ async def test_a_long_statement_is_recorded_masked_by_the_worker(
                     if rows:
                         break
                     await asyncio.sleep(0.2)
+            refused = await state.fetch(
+                f"SELECT statement, sqlstate FROM {schema}.ledger WHERE sqlstate = '54000'"
+            )
         finally:
             await state.close()
         [row] = rows
         assert "big-secret-marker" not in row["statement"]
+        # The refused one is recorded too, as what it is, without being read.
+        assert [(r["statement"], r["sqlstate"]) for r in refused] == [
+            (f"<{len(dense_select(MIB + 1024))} bytes, not read>", "54000")
+        ]
     finally:
         await asyncio.to_thread(thread.stop)
