@@ -169,3 +169,33 @@ def test_upstream_refusing_the_login_is_one_line_exit_2(direct_dsn: str, tmp_pat
     line = one_line(result.stderr)
     assert "upstream.dsn" in line
     assert "28" in line  # the server's SQLSTATE class 28: invalid authorization
+
+
+def test_upstream_gone_mid_copy_is_quiet(
+    uv_proxy: ProxyThread, direct_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        with psycopg.connect(uv_proxy.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TEMP TABLE sink (t text)")
+            pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            killer = threading.Timer(0.3, _terminate, (direct_dsn, pid))
+            killer.start()
+            with pytest.raises(psycopg.OperationalError):
+                _copy_forever(conn)
+            killer.join()
+    time.sleep(0.5)
+    noisy = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert noisy == [], [r.getMessage() for r in noisy]
+
+
+def _copy_forever(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    with conn.cursor().copy("COPY sink FROM STDIN") as copy:
+        row = b"x" * 8000 + b"\n"
+        for _ in range(200_000):
+            copy.write(row)
+
+
+def _terminate(direct_dsn: str, pid: int) -> None:
+    with psycopg.connect(direct_dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
