@@ -112,6 +112,9 @@ class PolicyGate(Gate):
         super().__init__()
         self.offload = offload
         self.max_statement_bytes = max_statement_bytes
+        # Texts up to this long are judged here at once: the hot path pays one comparison.
+        limits = [n for n in (max_statement_bytes, offload and offload.threshold) if n]
+        self._size_limit: int | None = min(limits) if limits else None
         self.engine = engine
         self.approvals = approvals
         self.masking = masking or MaskingRules.load()
@@ -162,7 +165,10 @@ class PolicyGate(Gate):
     def check(self, session: SessionView, event: SqlEvent) -> Verdict:
         state = self._state(session)
         ctx = self._context(session, state)
-        if self.max_statement_bytes is not None or self.offload is not None:
+        size_limit = self._size_limit
+        if size_limit is not None and (
+            len(event.sql) > size_limit or any(len(t) > size_limit for t in event.candidates)
+        ):
             sized = self._by_size(session, state, ctx, event)
             if sized is not None:
                 return sized
@@ -187,7 +193,7 @@ class PolicyGate(Gate):
         self, session: SessionView, state: _SessionPolicy, ctx: Context, event: SqlEvent
     ) -> Verdict | None:
         """A verdict for a text too large for the loop, or None to judge it here as usual."""
-        longest = max((len(t) for t in (event.sql, *event.candidates)), default=0)
+        longest = max((len(event.sql), *(len(t) for t in event.candidates)))
         limit = self.max_statement_bytes
         if limit is not None and longest > limit:
             error = StatementTooComplex(
@@ -254,6 +260,9 @@ class PolicyGate(Gate):
                         ctx.session.remember(facts.prepares, facts)
             if _fetches(decision):
                 decision = self._with_fetched_portals(session, ctx, decision, text)
+            # The literal-blind key stands for the text in the ledger; an Execute's is not kept
+            # (as in `check`).
+            blind = blind if event.kind == "query" else None
             verdict = self._verdict(session, state, decision, event, blind)
             if isinstance(verdict, Hold):
                 verdict = await verdict.decision
