@@ -10,6 +10,7 @@ without, and never above 50 ms.
 
     python bench/noisy_neighbour.py [--seconds 10] [--sessions 8] [--attack-bytes 1048576]
         [--offload-bytes N]   # pgguard's [limits] parse_offload_bytes (huge: all on the loop)
+        [--parse-budget S]    # pgguard's [limits] parse_budget (large: the attack is judged)
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(workdir: Path, upstream: str, port: int, offload_bytes: int | None) -> Path:
+def write_config(
+    workdir: Path, upstream: str, port: int, offload_bytes: int | None, budget: float | None
+) -> Path:
     limits = f"parse_offload_bytes = {offload_bytes}\n" if offload_bytes else ""
+    limits += f"parse_budget = {budget}\n" if budget else ""
     config = workdir / "pgguard.toml"
     config.write_text(
         f'data_dir = "{workdir / "data-pgguard"}"\nlog_level = "WARNING"\n'
@@ -130,7 +134,7 @@ async def main(args: argparse.Namespace) -> int:
     pg = EmbeddedPostgres(workdir / "pg")
     await asyncio.to_thread(pg.start)
     port = free_port()
-    config = write_config(workdir, pg.unix_dsn(), port, args.offload_bytes)
+    config = write_config(workdir, pg.unix_dsn(), port, args.offload_bytes, args.parse_budget)
     # A blocking Popen is fine here: it returns at once, and the bench owns the whole loop.
     proc = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-m", "pgguard.cli", "serve", "--config", str(config)],
@@ -161,4 +165,5 @@ if __name__ == "__main__":
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--attack-bytes", type=int, default=MIB)
     parser.add_argument("--offload-bytes", type=int, default=None)
+    parser.add_argument("--parse-budget", type=float, default=None)
     raise SystemExit(asyncio.run(main(parser.parse_args())))

@@ -95,10 +95,16 @@ class ParseOffload:
         await self._warming
 
     def _warm(self) -> None:
+        # Submitting starts the worker processes in the submitting thread (fork, exec, pipes):
+        # a helper thread does it, so restarting the pool never stalls the loop.
+        pool, workers = self._pool, self._workers
         loop = asyncio.get_running_loop()
-        self._warming = asyncio.gather(
-            *(loop.run_in_executor(self._pool, _ready) for _ in range(self._workers))
-        )
+
+        async def warm() -> list[int]:
+            futures = await asyncio.to_thread(lambda: [pool.submit(_ready) for _ in range(workers)])
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+        self._warming = loop.create_task(warm())
 
     def wants(self, sql: bytes) -> bool:
         return len(sql) > self.threshold
