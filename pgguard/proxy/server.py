@@ -53,10 +53,10 @@ class ProxyContext:
     gate: Gate
     tls: ssl.SSLContext | None
     channel_binding: bytes | None
+    slots: SessionSlots | None = None  # upstream sessions per agent and in total
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     sessions: dict[tuple[int, bytes], Connection] = field(default_factory=dict)
     connections: set[Connection] = field(default_factory=set)
-    slots: SessionSlots | None = None  # upstream sessions per agent and in total
 
     def register(self, conn: Connection) -> None:
         if conn.backend_key is not None:
