@@ -12,7 +12,7 @@ import logging
 
 from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, extract_reason
 from pgguard.errors import PgGuardError, PolicyDenied, QueryCanceled
-from pgguard.masking import MaskingRules, mask_parameters, mask_sql
+from pgguard.masking import MaskedStatement, MaskingRules, mask_parameters, mask_sql
 from pgguard.policy import Decision
 from pgguard.proxy.gate import ALLOW, Allow, Deny, SessionView, SqlEvent
 from pgguard.wire.extended import decode_bind_parameters
@@ -26,10 +26,15 @@ def new_request(
     event: SqlEvent,
     masking: MaskingRules,
     instance_id: str,
+    masked: MaskedStatement | None = None,
 ) -> NewRequest:
-    """The approval request (the review payload) for a held statement: all of it masked."""
+    """The approval request (the review payload) for a held statement: all of it masked.
+
+    ``masked``: the statement already masked with ``masking`` (off the loop, for long texts).
+    """
     text = event.sql.decode("utf-8", "replace")
-    masked = mask_sql(text, masking)
+    if masked is None:
+        masked = mask_sql(text, masking)
     parameters: tuple[str, ...] = ()
     if event.bind is not None:
         try:

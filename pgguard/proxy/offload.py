@@ -1,7 +1,7 @@
 """Classifying large statements off the event loop, each within a time budget.
 
 Owns: `ParseOffload`, a process pool of ``[limits] parse_workers`` workers, each with its own
-`PolicyEngine` loaded from the same rules; a worker also masks the text for the ledger. pglast
+`PolicyEngine` loaded from the same rules; a worker also masks the text (ledger, reviewers). pglast
 holds the GIL while it parses, so a thread would stall every session just the same; a process
 does not.
 
@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from pgguard.errors import StatementTooComplex
-from pgguard.masking import MaskingRules, mask_sql
+from pgguard.masking import MaskedStatement, MaskingRules, mask_sql
 from pgguard.policy import Context, Decision, LexState, PolicyEngine
 from pgguard.sql.statenames import ProtectedNames
 
@@ -46,14 +46,14 @@ def _init_worker(rules_dir: Path | None, mode: str, protected: ProtectedNames) -
     _masking = MaskingRules.load()  # the rules the ledger masks with (assembly.start)
 
 
-Judged = tuple[Decision, bytes | None, str | None]  # decision, literal-blind key, masked text
+Judged = tuple[Decision, bytes | None, MaskedStatement | None]  # with the blind key, masked
 
 
 def _classify(sql: bytes, agent: str, database: str, lex: LexState, mask: bool) -> Judged:
     assert _engine is not None
     assert _masking is not None
     decision, blind = _engine.classify_keyed(sql, Context(agent, database, lex, None))
-    masked = mask_sql(sql.decode("utf-8", "replace"), _masking).text if mask else None
+    masked = mask_sql(sql.decode("utf-8", "replace"), _masking) if mask else None
     return decision, blind, masked
 
 
@@ -111,7 +111,7 @@ class ParseOffload:
 
     async def classify(self, sql: bytes, ctx: Context, *, mask: bool = False) -> Judged:
         """The decision for ``sql`` in ``ctx`` (without its session; see the module docstring),
-        its literal-blind key, and (``mask``) its masked text for the ledger.
+        its literal-blind key, and (``mask``) the text masked for the ledger and reviewers.
 
         StatementTooComplex (54000) when it is not reached within the budget.
         """

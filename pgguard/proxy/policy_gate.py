@@ -19,7 +19,8 @@ What it adds to the pass-through gate:
 * Size (``pgguard.proxy.offload``): a text above ``[limits] max_statement_bytes`` is refused with
   54000 unread. With an offload, a Query or single-text Execute above its threshold is
   classified in a worker process while the session waits (a Hold resolved by a task, as for a
-  FunctionCall); such a Parse is let through unjudged - its Execute is where it is judged.
+  FunctionCall); such a Parse is let through unjudged - its Execute is where it is judged. The
+  worker masks it too (ledger, review); a long held statement gets no row estimate.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pgguard.errors import (
     QueryCanceled,
     StatementTooComplex,
 )
-from pgguard.masking import MaskingRules
+from pgguard.masking import MaskedStatement, MaskingRules
 from pgguard.policy import (
     OBSERVE_MODE_NOTICE,
     PENDING_LEX_STATE,
@@ -94,6 +95,7 @@ class _SessionPolicy:
     hold_future: asyncio.Future[Allow | Deny] | None = None
     hold_request_id: str | None = None
     functions: dict[int, tuple[str, str]] = field(default_factory=dict)  # FunctionCall OIDs
+    premasked: tuple[bytes, MaskedStatement] | None = None  # a long text masked off the loop
 
 
 class PolicyGate(Gate):
@@ -244,10 +246,12 @@ class PolicyGate(Gate):
         assert self.offload is not None
         try:
             decision, blind, masked = await self.offload.classify(
-                text, ctx, mask=self.ledger is not None
+                text, ctx, mask=self.ledger is not None or self.approvals is not None
             )
-            if masked is not None and self.ledger is not None:
-                self.ledger.premask(text, masked)
+            if masked is not None:
+                state.premasked = (text, masked)  # for a hold's review (see _hold)
+                if self.ledger is not None:
+                    self.ledger.premask(text, masked.text)
             if any(f.executes for f in decision.facts):
                 raise StatementTooComplex(
                     "pgguard judges a statement this long only when it EXECUTEs no prepared "
@@ -493,7 +497,9 @@ class PolicyGate(Gate):
         """Ask for approval; the session waits on the returned future (and nothing else does)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Allow | Deny] = loop.create_future()
-        new = new_request(session, decision, event, self.masking, self.instance_id)
+        premasked, state.premasked = state.premasked, None
+        masked = premasked[1] if premasked is not None and premasked[0] == event.sql else None
+        new = new_request(session, decision, event, self.masking, self.instance_id, masked)
         functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
@@ -516,7 +522,9 @@ class PolicyGate(Gate):
     ) -> None:
         assert self.approvals is not None
         try:
-            if self.upstream is not None:
+            # A row estimate parses the text on the loop: long texts go without (best effort).
+            long_text = self.offload is not None and len(record.sql) > self.offload.threshold
+            if self.upstream is not None and not long_text:
                 text = record.sql.decode("utf-8", "replace")
                 rows = await estimate_rows(self.upstream, new.database, text, functions)
                 if rows is not None:

@@ -7,6 +7,7 @@ use real drivers over real sockets at the same time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import statistics
 import threading
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import psycopg
 import pytest
 
 from pgguard.policy import SHIPPED_RULES_DIR
-from tests.integration.holds.helpers import hold_settings
+from tests.integration.holds.helpers import hold_settings, wait_for_request
 from tests.support import PgguardThread, agent_settings
 
 MIB = 1024 * 1024
@@ -178,5 +180,44 @@ async def test_a_long_statement_is_recorded_masked_by_the_worker(
         assert [(r["statement"], r["sqlstate"]) for r in refused] == [
             (f"<{len(dense_select(MIB + 1024))} bytes, not read>", "54000")
         ]
+    finally:
+        await asyncio.to_thread(thread.stop)
+
+
+async def test_holding_a_long_statement_does_not_stall_others(
+    upstream_dsn: str, state_dsn: str
+) -> None:
+    """The review text of a held long statement is masked by the worker too (on the loop a
+    256 KiB dense text took ~2.6 s to mask, stalling every session)."""
+    schema = f"pgguard_bighold_{secrets.token_hex(4)}"
+    settings = hold_settings(
+        upstream_dsn,
+        state_dsn,
+        Path(SHIPPED_RULES_DIR),
+        schema,
+        limits={"parse_workers": 1, "parse_budget": 60.0},
+    )
+    thread = await asyncio.to_thread(lambda: PgguardThread(settings).start())
+    try:
+        held = await asyncpg.connect(thread.dsn())
+        probe = await asyncpg.connect(thread.dsn())
+        text = "CREATE TABLE big_held AS " + dense_select(256 * 1024)
+        statement = asyncio.create_task(held.execute(text))
+        latencies = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            assert await probe.fetchval("SELECT 1") == 1
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=thread.http_url, timeout=10) as api:
+            request = await wait_for_request(api, "CREATE TABLE big_held")
+        assert request["statement"].startswith("CREATE TABLE big_held AS SELECT")
+        assert not statement.done()  # it waits for a human
+        held.terminate()
+        await probe.close()
+        with contextlib.suppress(Exception):
+            await statement
+        assert max(latencies) < 1.0, (max(latencies), statistics.median(latencies))
     finally:
         await asyncio.to_thread(thread.stop)
