@@ -242,8 +242,10 @@ class Connection:
         if self.upstream is not None:
             self.upstream.on_close = None
             self.upstream.close()
+            self.ctx.closing.add(self.upstream)
         self.client.on_close = None
         self.client.close()
+        self.ctx.closing.add(self.client)
         if self.session is not None:
             log.info("session %s: closed", self.session.session_id)
 
