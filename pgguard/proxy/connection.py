@@ -120,8 +120,10 @@ class Connection:
         # ended by number _zcount + syncs (a Query, counted already) or that + 1 (an Execute,
         # whose Sync is still to come) - the group the OutcomeTracker files it under.
         self._zcount = 0
-        # Parse/Bind/Close messages forwarded in the current extended group (each is answered
-        # with an acknowledgement; see OutcomeTracker.error) and that group's number.
+        # Extended messages forwarded in the current group that the server answers one for one
+        # (Parse, Bind, Close, Execute; Describe is counted by the scanner), and that group's
+        # number: at an error, the number of answers says which of them ran
+        # (OutcomeTracker.error, SessionModel.error).
         self._acked = 0
         self._acked_group = 0
         self._upstream_write: Callable[[bytes], None] = _discard
@@ -431,13 +433,17 @@ class Connection:
                 session, g.SqlEvent("parse", parse.sql, statement=parse.statement)
             )
             if not isinstance(verdict, g.Deny):
-                self._model.parse(self._extended_group(), parse.statement, parse.sql)
+                self._model.parse(
+                    self._extended_group(), parse.statement, parse.sql, self._acks_before()
+                )
                 self._count_acked()
             return verdict
         if kind == m.F_BIND:
             bind = x.decode_bind(data[start + 5 : end])
             self._scanner.unsynced = True
-            self._model.bind(self._extended_group(), bind.portal, bind.statement, bind.body)
+            self._model.bind(
+                self._extended_group(), bind.portal, bind.statement, bind.body, self._acks_before()
+            )
             self._count_acked()
             return g.ALLOW
         if kind == m.F_EXECUTE:
@@ -446,7 +452,7 @@ class Connection:
         if kind == m.F_CLOSE:
             close_kind, name = x.decode_close(data[start + 5 : end])
             self._scanner.unsynced = True
-            self._model.close(self._extended_group(), close_kind, name)
+            self._model.close(self._extended_group(), close_kind, name, self._acks_before())
             self._count_acked()
             return g.ALLOW
         if kind == m.F_FUNCTION_CALL:
@@ -522,9 +528,11 @@ class Connection:
                 ambiguous=len(bindings) > 1,
             )
         verdict = self.ctx.gate.check(session, event)
-        if verdict is g.ALLOW and self._outcomes is not None:
-            token = self.ctx.gate.statement_token(session, "execute", event.sql)
-            self._outcomes.execute(token, self._extended_group(), self._acks_before())
+        if verdict is g.ALLOW:
+            if self._outcomes is not None:
+                token = self.ctx.gate.statement_token(session, "execute", event.sql)
+                self._outcomes.execute(token, self._extended_group(), self._acks_before())
+            self._count_acked()
         return verdict
 
     def _refusal(self, frame: Frame, error: PgGuardError) -> bytes:
@@ -540,6 +548,7 @@ class Connection:
             return m.query(marker)
         if self._outcomes is not None:
             self._outcomes.execute(None, self._extended_group(), self._acks_before())
+        self._count_acked()  # the marker Parse is answered (by its error) like any message
         return m.parse(marker, marker)
 
     # --- holds ----------------------------------------------------------------------------------
@@ -574,6 +583,8 @@ class Connection:
                     self._outcomes.execute(token, self._extended_group(), self._acks_before())
                 else:
                     self._outcomes.query(token, self._zcount + self._scanner.syncs)
+            if frame.type == m.F_EXECUTE:
+                self._count_acked()
             self._upstream_write(frame.raw)
         self.client.resume_reading("hold")
         self._pump()
