@@ -33,7 +33,6 @@ text while the server may run another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from pgguard.errors import ProtocolViolation
@@ -56,8 +55,7 @@ _NOTHING: Possible = frozenset({None})
 _NO_PORTAL: PossiblePortal = frozenset({None})
 
 
-@dataclass(slots=True)
-class _Op:
+class _Op(NamedTuple):  # a tuple: made for every extended message, so it must be cheap
     group: int
     kind: str  # "parse", "bind", "close_s", "close_p", "query"
     name: str  # statement (parse, close_s) or portal (bind, close_p) name
@@ -101,10 +99,10 @@ class SessionModel:
                 f"prepared statement {name!r} may stand for {possible + pending} texts; Close "
                 "it and wait for the server's answer before parsing it again"
             )
-        self._ops.append(_Op(group, "parse", name, ack, sql=sql))
+        self._ops.append(_Op(group, "parse", name, ack, sql))
 
     def bind(self, group: int, portal: str, statement: str, bind: bytes, ack: int = 0) -> None:
-        self._ops.append(_Op(group, "bind", portal, ack, statement=statement, bind=bind))
+        self._ops.append(_Op(group, "bind", portal, ack, b"", statement, bind))
 
     def close(self, group: int, kind: bytes, name: str, ack: int = 0) -> None:
         self._ops.append(_Op(group, "close_s" if kind == b"S" else "close_p", name, ack))
