@@ -150,6 +150,10 @@ class SessionModel:
         """Operations forwarded whose group the server has not answered."""
         return len(self._ops)
 
+    def unanswered_before(self, group: int) -> bool:
+        """Whether an operation of a group before ``group`` still waits for its answer."""
+        return bool(self._ops) and self._ops[0].group < group
+
     # --- what a message being judged now may meet -----------------------------------------------
 
     def statement_texts(self, name: str, group: int) -> tuple[bytes, ...]:
