@@ -4,7 +4,8 @@ Owns the public API: `MaskingRules`, `mask_sql` → `MaskedStatement` (masked te
 count of masked values, completeness), `mask_parameters` and `shorten_middle`.
 
 Invariants: pure (no I/O but reading the rule file); never logs or returns a raw value; every
-literal is masked whatever the rules say — rules only choose how much of a value's shape shows.
+literal that is data is masked whatever the rules say (rules only choose how much of a value's
+shape shows); literals that are code or name a target are shown (rules/masking/README.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Owns: `Touches`, `ExportKind` and `read_tree` → `TreeFacts` (tables and columns read and
 written, export kind, the column each constant is compared with or assigned to, constants that
-are connection strings, and function/DO bodies with their language).
+are connection strings, function/DO bodies with their language, and the COPY and LOAD file
+names, which are targets and code rather than data).
 
 Invariants: pglast (libpg_query) is the only source; a tree it cannot produce yields no facts and
 the caller treats the statement as unanalysed. Locations are UTF-8 byte offsets, as in the tree.
@@ -72,6 +73,7 @@ class TreeFacts:
     const_columns: dict[int, str] = field(default_factory=dict)
     connection_consts: set[int] = field(default_factory=set)
     bodies: dict[str, str] = field(default_factory=dict)
+    code_values: set[str] = field(default_factory=set)
     reads: dict[str, None] = field(default_factory=dict)
     writes: dict[str, None] = field(default_factory=dict)
     columns_read: dict[str, None] = field(default_factory=dict)
@@ -239,6 +241,9 @@ def _copy(node: dict[str, Json], facts: TreeFacts) -> None:
     columns = facts.columns_written if node.get("is_from") else facts.columns_read
     for name in _strings(node.get("attlist")):
         columns[name] = None
+    filename = node.get("filename")
+    if isinstance(filename, str) and not node.get("is_program"):
+        facts.code_values.add(filename)  # the server file it reads or writes: a target
     if node.get("is_from"):
         _mark_targets(node.get("relation"), facts)
         return
@@ -258,6 +263,12 @@ def _func_call(node: dict[str, Json], facts: TreeFacts) -> None:
         facts.connection_consts.update(_const_locations(args[0]))
     if name in _SERVER_FILE_FUNCTIONS and facts.export is None:
         facts.export = "server_file"
+
+
+def _load(node: dict[str, Json], facts: TreeFacts) -> None:
+    filename = node.get("filename")
+    if isinstance(filename, str):
+        facts.code_values.add(filename)  # the library the server loads: code
 
 
 def _drop(node: dict[str, Json], facts: TreeFacts) -> None:
@@ -321,6 +332,7 @@ _VISITORS = {
     "CopyStmt": _copy,
     "FuncCall": _func_call,
     "DropStmt": _drop,
+    "LoadStmt": _load,
     "CommonTableExpr": _cte,
     "VariableSetStmt": _set,
     "DoStmt": _do,
