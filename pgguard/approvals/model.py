@@ -22,6 +22,8 @@ from enum import StrEnum
 from typing import Literal
 from urllib.parse import unquote
 
+from pglast import parser as pg
+
 from pgguard.approvals.identity import normalise_identity
 from pgguard.approvals.signing import RequestBinding
 from pgguard.errors import PgGuardError
@@ -271,24 +273,33 @@ def new_request_id() -> str:
 
 # --- the agent's stated reason ----------------------------------------------------------------
 
-_COMMENT = re.compile(r"/\*(.*?)\*/", re.DOTALL)
 # sqlcommenter: key='value' pairs joined by commas; values url-encoded, then quotes escaped as \'.
 _REASON_PAIR = re.compile(r"(?:^|,)\s*reason\s*=\s*'((?:[^'\\]|\\.)*)'", re.IGNORECASE)
 
 
-def extract_reason(sql: str, application_name: str) -> str | None:
-    """The agent's stated reason: a sqlcommenter ``reason='...'`` comment, else application_name.
+def extract_reason(sql: str) -> str | None:
+    """The agent's stated reason: a sqlcommenter ``reason='...'`` in a real SQL comment.
 
-    The value is url-decoded as sqlcommenter specifies, control characters become spaces, and the
-    result is capped at 500 characters. Returns None when neither source says anything.
+    Comments are found by PostgreSQL's scanner, so a "comment" inside a string literal or a
+    dollar quote is not one. The value is url-decoded as sqlcommenter specifies, control
+    characters become spaces, and the result is capped at 500 characters. Returns None when no
+    comment gives a reason (application_name is never a reason: it is shown as what it is).
+    The caller masks the result like any text an agent controls.
     """
-    for comment in _COMMENT.finditer(sql):
-        match = _REASON_PAIR.search(comment.group(1).strip())
+    try:
+        tokens = pg.scan(sql)
+    except (pg.ParseError, ValueError, UnicodeError):
+        return None
+    for token in tokens:
+        if token.name != "C_COMMENT":
+            continue
+        comment = sql[token.start : token.end + 1]
+        match = _REASON_PAIR.search(comment[2:-2].strip())
         if match:
             reason = _clean(unquote(re.sub(r"\\(.)", r"\1", match.group(1))))
             if reason:
                 return reason
-    return _clean(application_name) or None
+    return None
 
 
 def _clean(text: str) -> str:

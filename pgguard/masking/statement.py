@@ -17,7 +17,8 @@ Invariants:
   `/*not parsed*/` when it does not parse; a `COPY ... PROGRAM` command, a COPY or LOAD file
   name and the path arguments of server-file and large-object functions are shown whole (words
   a value detector recognises and URL/conninfo passwords still masked); a connection string is
-  shown with its password masked. Bodies in other languages are replaced whole.
+  shown with its password masked. Bodies in other languages are replaced whole. A quoted
+  identifier in which a value detector finds something (an e-mail as an alias) is masked too.
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ class _Masker:
             elif name in _BIT_TOKENS:
                 self.count += 1
                 out.append(_BIT_TOKENS[name])
+            elif name == "IDENT" and raw.startswith('"'):
+                out.append(self._quoted_identifier(raw))
             else:
                 out.append(raw)
             previous.append(name)
@@ -236,6 +239,15 @@ class _Masker:
         self.count += inner.count
         self.complete = self.complete and inner.complete
         return _quote(masked, tag)
+
+    def _quoted_identifier(self, raw: str) -> str:
+        """A quoted identifier that a value detector recognises (an e-mail used as an alias)
+        is a value in disguise: it becomes `"<label>"`."""
+        masked = _mask_words(raw[1:-1].replace('""', '"'), self.rules)
+        if masked == raw[1:-1].replace('""', '"'):
+            return raw
+        self.count += 1
+        return '"' + masked.replace('"', '""') + '"'
 
     def _number(self, raw: str, name: str, location: int | None) -> str:
         self.count += 1

@@ -1,8 +1,9 @@
 """What a hold asks and what it answers: the review payload, and the outcome of a decision.
 
-``new_request`` builds the approval request a reviewer sees - everything masked, plus what the
-statement touches. ``outcome`` turns a request that is no longer pending into what the held
-session gets: ``ALLOW`` only for an approved request; every other state is a refusal.
+``new_request`` builds the approval request a reviewer sees - everything masked (the statement,
+its parameters, the agent's reason and application_name), plus what the statement touches.
+``outcome`` turns a request that is no longer pending into what the held session gets:
+``ALLOW`` only for an approved request; every other state is a refusal.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 
 from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, extract_reason
 from pgguard.errors import PgGuardError, PolicyDenied, QueryCanceled
-from pgguard.masking import MaskingRules, mask_parameters, mask_sql
+from pgguard.masking import MaskingRules, mask_parameters, mask_sql, mask_text
 from pgguard.policy import Decision
 from pgguard.proxy.gate import ALLOW, Allow, Deny, SessionView, SqlEvent
 from pgguard.wire.extended import decode_bind_parameters
@@ -42,13 +43,13 @@ def new_request(
         owner=session.owner,
         database=session.database,
         client_address=session.client_address,
-        application_name=session.application_name,
+        application_name=mask_text(session.application_name, masking),
         statement=masked.text,
         parameters=parameters,
         fingerprint=decision.fingerprint,
         categories=decision.categories,
         rule_ids=decision.rule_ids,
-        reason=extract_reason(text, session.application_name),
+        reason=_reason(text, masking),
         approver_groups=decision.approver_groups,
         min_approvals=decision.min_approvals,
         remember_s=decision.remember_s,
@@ -63,6 +64,12 @@ def new_request(
             "export": touches.export,
         },
     )
+
+
+def _reason(text: str, masking: MaskingRules) -> str | None:
+    """The agent's reason, masked by the same detectors as its statement."""
+    reason = extract_reason(text)
+    return None if reason is None else mask_text(reason, masking)
 
 
 def settle(future: asyncio.Future[Allow | Deny], outcome: Allow | Deny) -> None:
