@@ -410,6 +410,9 @@ def touches_text(touches: Mapping[str, object]) -> str:
     if export:
         parts.append(f"export to {export}".replace("_", " "))
     rows = touches.get("estimated_rows")
+    skipped = touches.get("estimate_skipped")
     if isinstance(rows, int):
         parts.append(f"~{rows:,} rows (planner estimate)")
+    elif isinstance(skipped, str) and skipped:
+        parts.append(f"estimate skipped: {skipped}")
     return "; ".join(parts) or "(not known)"

@@ -409,9 +409,8 @@ class PolicyGate(Gate):
         try:
             if self.upstream is not None:
                 text = record.sql.decode("utf-8", "replace")
-                rows = await estimate_rows(self.upstream, new.database, text, functions)
-                if rows is not None:
-                    new = dataclasses.replace(new, touches={**new.touches, "estimated_rows": rows})
+                estimate = await estimate_rows(self.upstream, new.database, text, functions)
+                new = dataclasses.replace(new, touches={**new.touches, **estimate.touches()})
             request, final = await self.approvals.hold(new, record.sql, bind)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)
