@@ -234,6 +234,13 @@ class ApprovalRequest:
     def approvals(self) -> tuple[DecisionRecord, ...]:
         return tuple(d for d in self.decisions if d.verdict == "approve")
 
+    def seconds_left(self, now: datetime | None = None) -> float:
+        """Seconds until a pending request expires; 0 for any other state."""
+        if self.state != RequestState.PENDING:
+            return 0.0
+        moment = now or datetime.now(self.expires_at.tzinfo)
+        return max(0.0, round((self.expires_at - moment).total_seconds(), 1))
+
     def to_json(self) -> dict[str, object]:
         """The review payload (HTTP API, Teams card, CLI); all values JSON-able."""
         return {
@@ -253,7 +260,10 @@ class ApprovalRequest:
             "approver_groups": list(self.approver_groups),
             "min_approvals": self.min_approvals,
             "remember_s": self.remember_s,
-            "expires_in_s": self.expires_in_s,
+            # Time left now (0 once decided or expired); the hold's timeout is hold_timeout_s.
+            "expires_in_s": self.seconds_left(),
+            "seconds_left": self.seconds_left(),
+            "hold_timeout_s": self.expires_in_s,
             "session_id": self.session_id,
             "instance_id": self.instance_id,
             "touches": dict(self.touches),

@@ -52,7 +52,9 @@ class Touches:
     """Tables and columns a statement reads and writes, and where data goes if it is exported.
 
     `export`: "client" for COPY ... TO STDOUT, "server_file" for COPY ... TO 'file' (and
-    lo_export), "program" for COPY ... TO PROGRAM; None otherwise.
+    lo_export), "program" for COPY ... TO PROGRAM; None otherwise. `roles`: the roles it names
+    (CURRENT_USER, SESSION_USER and CURRENT_ROLE as written). `lock`: the strongest table lock
+    its statement kinds take (e.g. "ACCESS EXCLUSIVE" for most ALTER TABLE), None if none.
     """
 
     reads: tuple[str, ...] = ()
@@ -60,6 +62,8 @@ class Touches:
     columns_read: tuple[str, ...] = ()
     columns_written: tuple[str, ...] = ()
     export: ExportKind | None = None
+    roles: tuple[str, ...] = ()
+    lock: str | None = None
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -81,6 +85,8 @@ class TreeFacts:
     export: ExportKind | None = None
     ctes: set[str] = field(default_factory=set)
     targets: set[int] = field(default_factory=set)
+    roles: dict[str, None] = field(default_factory=dict)
+    lock: int = 0
 
     def touches(self) -> Touches:
         return Touches(
@@ -89,6 +95,8 @@ class TreeFacts:
             tuple(self.columns_read),
             tuple(self.columns_written),
             self.export,
+            tuple(self.roles),
+            _LOCK_NAMES[self.lock] if self.lock else None,
         )
 
 
@@ -116,11 +124,16 @@ def _walk(value: Json, facts: TreeFacts) -> None:
             return
     if "relname" in value:
         _relation(value, facts)
+    if "roletype" in value:
+        _role_spec(value, facts)
     for child in value.values():
         _walk(child, facts)
 
 
 def _visit(kind: str, node: dict[str, Json], facts: TreeFacts) -> None:
+    facts.lock = max(facts.lock, _lock(kind, node))
+    if kind == "RoleSpec":
+        _role_spec(node, facts)
     for key in _WRITE_TARGETS.get(kind, ()):
         _mark_targets(node.get(key), facts)
     if kind in ("SelectStmt", "CreateTableAsStmt"):
@@ -323,7 +336,95 @@ def _function(node: dict[str, Json], facts: TreeFacts) -> None:
     _body(_options(node.get("options")), "", facts)
 
 
+# Table lock modes, weakest first (index = strength), and the mode each statement kind takes.
+_LOCK_NAMES = (
+    "",
+    "ACCESS SHARE",
+    "ROW SHARE",
+    "ROW EXCLUSIVE",
+    "SHARE UPDATE EXCLUSIVE",
+    "SHARE",
+    "SHARE ROW EXCLUSIVE",
+    "EXCLUSIVE",
+    "ACCESS EXCLUSIVE",
+)
+_KIND_LOCKS = {
+    "SelectStmt": 1,
+    "InsertStmt": 3,
+    "UpdateStmt": 3,
+    "DeleteStmt": 3,
+    "MergeStmt": 3,
+    "VacuumStmt": 4,
+    "CreateStatsStmt": 4,
+    "CommentStmt": 4,
+    "IndexStmt": 5,
+    "CreateTrigStmt": 6,
+    "AlterTableStmt": 8,
+    "DropStmt": 8,
+    "TruncateStmt": 8,
+    "RenameStmt": 8,
+    "ClusterStmt": 8,
+    "RuleStmt": 8,
+    "CreatePolicyStmt": 8,
+    "AlterPolicyStmt": 8,
+    "ReindexStmt": 8,
+    "RefreshMatViewStmt": 8,
+}
+
+
+def _lock(kind: str, node: dict[str, Json]) -> int:
+    """The table lock a statement kind takes (the common case: ALTER TABLE SET STATISTICS and a
+    few other subcommands take less; shown as the worst)."""
+    if kind == "CopyStmt":
+        return 3 if node.get("is_from") else 1
+    if kind == "RenameStmt" and node.get("relation") is None:
+        return 0  # renaming a role, schema, function...: no table lock
+    if kind == "SelectStmt" and node.get("lockingClause"):
+        return 2
+    if kind == "IndexStmt" and node.get("concurrent"):
+        return 4
+    if kind == "RefreshMatViewStmt" and node.get("concurrent"):
+        return 7
+    if kind == "VacuumStmt" and "full" in json.dumps(node.get("options")).lower():
+        return 8
+    if kind == "LockStmt":
+        mode = node.get("mode")
+        return mode if isinstance(mode, int) and 0 < mode < len(_LOCK_NAMES) else 8
+    return _KIND_LOCKS.get(kind, 0)
+
+
+def _role_spec(node: dict[str, Json], facts: TreeFacts) -> None:
+    kind = node.get("roletype")
+    name = node.get("rolename")
+    if kind == "ROLESPEC_CSTRING" and isinstance(name, str):
+        facts.roles[name] = None
+    elif isinstance(kind, str) and kind != "ROLESPEC_PUBLIC":
+        facts.roles[kind.removeprefix("ROLESPEC_")] = None
+
+
+def _create_role(node: dict[str, Json], facts: TreeFacts) -> None:
+    if isinstance(node.get("role"), str):
+        facts.roles[str(node["role"])] = None
+
+
+def _grant_role(node: dict[str, Json], facts: TreeFacts) -> None:
+    for item in _list(node.get("granted_roles")):
+        inner = item.get("AccessPriv") if isinstance(item, dict) else None
+        if isinstance(inner, dict) and isinstance(inner.get("priv_name"), str):
+            facts.roles[str(inner["priv_name"])] = None
+
+
+def _rename(node: dict[str, Json], facts: TreeFacts) -> None:
+    if node.get("renameType") == "OBJECT_ROLE":
+        for key in ("subname", "newname"):
+            if isinstance(node.get(key), str):
+                facts.roles[str(node[key])] = None
+
+
 _VISITORS = {
+    "CreateRoleStmt": _create_role,
+    "GrantRoleStmt": _grant_role,
+    "RenameStmt": _rename,
     "A_Expr": _a_expr,
     "ColumnRef": _column_ref,
     "ResTarget": _res_target,

@@ -27,8 +27,13 @@ def new_request(
     event: SqlEvent,
     masking: MaskingRules,
     instance_id: str,
+    upstream_role: str = "",
 ) -> NewRequest:
-    """The approval request (the review payload) for a held statement: all of it masked."""
+    """The approval request (the review payload) for a held statement: all of it masked.
+
+    `upstream_role`: the role pgguard (and so every agent) uses upstream; a statement naming it
+    is flagged (`touches["own_role"]`): changing it changes what every agent can do.
+    """
     text = event.sql.decode("utf-8", "replace")
     masked = mask_sql(text, masking)
     parameters: tuple[str, ...] = ()
@@ -62,8 +67,18 @@ def new_request(
             "columns_read": list(touches.columns_read),
             "columns_written": list(touches.columns_written),
             "export": touches.export,
+            "roles": list(touches.roles),
+            "own_role": _names_own_role(touches.roles, upstream_role),
+            "lock": touches.lock,
         },
     )
+
+
+_SELF = frozenset({"CURRENT_USER", "SESSION_USER", "CURRENT_ROLE"})
+
+
+def _names_own_role(roles: tuple[str, ...], upstream_role: str) -> bool:
+    return any(role in _SELF or (upstream_role and role == upstream_role) for role in roles)
 
 
 def _reason(text: str, masking: MaskingRules) -> str | None:

@@ -254,7 +254,7 @@ class LedgerHooks:
         # the same literal-independent classification; its identity completes the key (hashing
         # the object itself would walk all its fields on every statement).
         decision = record.decision
-        blind = record.blind
+        blind = record.blind if record.blind is not None and b'"' not in record.blind else None
         key = (blind if blind is not None else self.masked(record.sql), id(decision))
         cached = self._texts.get(key)
         if cached is not None and cached[0] is decision:
@@ -275,7 +275,7 @@ class LedgerHooks:
         return ref
 
     def _masked_text(self, record: StatementRecord) -> str:
-        if record.blind is not None:
+        if record.blind is not None and b'"' not in record.blind:
             return record.blind.decode("ascii")  # the literal-blind rendering, as in `masked`
         return self.masked(record.sql)
 
@@ -328,9 +328,9 @@ class LedgerHooks:
         """Masked text, cached by the exact text.
 
         Texts in the literal-blind subset (``pgguard.sql.fastkey``: plain ASCII, no comments,
-        no special literals) are rendered with every literal replaced by ``'?'`` or ``0`` - a
-        faithful, value-free reading that costs a regular expression, not a parse. Everything
-        else goes through the full masker.
+        no special literals) and without quoted identifiers are rendered with every literal
+        replaced by ``'?'`` or ``0`` - a faithful, value-free reading that costs a regular
+        expression, not a parse. Everything else goes through the full masker.
         """
         if len(sql) > _MASK_CACHE_TEXT:
             # Large texts are neither cached (memory) nor scanned twice; the masker redacts
@@ -340,7 +340,9 @@ class LedgerHooks:
         if cached is not None:
             return cached
         blind = literal_blind_key(sql)
-        if blind is not None:
+        # A quoted identifier may be a value in disguise (an e-mail as an alias): the full
+        # masker judges it; the literal-blind rendering keeps identifiers as written.
+        if blind is not None and b'"' not in blind:
             text = blind.decode("ascii")
         else:
             text = mask_sql(sql.decode("utf-8", "replace"), self.masking).text

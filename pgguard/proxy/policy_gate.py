@@ -384,7 +384,8 @@ class PolicyGate(Gate):
         """Ask for approval; the session waits on the returned future (and nothing else does)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Allow | Deny] = loop.create_future()
-        new = new_request(session, decision, event, self.masking, self.instance_id)
+        role = self.upstream.parsed().user if self.upstream is not None else ""
+        new = new_request(session, decision, event, self.masking, self.instance_id, role or "")
         functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
