@@ -457,10 +457,13 @@ def wants_text(categories: Sequence[str]) -> str:
 def detail_facts(touches: Mapping[str, object]) -> list[tuple[str, str]]:
     """What a DBA needs beyond the tables: columns, the lock taken, the roles named."""
     facts: list[tuple[str, str]] = []
+    masked = touches.get("masked_columns")
+    sensitive = {str(n) for n in masked} if isinstance(masked, list | tuple) else set()
     for key, title in (("columns_read", "Columns read"), ("columns_written", "Columns written")):
         names = touches.get(key)
         if isinstance(names, list | tuple) and names:
-            facts.append((title, ", ".join(str(n) for n in names)))
+            shown = [f"{n} (sensitive)" if str(n) in sensitive else str(n) for n in names]
+            facts.append((title, ", ".join(shown)))
     lock = touches.get("lock")
     if isinstance(lock, str) and lock:
         facts.append(("Lock", f"{lock} (from the statement kind)"))

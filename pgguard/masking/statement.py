@@ -64,6 +64,8 @@ _CONNINFO_PASSWORD = re.compile(r"(?i)\b(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)
 # dblink-style functions whose second argument is SQL run on the remote server.
 _REMOTE_SQL_ARGUMENTS = frozenset({"dblink", "dblink_exec", "dblink_send_query"})
 _EXECUTE_ENDS = frozenset({"USING", "INTO", "ASCII_59"})
+# Tokens after which a new statement starts (SQL, and PL/pgSQL blocks and branches).
+_STATEMENT_STARTS = frozenset({"ASCII_59", "BEGIN_P", "THEN", "ELSE", "LOOP"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,8 @@ class _Masker:
         skip_until = -1
         calls: list[_Call] = []
         execute_at: int | None = None
+        head = ""
+        last_word = ""
         for index, token in enumerate(tokens):
             start, end = token.start, token.end + 1
             gap, pos = text[pos:start], end
@@ -162,11 +166,15 @@ class _Masker:
                 calls.pop()
             elif name == "ASCII_44" and calls:
                 calls[-1].argument += 1
-            if name == "EXECUTE":
+            if not previous or previous[-1] in _STATEMENT_STARTS or last_word == "loop":
+                head = name  # the first token of a (PL/pgSQL or SQL) statement
+            if name == "EXECUTE" and head == "EXECUTE":
                 execute_at = len(calls)
             elif name in _EXECUTE_ENDS:
                 execute_at = None
             context = "OPTIONS" if option_depth else _context(previous, calls, execute_at)
+            if context == "PROGRAM" and head != "COPY":
+                context = ""  # `SELECT program '...'` is a typed literal: data
             location = offsets[start] if offsets is not None else None
             if name in _STRING_TOKENS:
                 out.append(self._string(raw, context, location))
@@ -182,6 +190,7 @@ class _Masker:
             else:
                 out.append(raw)
             previous.append(name)
+            last_word = raw.lower() if name == "IDENT" else ""
         out.append(_gap(text[pos:]))
         return "".join(out)
 
@@ -198,7 +207,7 @@ class _Masker:
         if context == "PASSWORD":
             self.count += 1
             return "'<password>'"
-        if context in ("PROGRAM", "PATH", "EXECUTE", "CONNECTION") or (
+        if context in ("PROGRAM", "PATH", "DYNAMIC_SQL", "CONNECTION") or (
             context in ("TO", "FROM", "LOAD") and value in self.facts.code_values
         ):
             shown = self._code(raw, dollar.group() if dollar else "", context)
@@ -215,7 +224,7 @@ class _Masker:
         value = raw[len(tag) : -len(tag)] if tag else _exact_value(raw)
         if value is None:
             return None
-        if context == "EXECUTE":
+        if context == "DYNAMIC_SQL":
             return self._dynamic_sql(value, tag) or f"{raw} /*not parsed*/"
         if context == "CONNECTION":
             value = _CONNINFO_PASSWORD.sub(r"\1<password>", value)
@@ -292,16 +301,17 @@ class _Call:
 
 
 def _context(previous: list[str], calls: list[_Call], execute_at: int | None) -> str:
-    """What the next literal is: PATH, CONNECTION, EXECUTE (code), else the previous token."""
+    """What the next literal is: PATH, CONNECTION, DYNAMIC_SQL (code), else the previous token
+    (a literal after a bare EXECUTE token that starts no PL/pgSQL statement is data)."""
     call = calls[-1] if calls else None
     if call is not None and call.argument in _PATH_ARGUMENTS.get(call.name, ()):
         return "PATH"
     if call is not None and call.name in _CONNECTION_ARGUMENTS and call.argument == 0:
         return "CONNECTION"
     if call is not None and call.name in _REMOTE_SQL_ARGUMENTS and call.argument == 1:
-        return "EXECUTE"
+        return "DYNAMIC_SQL"
     if execute_at is not None and execute_at == len(calls):
-        return "EXECUTE"
+        return "DYNAMIC_SQL"
     return previous[-1] if previous else ""
 
 

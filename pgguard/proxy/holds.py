@@ -67,11 +67,23 @@ def new_request(
             "columns_read": list(touches.columns_read),
             "columns_written": list(touches.columns_written),
             "export": touches.export,
+            "masked_columns": _masked_columns(
+                (*touches.columns_read, *touches.columns_written), masking
+            ),
             "roles": list(touches.roles),
             "own_role": _names_own_role(touches.roles, upstream_role),
             "lock": touches.lock,
         },
     )
+
+
+def _masked_columns(columns: tuple[str, ...], masking: MaskingRules) -> list[str]:
+    """The columns whose values the masking rules treat as sensitive (flagged to reviewers)."""
+    return [
+        name
+        for name in dict.fromkeys(columns)
+        if any(rule.columns.search(name) for rule in masking.column_rules)
+    ]
 
 
 _SELF = frozenset({"CURRENT_USER", "SESSION_USER", "CURRENT_ROLE"})

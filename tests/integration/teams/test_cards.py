@@ -202,6 +202,7 @@ def test_card_shows_columns_lock_roles_and_headline_in_words() -> None:
         touches={
             "reads": ["people"],
             "columns_read": ["name", "email", "ssn"],
+            "masked_columns": ["email", "ssn"],
             "lock": "ACCESS EXCLUSIVE",
             "roles": ["pgguard_upstream"],
             "own_role": True,
@@ -211,7 +212,7 @@ def test_card_shows_columns_lock_roles_and_headline_in_words() -> None:
     card = build_request_card(request, PUBLIC_URL, now=NOW)
     facts = _facts(card)
     assert _texts(card)[0] == "Approval needed: report-bot wants to change privileges on sales"
-    assert facts["Columns read"] == "name, email, ssn"
+    assert facts["Columns read"] == "name, email (sensitive), ssn (sensitive)"
     assert facts["Lock"] == "ACCESS EXCLUSIVE (from the statement kind)"
     assert "pgguard's own upstream role" in facts["Roles"]
     assert "pgguard's own upstream role" in facts["Touches"]

@@ -114,3 +114,18 @@ def test_path_argument_position_matters() -> None:
     masked = mask_sql("SELECT pg_file_write('/tmp/a', '/home/secret/path', false)", RULES)
     assert "'/tmp/a'" in masked.text
     assert "/home/secret/path" not in masked.text
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT program 'typed-literal-secret'",
+        "SELECT execute 'typed-literal-secret'",
+        "SELECT load 'typed-literal-secret'",
+        "SELECT x FROM t WHERE x = to 'typed-literal-secret'",
+        "SELECT lo_import FROM t WHERE lo_import = 'typed-literal-secret'",
+    ],
+)
+def test_code_keywords_out_of_place_do_not_unmask(sql: str) -> None:
+    """A literal after PROGRAM/EXECUTE/LOAD outside their statements is a typed literal: data."""
+    assert "typed-literal-secret" not in mask_sql(sql, RULES).text
