@@ -18,7 +18,7 @@ _MAX_FINDS = 64
 # Where PostgreSQL quotes a value (not an identifier) in a message or detail:
 #   invalid input syntax for type integer: "hunter2"   (and every `...: "value"` ending)
 #   Key (email)=(a@b.example) already exists.          Failing row contains (1, a@b, ...).
-#   Token "secret" is invalid.                         Array value must start with "{" ...
+#   Token "secret" is invalid.     value "123" is out of range     at or near "'a literal'"
 _TRAILING_VALUE = re.compile(r'(: )"(.*)"(\.?)$', re.DOTALL)
 _KEY_VALUE = re.compile(
     r"(Key \((?:[^()]|\([^()]*\))*\)=)\((.*)\)((?: already exists| is not present| conflicts).*)",
@@ -27,6 +27,7 @@ _KEY_VALUE = re.compile(
 _FAILING_ROW = re.compile(r"(Failing row contains )\((.*)\)", re.DOTALL)
 _TOKEN = re.compile(r'(Token )"(.*?)"( is invalid)', re.DOTALL)
 _OUT_OF_RANGE = re.compile(r'(value )"(.*?)"( is out of range)', re.DOTALL)
+_NEAR_LITERAL = re.compile(r'(at or near )"(\'.*)"()', re.DOTALL)  # a string token quoted whole
 
 
 def mask_text(text: str, rules: MaskingRules) -> str:
@@ -47,7 +48,7 @@ def mask_server_message(message: str, rules: MaskingRules) -> str:
     """A server error message or detail with the values it quotes hidden (shape kept)."""
     message = _KEY_VALUE.sub(lambda m: f"{m.group(1)}(<{_size(m.group(2))}>){m.group(3)}", message)
     message = _FAILING_ROW.sub(lambda m: f"{m.group(1)}(<{_size(m.group(2))}>)", message)
-    for quoted in (_TOKEN, _OUT_OF_RANGE):
+    for quoted in (_TOKEN, _OUT_OF_RANGE, _NEAR_LITERAL):
         message = quoted.sub(lambda m: f'{m.group(1)}"<{_size(m.group(2))}>"{m.group(3)}', message)
     message = _TRAILING_VALUE.sub(
         lambda m: f'{m.group(1)}"<{_size(m.group(2))}>"{m.group(3)}', message

@@ -225,7 +225,12 @@ class _Masker:
         if value is None:
             return None
         if context == "DYNAMIC_SQL":
-            return self._dynamic_sql(value, tag) or f"{raw} /*not parsed*/"
+            parsed = self._dynamic_sql(value, tag)
+            if parsed is not None:
+                return parsed
+            shown = _mask_words(value, self.rules)
+            self.count += shown != value
+            return f"{_quote(shown, tag)} /*not parsed*/"
         if context == "CONNECTION":
             value = _CONNINFO_PASSWORD.sub(r"\1<password>", value)
         shown = _mask_words(value, self.rules)

@@ -87,6 +87,11 @@ EMAIL = "marker.person@example.org"
             ["DO 'BEGIN INSERT INTO people (email) VALUES (''<email>''); END'"],
             [EMAIL],
         ),
+        (
+            "DO $$BEGIN EXECUTE 'SELECT ' || 'x' || ' mail ann.marker@example.org'; END$$",
+            ["/*not parsed*/", "<email>"],
+            ["ann.marker@example.org"],
+        ),
         ("PREPARE q AS SELECT 1; EXECUTE q('secret-arg')", ["EXECUTE q('<text:"], ["secret-arg"]),
         ("SELECT 'x' IS DISTINCT FROM 'plain-value'", [], ["plain-value"]),
     ],

@@ -50,6 +50,11 @@ def test_card_in_text_is_masked() -> None:
             'duplicate key value violates unique constraint "users_email_key"',
         ),
         ("mail from dave.marker@example.org bounced", "mail from <email> bounced"),
+        (
+            'unterminated quoted string at or near "\'hunter2 marker"',
+            'unterminated quoted string at or near "<value: 15 chars>"',
+        ),
+        ('syntax error at or near "SELEC"', 'syntax error at or near "SELEC"'),
     ],
 )
 def test_server_messages_keep_their_shape_and_lose_values(message: str, expected: str) -> None:
