@@ -235,3 +235,37 @@ async def test_ordinary_statement_alias_is_masked_in_the_ledger(
     text = "\n".join([p["body"] for p in packs] + [r["row"] for r in rows])
     assert '"<email>"' in text or '\\"<email>\\"' in text
     assert "ordinary.alias.marker" not in text
+
+
+async def test_alter_role_of_pgguards_own_upstream_role_is_flagged(
+    pgguard: PgguardThread, api: httpx.AsyncClient, teams: TeamsStub
+) -> None:
+    """`ALTER ROLE <pgguard's upstream role> PASSWORD ...`: the reviewer is told whose role it
+    is (it was "Touches: (not known)"), with the lock and the headline in words."""
+    role = pgguard.settings.upstream.parsed().user
+    assert role
+    known: set[str] = set()
+    conn = await asyncpg.connect(pgguard.dsn(user="leaky", password="leaky-password"))
+    try:
+        running = asyncio.create_task(
+            conn.execute(f"ALTER ROLE \"{role}\" PASSWORD 'new-upstream-pw-marker'")
+        )
+        request = await _pending(api, known)
+        rid = str(request["id"])
+        touches = dict(request["touches"])  # type: ignore[call-overload]
+        assert touches["roles"] == [role]
+        assert touches["own_role"] is True
+        assert isinstance(request["seconds_left"], float)
+        assert 0 < request["seconds_left"] <= request["hold_timeout_s"]
+        await eventually(lambda: rid in json.dumps(teams.received))
+        card = _cards_of(teams, rid)
+        assert "pgguard's own upstream role" in card
+        assert "wants to change privileges" in card
+        assert "new-upstream-pw-marker" not in card + json.dumps(request)
+        await api.post(f"/api/requests/{rid}/deny", json={"reason": "no"}, headers=auth("dba1"))
+        with pytest.raises(asyncpg.PostgresError):
+            await asyncio.wait_for(running, 10)
+        decided = (await api.get(f"/api/requests/{rid}", headers=auth("dba1"))).json()
+        assert decided["seconds_left"] == 0
+    finally:
+        await conn.close()
