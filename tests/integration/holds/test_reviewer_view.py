@@ -269,3 +269,21 @@ async def test_alter_role_of_pgguards_own_upstream_role_is_flagged(
         assert decided["seconds_left"] == 0
     finally:
         await conn.close()
+
+
+async def test_status_endpoint_needs_a_session(pgguard: PgguardThread) -> None:
+    """The page's status poll answers only a signed-in approver, and says only the state."""
+    async with httpx.AsyncClient(base_url=pgguard.http_url, timeout=10) as anonymous:
+        refused = await anonymous.get("/requests/nosuchrequest/status")
+        assert refused.status_code == 401
+        script = await anonymous.get("/assets/status.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"].startswith("text/javascript")
+    page = await _page_client(pgguard)
+    try:
+        missing = await page.get("/requests/nosuchrequest/status")
+        assert missing.status_code == 404
+        shown = await page.get("/requests")
+        assert "script-src 'self'" in shown.headers["content-security-policy"]
+    finally:
+        await page.aclose()
