@@ -59,6 +59,9 @@ _PATH_ARGUMENTS: dict[str, frozenset[int]] = {
 _CONNECTION_ARGUMENTS = frozenset(
     {"dblink", "dblink_connect", "dblink_connect_u", "dblink_exec", "dblink_send_query"}
 )
+_NAMED_CONNECTS = frozenset({"dblink_connect", "dblink_connect_u"})
+_CONNINFO = re.compile(r"\s*([A-Za-z_]+\s*=|[A-Za-z][A-Za-z0-9+.-]*://)")
+_CONNECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^@\s/]*@")
 _CONNINFO_PASSWORD = re.compile(r"(?i)\b(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 # dblink-style functions whose second argument is SQL run on the remote server.
@@ -232,6 +235,11 @@ class _Masker:
             self.count += shown != value
             return f"{_quote(shown, tag)} /*not parsed*/"
         if context == "CONNECTION":
+            if not _CONNINFO.match(value):
+                # dblink('SELECT ...') (the unnamed connection) or a connection's name
+                if _CONNECTION_NAME.fullmatch(value):
+                    return _quote(value, tag)
+                return self._dynamic_sql(value, tag)
             value = _CONNINFO_PASSWORD.sub(r"\1<password>", value)
         shown = _mask_words(value, self.rules)
         if shown != value:
@@ -313,6 +321,8 @@ def _context(previous: list[str], calls: list[_Call], execute_at: int | None) ->
         return "PATH"
     if call is not None and call.name in _CONNECTION_ARGUMENTS and call.argument == 0:
         return "CONNECTION"
+    if call is not None and call.name in _NAMED_CONNECTS and call.argument == 1:
+        return "CONNECTION"  # dblink_connect('name', 'conninfo')
     if call is not None and call.name in _REMOTE_SQL_ARGUMENTS and call.argument == 1:
         return "DYNAMIC_SQL"
     if execute_at is not None and execute_at == len(calls):

@@ -92,6 +92,16 @@ EMAIL = "marker.person@example.org"
             ["/*not parsed*/", "<email>"],
             ["ann.marker@example.org"],
         ),
+        (
+            "SELECT dblink('SELECT name FROM people WHERE name = ''Ann Marker''')",
+            ["SELECT name FROM people WHERE name = "],
+            ["Ann Marker"],
+        ),
+        (
+            "SELECT dblink_connect('c1', 'postgresql://admin:Pw-marker9@db.internal:5432/prod')",
+            ["'postgresql://admin:<password>@db.internal:5432/prod'"],
+            ["Pw-marker9"],
+        ),
         ("PREPARE q AS SELECT 1; EXECUTE q('secret-arg')", ["EXECUTE q('<text:"], ["secret-arg"]),
         ("SELECT 'x' IS DISTINCT FROM 'plain-value'", [], ["plain-value"]),
     ],
