@@ -286,11 +286,10 @@ class _Masker:
             self.complete = False
             return f"$$<{language or 'opaque'} body: {size} bytes>$$"
         facts = TreeFacts()
-        if language == "sql":
-            try:
-                facts = read_tree(body)
-            except (pg.ParseError, ValueError, UnicodeError):
-                facts = TreeFacts()
+        try:
+            facts = read_tree(body) if language == "sql" else _plpgsql_facts(body)
+        except (pg.ParseError, ValueError, UnicodeError, RecursionError):
+            facts = TreeFacts()
         inner = _Masker(self.rules, facts, self.depth + 1)
         masked = inner.mask(body, with_tree=language == "sql")
         if masked is None:
@@ -303,6 +302,36 @@ class _Masker:
 
 
 _MAX_DEPTH = 8
+
+
+def _plpgsql_facts(body: str) -> TreeFacts:
+    """What the SQL statements embedded in a PL/pgSQL body name as targets (COPY and LOAD
+    files): PL/pgSQL's own parser finds them; locations are not mapped back (values stay data).
+    """
+    tag = "$pgguard_body$"
+    if tag in body:
+        return TreeFacts()
+    tree = json.loads(
+        pg.parse_plpgsql_json(
+            f"CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS {tag}{body}{tag}"
+        )
+    )
+    facts = TreeFacts()
+    for query in _queries(tree):
+        try:
+            facts.code_values |= read_tree(query).code_values
+        except (pg.ParseError, ValueError, UnicodeError):
+            continue
+    return facts
+
+
+def _queries(value: object) -> list[str]:
+    if isinstance(value, list):
+        return [q for item in value for q in _queries(item)]
+    if not isinstance(value, dict):
+        return []
+    found = [value["query"]] if isinstance(value.get("query"), str) else []
+    return found + [q for child in value.values() for q in _queries(child)]
 
 
 @dataclass(slots=True)

@@ -102,6 +102,12 @@ EMAIL = "marker.person@example.org"
             ["'postgresql://admin:<password>@db.internal:5432/prod'"],
             ["Pw-marker9"],
         ),
+        (
+            "DO $$BEGIN COPY people TO '/srv/out.csv'; IF true THEN COPY people FROM '/srv/in' "
+            "WHERE name IS DISTINCT FROM 'Bo Marker'; END IF; END$$",
+            ["COPY people TO '/srv/out.csv'", "COPY people FROM '/srv/in'"],
+            ["Bo Marker"],
+        ),
         ("PREPARE q AS SELECT 1; EXECUTE q('secret-arg')", ["EXECUTE q('<text:"], ["secret-arg"]),
         ("SELECT 'x' IS DISTINCT FROM 'plain-value'", [], ["plain-value"]),
     ],
