@@ -499,7 +499,10 @@ class PolicyGate(Gate):
         future: asyncio.Future[Allow | Deny] = loop.create_future()
         premasked, state.premasked = state.premasked, None
         masked = premasked[1] if premasked is not None and premasked[0] == event.sql else None
-        new = new_request(session, decision, event, self.masking, self.instance_id, masked)
+        role = self.upstream.parsed().user if self.upstream is not None else ""
+        new = new_request(
+            session, decision, event, self.masking, self.instance_id, role or "", masked
+        )
         functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
@@ -526,9 +529,8 @@ class PolicyGate(Gate):
             long_text = self.offload is not None and len(record.sql) > self.offload.threshold
             if self.upstream is not None and not long_text:
                 text = record.sql.decode("utf-8", "replace")
-                rows = await estimate_rows(self.upstream, new.database, text, functions)
-                if rows is not None:
-                    new = dataclasses.replace(new, touches={**new.touches, "estimated_rows": rows})
+                estimate = await estimate_rows(self.upstream, new.database, text, functions)
+                new = dataclasses.replace(new, touches={**new.touches, **estimate.touches()})
             request, final = await self.approvals.hold(new, record.sql, bind)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)
