@@ -12,7 +12,8 @@ Invariants:
 * A statement whose analysis takes longer than ``[limits] parse_budget`` seconds (queueing
   behind other long statements included, restarting workers not) is refused with 54000. Its
   worker is stopped (the pool is replaced), so a runaway parse never holds a worker; work of
-  other sessions in that pool is retried once. Workers run at a lower priority (nice 10).
+  other sessions in that pool is retried once. Workers run at the lowest priority (nice 19,
+  set before they load anything: `pgguard.proxy.offload_worker`).
 """
 
 from __future__ import annotations
@@ -21,44 +22,28 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
-import os
-import signal
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from pgguard.errors import StatementTooComplex
-from pgguard.masking import MaskedStatement, MaskingRules, mask_sql
-from pgguard.policy import Context, Decision, LexState, PolicyEngine
+from pgguard.masking import MaskedStatement
+from pgguard.policy import Context, Decision
+from pgguard.proxy import offload_worker
 from pgguard.sql.statenames import ProtectedNames
 
 log = logging.getLogger(__name__)
 
 _WARM_UP_TIMEOUT = 60.0  # starting a worker: a new interpreter, pglast, the rules
-_engine: PolicyEngine | None = None  # the worker process's own engine
-_masking: MaskingRules | None = None
-
-
-def _init_worker(rules_dir: Path | None, mode: str, protected: ProtectedNames) -> None:
-    global _engine, _masking
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # pgguard's shutdown stops the pool itself
-    os.nice(10)  # on a busy machine the proxy's own loop comes first
-    _engine = PolicyEngine.load(rules_dir, mode=mode, protected=protected)  # type: ignore[arg-type]
-    _masking = MaskingRules.load()  # the rules the ledger masks with (assembly.start)
-
-
 Judged = tuple[Decision, bytes | None, MaskedStatement | None]  # with the blind key, masked
 
 
-def _classify(sql: bytes, agent: str, database: str, lex: LexState, mask: bool) -> Judged:
-    assert _engine is not None
-    assert _masking is not None
-    decision, blind = _engine.classify_keyed(sql, Context(agent, database, lex, None))
-    masked = mask_sql(sql.decode("utf-8", "replace"), _masking) if mask else None
-    return decision, blind, masked
+def _context() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
 
 
-def _ready() -> int:
-    return os.getpid()
+_PRELOAD = ["pgguard.proxy.offload_worker", "pgguard.policy", "pgguard.masking"]
 
 
 class ParseOffload:
@@ -75,16 +60,18 @@ class ParseOffload:
         self.threshold = threshold
         self.budget = budget
         self._workers = workers
-        self._initargs = (rules_dir, mode, protected)
+        self._initargs = (rules_dir, mode, protected.schema, protected.channels)
         self._pool = self._new_pool()
         self._warming: asyncio.Future[list[int]] | None = None
 
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        # spawn: the proxy's process has threads (asyncpg, uvicorn); forking them is unsafe.
+        # forkserver: the proxy's process has threads (asyncpg, uvicorn), so it must not fork
+        # itself; a fork server (started once, single-threaded, with pglast and the classifier
+        # already imported) makes a restarted worker cost a fork and loading the rules.
         return concurrent.futures.ProcessPoolExecutor(
             self._workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
+            mp_context=_context(),
+            initializer=offload_worker.init,
             initargs=self._initargs,
         )
 
@@ -101,7 +88,9 @@ class ParseOffload:
         loop = asyncio.get_running_loop()
 
         async def warm() -> list[int]:
-            futures = await asyncio.to_thread(lambda: [pool.submit(_ready) for _ in range(workers)])
+            futures = await asyncio.to_thread(
+                lambda: [pool.submit(offload_worker.ready) for _ in range(workers)]
+            )
             return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
         self._warming = loop.create_task(warm())
@@ -121,7 +110,9 @@ class ParseOffload:
                 async with asyncio.timeout(_WARM_UP_TIMEOUT):
                     await asyncio.shield(self._warming)
             pool = self._pool
-            future = pool.submit(_classify, bytes(sql), ctx.agent, ctx.database, ctx.lex, mask)
+            future = pool.submit(
+                offload_worker.classify, bytes(sql), ctx.agent, ctx.database, ctx.lex, mask
+            )
             try:
                 async with asyncio.timeout(self.budget):
                     return await asyncio.wrap_future(future)
