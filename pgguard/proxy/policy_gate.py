@@ -81,6 +81,7 @@ class _SessionPolicy:
     context_version: int = -1
     last_decision: tuple[bytes, Context, Decision] | None = None  # see _classify_remembered
     lex_pending_until: int = 0  # ReadyForQuery count at which a lexing change is confirmed
+    lex_changed: bool = False  # a lexing change was let through: a ROLLBACK/COMMIT may undo it
     last_record: StatementRecord | None = None  # the statement just allowed, for the ledger
     hold_record: StatementRecord | None = None  # the statement being held
     approved_record: StatementRecord | None = None  # the held statement just approved
@@ -543,7 +544,13 @@ class PolicyGate(Gate):
         return ctx
 
     def _note_lexing(self, session: SessionView, state: _SessionPolicy, decision: Decision) -> None:
-        if decision.changes_lexing:
+        """Read what follows a lexing change as pending until the server confirms its state.
+
+        A transaction end (ROLLBACK, ROLLBACK TO SAVEPOINT, COMMIT ending a SET LOCAL) changes
+        lexing when it undoes a change let through earlier in the session."""
+        undoes = state.lex_changed and any(f.undoes_settings for f in decision.facts)
+        if decision.changes_lexing or undoes:
+            state.lex_changed = True
             # Confirmed by the ReadyForQuery that follows every reply owed so far.
             state.lex_pending_until = session.ready_count + session.replies_owed + 1
 

@@ -90,3 +90,129 @@ def test_a_uescape_twin_sent_as_a_simple_query_does_not_poison_the_cache(
     assert error_fields(raw.recv_until("Z")[0][1]).sqlstate == "42883"
     raw.send(m.query(real))
     assert error_fields(raw.recv_until("Z")[0][1]).sqlstate == "42501"
+
+
+# --- 2. writes to pg_settings are the SET they amount to ----------------------------------------
+
+
+def _setting(conn: psycopg.Connection[tuple[object, ...]], name: str) -> object:
+    row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+    return row[0] if row else None
+
+
+@pytest.mark.parametrize(
+    ("statement", "equivalent"),
+    [
+        (
+            "UPDATE pg_settings SET setting = 'replica' WHERE name = 'session_replication_role'",
+            "SET session_replication_role = replica",
+        ),
+        (
+            "UPDATE pg_catalog.pg_settings AS s SET setting = 'off' "
+            "WHERE s.name = 'row_security' AND true",
+            "SET row_security = off",
+        ),
+        (
+            "WITH w AS (UPDATE pg_settings SET setting = 'all' WHERE 'log_statement' = name "
+            "RETURNING 1) SELECT * FROM w",
+            "SET log_statement = 'all'",
+        ),
+        (
+            "UPDATE pg_settings SET setting = 'on' "
+            "WHERE name = lower('DEFAULT_TRANSACTION_READ_ONLY')",
+            "SELECT set_config(lower('DEFAULT_TRANSACTION_READ_ONLY'), 'on', false)",
+        ),
+    ],
+)
+def test_a_write_to_pg_settings_is_judged_as_the_set_it_is(
+    guarded: ProxyThread, statement: str, equivalent: str
+) -> None:
+    with psycopg.connect(guarded.dsn(), autocommit=True) as conn:
+        before = {
+            n: _setting(conn, n)
+            for n in ("session_replication_role", "row_security", "log_statement")
+        }
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(equivalent)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(statement)
+        assert {n: _setting(conn, n) for n in before} == before
+        assert _setting(conn, "default_transaction_read_only") == "off"
+
+
+def test_an_ordinary_pg_settings_write_still_runs(guarded: ProxyThread) -> None:
+    with psycopg.connect(guarded.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE pg_settings SET setting = '7MB' WHERE name = 'work_mem'")
+        assert _setting(conn, "work_mem") == "7MB"
+
+
+ATTACK = r"SELECT 'x\', ' ; DROP TABLE notes; SELECT '--'"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+        "SELECT set_config(name, 'off', false) FROM pg_settings "
+        "WHERE name = 'standard_conforming_strings'",
+        "SET standard_conforming_strings = off",
+    ],
+)
+def test_a_pipelined_lexing_change_cannot_smuggle_a_drop(
+    guarded: ProxyThread, direct_dsn: str, change: str
+) -> None:
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.query(change) + m.query(ATTACK))  # one write: the second waits for no reply
+    first = raw.recv_until("Z")
+    assert error_fields(next(b for t, b in first if t == "E")).sqlstate == "42501"
+    second = raw.recv_until("Z")
+    assert not any(t == "E" for t, _ in second)  # read with the lexing state the server has
+    assert notes_exist(direct_dsn)
+
+
+@pytest.fixture
+def scs_off_database(direct_dsn: str) -> Iterator[str]:
+    """allowed_db with standard_conforming_strings off for new sessions (a DBA's choice), and
+    its own notes table."""
+    allowed = direct_dsn.replace("/postgres", "/allowed_db")
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        conn.execute("ALTER DATABASE allowed_db SET standard_conforming_strings = off")
+    with psycopg.connect(allowed, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS notes")
+        conn.execute("CREATE TABLE notes (id int)")
+    try:
+        yield allowed
+    finally:
+        with psycopg.connect(direct_dsn, autocommit=True) as conn:
+            conn.execute("ALTER DATABASE allowed_db RESET standard_conforming_strings")
+
+
+@pytest.mark.parametrize(
+    ("setup", "undo"),
+    [
+        ("BEGIN; SAVEPOINT s; SET standard_conforming_strings = on", "ROLLBACK TO SAVEPOINT s"),
+        ("BEGIN; SET standard_conforming_strings = on", "ROLLBACK"),
+        ("BEGIN; SET LOCAL standard_conforming_strings = on", "COMMIT"),
+        (
+            "BEGIN; UPDATE pg_settings SET setting = 'on' "
+            "WHERE name = 'standard_conforming_strings'",
+            "ROLLBACK",
+        ),
+    ],
+)
+def test_undoing_a_lexing_change_is_read_as_pending(
+    guarded: ProxyThread, scs_off_database: str, setup: str, undo: str
+) -> None:
+    raw = RawClient.connect(guarded.port)
+    login = raw.login(database="allowed_db")
+    assert ("S", b"standard_conforming_strings\x00off\x00") in login
+    raw.send(m.query(setup))
+    replies = raw.recv_until("Z")  # the server confirms: on, for now
+    assert ("S", b"standard_conforming_strings\x00on\x00") in replies, replies
+    raw.send(m.query(undo) + m.query(ATTACK))  # the undo puts "off" back before the attack
+    assert not any(t == "E" for t, _ in raw.recv_until("Z"))
+    attack = raw.recv_until("Z")
+    assert error_fields(next(b for t, b in attack if t == "E")).sqlstate == "42501"
+    with psycopg.connect(scs_off_database) as conn:
+        assert conn.execute("SELECT to_regclass('notes') IS NOT NULL").fetchone() == (True,)
