@@ -14,6 +14,7 @@ from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, e
 from pgguard.errors import PgGuardError, PolicyDenied, QueryCanceled
 from pgguard.masking import MaskingRules, mask_parameters, mask_sql
 from pgguard.policy import Decision
+from pgguard.policy.remember import remember_key
 from pgguard.proxy.gate import ALLOW, Allow, Deny, SessionView, SqlEvent
 from pgguard.wire.extended import decode_bind_parameters
 
@@ -45,7 +46,7 @@ def new_request(
         application_name=session.application_name,
         statement=masked.text,
         parameters=parameters,
-        fingerprint=decision.fingerprint,
+        fingerprint=_remember_key(session, decision, event),
         categories=decision.categories,
         rule_ids=decision.rule_ids,
         reason=extract_reason(text, session.application_name),
@@ -62,6 +63,25 @@ def new_request(
             "columns_written": list(touches.columns_written),
             "export": touches.export,
         },
+    )
+
+
+def _remember_key(session: SessionView, decision: Decision, event: SqlEvent) -> str:
+    """The request's key for remembered approvals (`pgguard.policy.remember`), stored as its
+    fingerprint: the approvals store, the remembered lookup and the MAC binding all use it."""
+    parameters: list[bytes | None] | bytes | None = None
+    if event.bind is not None:
+        try:
+            parameters = decode_bind_parameters(event.bind)
+        except PgGuardError:
+            parameters = event.bind
+    params = session.server_parameters
+    lexing = (
+        params.get("standard_conforming_strings", "on"),
+        params.get("client_encoding", "UTF8"),
+    )
+    return remember_key(
+        bytes(event.sql), decision.facts, decision.categories, decision.rule_ids, lexing, parameters
     )
 
 
