@@ -12,6 +12,7 @@ itself then says whether the statement ran (the table still exists, the setting 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from pgguard.proxy.assembly import load_engine
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.wire import messages as m
-from tests.support import ProxyThread, RawClient, agent_settings, error_fields
+from tests.support import ProxyThread, RawClient, agent_settings, error_fields, shipped_rules_with
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +217,32 @@ def test_undoing_a_lexing_change_is_read_as_pending(
     assert error_fields(next(b for t, b in attack if t == "E")).sqlstate == "42501"
     with psycopg.connect(scs_off_database) as conn:
         assert conn.execute("SELECT to_regclass('notes') IS NOT NULL").fetchone() == (True,)
+
+
+# --- 5. rule files in the documented order -------------------------------------------------------
+
+PROTECT = """
+version: 1
+rules:
+  - id: site.protect-notes
+    description: Nobody drops notes, approval or not.
+    match: {tables: [notes]}
+    action: deny
+"""
+
+
+def test_a_site_deny_in_50_protect_overrides_the_default_hold(
+    upstream_dsn: str, direct_dsn: str, tmp_path: Path
+) -> None:
+    rules = shipped_rules_with(tmp_path, "50-protect.yaml", PROTECT)
+    settings = agent_settings(upstream_dsn, policy={"rules_dir": str(rules)})
+    thread = ProxyThread(settings, PolicyGate(load_engine(settings))).start()
+    try:
+        with psycopg.connect(thread.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute("DROP TABLE notes")
+            assert "site.protect-notes" in str(info.value)
+            assert "requires approval" not in str(info.value)
+    finally:
+        thread.stop()
+    assert notes_exist(direct_dsn)
