@@ -61,6 +61,7 @@ from pgguard.proxy.gate import (
 from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
+from pgguard.proxy.routines import RoutineJudge
 from pgguard.settings import UpstreamSettings
 from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
@@ -110,6 +111,8 @@ class PolicyGate(Gate):
         self.upstream = upstream  # row estimates for reviews, FunctionCall OIDs
         self.ledger = ledger
         self._function_lookups: set[asyncio.Task[None]] = set()
+        # Routines judged by their bodies: needs pgguard's own catalog look-ups upstream.
+        self.routines = RoutineJudge(engine, upstream) if upstream is not None else None
 
     @property
     def observe(self) -> bool:
@@ -313,6 +316,73 @@ class PolicyGate(Gate):
         return decision
 
     def _verdict(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        decision: Decision,
+        event: SqlEvent,
+        blind: bytes | None = None,
+    ) -> Verdict:
+        """The verdict on `decision`; first, when it calls functions, made at least as strict
+        as the bodies of the user-defined routines it may call (`pgguard.proxy.routines`)."""
+        if self.routines is not None and decision.action != "deny":
+            names = self.routines.called_names(decision, session.agent, session.database)
+            if names:
+                return self._hold_for_routines(session, state, decision, event, blind, names)
+        return self._verdict_now(session, state, decision, event, blind)
+
+    def _hold_for_routines(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        decision: Decision,
+        event: SqlEvent,
+        blind: bytes | None,
+        names: list[str],
+    ) -> Verdict:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Allow | Deny] = loop.create_future()
+        task = loop.create_task(
+            self._judge_routines(session, state, decision, event, blind, names, future)
+        )
+        self._function_lookups.add(task)
+        task.add_done_callback(self._function_lookups.discard)
+        return Hold(future)
+
+    async def _judge_routines(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        decision: Decision,
+        event: SqlEvent,
+        blind: bytes | None,
+        names: list[str],
+        future: asyncio.Future[Allow | Deny],
+    ) -> None:
+        assert self.routines is not None
+        try:
+            ctx = Context(session.agent, session.database, session=state.tracker)
+            judged = await self.routines.judge(decision, ctx, names)
+            verdict = self._verdict_now(session, state, judged, event, blind)
+            if isinstance(verdict, Hold):
+                verdict = await verdict.decision
+            settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
+        except asyncio.CancelledError:
+            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            raise
+        except Exception as exc:  # fail closed: a body pgguard cannot read is not harmless
+            log.error("routine bodies not judged: %s", type(exc).__name__)
+            settle(
+                future,
+                Deny(
+                    PolicyDenied(
+                        "pgguard could not read the definitions of the functions this "
+                        "statement calls, so it is refused"
+                    )
+                ),
+            )
+
+    def _verdict_now(
         self,
         session: SessionView,
         state: _SessionPolicy,

@@ -150,6 +150,45 @@ def classify_statement(stmt: ParsedStatement, catalog: Catalog, depth: int = 0) 
     )
 
 
+ROUTINE_BODY = "RoutineBody"
+
+
+def classify_routine_body(
+    language: str, definition: str | None, body: str | None, config: list[str], catalog: Catalog
+) -> StatementFacts:
+    """What calling an existing routine does, from its catalog entry (``pg_proc``).
+
+    `definition` is ``pg_get_functiondef`` (PL/pgSQL is parsed from it), `body` is ``prosrc``
+    (SQL bodies), `config` is ``proconfig`` (``name=value`` settings applied during the call).
+    Bodies in other languages, SQL-standard (BEGIN ATOMIC) bodies and unreadable definitions
+    are `execute`; dynamic SQL is `execute` as it is in DO blocks."""
+    walk = _Walk(catalog, 0, definition or "")
+    where = "routine body"
+    if language == "plpgsql" and definition:
+        walk.analyse_plpgsql(where)
+    elif language == "sql" and body and body.strip():
+        walk.absorb_sql(body, where)
+    else:
+        walk.add((EXECUTE,), f"{where} in language {language or 'unknown'} is opaque to pgguard")
+    for item in config:
+        name, _, value = item.partition("=")
+        walk.check_setting(name, "routine setting", {"A_Const": {"sval": {"sval": value}}}, False)
+    return StatementFacts(
+        kind=ROUTINE_BODY,
+        text="",
+        categories=tuple(walk.categories),
+        reasons=tuple(walk.reasons),
+        kinds=tuple(walk.kinds),
+        functions=tuple(sorted(walk.functions)),
+        relations=tuple(sorted(walk.relations)),
+        flagged_functions=tuple(sorted(walk.flagged_functions)),
+        literal_sensitive=True,
+        embedded_code=True,
+        changes_lexing=walk.changes_lexing,
+        state_refs=tuple(walk.state_refs),
+    )
+
+
 class _Walk(embedded.Collector):
     """Accumulates facts while the tree is walked."""
 

@@ -219,6 +219,97 @@ def test_undoing_a_lexing_change_is_read_as_pending(
         assert conn.execute("SELECT to_regclass('notes') IS NOT NULL").fetchone() == (True,)
 
 
+# --- 3. routines judged by their bodies ----------------------------------------------------------
+
+ROUTINES = {
+    "p_drop": "CREATE OR REPLACE PROCEDURE p_drop() LANGUAGE plpgsql "
+    "AS $$ BEGIN DROP TABLE notes; END $$",
+    "f_drop": "CREATE OR REPLACE FUNCTION f_drop() RETURNS int LANGUAGE plpgsql "
+    "AS $$ BEGIN DROP TABLE notes; RETURN 1; END $$",
+    "f_dynamic": "CREATE OR REPLACE FUNCTION f_dynamic() RETURNS int LANGUAGE plpgsql "
+    "AS $$ BEGIN EXECUTE 'DROP TABLE ' || 'notes'; RETURN 1; END $$",
+    "f_read": "CREATE OR REPLACE FUNCTION f_read() RETURNS text LANGUAGE sql "
+    "AS $$ SELECT pg_read_file('/etc/hostname') $$",
+    "f_outer": "CREATE OR REPLACE FUNCTION f_outer() RETURNS int LANGUAGE sql "
+    "AS $$ SELECT f_drop() $$",
+    "f_ok": "CREATE OR REPLACE FUNCTION f_ok() RETURNS int LANGUAGE plpgsql "
+    "AS $$ BEGIN RETURN (SELECT count(*) FROM notes); END $$",
+}
+
+
+@pytest.fixture
+def routines(direct_dsn: str) -> Iterator[None]:
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        for definition in ROUTINES.values():
+            conn.execute(definition)
+    yield
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        conn.execute("DROP ROUTINE IF EXISTS p_drop, f_outer, f_drop, f_dynamic, f_read, f_ok")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "CALL p_drop()",
+        "SELECT f_drop()",
+        "SELECT 1 FROM (SELECT f_dynamic()) AS s",
+        "SELECT f_read()",
+        "SELECT f_outer()",
+        "SELECT f_ok(), public.f_drop()",
+    ],
+)
+def test_a_routine_is_judged_by_its_body(
+    guarded: ProxyThread, direct_dsn: str, routines: None, call: str
+) -> None:
+    with psycopg.connect(guarded.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(call)
+        assert conn.execute("SELECT f_ok()").fetchone() == (0,)  # a harmless body runs
+    assert notes_exist(direct_dsn)
+
+
+def test_a_replaced_routine_is_read_again(
+    guarded: ProxyThread, direct_dsn: str, routines: None
+) -> None:
+    with psycopg.connect(guarded.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT f_ok()").fetchone() == (0,)
+        with psycopg.connect(direct_dsn, autocommit=True) as owner:
+            owner.execute(
+                "CREATE OR REPLACE FUNCTION f_ok() RETURNS int LANGUAGE plpgsql "
+                "AS $$ BEGIN DROP TABLE notes; RETURN 1; END $$"
+            )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT f_ok()")
+    assert notes_exist(direct_dsn)
+
+
+ALLOW_F_DROP = """
+version: 1
+rules:
+  - id: site.allow-f-drop
+    description: The DBA vouches for f_drop.
+    match: {functions: [f_drop]}
+    action: allow
+"""
+
+
+def test_a_rule_can_allow_a_named_routine(
+    upstream_dsn: str, direct_dsn: str, routines: None, tmp_path: Path
+) -> None:
+    rules = shipped_rules_with(tmp_path, "50-allow.yaml", ALLOW_F_DROP)
+    settings = agent_settings(upstream_dsn, policy={"rules_dir": str(rules)})
+    gate = PolicyGate(load_engine(settings), upstream=settings.upstream)
+    thread = ProxyThread(settings, gate).start()
+    try:
+        with psycopg.connect(thread.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT f_outer()")  # not named: its body (f_drop's too) is read
+            assert conn.execute("SELECT f_drop()").fetchone() == (1,)
+    finally:
+        thread.stop()
+    assert not notes_exist(direct_dsn)
+
+
 # --- 5. rule files in the documented order -------------------------------------------------------
 
 PROTECT = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pgguard.policy import Context, PolicyEngine
+from pgguard.sql.classify import classify_routine_body
 
 ENGINE = PolicyEngine.load()
 CTX = Context(agent="a", database="d")
@@ -97,3 +98,35 @@ def test_pg_file_write_is_an_export_and_an_execute() -> None:
 def test_transaction_ends_say_they_undo_settings(text: str, undoes: bool) -> None:
     facts = ENGINE.classify(text, CTX).facts
     assert any(f.undoes_settings for f in facts) is undoes
+
+
+@pytest.mark.parametrize(
+    ("language", "body", "categories"),
+    [
+        ("sql", "SELECT 1", ()),
+        ("sql", "SELECT pg_read_file('/etc/passwd')", ("execute",)),
+        ("sql", "DELETE FROM t; DROP TABLE t", ("ddl",)),
+        ("sql", "", ("execute",)),  # BEGIN ATOMIC: prosrc is empty
+        ("c", "my_c_function", ("execute",)),
+        ("plpython3u", "return 1", ("execute",)),
+    ],
+)
+def test_routine_bodies_are_classified(language: str, body: str, categories: tuple[str]) -> None:
+    facts = classify_routine_body(language, None, body, [], ENGINE.policy.catalog)
+    assert facts.categories == categories
+
+
+def test_a_plpgsql_routine_is_read_from_its_definition() -> None:
+    definition = (
+        "CREATE OR REPLACE FUNCTION public.f()\n RETURNS integer\n LANGUAGE plpgsql\n"
+        "AS $function$ BEGIN EXECUTE 'DROP TABLE t'; RETURN 1; END $function$\n"
+    )
+    facts = classify_routine_body("plpgsql", definition, "", [], ENGINE.policy.catalog)
+    assert "execute" in facts.categories
+
+
+def test_a_routine_setting_is_judged_as_a_set() -> None:
+    facts = classify_routine_body(
+        "sql", None, "SELECT 1", ["session_replication_role=replica"], ENGINE.policy.catalog
+    )
+    assert facts.categories == ("admin",)
