@@ -87,22 +87,41 @@ class Routine:
 FIRST_USER_OID = 16384  # FirstNormalObjectId: below it, built-in objects
 
 
-async def user_routines(
-    settings: UpstreamSettings, database: str, names: list[str]
-) -> list[Routine]:
+ROUTINES_QUERY = (
+    "SELECT p.oid, p.xmin::text::bigint AS xmin, p.proname, l.lanname, "
+    "p.prokind::text AS prokind, p.prosecdef, p.proconfig, p.prosrc, "
+    "CASE WHEN p.prokind IN ('f', 'p') THEN pg_catalog.pg_get_functiondef(p.oid) END AS def "
+    "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
+    "WHERE p.proname = ANY($1::text[]) AND p.oid >= $2"
+)
+
+
+async def catalog_connection(settings: UpstreamSettings, database: str) -> asyncpg.Connection:
+    """A long-lived connection for `user_routines`: every transaction READ ONLY, with short
+    statement and lock timeouts (kept by `pgguard.proxy.routines` while sessions use it)."""
+    dsn = settings.parsed()
+    async with asyncio.timeout(TIMEOUT_S):
+        return await asyncpg.connect(
+            host=dsn.host,
+            port=dsn.port,
+            user=dsn.user,
+            password=dsn.password,
+            database=database,
+            ssl=None if dsn.is_unix_socket else settings.effective_sslmode(),
+            server_settings={
+                "application_name": "pgguard-catalog",
+                "default_transaction_read_only": "on",
+                "statement_timeout": "500ms",
+                "lock_timeout": "200ms",
+            },
+        )
+
+
+async def user_routines(conn: asyncpg.Connection, names: list[str]) -> list[Routine]:
     """Every user-defined routine named one of `names`, in any schema; raises on failure
     (the caller refuses: a routine that cannot be read is not known to be harmless)."""
-    async with own_connection(settings, database, "pgguard-catalog") as conn:
-        rows = await conn.fetch(
-            "SELECT p.oid, p.xmin::text::bigint AS xmin, p.proname, l.lanname, "
-            "p.prokind::text AS prokind, p.prosecdef, p.proconfig, p.prosrc, "
-            "CASE WHEN p.prokind IN ('f', 'p') THEN pg_catalog.pg_get_functiondef(p.oid) END "
-            "AS def "
-            "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
-            "WHERE p.proname = ANY($1::text[]) AND p.oid >= $2",
-            names,
-            FIRST_USER_OID,
-        )
+    async with asyncio.timeout(TIMEOUT_S):
+        rows = await conn.fetch(ROUTINES_QUERY, names, FIRST_USER_OID)
     return [
         Routine(
             oid=int(row["oid"]),

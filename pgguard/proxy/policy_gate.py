@@ -556,10 +556,14 @@ class PolicyGate(Gate):
         return functools.partial(self.ledger.finished_many, session)
 
     def session_started(self, session: SessionView) -> None:
+        if self.routines is not None:
+            self.routines.session_started(session.database)
         if self.ledger is not None:
             self.ledger.session_started(session)
 
     def session_ended(self, session: SessionView) -> None:
+        if self.routines is not None:
+            self.routines.session_ended(session.database)
         if self.ledger is not None:
             self.ledger.session_ended(session)
 

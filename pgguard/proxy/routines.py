@@ -12,6 +12,8 @@ Invariants:
 - Bodies in languages other than SQL and PL/pgSQL, SQL-standard (BEGIN ATOMIC) bodies, dynamic
   SQL, aggregates and unreadable definitions are `execute`; a catalog that cannot be read refuses
   the statement (the caller's fail-closed path).
+- The catalog is read on one connection per database, opened on first need and closed when the
+  database's last session ends; every transaction on it is READ ONLY with short timeouts.
 - Analyses are cached by (database, oid, xmin): a replaced routine has a new xmin and is read
   again. The catalog itself is read for every statement that calls a function, so a routine
   created or replaced a moment ago is judged by its current body.
@@ -23,10 +25,14 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from collections import Counter
+
+import asyncpg
 
 from pgguard.policy import Context, Decision, PolicyEngine
-from pgguard.proxy.catalog import Routine, user_routines
+from pgguard.proxy.catalog import Routine, catalog_connection, user_routines
 from pgguard.settings import UpstreamSettings
 from pgguard.sql.classify import StatementFacts, classify_routine_body
 from pgguard.sql.kinds import EXECUTE
@@ -42,6 +48,47 @@ class RoutineJudge:
         self.engine = engine
         self.upstream = upstream
         self._bodies: dict[tuple[str, int, int], StatementFacts] = {}
+        # One catalog connection per database while sessions of it exist (a connection per
+        # look-up cost ~4 ms a statement); look-ups on one connection take turns.
+        self._links: dict[str, asyncpg.Connection] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: Counter[str] = Counter()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def session_started(self, database: str) -> None:
+        self._users[database] += 1
+
+    def session_ended(self, database: str) -> None:
+        """Close the database's catalog connection when its last session ends."""
+        self._users[database] -= 1
+        if self._users[database] > 0:
+            return
+        del self._users[database]
+        self._locks.pop(database, None)
+        conn = self._links.pop(database, None)
+        if conn is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop left to close it on: drop the socket
+                conn.terminate()
+                return
+            task = loop.create_task(_close(conn))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _routines(self, database: str, names: list[str]) -> list[Routine]:
+        lock = self._locks.setdefault(database, asyncio.Lock())
+        async with lock:
+            conn = self._links.get(database)
+            if conn is None or conn.is_closed():
+                conn = await catalog_connection(self.upstream, database)
+                self._links[database] = conn
+            try:
+                return await user_routines(conn, names)
+            except BaseException:
+                self._links.pop(database, None)  # a connection in an unknown state goes
+                conn.terminate()
+                raise
 
     def called_names(self, decision: Decision, agent: str, database: str) -> list[str]:
         """Function names the statement calls whose bodies must be read (sorted)."""
@@ -64,7 +111,7 @@ class RoutineJudge:
         for depth in range(MAX_DEPTH + 1):
             if not frontier:
                 break
-            routines = await user_routines(self.upstream, database, frontier)
+            routines = await self._routines(database, frontier)
             fresh = [r for r in routines if r.oid not in seen]
             if fresh and depth == MAX_DEPTH:
                 out.append(_too_deep(fresh[0].name))
@@ -109,6 +156,13 @@ class RoutineJudge:
             if compiled.functions.matches(name):
                 return True
         return False
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=1)
+    except Exception:  # closing is best effort; the server ends the backend either way
+        conn.terminate()
 
 
 def _too_deep(name: str) -> StatementFacts:
