@@ -36,8 +36,10 @@ _REFUSE = re.compile(rb"[\\$\x00\x80-\xff]|/\*|--|&\"")
 # without comments or quotes need neither _REFUSE nor the token scan.
 _SPECIAL = b"\\$\x00/-'\"" + bytes(range(0x80, 0x100))
 _ORDINARY = bytes(b for b in range(256) if b not in _SPECIAL)
-_TOKENS = re.compile(rb"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\b[0-9]+\b")
+# The last alternative is a quote that starts no complete token (unterminated): refused.
+_TOKENS = re.compile(rb"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\b[0-9]+\b|['\"]")
 _DIGITS = re.compile(rb"\b[0-9]+\b")
+_QUOTE_BYTES = frozenset(b"'\"")
 _PREFIX_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_&")
 
 
@@ -55,24 +57,20 @@ def literal_blind_key(sql: bytes) -> bytes | None:
     out: list[bytes] = []
     pos = 0
     for match in _TOKENS.finditer(sql):
-        start = match.start()
-        gap = sql[pos:start]
-        if b"'" in gap or b'"' in gap:
+        start, end = match.span()
+        if end - start == 1 and sql[start] in _QUOTE_BYTES:
             return None  # a quote outside every complete token: unterminated, read otherwise
         first = sql[start]
         if first == 0x22:  # '"': identifiers stay as written
-            replacement = match.group()
-        elif first == 0x27:  # "'": a string, unless prefixed (E'', B'', X'', N'', U&'')
+            continue
+        if first == 0x27:  # "'": a string, unless prefixed (E'', B'', X'', N'', U&'')
             if start and sql[start - 1] in _PREFIX_CHARS:
                 return None
             replacement = b"'?'"
         else:
             replacement = b"0"
-        out.append(gap)
+        out.append(sql[pos:start])
         out.append(replacement)
-        pos = match.end()
-    tail = sql[pos:]
-    if b"'" in tail or b'"' in tail:
-        return None
-    out.append(tail)
+        pos = end
+    out.append(sql[pos:])
     return b"".join(out)
