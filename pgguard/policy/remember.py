@@ -11,7 +11,8 @@ which ignores a DO block's body and a GRANT's grantee. When a statement's decisi
 constant (`StatementFacts.literal_sensitive`: ``set_config('role', ...)``, ``'f'::regproc``,
 a write to pg_settings) or it carries code (`embedded_code`: DO and routine bodies), or the
 text does not parse (or is not UTF-8), the key covers the text's bytes verbatim and its Bind
-parameters.
+parameters. The routines a statement calls (read by `pgguard.proxy.routines`) count by their
+version (oid and xmin), so a routine replaced since the approval needs a new one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from pgguard.sql.classify import StatementFacts
+from pgguard.sql.classify import ROUTINE_BODY, StatementFacts
 from pgguard.sql.parse import normalized_key
 
 _VERSION = b"pgguard remember key v1"
@@ -52,6 +53,9 @@ def remember_key(
     if shape is None:
         for value in _parameters(parameters):
             _feed(digest, value)
+    for item in facts:  # the routines the statement calls, each as the version judged
+        if item.kind == ROUTINE_BODY:
+            _feed(digest, item.text.encode())
     return f"rk1:{digest.hexdigest()}"
 
 

@@ -102,7 +102,10 @@ class RoutineJudge:
         bodies = await self._bodies_of(ctx.database, names)
         if not bodies:
             return decision
-        return _merge(decision, self.engine.decide_facts(tuple(bodies), ctx))
+        judged = self.engine.decide_facts(tuple(bodies), ctx)
+        # Facts that name each routine version (oid, xmin): a remembered approval
+        # (`pgguard.policy.remember`) never covers a routine replaced since.
+        return _merge(decision, dataclasses.replace(judged, facts=tuple(bodies)))
 
     async def _bodies_of(self, database: str, names: list[str]) -> list[StatementFacts]:
         out: list[StatementFacts] = []
@@ -137,7 +140,9 @@ class RoutineJudge:
                 self.engine.policy.catalog,
             )
             facts = dataclasses.replace(
-                facts, reasons=tuple(f"{routine.name}: {r}" for r in facts.reasons)
+                facts,
+                text=f"routine {routine.oid} version {routine.xmin}",
+                reasons=tuple(f"{routine.name}: {r}" for r in facts.reasons),
             )
             if len(self._bodies) >= _CACHE_LIMIT:
                 self._bodies.clear()

@@ -30,6 +30,11 @@ REMEMBER_RULES = (
     match: {kinds: [DoStmt, GrantStmt, VariableSetStmt]}
     action: hold
     remember: 60
+  - id: test.remember-notes-writes
+    description: Approvals of writes to remember_notes (routine bodies too) are remembered.
+    match: {tables: [remember_notes]}
+    action: hold
+    remember: 60
   - id: test.remember-set-config
     description: Approvals of set_config calls are remembered.
     match: {functions: [set_config]}
@@ -138,3 +143,24 @@ async def test_a_remembered_approval_does_not_cover_a_near_miss(
             "WHERE table_name = 'remember_notes' AND grantee = 'intruder'"
         ).fetchone()
         assert grants == (0,)
+
+
+async def test_a_remembered_routine_call_does_not_cover_a_replaced_routine(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str
+) -> None:
+    define = (
+        "CREATE OR REPLACE FUNCTION f_rem() RETURNS int LANGUAGE sql "
+        "AS $$ DELETE FROM remember_notes WHERE id = {} RETURNING 1 $$"
+    )
+    with psycopg.connect(direct_dsn, autocommit=True) as owner:
+        owner.execute(define.format("-1"))
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        await approve_remembered(conn, api, "SELECT f_rem()")
+        with psycopg.connect(direct_dsn, autocommit=True) as owner:
+            owner.execute(define.format("id"))  # same tables, same categories: another body
+        assert await is_held(conn, api, "SELECT f_rem()", "f_rem")
+    finally:
+        await conn.close()
+        with psycopg.connect(direct_dsn, autocommit=True) as owner:
+            owner.execute("DROP FUNCTION IF EXISTS f_rem()")
