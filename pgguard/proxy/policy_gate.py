@@ -372,6 +372,9 @@ class PolicyGate(Gate):
             raise
         except Exception as exc:  # fail closed: a body pgguard cannot read is not harmless
             log.error("routine bodies not judged: %s", type(exc).__name__)
+            if self.observe:  # observe mode never refuses; the log line above is the record
+                settle(future, ALLOW)
+                return
             settle(
                 future,
                 Deny(

@@ -310,6 +310,21 @@ def test_a_rule_can_allow_a_named_routine(
     assert not notes_exist(direct_dsn)
 
 
+def test_a_call_is_refused_when_the_catalog_cannot_be_read(upstream_dsn: str) -> None:
+    settings = agent_settings(upstream_dsn)
+    unreachable = agent_settings("postgresql://nobody@127.0.0.1:1/postgres?sslmode=disable")
+    gate = PolicyGate(load_engine(settings), upstream=unreachable.upstream)
+    thread = ProxyThread(settings, gate).start()
+    try:
+        with psycopg.connect(thread.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)  # no function: no look-up
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute("SELECT lower('X')")
+            assert "could not read the definitions" in str(info.value)
+    finally:
+        thread.stop()
+
+
 # --- 5. rule files in the documented order -------------------------------------------------------
 
 PROTECT = """
