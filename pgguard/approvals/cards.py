@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -156,9 +157,8 @@ def build_request_card(
         clip = _clipper(caps)
         body: list[Json] = [
             _text(
-                f"Approval needed: {clip(request.agent)} wants to run "
-                f"{clip(_joined(request.categories, 'a privileged statement'))} "
-                f"on {clip(request.database)}",
+                f"Approval needed: {clip(request.agent)} wants to "
+                f"{wants_text(request.categories)} on {clip(request.database)}",
                 weight="Bolder",
                 size="Medium",
             ),
@@ -169,22 +169,26 @@ def build_request_card(
                 ("Database", clip(request.database)),
                 ("Categories", _clip(_joined(request.categories, "none"), caps.long)),
                 ("Rules", _clip(_joined(request.rule_ids, "none"), caps.long)),
-                ("Reason", _clip(_clean(request.reason or "(none given)"), caps.long)),
-                ("Touches", _clip(_clean(touches_text(request.touches)), caps.long)),
-                ("Expires", _expiry_text(request.expires_at, moment)),
+                ("Reason", _clip(_clean(request.reason or NO_REASON), caps.long)),
                 ("Application", clip(request.application_name or "(not set)")),
+                ("Touches", _clip(_clean(touches_text(request.touches)), caps.long)),
+                *(
+                    (title, _clip(_clean(value), caps.long))
+                    for title, value in detail_facts(request.touches)
+                ),
+                ("Expires", _expiry_text(request.expires_at, moment)),
                 ("Client", clip(request.client_address)),
                 ("Approvals", _approvals_needed(request, caps)),
             ),
             _text("Statement (values masked)", weight="Bolder"),
-            _text(statement, fontType="Monospace"),
+            _code(statement),
         ]
         if len(statement.encode("utf-8")) != total:
             shown = len(statement.encode("utf-8"))
             body.append(_shortened_note(shown, total))
         if request.parameters:
             body.append(_text("Parameters (masked)", weight="Bolder"))
-            body.append(_text(_parameters_text(request.parameters, caps), fontType="Monospace"))
+            body.append(_code(_parameters_text(request.parameters, caps)))
         return _card(body, url, "Review request")
 
     return _fit(render, _clean(request.statement))
@@ -213,14 +217,14 @@ def build_update_card(
                 ("Database", clip(request.database)),
                 ("Categories", _clip(_joined(request.categories, "none"), caps.long)),
                 ("Rules", _clip(_joined(request.rule_ids, "none"), caps.long)),
-                ("Decided", _when(request.decided_at or moment)),
+                _settled_fact(request, moment),
             ),
         ]
         decisions = _decision_facts(request.decisions, caps)
         if decisions:
             body.append(_text("Decisions", weight="Bolder"))
             body.append(_facts(*decisions))
-        body.append(_text(statement, fontType="Monospace", isSubtle=True))
+        body.append(_code(statement, isSubtle=True))
         if len(statement.encode("utf-8")) != total:
             body.append(_shortened_note(len(statement.encode("utf-8")), total))
         return _card(body, url, "Open request")
@@ -266,11 +270,42 @@ def _card(body: list[Json], url: str, button: str) -> Json:
 
 
 def _text(text: str, **style: object) -> Json:
-    return {"type": "TextBlock", "text": text, "wrap": True, **style}
+    return {"type": "TextBlock", "text": markdown_escaped(text), "wrap": True, **style}
+
+
+def _code(text: str, **style: object) -> Json:
+    """SQL as a TextRun: Teams renders TextBlock text as Markdown (`price*qty, tax*rate` would
+    turn italic) and clients disagree on backslash escapes, but a TextRun is never Markdown."""
+    run: Json = {"type": "TextRun", "text": text, "fontType": "Monospace", **style}
+    return {"type": "RichTextBlock", "inlines": [run]}
 
 
 def _facts(*facts: tuple[str, str]) -> Json:
-    return {"type": "FactSet", "facts": [{"title": t, "value": v} for t, v in facts]}
+    return {
+        "type": "FactSet",
+        "facts": [{"title": markdown_escaped(t), "value": markdown_escaped(v)} for t, v in facts],
+    }
+
+
+_MARKDOWN = re.compile(r"([\\*_~`\[\]<>#|])")
+_LINE_START = re.compile(r"(?m)^(\s*)([-+]|\d+\.)(\s)")
+
+
+def markdown_escaped(text: str) -> str:
+    """`text` with the characters of Teams' Markdown subset escaped, so it reads as written."""
+    return _LINE_START.sub(r"\1\\\2\3", _MARKDOWN.sub(r"\\\1", text))
+
+
+def _settled_fact(request: ApprovalView, now: datetime) -> tuple[str, str]:
+    """When the request stopped waiting, named truthfully for its state."""
+    state = str(request.state)
+    if state == "expired":
+        return "Expired at", _when(request.decided_at or request.expires_at)
+    if state == "cancelled":
+        return "Cancelled at", _when(request.decided_at or now)
+    if state in ("approved", "denied"):
+        return "Decided at", _when(request.decided_at or now)
+    return "Expires", _expiry_text(request.expires_at, now)
 
 
 def _shortened_note(shown: int, total: int) -> Json:
@@ -399,6 +434,48 @@ _INERT = (
 )
 
 
+NO_REASON = "(no reason given)"
+OWN_ROLE_NOTE = "pgguard's own upstream role, which every agent uses"
+_WANTS = {
+    "privilege": "change privileges",
+    "ddl": "change the schema",
+    "export": "export data",
+    "execute": "run code pgguard cannot inspect",
+    "admin": "run an administrative command",
+    "unparseable": "run a statement pgguard could not read",
+}
+
+
+def wants_text(categories: Sequence[str]) -> str:
+    """What an agent wants to do, in words: "change privileges and export data"."""
+    words = [_WANTS.get(str(c), f"run a {c} statement") for c in categories] or [
+        "run a statement that needs approval"
+    ]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def detail_facts(touches: Mapping[str, object]) -> list[tuple[str, str]]:
+    """What a DBA needs beyond the tables: columns, the lock taken, the roles named."""
+    facts: list[tuple[str, str]] = []
+    masked = touches.get("masked_columns")
+    sensitive = {str(n) for n in masked} if isinstance(masked, list | tuple) else set()
+    for key, title in (("columns_read", "Columns read"), ("columns_written", "Columns written")):
+        names = touches.get(key)
+        if isinstance(names, list | tuple) and names:
+            shown = [f"{n} (sensitive)" if str(n) in sensitive else str(n) for n in names]
+            facts.append((title, ", ".join(shown)))
+    lock = touches.get("lock")
+    if isinstance(lock, str) and lock:
+        facts.append(("Lock", f"{lock} (from the statement kind)"))
+    roles = touches.get("roles")
+    if isinstance(roles, list | tuple) and roles:
+        text = ", ".join(str(r) for r in roles)
+        if touches.get("own_role"):
+            text += f" — includes {OWN_ROLE_NOTE}"
+        facts.append(("Roles", text))
+    return facts
+
+
 def touches_text(touches: Mapping[str, object]) -> str:
     """What the statement touches, in one line: tables, the kind of export, estimated rows."""
     parts: list[str] = []
@@ -410,6 +487,14 @@ def touches_text(touches: Mapping[str, object]) -> str:
     if export:
         parts.append(f"export to {export}".replace("_", " "))
     rows = touches.get("estimated_rows")
+    skipped = touches.get("estimate_skipped")
     if isinstance(rows, int):
         parts.append(f"~{rows:,} rows (planner estimate)")
+    elif isinstance(skipped, str) and skipped:
+        parts.append(f"estimate skipped: {skipped}")
+    roles = touches.get("roles")
+    if isinstance(roles, list | tuple) and roles:
+        parts.append(f"roles {', '.join(str(r) for r in roles)}")
+        if touches.get("own_role"):
+            parts.append(OWN_ROLE_NOTE)
     return "; ".join(parts) or "(not known)"

@@ -22,6 +22,8 @@ from enum import StrEnum
 from typing import Literal
 from urllib.parse import unquote
 
+from pglast import parser as pg
+
 from pgguard.approvals.identity import normalise_identity
 from pgguard.approvals.signing import RequestBinding
 from pgguard.errors import PgGuardError
@@ -232,6 +234,13 @@ class ApprovalRequest:
     def approvals(self) -> tuple[DecisionRecord, ...]:
         return tuple(d for d in self.decisions if d.verdict == "approve")
 
+    def seconds_left(self, now: datetime | None = None) -> float:
+        """Seconds until a pending request expires; 0 for any other state."""
+        if self.state != RequestState.PENDING:
+            return 0.0
+        moment = now or datetime.now(self.expires_at.tzinfo)
+        return max(0.0, round((self.expires_at - moment).total_seconds(), 1))
+
     def to_json(self) -> dict[str, object]:
         """The review payload (HTTP API, Teams card, CLI); all values JSON-able."""
         return {
@@ -251,7 +260,10 @@ class ApprovalRequest:
             "approver_groups": list(self.approver_groups),
             "min_approvals": self.min_approvals,
             "remember_s": self.remember_s,
-            "expires_in_s": self.expires_in_s,
+            # Time left now (0 once decided or expired); the hold's timeout is hold_timeout_s.
+            "expires_in_s": self.seconds_left(),
+            "seconds_left": self.seconds_left(),
+            "hold_timeout_s": self.expires_in_s,
             "session_id": self.session_id,
             "instance_id": self.instance_id,
             "touches": dict(self.touches),
@@ -271,24 +283,33 @@ def new_request_id() -> str:
 
 # --- the agent's stated reason ----------------------------------------------------------------
 
-_COMMENT = re.compile(r"/\*(.*?)\*/", re.DOTALL)
 # sqlcommenter: key='value' pairs joined by commas; values url-encoded, then quotes escaped as \'.
 _REASON_PAIR = re.compile(r"(?:^|,)\s*reason\s*=\s*'((?:[^'\\]|\\.)*)'", re.IGNORECASE)
 
 
-def extract_reason(sql: str, application_name: str) -> str | None:
-    """The agent's stated reason: a sqlcommenter ``reason='...'`` comment, else application_name.
+def extract_reason(sql: str) -> str | None:
+    """The agent's stated reason: a sqlcommenter ``reason='...'`` in a real SQL comment.
 
-    The value is url-decoded as sqlcommenter specifies, control characters become spaces, and the
-    result is capped at 500 characters. Returns None when neither source says anything.
+    Comments are found by PostgreSQL's scanner, so a "comment" inside a string literal or a
+    dollar quote is not one. The value is url-decoded as sqlcommenter specifies, control
+    characters become spaces, and the result is capped at 500 characters. Returns None when no
+    comment gives a reason (application_name is never a reason: it is shown as what it is).
+    The caller masks the result like any text an agent controls.
     """
-    for comment in _COMMENT.finditer(sql):
-        match = _REASON_PAIR.search(comment.group(1).strip())
+    try:
+        tokens = pg.scan(sql)
+    except (pg.ParseError, ValueError, UnicodeError):
+        return None
+    for token in tokens:
+        if token.name != "C_COMMENT":
+            continue
+        comment = sql[token.start : token.end + 1]
+        match = _REASON_PAIR.search(comment[2:-2].strip())
         if match:
             reason = _clean(unquote(re.sub(r"\\(.)", r"\1", match.group(1))))
             if reason:
                 return reason
-    return _clean(application_name) or None
+    return None
 
 
 def _clean(text: str) -> str:

@@ -168,6 +168,12 @@ _BUILTIN: dict[str, Callable[[str], str | None]] = {
 }
 
 
+def finds_connection_strings(rule: _CompiledValueRule) -> bool:
+    """Whether `rule` is the built-in connection-string detector (code that is a connection
+    string is shown with its password masked instead)."""
+    return rule.find is _BUILTIN["connection_string"]
+
+
 @dataclass(frozen=True, slots=True)
 class _CompiledValueRule:
     rule_id: str

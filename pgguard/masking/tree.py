@@ -2,7 +2,8 @@
 
 Owns: `Touches`, `ExportKind` and `read_tree` → `TreeFacts` (tables and columns read and
 written, export kind, the column each constant is compared with or assigned to, constants that
-are connection strings, and function/DO bodies with their language).
+are connection strings, function/DO bodies with their language, and the COPY and LOAD file
+names, which are targets and code rather than data).
 
 Invariants: pglast (libpg_query) is the only source; a tree it cannot produce yields no facts and
 the caller treats the statement as unanalysed. Locations are UTF-8 byte offsets, as in the tree.
@@ -51,7 +52,9 @@ class Touches:
     """Tables and columns a statement reads and writes, and where data goes if it is exported.
 
     `export`: "client" for COPY ... TO STDOUT, "server_file" for COPY ... TO 'file' (and
-    lo_export), "program" for COPY ... TO PROGRAM; None otherwise.
+    lo_export), "program" for COPY ... TO PROGRAM; None otherwise. `roles`: the roles it names
+    (CURRENT_USER, SESSION_USER and CURRENT_ROLE as written). `lock`: the strongest table lock
+    its statement kinds take (e.g. "ACCESS EXCLUSIVE" for most ALTER TABLE), None if none.
     """
 
     reads: tuple[str, ...] = ()
@@ -59,6 +62,8 @@ class Touches:
     columns_read: tuple[str, ...] = ()
     columns_written: tuple[str, ...] = ()
     export: ExportKind | None = None
+    roles: tuple[str, ...] = ()
+    lock: str | None = None
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -72,6 +77,7 @@ class TreeFacts:
     const_columns: dict[int, str] = field(default_factory=dict)
     connection_consts: set[int] = field(default_factory=set)
     bodies: dict[str, str] = field(default_factory=dict)
+    code_values: set[str] = field(default_factory=set)
     reads: dict[str, None] = field(default_factory=dict)
     writes: dict[str, None] = field(default_factory=dict)
     columns_read: dict[str, None] = field(default_factory=dict)
@@ -79,6 +85,8 @@ class TreeFacts:
     export: ExportKind | None = None
     ctes: set[str] = field(default_factory=set)
     targets: set[int] = field(default_factory=set)
+    roles: dict[str, None] = field(default_factory=dict)
+    lock: int = 0
 
     def touches(self) -> Touches:
         return Touches(
@@ -87,6 +95,8 @@ class TreeFacts:
             tuple(self.columns_read),
             tuple(self.columns_written),
             self.export,
+            tuple(self.roles),
+            _LOCK_NAMES[self.lock] if self.lock else None,
         )
 
 
@@ -114,11 +124,16 @@ def _walk(value: Json, facts: TreeFacts) -> None:
             return
     if "relname" in value:
         _relation(value, facts)
+    if "roletype" in value:
+        _role_spec(value, facts)
     for child in value.values():
         _walk(child, facts)
 
 
 def _visit(kind: str, node: dict[str, Json], facts: TreeFacts) -> None:
+    facts.lock = max(facts.lock, _lock(kind, node))
+    if kind == "RoleSpec":
+        _role_spec(node, facts)
     for key in _WRITE_TARGETS.get(kind, ()):
         _mark_targets(node.get(key), facts)
     if kind in ("SelectStmt", "CreateTableAsStmt"):
@@ -239,6 +254,9 @@ def _copy(node: dict[str, Json], facts: TreeFacts) -> None:
     columns = facts.columns_written if node.get("is_from") else facts.columns_read
     for name in _strings(node.get("attlist")):
         columns[name] = None
+    filename = node.get("filename")
+    if isinstance(filename, str) and not node.get("is_program"):
+        facts.code_values.add(filename)  # the server file it reads or writes: a target
     if node.get("is_from"):
         _mark_targets(node.get("relation"), facts)
         return
@@ -258,6 +276,12 @@ def _func_call(node: dict[str, Json], facts: TreeFacts) -> None:
         facts.connection_consts.update(_const_locations(args[0]))
     if name in _SERVER_FILE_FUNCTIONS and facts.export is None:
         facts.export = "server_file"
+
+
+def _load(node: dict[str, Json], facts: TreeFacts) -> None:
+    filename = node.get("filename")
+    if isinstance(filename, str):
+        facts.code_values.add(filename)  # the library the server loads: code
 
 
 def _drop(node: dict[str, Json], facts: TreeFacts) -> None:
@@ -312,7 +336,95 @@ def _function(node: dict[str, Json], facts: TreeFacts) -> None:
     _body(_options(node.get("options")), "", facts)
 
 
+# Table lock modes, weakest first (index = strength), and the mode each statement kind takes.
+_LOCK_NAMES = (
+    "",
+    "ACCESS SHARE",
+    "ROW SHARE",
+    "ROW EXCLUSIVE",
+    "SHARE UPDATE EXCLUSIVE",
+    "SHARE",
+    "SHARE ROW EXCLUSIVE",
+    "EXCLUSIVE",
+    "ACCESS EXCLUSIVE",
+)
+_KIND_LOCKS = {
+    "SelectStmt": 1,
+    "InsertStmt": 3,
+    "UpdateStmt": 3,
+    "DeleteStmt": 3,
+    "MergeStmt": 3,
+    "VacuumStmt": 4,
+    "CreateStatsStmt": 4,
+    "CommentStmt": 4,
+    "IndexStmt": 5,
+    "CreateTrigStmt": 6,
+    "AlterTableStmt": 8,
+    "DropStmt": 8,
+    "TruncateStmt": 8,
+    "RenameStmt": 8,
+    "ClusterStmt": 8,
+    "RuleStmt": 8,
+    "CreatePolicyStmt": 8,
+    "AlterPolicyStmt": 8,
+    "ReindexStmt": 8,
+    "RefreshMatViewStmt": 8,
+}
+
+
+def _lock(kind: str, node: dict[str, Json]) -> int:
+    """The table lock a statement kind takes (the common case: ALTER TABLE SET STATISTICS and a
+    few other subcommands take less; shown as the worst)."""
+    if kind == "CopyStmt":
+        return 3 if node.get("is_from") else 1
+    if kind == "RenameStmt" and node.get("relation") is None:
+        return 0  # renaming a role, schema, function...: no table lock
+    if kind == "SelectStmt" and node.get("lockingClause"):
+        return 2
+    if kind == "IndexStmt" and node.get("concurrent"):
+        return 4
+    if kind == "RefreshMatViewStmt" and node.get("concurrent"):
+        return 7
+    if kind == "VacuumStmt" and "full" in json.dumps(node.get("options")).lower():
+        return 8
+    if kind == "LockStmt":
+        mode = node.get("mode")
+        return mode if isinstance(mode, int) and 0 < mode < len(_LOCK_NAMES) else 8
+    return _KIND_LOCKS.get(kind, 0)
+
+
+def _role_spec(node: dict[str, Json], facts: TreeFacts) -> None:
+    kind = node.get("roletype")
+    name = node.get("rolename")
+    if kind == "ROLESPEC_CSTRING" and isinstance(name, str):
+        facts.roles[name] = None
+    elif isinstance(kind, str) and kind != "ROLESPEC_PUBLIC":
+        facts.roles[kind.removeprefix("ROLESPEC_")] = None
+
+
+def _create_role(node: dict[str, Json], facts: TreeFacts) -> None:
+    if isinstance(node.get("role"), str):
+        facts.roles[str(node["role"])] = None
+
+
+def _grant_role(node: dict[str, Json], facts: TreeFacts) -> None:
+    for item in _list(node.get("granted_roles")):
+        inner = item.get("AccessPriv") if isinstance(item, dict) else None
+        if isinstance(inner, dict) and isinstance(inner.get("priv_name"), str):
+            facts.roles[str(inner["priv_name"])] = None
+
+
+def _rename(node: dict[str, Json], facts: TreeFacts) -> None:
+    if node.get("renameType") == "OBJECT_ROLE":
+        for key in ("subname", "newname"):
+            if isinstance(node.get(key), str):
+                facts.roles[str(node[key])] = None
+
+
 _VISITORS = {
+    "CreateRoleStmt": _create_role,
+    "GrantRoleStmt": _grant_role,
+    "RenameStmt": _rename,
     "A_Expr": _a_expr,
     "ColumnRef": _column_ref,
     "ResTarget": _res_target,
@@ -321,6 +433,7 @@ _VISITORS = {
     "CopyStmt": _copy,
     "FuncCall": _func_call,
     "DropStmt": _drop,
+    "LoadStmt": _load,
     "CommonTableExpr": _cte,
     "VariableSetStmt": _set,
     "DoStmt": _do,

@@ -40,7 +40,7 @@ from pgguard.wire import messages as m
 from pgguard.wire.backend import BackendTracker
 from pgguard.wire.framing import Frame, FrontendScanner
 from pgguard.wire.outcomes import OutcomeTracker
-from pgguard.wire.session import SessionModel
+from pgguard.wire.session import Bound, SessionModel
 
 if TYPE_CHECKING:
     from pgguard.proxy.server import ProxyContext
@@ -115,13 +115,16 @@ class Connection:
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._held: tuple[Frame, g.Hold] | None = None
         self._hold_task: asyncio.Task[None] | None = None
+        self._answered = asyncio.Event()  # set when the server answered while a frame waits
         # Query/FunctionCall frames forwarded (each ends with ReadyForQuery). With the scanner's
         # Sync count it numbers the ReadyForQuery messages owed: a statement forwarded now is
         # ended by number _zcount + syncs (a Query, counted already) or that + 1 (an Execute,
         # whose Sync is still to come) - the group the OutcomeTracker files it under.
         self._zcount = 0
-        # Parse/Bind/Close messages forwarded in the current extended group (each is answered
-        # with an acknowledgement; see OutcomeTracker.error) and that group's number.
+        # Extended messages forwarded in the current group that the server answers one for one
+        # (Parse, Bind, Close, Execute; Describe is counted by the scanner), and that group's
+        # number: at an error, the number of answers says which of them ran
+        # (OutcomeTracker.error, SessionModel.error).
         self._acked = 0
         self._acked_group = 0
         self._upstream_write: Callable[[bytes], None] = _discard
@@ -242,8 +245,10 @@ class Connection:
         if self.upstream is not None:
             self.upstream.on_close = None
             self.upstream.close()
+            self.ctx.closing.add(self.upstream)
         self.client.on_close = None
         self.client.close()
+        self.ctx.closing.add(self.client)
         if self.session is not None:
             log.info("session %s: closed", self.session.session_id)
 
@@ -298,6 +303,8 @@ class Connection:
     def _from_server(self, data: bytes) -> None:
         try:
             self._client_write(self._tracker_feed(data))
+            if self._held is not None:
+                self._answered.set()  # a deferred Execute may be waiting for these answers
         except ProtocolViolation as exc:
             log.error(
                 "session %s: upstream broke the protocol: %s", self._session().session_id, exc
@@ -429,13 +436,17 @@ class Connection:
                 session, g.SqlEvent("parse", parse.sql, statement=parse.statement)
             )
             if not isinstance(verdict, g.Deny):
-                self._model.parse(self._extended_group(), parse.statement, parse.sql)
+                self._model.parse(
+                    self._extended_group(), parse.statement, parse.sql, self._acks_before()
+                )
                 self._count_acked()
             return verdict
         if kind == m.F_BIND:
             bind = x.decode_bind(data[start + 5 : end])
             self._scanner.unsynced = True
-            self._model.bind(self._extended_group(), bind.portal, bind.statement, bind.body)
+            self._model.bind(
+                self._extended_group(), bind.portal, bind.statement, bind.body, self._acks_before()
+            )
             self._count_acked()
             return g.ALLOW
         if kind == m.F_EXECUTE:
@@ -444,7 +455,7 @@ class Connection:
         if kind == m.F_CLOSE:
             close_kind, name = x.decode_close(data[start + 5 : end])
             self._scanner.unsynced = True
-            self._model.close(self._extended_group(), close_kind, name)
+            self._model.close(self._extended_group(), close_kind, name, self._acks_before())
             self._count_acked()
             return g.ALLOW
         if kind == m.F_FUNCTION_CALL:
@@ -499,15 +510,43 @@ class Connection:
             )
 
     def _decide_execute(self, session: Session, portal_name: str) -> g.Verdict:
-        bindings = self._model.portal(portal_name, self._extended_group())
+        group = self._extended_group()
+        bindings = self._model.portal(portal_name, group)
+        if len(bindings) > 1 and self._model.unanswered_before(group):
+            # What the portal runs depends on answers the server has not sent yet: wait for
+            # them (only this session waits; the earlier groups' Syncs are already upstream),
+            # then judge the one text it will run.
+            loop = asyncio.get_running_loop()
+            return g.Hold(loop.create_task(self._decide_when_answered(session, portal_name)))
+        event = self._execute_event(portal_name, bindings)
+        verdict = self.ctx.gate.check(session, event)
+        if verdict is g.ALLOW:
+            if self._outcomes is not None:
+                token = self.ctx.gate.statement_token(session, "execute", event.sql)
+                self._outcomes.execute(token, group, self._acks_before())
+            self._count_acked()
+        return verdict
+
+    async def _decide_when_answered(self, session: Session, portal_name: str) -> g.Allow | g.Deny:
+        """The verdict on a deferred Execute, once every earlier group has been answered."""
+        group = self._extended_group()
+        while self._model.unanswered_before(group):
+            self._answered.clear()
+            await self._answered.wait()
+        event = self._execute_event(portal_name, self._model.portal(portal_name, group))
+        verdict = self.ctx.gate.check(session, event)
+        if isinstance(verdict, g.Hold):
+            return await verdict.decision
+        return verdict
+
+    def _execute_event(self, portal_name: str, bindings: tuple[Bound, ...]) -> g.SqlEvent:
         if not bindings:
             # Unknown to us means unknown to the server too (it will raise "portal does not
             # exist"); judge it as an empty statement so the gate still sees the Execute.
             event = g.SqlEvent("execute", b"", portal=portal_name)
         else:
-            # One binding, or every binding the server may hold when an earlier message of an
-            # unanswered pipeline may not have run: the gate judges the strictest of them and
-            # refuses to show a reviewer one text while another may run.
+            # One binding - or, should the model ever be unsure, every binding the server may
+            # hold: the gate judges the strictest and never shows a reviewer one of several.
             texts = tuple(dict.fromkeys(b.sql for b in bindings))
             only = bindings[0] if len(bindings) == 1 else None
             event = g.SqlEvent(
@@ -519,11 +558,7 @@ class Connection:
                 bind=only.bind if only is not None else None,
                 ambiguous=len(bindings) > 1,
             )
-        verdict = self.ctx.gate.check(session, event)
-        if verdict is g.ALLOW and self._outcomes is not None:
-            token = self.ctx.gate.statement_token(session, "execute", event.sql)
-            self._outcomes.execute(token, self._extended_group(), self._acks_before())
-        return verdict
+        return event
 
     def _refusal(self, frame: Frame, error: PgGuardError) -> bytes:
         """What goes upstream instead of a refused message (see the module docstring)."""
@@ -538,6 +573,7 @@ class Connection:
             return m.query(marker)
         if self._outcomes is not None:
             self._outcomes.execute(None, self._extended_group(), self._acks_before())
+        self._count_acked()  # the marker Parse is answered (by its error) like any message
         return m.parse(marker, marker)
 
     # --- holds ----------------------------------------------------------------------------------
@@ -572,6 +608,8 @@ class Connection:
                     self._outcomes.execute(token, self._extended_group(), self._acks_before())
                 else:
                     self._outcomes.query(token, self._zcount + self._scanner.syncs)
+            if frame.type == m.F_EXECUTE:
+                self._count_acked()
             self._upstream_write(frame.raw)
         self.client.resume_reading("hold")
         self._pump()

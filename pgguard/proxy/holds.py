@@ -1,8 +1,9 @@
 """What a hold asks and what it answers: the review payload, and the outcome of a decision.
 
-``new_request`` builds the approval request a reviewer sees - everything masked, plus what the
-statement touches. ``outcome`` turns a request that is no longer pending into what the held
-session gets: ``ALLOW`` only for an approved request; every other state is a refusal.
+``new_request`` builds the approval request a reviewer sees - everything masked (the statement,
+its parameters, the agent's reason and application_name), plus what the statement touches.
+``outcome`` turns a request that is no longer pending into what the held session gets:
+``ALLOW`` only for an approved request; every other state is a refusal.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 
 from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, extract_reason
 from pgguard.errors import PgGuardError, PolicyDenied, QueryCanceled
-from pgguard.masking import MaskingRules, mask_parameters, mask_sql
+from pgguard.masking import MaskingRules, mask_parameters, mask_sql, mask_text
 from pgguard.policy import Decision
 from pgguard.policy.remember import remember_key
 from pgguard.proxy.gate import ALLOW, Allow, Deny, SessionView, SqlEvent
@@ -27,8 +28,13 @@ def new_request(
     event: SqlEvent,
     masking: MaskingRules,
     instance_id: str,
+    upstream_role: str = "",
 ) -> NewRequest:
-    """The approval request (the review payload) for a held statement: all of it masked."""
+    """The approval request (the review payload) for a held statement: all of it masked.
+
+    `upstream_role`: the role pgguard (and so every agent) uses upstream; a statement naming it
+    is flagged (`touches["own_role"]`): changing it changes what every agent can do.
+    """
     text = event.sql.decode("utf-8", "replace")
     masked = mask_sql(text, masking)
     parameters: tuple[str, ...] = ()
@@ -43,13 +49,13 @@ def new_request(
         owner=session.owner,
         database=session.database,
         client_address=session.client_address,
-        application_name=session.application_name,
+        application_name=mask_text(session.application_name, masking),
         statement=masked.text,
         parameters=parameters,
         fingerprint=_remember_key(session, decision, event),
         categories=decision.categories,
         rule_ids=decision.rule_ids,
-        reason=extract_reason(text, session.application_name),
+        reason=_reason(text, masking),
         approver_groups=decision.approver_groups,
         min_approvals=decision.min_approvals,
         remember_s=decision.remember_s,
@@ -62,6 +68,12 @@ def new_request(
             "columns_read": list(touches.columns_read),
             "columns_written": list(touches.columns_written),
             "export": touches.export,
+            "masked_columns": _masked_columns(
+                (*touches.columns_read, *touches.columns_written), masking
+            ),
+            "roles": list(touches.roles),
+            "own_role": _names_own_role(touches.roles, upstream_role),
+            "lock": touches.lock,
         },
     )
 
@@ -83,6 +95,28 @@ def _remember_key(session: SessionView, decision: Decision, event: SqlEvent) -> 
     return remember_key(
         bytes(event.sql), decision.facts, decision.categories, decision.rule_ids, lexing, parameters
     )
+
+
+def _masked_columns(columns: tuple[str, ...], masking: MaskingRules) -> list[str]:
+    """The columns whose values the masking rules treat as sensitive (flagged to reviewers)."""
+    return [
+        name
+        for name in dict.fromkeys(columns)
+        if any(rule.columns.search(name) for rule in masking.column_rules)
+    ]
+
+
+_SELF = frozenset({"CURRENT_USER", "SESSION_USER", "CURRENT_ROLE"})
+
+
+def _names_own_role(roles: tuple[str, ...], upstream_role: str) -> bool:
+    return any(role in _SELF or (upstream_role and role == upstream_role) for role in roles)
+
+
+def _reason(text: str, masking: MaskingRules) -> str | None:
+    """The agent's reason, masked by the same detectors as its statement."""
+    reason = extract_reason(text)
+    return None if reason is None else mask_text(reason, masking)
 
 
 def settle(future: asyncio.Future[Allow | Deny], outcome: Allow | Deny) -> None:

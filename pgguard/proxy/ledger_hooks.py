@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from pgguard.ledger import LedgerEntry, LedgerWriter
 from pgguard.ledger.model import jsonb_text
 from pgguard.ledger.packed import PackedOutcome, Ref, epoch_us, session_record, text_record
-from pgguard.masking import MaskingRules, mask_sql
+from pgguard.masking import MaskingRules, mask_server_message, mask_sql, mask_text
 from pgguard.sql.fastkey import literal_blind_key
 from pgguard.wire.outcomes import Outcome, tag_rows
 
@@ -133,7 +133,7 @@ class LedgerHooks:
                 record,
                 completed_at=_when(now),
                 sqlstate=sqlstate,
-                error_message=message,
+                error_message=mask_text(message, self.masking),
                 duration_ms=(now - record.received) * 1e3,
             )
         )
@@ -192,7 +192,7 @@ class LedgerHooks:
             "command_tag": _command_tag(outcome),
             "rows": outcome.rows,
             "sqlstate": outcome.sqlstate,
-            "error_message": _error_message(outcome),
+            "error_message": _error_message(outcome, self.masking),
             "duration_ms": (now - record.received) * 1e3,
         }
         if record.durable_entry_id is not None:
@@ -219,7 +219,11 @@ class LedgerHooks:
         for session_ref, record, completed, outcome in pending:
             try:
                 items.append(
-                    (session_ref, self._text_ref(record), _outcome_of(record, completed, outcome))
+                    (
+                        session_ref,
+                        self._text_ref(record),
+                        _outcome_of(record, completed, outcome, self.masking),
+                    )
                 )
             except Exception:  # one statement that cannot be rendered must not cost the others
                 log.exception("ledger: could not record a statement")
@@ -235,7 +239,7 @@ class LedgerHooks:
             "agent": session.agent,
             "owner": session.owner,
             "client_address": session.client_address,
-            "application_name": session.application_name,
+            "application_name": mask_text(session.application_name, self.masking),
             "database": session.database,
             "upstream_role": self.upstream_role,
         }
@@ -250,7 +254,7 @@ class LedgerHooks:
         # the same literal-independent classification; its identity completes the key (hashing
         # the object itself would walk all its fields on every statement).
         decision = record.decision
-        blind = record.blind
+        blind = record.blind if record.blind is not None and b'"' not in record.blind else None
         key = (blind if blind is not None else self.masked(record.sql), id(decision))
         cached = self._texts.get(key)
         if cached is not None and cached[0] is decision:
@@ -271,7 +275,7 @@ class LedgerHooks:
         return ref
 
     def _masked_text(self, record: StatementRecord) -> str:
-        if record.blind is not None:
+        if record.blind is not None and b'"' not in record.blind:
             return record.blind.decode("ascii")  # the literal-blind rendering, as in `masked`
         return self.masked(record.sql)
 
@@ -284,7 +288,7 @@ class LedgerHooks:
             agent=session.agent,
             owner=session.owner,
             client_address=session.client_address,
-            application_name=session.application_name,
+            application_name=mask_text(session.application_name, self.masking),
             database=session.database,
             upstream_role=self.upstream_role,
             **fields,  # type: ignore[arg-type]
@@ -324,9 +328,9 @@ class LedgerHooks:
         """Masked text, cached by the exact text.
 
         Texts in the literal-blind subset (``pgguard.sql.fastkey``: plain ASCII, no comments,
-        no special literals) are rendered with every literal replaced by ``'?'`` or ``0`` - a
-        faithful, value-free reading that costs a regular expression, not a parse. Everything
-        else goes through the full masker.
+        no special literals) and without quoted identifiers are rendered with every literal
+        replaced by ``'?'`` or ``0`` - a faithful, value-free reading that costs a regular
+        expression, not a parse. Everything else goes through the full masker.
         """
         if len(sql) > _MASK_CACHE_TEXT:
             # Large texts are neither cached (memory) nor scanned twice; the masker redacts
@@ -336,7 +340,9 @@ class LedgerHooks:
         if cached is not None:
             return cached
         blind = literal_blind_key(sql)
-        if blind is not None:
+        # A quoted identifier may be a value in disguise (an e-mail as an alias): the full
+        # masker judges it; the literal-blind rendering keeps identifiers as written.
+        if blind is not None and b'"' not in blind:
             text = blind.decode("ascii")
         else:
             text = mask_sql(sql.decode("utf-8", "replace"), self.masking).text
@@ -353,7 +359,9 @@ def _when(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
 
 
-def _outcome_of(record: StatementRecord, completed: float, outcome: Outcome) -> PackedOutcome:
+def _outcome_of(
+    record: StatementRecord, completed: float, outcome: Outcome, masking: MaskingRules
+) -> PackedOutcome:
     tags = outcome.tags
     if len(tags) == 1 and outcome.sqlstate is None and outcome.message is None:
         # The common case, one statement that completed: its tag's fields come from a cache
@@ -370,7 +378,7 @@ def _outcome_of(record: StatementRecord, completed: float, outcome: Outcome) -> 
         _command_tag(outcome),
         outcome.rows,
         outcome.sqlstate,
-        _error_message(outcome),
+        _error_message(outcome, masking),
     )
 
 
@@ -393,10 +401,11 @@ def _command_tag(outcome: Outcome) -> str | None:
     return tag
 
 
-def _error_message(outcome: Outcome) -> str | None:
+def _error_message(outcome: Outcome, masking: MaskingRules) -> str | None:
+    """The server's message as the ledger stores it: the values it quotes masked."""
     if outcome.message is None and outcome.skipped:
         return "skipped: an earlier statement of its pipeline failed"
-    return outcome.message
+    return None if outcome.message is None else mask_server_message(outcome.message, masking)
 
 
 def _packed_outcome(

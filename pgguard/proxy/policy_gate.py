@@ -458,7 +458,8 @@ class PolicyGate(Gate):
         """Ask for approval; the session waits on the returned future (and nothing else does)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Allow | Deny] = loop.create_future()
-        new = new_request(session, decision, event, self.masking, self.instance_id)
+        role = self.upstream.parsed().user if self.upstream is not None else ""
+        new = new_request(session, decision, event, self.masking, self.instance_id, role or "")
         functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
@@ -483,9 +484,8 @@ class PolicyGate(Gate):
         try:
             if self.upstream is not None:
                 text = record.sql.decode("utf-8", "replace")
-                rows = await estimate_rows(self.upstream, new.database, text, functions)
-                if rows is not None:
-                    new = dataclasses.replace(new, touches={**new.touches, "estimated_rows": rows})
+                estimate = await estimate_rows(self.upstream, new.database, text, functions)
+                new = dataclasses.replace(new, touches={**new.touches, **estimate.touches()})
             request, final = await self.approvals.hold(new, record.sql, bind)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)

@@ -19,6 +19,7 @@ import socket
 import ssl
 import struct
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,10 @@ class ProxyContext:
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     sessions: dict[tuple[int, bytes], Connection] = field(default_factory=dict)
     connections: set[Connection] = field(default_factory=set)
+    # Links closed but perhaps not gone: a TLS link's close waits for the peer's close_notify.
+    # Shutdown aborts what is left, so no socket outlives the event loop (weak: a link that is
+    # really closed is collected and drops out by itself).
+    closing: weakref.WeakSet[Link] = field(default_factory=weakref.WeakSet)
 
     def register(self, conn: Connection) -> None:
         if conn.backend_key is not None:
@@ -270,6 +275,8 @@ class ProxyServer:
             if pending:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.gather(*pending, return_exceptions=True)
+        for link in list(self.ctx.closing):
+            link.abort()
         log.info("pgguard stopped")
 
 

@@ -88,7 +88,11 @@ async def _open(dsn: Dsn, settings: UpstreamSettings) -> tuple[Link, bool]:
     mode = settings.effective_sslmode()
     if dsn.is_unix_socket or mode in ("disable", "allow"):
         return link, False
-    return link, await _negotiate_tls(link, dsn, settings, mode)
+    try:
+        return link, await _negotiate_tls(link, dsn, settings, mode)
+    except BaseException:
+        link.abort()  # never leave the socket to the garbage collector
+        raise
 
 
 async def _negotiate_tls(link: Link, dsn: Dsn, settings: UpstreamSettings, mode: str) -> bool:
@@ -251,9 +255,11 @@ async def send_cancel(settings: UpstreamSettings, pid: int, key: bytes) -> None:
     try:
         async with asyncio.timeout(settings.connect_timeout):
             link, _tls = await _open(dsn, settings)
-            link.write(m.cancel_request(pid, key))
-            with contextlib.suppress(LinkClosed):
-                await link.read()  # the server closes the connection when done
-            link.close()
+            try:
+                link.write(m.cancel_request(pid, key))
+                with contextlib.suppress(LinkClosed):
+                    await link.read()  # the server closes the connection when done
+            finally:
+                link.abort()  # also when the server did not close it in time
     except (TimeoutError, PgGuardError) as exc:
         log.warning("could not forward a cancel request upstream: %s", exc)

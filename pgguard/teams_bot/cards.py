@@ -156,11 +156,12 @@ def _minimal_review_card(request: ApprovalRequest, public_url: str) -> Json:
 
 
 def _shown_statement_bytes(card: Json) -> int | None:
-    """Size of the statement the review card shows (its first monospace text block)."""
-    for item in _items(card.get("body")):
-        text = item.get("text")
-        if item.get("fontType") == "Monospace" and isinstance(text, str):
-            return len(text.encode("utf-8"))
+    """Size of the statement the review card shows (its first monospace text run)."""
+    for block in _items(card.get("body")):
+        for item in [block, *_items(block.get("inlines"))]:
+            text = item.get("text")
+            if item.get("fontType") == "Monospace" and isinstance(text, str):
+                return len(text.encode("utf-8"))
     return None
 
 

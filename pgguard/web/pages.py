@@ -1,7 +1,10 @@
 """The approval pages: a request's review page, the list of pending ones, sign-in.
 
-Server-rendered (Jinja2, autoescaped) with no script: a pending request's page refreshes itself
-every few seconds, so a decision made elsewhere (API, CLI, another approver) or an expiry shows.
+Server-rendered (Jinja2, autoescaped). A pending request's page carries one small same-origin
+script (``/assets/status.js``, no framework) that polls ``/requests/{id}/status`` (JSON) and
+updates the state and time left in place, so a decision made elsewhere (API, CLI, another
+approver) or an expiry shows without reloading the form and losing a comment being typed. The
+list of pending requests still refreshes itself (it has no form).
 
 Sign-in: with ``[oidc]`` configured, approvers sign in with the identity provider only
 (authorization code flow with PKCE, see `pgguard.web.oidc`); the sign-in in progress travels in
@@ -28,10 +31,10 @@ from typing import Annotated, Protocol
 from urllib.parse import quote
 
 from fastapi import FastAPI, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from pgguard.approvals.cards import touches_text
+from pgguard.approvals.cards import NO_REASON, detail_facts, touches_text, wants_text
 from pgguard.approvals.model import ApprovalRequest, Approver
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import PgGuardError
@@ -143,7 +146,7 @@ def register_pages(
             return (current, session) if current is not None else None
         return approver, session
 
-    def page(name: str, status: int = 200, **context: object) -> HTMLResponse:
+    def page(name: str, status: int = 200, /, **context: object) -> HTMLResponse:
         html = _templates.get_template(name).render(time_left=_time_left, **context)
         return HTMLResponse(html, status_code=status, headers=_SECURITY_HEADERS)
 
@@ -232,14 +235,22 @@ def register_pages(
                 flash="No such request.",
                 flash_kind="error",
             )
-        return page(
-            "request.html",
-            approver=who[0],
-            csrf=sessions.csrf(who[1]),
-            r=found,
-            touches=touches_text(found.touches),
-            refresh=REFRESH_SECONDS if found.state == "pending" else None,
-        )
+        return page("request.html", approver=who[0], csrf=sessions.csrf(who[1]), **_shown(found))
+
+    @app.get("/requests/{request_id}/status")
+    async def status(request: Request, request_id: str) -> Response:
+        if signed_in(request) is None:
+            return JSONResponse({"detail": "sign in"}, status_code=401, headers=_SECURITY_HEADERS)
+        found = await service.store.get(request_id)
+        if found is None:
+            return JSONResponse({"detail": "no such request"}, 404, headers=_SECURITY_HEADERS)
+        title, when = _when(found)
+        body = {"state": found.state.value, "when_title": title, "when": when}
+        return JSONResponse(body, headers=_SECURITY_HEADERS)
+
+    @app.get("/assets/status.js")
+    async def status_script() -> Response:
+        return Response(_STATUS_SCRIPT, media_type="text/javascript", headers=_SECURITY_HEADERS)
 
     async def decide(
         request: Request, request_id: str, verb: str, csrf: str, comment: str
@@ -272,8 +283,7 @@ def register_pages(
                 409 if "already" in exc.message else 403,
                 approver=approver,
                 csrf=sessions.csrf(session),
-                r=found,
-                touches=touches_text(found.touches),
+                **_shown(found),
                 flash=exc.message,
                 flash_kind="error",
             )
@@ -299,7 +309,7 @@ def register_pages(
 
 
 class _Page(Protocol):
-    def __call__(self, name: str, status: int = 200, **context: object) -> HTMLResponse: ...
+    def __call__(self, name: str, status: int = 200, /, **context: object) -> HTMLResponse: ...
 
 
 def _register_oidc(
@@ -426,7 +436,8 @@ _HEADINGS = {
 }
 
 _SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -449,6 +460,33 @@ def _local(path: str) -> str:
         and not any(ord(c) < 0x20 or c == "\x7f" for c in path)
     )
     return path if safe else "/requests"
+
+
+_STATUS_SCRIPT = (Path(__file__).parent / "static" / "status.js").read_text(encoding="utf-8")
+
+
+def _shown(request: ApprovalRequest) -> dict[str, object]:
+    """What request.html shows besides the request itself."""
+    title, when = _when(request)
+    return {
+        "r": request,
+        "touches": touches_text(request.touches),
+        "details": detail_facts(request.touches),
+        "wants": wants_text(request.categories),
+        "no_reason": NO_REASON,
+        "when_title": title,
+        "when": when,
+    }
+
+
+def _when(request: ApprovalRequest) -> tuple[str, str]:
+    """The time row, named truthfully: time left, decided at, expired at, cancelled at."""
+    stamp = "%Y-%m-%d %H:%M:%S UTC"
+    if request.state == "pending":
+        return "Time left", _time_left(request)
+    moment = request.decided_at or request.expires_at
+    title = {"expired": "Expired at", "cancelled": "Cancelled at"}.get(request.state, "Decided at")
+    return title, moment.astimezone(UTC).strftime(stamp)
 
 
 def _time_left(request: ApprovalRequest) -> str:

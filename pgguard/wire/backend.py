@@ -22,11 +22,12 @@ from pgguard.wire.session import SessionModel
 _unpack_u32 = struct.Struct("!I").unpack_from
 _FATAL_FIELDS = (b"SFATAL\0", b"SPANIC\0")
 _WATCHED = frozenset(b"ZSE")  # ReadyForQuery, ParameterStatus, ErrorResponse (rare)
-# + CommandComplete, Error, EmptyQuery, Suspended, and the acknowledgements of the messages
-# before an Execute (ParseComplete, BindComplete, CloseComplete, RowDescription, NoData), which
-# tell an Execute's own error from one of a message before it.
-_WATCHED_FOR_OUTCOMES = frozenset(b"ZSCEIs123Tn")
-_ACKS = frozenset(b"123Tn")
+_WATCHED_FOR_OUTCOMES = frozenset(b"ZSCEIs")  # + CommandComplete, Error, EmptyQuery, Suspended
+# One answer per extended message, counted per group: ParseComplete, BindComplete, CloseComplete,
+# RowDescription or NoData (the end of a Describe's answer), and CommandComplete, EmptyQuery or
+# PortalSuspended (the end of an Execute's). At an error their number says which of the group's
+# messages ran: the first that many (SessionModel.error, OutcomeTracker.error).
+_ACKS = frozenset(b"123TnCIs")
 
 
 class _Replacement:
@@ -54,6 +55,7 @@ class BackendTracker:
         "_replacements",
         "_skip",
         "_watched",
+        "acks",
         "model",
         "on_finished",
         "outcomes",
@@ -69,6 +71,7 @@ class BackendTracker:
         self.parameters: dict[str, str] = dict(parameters or {})
         self.parameters_version = 0  # bumped by every ParameterStatus (the lexing state may move)
         self.ready_count = 0  # ReadyForQuery messages seen since the session started
+        self.acks = 0  # answers of Parse/Bind/Close/Describe in the group being answered
         self.saw_fatal = False  # the server sent a FATAL error (it is about to close)
         self.outcomes: OutcomeTracker | None = None
         # The session's statements and portals, confirmed by what this stream answers.
@@ -116,7 +119,9 @@ class BackendTracker:
             if length < 4:
                 raise ProtocolViolation(f"server sent invalid message length {length}")
             end = pos + 1 + length
-            if type_byte in self._watched:  # whole bodies needed: Z, S (+ C, E, I, s for outcomes)
+            if type_byte in _ACKS:
+                self.acks += 1
+            if type_byte in self._watched:  # whole bodies needed: Z, S, E (+ C, I, s for outcomes)
                 if end > n:
                     self._partial_type = type_byte
                     self._partial_want = end - n
@@ -156,6 +161,7 @@ class BackendTracker:
             self.txn_status = body
             if self.model is not None:
                 self.model.ready(body)
+            self.acks = 0
             if self.outcomes is not None:
                 finished = self.outcomes.ready()
                 if finished and self.on_finished is not None:
@@ -167,14 +173,12 @@ class BackendTracker:
         elif type_byte == 0x45:
             self.saw_fatal = self.saw_fatal or body.startswith(_FATAL_FIELDS)
             if self.model is not None:
-                self.model.error()
+                self.model.error(self.acks)
             if self.outcomes is not None:
                 fields = m.decode_error_fields(body)
-                self.outcomes.error(fields.sqlstate, fields.message)
+                self.outcomes.error(fields.sqlstate, fields.message, self.acks)
         elif self.outcomes is not None:
-            if type_byte in _ACKS:
-                self.outcomes.ack()
-            elif type_byte == 0x43:  # CommandComplete
+            if type_byte == 0x43:  # CommandComplete
                 self.outcomes.command_complete(body.rstrip(b"\0").decode("utf-8", "replace"))
             elif type_byte == 0x49:  # EmptyQueryResponse
                 self.outcomes.empty_query()
@@ -199,6 +203,8 @@ class BackendTracker:
             end = pos + 1 + length
             if end > n:
                 break
+            if type_byte in _ACKS:
+                self.acks += 1
             body = buf[pos + 5 : end]
             if type_byte == m.B_ERROR:
                 sent = self._maybe_replace(body, buf[pos:end])
@@ -233,6 +239,8 @@ class BackendTracker:
             body_len = _unpack_u32(header, 1)[0] - 4
             if body_len < 0:
                 raise ProtocolViolation("server sent invalid message length")
+            if header[0] in _ACKS:
+                self.acks += 1
             if header[0] in self._watched:
                 self._partial_type = header[0]
                 self._partial_want = body_len

@@ -40,8 +40,8 @@ class Outcome:
     ) -> None:
         self.token = token  # the caller's, for the statement this outcome belongs to
         self.group = group  # the ordinal of the ReadyForQuery that ends it
-        # Parse/Bind/Close/Describe messages of its group forwarded before it: each answers with
-        # one acknowledgement; until all have, an error is theirs and this statement never ran.
+        # Answered messages of its group forwarded before it (Parse, Bind, Close, Describe,
+        # Execute): until all have their answer, an error is theirs and this one never ran.
         self.acks_before = acks_before
         self.multi = multi  # a simple Query: several completions, until ReadyForQuery
         self.done = False
@@ -68,12 +68,11 @@ def tag_rows(tag: str) -> int | None:
 
 
 class OutcomeTracker:
-    __slots__ = ("_acks", "_ready", "_slots")
+    __slots__ = ("_ready", "_slots")
 
     def __init__(self) -> None:
         self._slots: deque[Outcome] = deque()  # forwarded and not finished, in order
         self._ready = 0  # ReadyForQuery messages seen: the group being answered is the next
-        self._acks = 0  # acknowledgements (ParseComplete, ...) of the group being answered
 
     # --- what the client sent (in forwarding order) ---------------------------------------
 
@@ -84,14 +83,10 @@ class OutcomeTracker:
 
     def execute(self, token: object, group: int, acks_before: int = 0) -> None:
         """An Execute, ended by the Sync whose ReadyForQuery is number ``group``, after
-        ``acks_before`` acknowledged messages (Parse, Bind, Close, Describe) of its group."""
+        ``acks_before`` answered messages (Parse, Bind, Close, Describe, Execute) of its group."""
         self._slots.append(Outcome(token, group, False, acks_before))
 
     # --- what the server said ---------------------------------------------------------------
-
-    def ack(self) -> None:
-        """ParseComplete, BindComplete, CloseComplete, or the end of a Describe's answer."""
-        self._acks += 1
 
     def command_complete(self, tag: str) -> None:
         slot = self._current()
@@ -110,11 +105,12 @@ class OutcomeTracker:
             slot.suspended = True
             slot.done = True
 
-    def error(self, sqlstate: str, message: str) -> None:
+    def error(self, sqlstate: str, message: str, acked: int = 0) -> None:
         """The first waiting statement of the group being answered failed - unless a message
         before it in its group has not been acknowledged yet, which is then what failed - and
-        the server skips the rest of that group. An error outside any statement (a FATAL at
-        shutdown, a failed Parse) has no statement waiting and is not attributed."""
+        the server skips the rest of that group. ``acked``: the group's messages answered before
+        the error. An error outside any statement (a FATAL at shutdown,
+        a failed Parse) has no statement waiting and is not attributed."""
         answering = self._ready + 1
         first = True
         for slot in self._slots:
@@ -122,7 +118,7 @@ class OutcomeTracker:
                 break
             if slot.done:
                 continue
-            if first and slot.acks_before <= self._acks:
+            if first and slot.acks_before <= acked:
                 slot.sqlstate, slot.message = sqlstate, message
             else:
                 slot.skipped = True
@@ -133,7 +129,6 @@ class OutcomeTracker:
         """ReadyForQuery: the group being answered is finished; the outcomes of its recorded
         statements (those with a token), in order."""
         self._ready += 1
-        self._acks = 0
         slots = self._slots
         finished = []
         while slots and slots[0].group <= self._ready:

@@ -33,7 +33,6 @@ text while the server may run another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from pgguard.errors import ProtocolViolation
@@ -56,11 +55,11 @@ _NOTHING: Possible = frozenset({None})
 _NO_PORTAL: PossiblePortal = frozenset({None})
 
 
-@dataclass(slots=True)
-class _Op:
+class _Op(NamedTuple):  # a tuple: made for every extended message, so it must be cheap
     group: int
     kind: str  # "parse", "bind", "close_s", "close_p", "query"
     name: str  # statement (parse, close_s) or portal (bind, close_p) name
+    ack: int = 0  # messages of its group the server answers one for one, forwarded before it
     sql: bytes = b""  # parse
     statement: str = ""  # bind
     bind: bytes = b""  # bind
@@ -73,7 +72,7 @@ class TooManyPossibilities(ProtocolViolation):
 class SessionModel:
     """Statement and portal names of one session, driven by the server's answers."""
 
-    __slots__ = ("_answered", "_errored", "_ops", "_portals", "_statements")
+    __slots__ = ("_acked", "_answered", "_errored", "_ops", "_portals", "_statements")
 
     def __init__(self) -> None:
         self._statements: dict[str, Possible] = {}
@@ -81,29 +80,32 @@ class SessionModel:
         self._ops: list[_Op] = []  # forwarded, their group not answered yet, in order
         self._answered = 0  # ReadyForQuery messages seen
         self._errored = False  # the group being answered had an ErrorResponse
+        self._acked = 0  # ... after this many of its messages were answered
 
     # --- what the client sent (in forwarding order) --------------------------------------------
 
-    def parse(self, group: int, name: str, sql: bytes) -> None:
+    def parse(self, group: int, name: str, sql: bytes, ack: int = 0) -> None:
         """A Parse; refused when ``name`` may already stand for too many texts.
 
         Legitimate clients Close a name before they Parse it again; re-Parses that may not
         have taken effect only grow what every Execute of the name must be judged against.
         """
         possible = len(self._statements.get(name, _NOTHING))
-        pending = sum(1 for op in self._ops if op.kind == "parse" and op.name == name)
+        pending = 0
+        if possible + len(self._ops) >= MAX_POSSIBILITIES:  # rare: only then count exactly
+            pending = sum(1 for op in self._ops if op.kind == "parse" and op.name == name)
         if possible + pending >= MAX_POSSIBILITIES:
             raise TooManyPossibilities(
                 f"prepared statement {name!r} may stand for {possible + pending} texts; Close "
                 "it and wait for the server's answer before parsing it again"
             )
-        self._ops.append(_Op(group, "parse", name, sql=sql))
+        self._ops.append(_Op(group, "parse", name, ack, sql))
 
-    def bind(self, group: int, portal: str, statement: str, bind: bytes) -> None:
-        self._ops.append(_Op(group, "bind", portal, statement=statement, bind=bind))
+    def bind(self, group: int, portal: str, statement: str, bind: bytes, ack: int = 0) -> None:
+        self._ops.append(_Op(group, "bind", portal, ack, b"", statement, bind))
 
-    def close(self, group: int, kind: bytes, name: str) -> None:
-        self._ops.append(_Op(group, "close_s" if kind == b"S" else "close_p", name))
+    def close(self, group: int, kind: bytes, name: str, ack: int = 0) -> None:
+        self._ops.append(_Op(group, "close_s" if kind == b"S" else "close_p", name, ack))
 
     def query(self, group: int) -> None:
         """A simple Query (its own group): drops the unnamed statement, may deallocate others."""
@@ -111,31 +113,46 @@ class SessionModel:
 
     # --- what the server said -------------------------------------------------------------------
 
-    def error(self) -> None:
-        """An ErrorResponse: the group being answered did not run to its end."""
-        self._errored = True
+    def error(self, acked: int | None = None) -> None:
+        """An ErrorResponse after ``acked`` of the group's messages were answered: those ran,
+        the next one failed (or an Execute or Describe did) and the rest were skipped. Without
+        ``acked``, any prefix of the group may have run."""
+        if not self._errored:
+            self._errored = True
+            self._acked = -1 if acked is None else acked
 
     def ready(self, txn_status: bytes) -> None:
         """ReadyForQuery: the group being answered is over; its operations become confirmed."""
         self._answered += 1
-        done = [op for op in self._ops if op.group <= self._answered]
-        if done:
-            self._ops = [op for op in self._ops if op.group > self._answered]
-            if self._errored:
+        ops = self._ops
+        if ops:
+            answered = self._answered
+            if ops[-1].group <= answered:  # the usual case: nothing else is in flight
+                done, self._ops = ops, []
+            else:
+                done = [op for op in ops if op.group <= answered]
+                self._ops = [op for op in ops if op.group > answered]
+            if self._errored and self._acked >= 0:
+                self._apply_failed_at(self._statements, self._portals, done, self._acked)
+            elif self._errored:
                 self._apply_uncertain(self._statements, self._portals, done)
             else:
-                self._apply_succeeded(self._statements, self._portals, done)
+                self._apply_succeeded(self._statements, self._portals, done, txn_status)
             for op in done:  # forget closed names, so the state stays bounded
                 if op.kind != "bind" and self._statements.get(op.name) == _NOTHING:
                     del self._statements[op.name]
         self._errored = False
-        if txn_status == b"I":
+        if txn_status == b"I" and self._portals:
             self._portals.clear()  # portals live until the end of their transaction
 
     @property
     def pending(self) -> int:
         """Operations forwarded whose group the server has not answered."""
         return len(self._ops)
+
+    def unanswered_before(self, group: int) -> bool:
+        """Whether an operation of a group before ``group`` still waits for its answer."""
+        return bool(self._ops) and self._ops[0].group < group
 
     # --- what a message being judged now may meet -----------------------------------------------
 
@@ -145,6 +162,9 @@ class SessionModel:
 
     def portal(self, name: str, group: int) -> tuple[Bound, ...]:
         """Every binding the server may hold under portal ``name`` for a message in ``group``."""
+        quick = self._portal_bound_in_group(name, group)
+        if quick is not None:
+            return quick
         possible = self._portals.get(name, _NO_PORTAL)
         for index, op in enumerate(self._ops):
             if op.group > group:
@@ -160,6 +180,37 @@ class SessionModel:
             )
             possible = _portal_after(possible, op, texts, succeeded)
         return tuple(sorted((b for b in possible if b is not None), key=_key))
+
+    def _portal_bound_in_group(self, name: str, group: int) -> tuple[Bound, ...] | None:
+        """The usual case, without the general walk: the unnamed portal was bound earlier in this
+        very group (if the judged message runs, that Bind succeeded and replaced it), from a
+        statement this group parsed unnamed, or that no unanswered message touches. None: take
+        the general walk."""
+        if name != "":
+            return None  # a named portal's Bind fails while the name is in use: the long way
+        ops = self._ops
+        index = len(ops) - 1
+        while index >= 0 and ops[index].group == group:
+            op = ops[index]
+            if op.name == name and (op.kind == "bind" or op.kind == "close_p"):
+                break
+            index -= 1
+        else:
+            return None
+        if op.kind != "bind":
+            return None
+        statement = op.statement
+        for earlier in reversed(ops[:index]):
+            if earlier.kind == "query" or earlier.group != group:
+                return None
+            if earlier.name == statement and earlier.kind in ("parse", "close_s"):
+                if earlier.kind == "parse" and statement == "":
+                    return (Bound(statement, earlier.sql, op.bind),)  # it ran, so it replaced
+                return None
+        if ops[0].group != group:
+            return None  # an unanswered group may have touched the statement
+        texts = _texts(self._statements.get(statement, _NOTHING))
+        return tuple(Bound(statement, text, op.bind) for text in texts)
 
     def _statement_at(self, name: str, group: int, upto: int) -> Possible:
         """What ``name`` may hold for a message in ``group`` placed after ``self._ops[:upto]``."""
@@ -178,8 +229,33 @@ class SessionModel:
         statements: dict[str, Possible],
         portals: dict[str, PossiblePortal],
         ops: list[_Op],
+        txn_status: bytes = b"T",
     ) -> None:
+        if txn_status == b"I":
+            # The transaction is over, so every portal is gone: only statements need updating,
+            # and an unnamed Parse that ran simply replaced the unnamed statement.
+            for op in ops:
+                if op.kind == "parse" and op.name == "":
+                    statements[""] = frozenset((op.sql,))
+                elif op.kind != "bind" and op.kind != "close_p":
+                    self._apply(statements, portals, [op], True)
+            return
         self._apply(statements, portals, ops, True)
+
+    def _apply_failed_at(
+        self,
+        statements: dict[str, Possible],
+        portals: dict[str, PossiblePortal],
+        ops: list[_Op],
+        acked: int,
+    ) -> None:
+        """The group failed after ``acked`` answered messages: the operations before that ran,
+        the one answered by the error failed, the rest never ran."""
+        ran = [op for op in ops if op.ack < acked or op.kind == "query"]
+        self._apply(statements, portals, ran, True)
+        for op in ops:
+            if op.ack == acked and op.kind != "query":
+                _apply_failure(statements, portals, op)
 
     def _apply_uncertain(
         self,
@@ -212,6 +288,17 @@ class SessionModel:
             else:
                 before = statements.get(op.name, _NOTHING)
                 statements[op.name] = _statement_after(before, op.name, op, succeeded)
+
+
+def _apply_failure(
+    statements: dict[str, Possible], portals: dict[str, PossiblePortal], op: _Op
+) -> None:
+    """What a Parse, Bind or Close that the server answered with an error leaves behind."""
+    if op.kind == "parse" and op.name == "":
+        statements[""] = _NOTHING  # the old unnamed statement is dropped before parsing
+    elif op.kind == "bind":
+        # Depending on where it failed, the unnamed portal may have been replaced and dropped.
+        portals[op.name] = portals.get(op.name, _NO_PORTAL) | _NO_PORTAL
 
 
 def _statement_after(before: Possible, name: str, op: _Op, succeeded: bool | None) -> Possible:

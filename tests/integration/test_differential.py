@@ -2,8 +2,8 @@
 
 Hypothesis writes random message programs - simple Queries and extended-protocol pipelines of
 Parse, Bind, Execute and Close, with and without errors, inside and outside transactions - and
-sends them byte for byte through a live pgguard to a server that logs every statement it
-executes (``log_statement = 'all'``). After each program:
+sends them byte for byte (one batch at a time, or all at once) through a live pgguard to a
+server that logs every statement it executes (``log_statement = 'all'``). After each program:
 
 - no privileged text ever reached execution (the server's log has none, the table is there);
 - the statements the server executed are exactly those the ledger records as run (allowed, with
@@ -211,9 +211,12 @@ _counter = itertools.count(1)
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(program=PROGRAMS)
+@given(program=PROGRAMS, pipelined=st.booleans())
 def test_what_ran_is_what_was_judged_and_recorded(
-    oracle_pg: EmbeddedPostgres, guarded: PgguardThread, program: list[tuple[object, ...]]
+    oracle_pg: EmbeddedPostgres,
+    guarded: PgguardThread,
+    program: list[tuple[object, ...]],
+    pipelined: bool,
 ) -> None:
     application_name = f"diff-{secrets.token_hex(6)}"
     raw = RawClient.connect(guarded.port)
@@ -221,9 +224,15 @@ def test_what_ran_is_what_was_judged_and_recorded(
     key = next(body for kind, body in welcome if kind == "K")
     pid = struct.unpack("!i", key[:4])[0]
     markers = _counter  # unique across examples, so a stale log line cannot match
-    for batch in encode(program, markers):
-        raw.send(batch)
-        raw.recv_until("Z")
+    batches = encode(program, markers)
+    if pipelined:  # every batch at once: pgguard judges before the server has answered any
+        raw.send(b"".join(batches))
+        for _ in batches:
+            raw.recv_until("Z")
+    else:
+        for batch in batches:
+            raw.send(batch)
+            raw.recv_until("Z")
     raw.send(m.query("ROLLBACK"))  # leave no transaction open (a WARNING outside one)
     raw.recv_until("Z")
     raw.send(m.message(ord("X")))

@@ -273,3 +273,43 @@ def test_psql_large_object_import_and_export_work(guarded: ProxyThread, tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert target.read_bytes() == source.read_bytes()
+
+
+def test_an_execute_waits_for_the_answers_that_decide_what_it_runs(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """Pipelined without waiting: [Parse x (fails); Close s; Parse s = SELECT] [Bind s;
+    Execute]. Until the first group is answered the portal may run the DROP or the SELECT;
+    pgguard waits for the answer (the Close and Parse were skipped) and judges the DROP."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s", "DROP TABLE model_victim") + SYNC)
+    raw.recv_until("Z")
+    raw.send(
+        m.parse("x", "SELEC broken")
+        + close("S", "s")
+        + m.parse("s", "SELECT 1")
+        + SYNC
+        + bind("", "s")
+        + execute()
+        + SYNC
+    )
+    first = raw.recv_until("Z")
+    assert first[0][0] == "E"
+    second = raw.recv_until("Z")
+    sqlstate, message = first_error(second)
+    assert sqlstate == "42501", message  # judged as the DROP, certain once answered
+    assert victim_exists(direct_dsn)
+
+
+def test_a_pipelined_close_and_reparse_runs_the_new_text(guarded: ProxyThread) -> None:
+    """No false refusal: the same pipeline without the failing message runs the new text."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s", "DROP TABLE model_victim") + SYNC)
+    raw.recv_until("Z")
+    raw.send(close("S", "s") + m.parse("s", "SELECT 42") + SYNC + bind("", "s") + execute() + SYNC)
+    assert "E" not in types(raw.recv_until("Z"))
+    replies = raw.recv_until("Z")
+    assert "E" not in types(replies), replies
+    assert ("C", b"SELECT 1\0") in replies

@@ -419,3 +419,36 @@ async def test_psycopg_transaction_through_a_hold(
             assert count == (expected,)
             direct.execute("DELETE FROM hold_t WHERE id = 50")
             direct.commit()
+
+
+async def test_the_reviewer_sees_the_text_the_server_will_run(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str
+) -> None:
+    """Issue 15: Parse s1 = DROP; Parse s1 = CREATE (rejected: the name exists); Bind s1;
+    Execute. The server would run the DROP, so the DROP is what the reviewer is asked about."""
+    import struct
+
+    from pgguard.wire import messages as m
+    from tests.support import RawClient, error_fields
+
+    sync = m.message(ord("S"))
+    raw = RawClient.connect(pgguard.port)
+    raw.login()
+    raw.send(m.parse("s1", "DROP TABLE hold_t") + sync)
+    assert [t for t, _ in raw.recv_until("Z")] == ["1", "Z"]
+    raw.send(m.parse("s1", "CREATE TABLE hold_scratch (x int)") + sync)
+    assert error_fields(raw.recv_until("Z")[0][1]).sqlstate == "42P05"
+    bind = m.message(ord("B"), b"\0s1\0" + struct.pack("!hhh", 0, 0, 0))
+    execute = m.message(ord("E"), b"\0" + struct.pack("!i", 0))
+    raw.send(bind + execute + sync)
+    request = await wait_for_request(api, "hold_t")
+    assert "DROP TABLE hold_t" in request["statement"]
+    assert "hold_scratch" not in request["statement"]
+    response = await api.post(
+        f"/api/requests/{request['id']}/deny", json={"reason": "no"}, headers=auth("dba1")
+    )
+    assert response.status_code == 200
+    replies = await asyncio.to_thread(raw.recv_until, "Z")
+    assert error_fields(next(b for t, b in replies if t == "E")).sqlstate == "42501"
+    with psycopg.connect(direct_dsn) as direct:
+        assert direct.execute("SELECT to_regclass('hold_t')").fetchone() != (None,)

@@ -83,6 +83,11 @@ rules:
     description: Every statement of the agent "{BROWSER_AGENT}" goes to review.
     match: {{agents: [{BROWSER_AGENT}]}}
     action: hold
+  - id: test.browser-short
+    description: The browser agent's statements on oidc_short_t expire in 2 s (the page test).
+    match: {{agents: [{BROWSER_AGENT}], tables: [oidc_short_t]}}
+    action: hold
+    hold_timeout: 2
 """
 
 

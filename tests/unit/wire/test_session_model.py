@@ -148,3 +148,51 @@ def test_a_name_reparsed_in_a_loop_is_cut_off() -> None:
     assert len(model.statement_texts("s", MAX_POSSIBILITIES + 1)) == MAX_POSSIBILITIES - 1
     with pytest.raises(TooManyPossibilities):
         model.parse(MAX_POSSIBILITIES + 1, "s", b"SELECT 'one more'")
+
+
+def test_the_answers_before_an_error_say_exactly_what_ran() -> None:
+    """[Parse s = DROP] then [Parse x (fails); Close s; Parse s = SELECT]: no message of the
+    second group was answered before its error, so the Close and the Parse never ran."""
+    model = SessionModel()
+    model.parse(1, "s", DROP, ack=0)
+    confirmed(model)
+    model.parse(2, "x", b"SELEC", ack=0)
+    model.close(2, b"S", "s", ack=1)
+    model.parse(2, "s", SELECT, ack=2)
+    model.error(0)
+    model.ready(b"I")
+    assert model.statement_texts("s", 3) == (DROP,)
+
+
+def test_a_failed_reparse_after_answered_messages() -> None:
+    """[Close s; Parse s = SELECT; Parse s = CREATE (fails: in use)]: 2 answers, then the error."""
+    model = SessionModel()
+    model.parse(1, "s", DROP, ack=0)
+    confirmed(model)
+    model.close(2, b"S", "s", ack=0)
+    model.parse(2, "s", SELECT, ack=1)
+    model.parse(2, "s", CREATE, ack=2)
+    model.error(2)
+    model.ready(b"I")
+    assert model.statement_texts("s", 3) == (SELECT,)
+
+
+def test_a_failed_unnamed_parse_drops_the_old_unnamed_statement() -> None:
+    model = SessionModel()
+    model.parse(1, "", DROP, ack=0)
+    confirmed(model)
+    model.parse(2, "", b"SELECT * FROM missing", ack=0)
+    model.error(0)
+    model.ready(b"I")
+    assert model.statement_texts("", 3) == ()
+
+
+def test_an_execute_that_failed_leaves_the_messages_before_it_done() -> None:
+    model = SessionModel()
+    model.parse(1, "s", SELECT, ack=0)
+    model.bind(1, "", "s", b"", ack=1)
+    # the Execute is message 2; Close s would have been message 3
+    model.close(1, b"S", "s", ack=3)
+    model.error(2)
+    model.ready(b"I")
+    assert model.statement_texts("s", 2) == (SELECT,)
