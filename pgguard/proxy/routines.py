@@ -53,7 +53,6 @@ class RoutineJudge:
         self._links: dict[str, asyncpg.Connection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: Counter[str] = Counter()
-        self._closing: set[asyncio.Task[None]] = set()
 
     def session_started(self, database: str) -> None:
         self._users[database] += 1
@@ -67,14 +66,9 @@ class RoutineJudge:
         self._locks.pop(database, None)
         conn = self._links.pop(database, None)
         if conn is not None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop left to close it on: drop the socket
-                conn.terminate()
-                return
-            task = loop.create_task(_close(conn))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            # Dropped at once, not closed politely: a close still pending when the event loop
+            # stops (shutdown) would leak the socket. It only ever ran read-only look-ups.
+            conn.terminate()
 
     async def _routines(self, database: str, names: list[str]) -> list[Routine]:
         lock = self._locks.setdefault(database, asyncio.Lock())
@@ -161,13 +155,6 @@ class RoutineJudge:
             if compiled.functions.matches(name):
                 return True
         return False
-
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await conn.close(timeout=1)
-    except Exception:  # closing is best effort; the server ends the backend either way
-        conn.terminate()
 
 
 def _too_deep(name: str) -> StatementFacts:
