@@ -67,10 +67,12 @@ async def stored_state(
 ) -> None:
     """Wait until the request's state is stored (the client is answered before that)."""
     async with asyncio.timeout(10):
-        while (
-            await writer.fetchval(f"SELECT state FROM {requests} WHERE id = $1", request_id)
-            != state
-        ):
+        while True:
+            stored = await writer.fetchval(
+                f"SELECT state FROM {requests} WHERE id = $1", request_id
+            )
+            if stored == state:
+                return
             await asyncio.sleep(0.05)
 
 
