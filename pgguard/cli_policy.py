@@ -22,6 +22,7 @@ import typer
 
 from pgguard.policy import Context, PolicyEngine, RulesError, SessionTracker
 from pgguard.policy.examples import run_examples
+from pgguard.policy.shadows import shadowed_rules
 from pgguard.sql.statenames import ProtectedNames
 
 _DEFAULT_AGENT = "cli"
@@ -119,8 +120,11 @@ def rules_check_command(
         Path | None, typer.Argument(help="Rules directory (default: shipped rules).")
     ] = None,
 ) -> None:
-    """Validate rule files and run every rule's examples."""
+    """Validate rule files, run every rule's examples, and warn about rules that can never
+    decide (a later rule matches every statement they match)."""
     engine = _load_engine(directory)
+    for shadow in shadowed_rules(engine.policy.rules):
+        sys.stderr.write(f"warning: {shadow.message()}\n")
     results = run_examples(engine)
     failures = [r for r in results if not r.passed]
     for failure in failures:

@@ -159,7 +159,7 @@ class NewRequest:
     application_name: str
     statement: str  # masked SQL text, never raw
     parameters: tuple[str, ...]  # masked Bind parameters
-    fingerprint: str
+    fingerprint: str  # the remember key (pgguard.policy.remember), not libpg_query's fingerprint
     categories: tuple[str, ...]
     rule_ids: tuple[str, ...]
     reason: str | None

@@ -193,6 +193,11 @@ class PolicyEngine:
                     self._blind.put(blind_key, decision)
         return decision, blind
 
+    def decide_facts(self, facts: tuple[StatementFacts, ...], ctx: Context) -> Decision:
+        """Judge facts gathered elsewhere (routine bodies read from the catalog) by the rules,
+        as `classify` judges a statement's own; never cached."""
+        return self._decide(facts, ctx, "", None)
+
     def _unparseable(self, reason: str, text: str | bytes) -> StatementFacts:
         facts = unparseable_facts(reason)
         if self.protected.mentions(text):

@@ -3,8 +3,11 @@
 Owns: `load_policy`, `LoadedPolicy` and `SHIPPED_RULES_DIR`.
 
 Invariants:
-- Files are read in name order; every problem in every file is reported at once, each as
-  `file:line: what`, in one `RulesError`. A directory without rules is an error, not "allow all".
+- Files are read in the documented order (`rule_files`): ``default.yaml`` first, then every other
+  file in file-name order, so site files such as ``50-etl.yaml`` come after the defaults and,
+  the last matching rule deciding, override them. Every problem in every file is reported at
+  once, each as `file:line: what`, in one `RulesError`. A directory without rules is an error,
+  not "allow all".
 - The shipped catalog (function and setting categories) is always loaded, whatever directory is
   given: a custom directory can add catalog entries but cannot make the classifier forget one.
 """
@@ -54,7 +57,7 @@ def load_directory(directory: Path) -> LoadedPolicy:
     """Load every *.yaml / *.yml file of one directory; raises RulesError."""
     if not directory.is_dir():
         raise RulesError([f"{directory}: not a directory"])
-    files = sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file())
+    files = rule_files(directory)
     problems: list[str] = []
     rules: list[CompiledRule] = []
     catalog = EMPTY_CATALOG
@@ -78,6 +81,15 @@ def load_directory(directory: Path) -> LoadedPolicy:
     if problems:
         raise RulesError(problems)
     return LoadedPolicy(tuple(rules), catalog, tuple(files))
+
+
+DEFAULT_FILES = ("default.yaml", "default.yml")
+
+
+def rule_files(directory: Path) -> list[Path]:
+    """The directory's rule files in load order: the defaults first, then the rest by name."""
+    files = [p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file()]
+    return sorted(files, key=lambda p: (p.name not in DEFAULT_FILES, p.name))
 
 
 def load_file(path: Path) -> tuple[PolicyFile, SourceMap]:

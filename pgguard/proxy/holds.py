@@ -15,6 +15,7 @@ from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, e
 from pgguard.errors import PgGuardError, PolicyDenied, QueryCanceled
 from pgguard.masking import MaskedStatement, MaskingRules, mask_parameters, mask_sql, mask_text
 from pgguard.policy import Decision
+from pgguard.policy.remember import remember_key
 from pgguard.proxy.gate import ALLOW, Allow, Deny, SessionView, SqlEvent
 from pgguard.wire.extended import decode_bind_parameters
 
@@ -54,7 +55,7 @@ def new_request(
         application_name=mask_text(session.application_name, masking),
         statement=masked.text,
         parameters=parameters,
-        fingerprint=decision.fingerprint,
+        fingerprint=_remember_key(session, decision, event),
         categories=decision.categories,
         rule_ids=decision.rule_ids,
         reason=_reason(text, masking),
@@ -77,6 +78,25 @@ def new_request(
             "own_role": _names_own_role(touches.roles, upstream_role),
             "lock": touches.lock,
         },
+    )
+
+
+def _remember_key(session: SessionView, decision: Decision, event: SqlEvent) -> str:
+    """The request's key for remembered approvals (`pgguard.policy.remember`), stored as its
+    fingerprint: the approvals store, the remembered lookup and the MAC binding all use it."""
+    parameters: list[bytes | None] | bytes | None = None
+    if event.bind is not None:
+        try:
+            parameters = decode_bind_parameters(event.bind)
+        except PgGuardError:
+            parameters = event.bind
+    params = session.server_parameters
+    lexing = (
+        params.get("standard_conforming_strings", "on"),
+        params.get("client_encoding", "UTF8"),
+    )
+    return remember_key(
+        bytes(event.sql), decision.facts, decision.categories, decision.rule_ids, lexing, parameters
     )
 
 

@@ -68,6 +68,7 @@ from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.proxy.offload import ParseOffload
+from pgguard.proxy.routines import RoutineJudge
 from pgguard.settings import UpstreamSettings
 from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
@@ -88,6 +89,7 @@ class _SessionPolicy:
     context_version: int = -1
     last_decision: tuple[bytes, Context, Decision] | None = None  # see _classify_remembered
     lex_pending_until: int = 0  # ReadyForQuery count at which a lexing change is confirmed
+    lex_changed: bool = False  # a lexing change was let through: a ROLLBACK/COMMIT may undo it
     last_record: StatementRecord | None = None  # the statement just allowed, for the ledger
     hold_record: StatementRecord | None = None  # the statement being held
     approved_record: StatementRecord | None = None  # the held statement just approved
@@ -124,6 +126,8 @@ class PolicyGate(Gate):
         self.upstream = upstream  # row estimates for reviews, FunctionCall OIDs
         self.ledger = ledger
         self._function_lookups: set[asyncio.Task[None]] = set()
+        # Routines judged by their bodies: needs pgguard's own catalog look-ups upstream.
+        self.routines = RoutineJudge(engine, upstream) if upstream is not None else None
 
     @property
     def observe(self) -> bool:
@@ -432,6 +436,76 @@ class PolicyGate(Gate):
         event: SqlEvent,
         blind: bytes | None = None,
     ) -> Verdict:
+        """The verdict on `decision`; first, when it calls functions, made at least as strict
+        as the bodies of the user-defined routines it may call (`pgguard.proxy.routines`)."""
+        if self.routines is not None and decision.action != "deny":
+            names = self.routines.called_names(decision, session.agent, session.database)
+            if names:
+                return self._hold_for_routines(session, state, decision, event, blind, names)
+        return self._verdict_now(session, state, decision, event, blind)
+
+    def _hold_for_routines(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        decision: Decision,
+        event: SqlEvent,
+        blind: bytes | None,
+        names: list[str],
+    ) -> Verdict:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Allow | Deny] = loop.create_future()
+        task = loop.create_task(
+            self._judge_routines(session, state, decision, event, blind, names, future)
+        )
+        self._function_lookups.add(task)
+        task.add_done_callback(self._function_lookups.discard)
+        return Hold(future)
+
+    async def _judge_routines(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        decision: Decision,
+        event: SqlEvent,
+        blind: bytes | None,
+        names: list[str],
+        future: asyncio.Future[Allow | Deny],
+    ) -> None:
+        assert self.routines is not None
+        try:
+            ctx = Context(session.agent, session.database, session=state.tracker)
+            judged = await self.routines.judge(decision, ctx, names)
+            verdict = self._verdict_now(session, state, judged, event, blind)
+            if isinstance(verdict, Hold):
+                verdict = await verdict.decision
+            settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
+        except asyncio.CancelledError:
+            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            raise
+        except Exception as exc:  # fail closed: a body pgguard cannot read is not harmless
+            log.error("routine bodies not judged: %s", type(exc).__name__)
+            if self.observe:  # observe mode never refuses; the log line above is the record
+                settle(future, ALLOW)
+                return
+            settle(
+                future,
+                Deny(
+                    PolicyDenied(
+                        "pgguard could not read the definitions of the functions this "
+                        "statement calls, so it is refused"
+                    )
+                ),
+            )
+
+    def _verdict_now(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        decision: Decision,
+        event: SqlEvent,
+        blind: bytes | None = None,
+    ) -> Verdict:
         verdict = self._judge(session, state, decision, event)
         if self.ledger is not None:
             record = StatementRecord(event.kind, event.sql, decision, blind)
@@ -604,10 +678,14 @@ class PolicyGate(Gate):
         return functools.partial(self.ledger.finished_many, session)
 
     def session_started(self, session: SessionView) -> None:
+        if self.routines is not None:
+            self.routines.session_started(session.database)
         if self.ledger is not None:
             self.ledger.session_started(session)
 
     def session_ended(self, session: SessionView) -> None:
+        if self.routines is not None:
+            self.routines.session_ended(session.database)
         if self.ledger is not None:
             self.ledger.session_ended(session)
 
@@ -662,7 +740,13 @@ class PolicyGate(Gate):
         return ctx
 
     def _note_lexing(self, session: SessionView, state: _SessionPolicy, decision: Decision) -> None:
-        if decision.changes_lexing:
+        """Read what follows a lexing change as pending until the server confirms its state.
+
+        A transaction end (ROLLBACK, ROLLBACK TO SAVEPOINT, COMMIT ending a SET LOCAL) changes
+        lexing when it undoes a change let through earlier in the session."""
+        undoes = state.lex_changed and any(f.undoes_settings for f in decision.facts)
+        if decision.changes_lexing or undoes:
+            state.lex_changed = True
             # Confirmed by the ReadyForQuery that follows every reply owed so far.
             state.lex_pending_until = session.ready_count + session.replies_owed + 1
 

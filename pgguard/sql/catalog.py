@@ -25,7 +25,7 @@ _EMPTY: Mapping[str, Entry] = MappingProxyType({})
 
 # Settings that change how later statements are lexed: not privileged in themselves, but a value
 # other than the safe one makes the proxy's reading of later text unreliable.
-LEXING_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding"})
+LEXING_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding", "backslash_quote"})
 
 # Functions whose *arguments* name a setting or a function: classify.py inspects their literals.
 SET_CONFIG_FUNCTIONS = frozenset({"set_config"})

@@ -42,12 +42,14 @@ from pgguard.sql.lexstate import encoding_is_ascii_unsafe
 from pgguard.sql.nodes import function_name_from_literal, literal_text, names_of
 from pgguard.sql.parse import ParsedStatement, parse_statements
 from pgguard.sql.statenames import state_references
+from pgguard.sql.syswrites import system_write
 from pgguard.sql.tree import Fields, JsonValue, iter_nodes
 
 # Kinds whose verdict can be shared between texts that differ only in constants.
 CACHEABLE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _PLAIN_SETTING = re.compile(r"[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)?")
 _SAFE_ON = frozenset({"on", "true", "yes", "1"})
+_SAFE_BACKSLASH_QUOTE = frozenset({"safe_encoding", "off", "false", "no", "0"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,7 @@ class StatementFacts:
     executes: tuple[str, ...] = ()
     deallocates: tuple[str, ...] = ()
     state_refs: tuple[str, ...] = ()  # where pgguard's state schema or channels are named
+    undoes_settings: bool = False  # ends a transaction or subtransaction (reverting its SETs)
 
     @property
     def touches_session(self) -> bool:
@@ -143,6 +146,46 @@ def classify_statement(stmt: ParsedStatement, catalog: Catalog, depth: int = 0) 
         executes=tuple(walk.executes),
         deallocates=tuple(walk.deallocates),
         state_refs=tuple(walk.state_refs),
+        undoes_settings=walk.undoes_settings,
+    )
+
+
+ROUTINE_BODY = "RoutineBody"
+
+
+def classify_routine_body(
+    language: str, definition: str | None, body: str | None, config: list[str], catalog: Catalog
+) -> StatementFacts:
+    """What calling an existing routine does, from its catalog entry (``pg_proc``).
+
+    `definition` is ``pg_get_functiondef`` (PL/pgSQL is parsed from it), `body` is ``prosrc``
+    (SQL bodies), `config` is ``proconfig`` (``name=value`` settings applied during the call).
+    Bodies in other languages, SQL-standard (BEGIN ATOMIC) bodies and unreadable definitions
+    are `execute`; dynamic SQL is `execute` as it is in DO blocks."""
+    walk = _Walk(catalog, 0, definition or "")
+    where = "routine body"
+    if language == "plpgsql" and definition:
+        walk.analyse_plpgsql(where)
+    elif language == "sql" and body and body.strip():
+        walk.absorb_sql(body, where)
+    else:
+        walk.add((EXECUTE,), f"{where} in language {language or 'unknown'} is opaque to pgguard")
+    for item in config:
+        name, _, value = item.partition("=")
+        walk.check_setting(name, "routine setting", {"A_Const": {"sval": {"sval": value}}}, False)
+    return StatementFacts(
+        kind=ROUTINE_BODY,
+        text="",
+        categories=tuple(walk.categories),
+        reasons=tuple(walk.reasons),
+        kinds=tuple(walk.kinds),
+        functions=tuple(sorted(walk.functions)),
+        relations=tuple(sorted(walk.relations)),
+        flagged_functions=tuple(sorted(walk.flagged_functions)),
+        literal_sensitive=True,
+        embedded_code=True,
+        changes_lexing=walk.changes_lexing,
+        state_refs=tuple(walk.state_refs),
     )
 
 
@@ -154,6 +197,7 @@ class _Walk(embedded.Collector):
         self.identifiers: set[str] = set()
         self.prepares: str | None = None
         self.deallocates: list[str] = []
+        self.undoes_settings = False
 
     def note_catalog_names_in_definition(self) -> None:
         """A definition (operator, cast, trigger, aggregate, ...) that names a catalog function
@@ -185,6 +229,8 @@ def _lexing_value_is_safe(name: str, value: JsonValue | None) -> bool:
         return False
     if name == "standard_conforming_strings":
         return literal.lower() in _SAFE_ON
+    if name == "backslash_quote":  # only "on" lets \' end a string in an unsafe encoding
+        return literal.lower() in _SAFE_BACKSLASH_QUOTE
     return not encoding_is_ascii_unsafe(literal)
 
 
@@ -210,18 +256,33 @@ def _on_func_call(walk: _Walk, fields: Fields) -> None:
 
 
 def _on_set_config(walk: _Walk, name_node: JsonValue | None, value: JsonValue | None) -> None:
-    walk.literal_sensitive = True
-    setting = literal_text(name_node)
-    if setting is None:
-        walk.add((PRIVILEGE,), "set_config with a setting name computed at run time")
-        flagged = True
-    elif not _PLAIN_SETTING.fullmatch(setting.lower()):
-        walk.add((PRIVILEGE,), "set_config with an unusual setting name")
-        flagged = True
-    else:
-        flagged = walk.check_setting(setting, "set_config of", value, resets=False)
-    if flagged:
+    if _set_setting(walk, literal_text(name_node), value, "set_config"):
         walk.flagged_functions.add("set_config")
+
+
+def _set_setting(walk: _Walk, setting: str | None, value: JsonValue | None, how: str) -> bool:
+    """Judge a ``set_config`` (or what amounts to one); True when that is privileged. A name
+    not read from a constant may be a lexing setting: what follows is read as pending."""
+    walk.literal_sensitive = True
+    if setting is None:
+        walk.add((PRIVILEGE,), f"{how} with a setting name computed at run time")
+        walk.changes_lexing = True
+        return True
+    if not _PLAIN_SETTING.fullmatch(setting.lower()):
+        walk.add((PRIVILEGE,), f"{how} with an unusual setting name")
+        walk.changes_lexing = True
+        return True
+    return walk.check_setting(setting, f"{how} of", value, resets=False)
+
+
+def _on_write(walk: _Walk, fields: Fields) -> None:
+    target = system_write(fields)
+    if target is None:
+        return
+    if target.settings:  # its rewrite rule calls set_config(name, setting, false)
+        _set_setting(walk, target.setting, target.value, "a write to pg_settings")
+    else:
+        walk.add((ADMIN,), f"writes the system relation {target.relation}")
 
 
 def _on_function_name(walk: _Walk, node: JsonValue | None, via: str) -> None:
@@ -366,6 +427,22 @@ def _on_string(walk: _Walk, fields: Fields) -> None:
         walk.identifiers.add(sval)
 
 
+# ROLLBACK (TO SAVEPOINT) reverts the SETs it undoes; COMMIT and PREPARE TRANSACTION end SET LOCAL.
+_ENDS_SETTINGS_SCOPE = frozenset(
+    {
+        "TRANS_STMT_COMMIT",
+        "TRANS_STMT_ROLLBACK",
+        "TRANS_STMT_ROLLBACK_TO",
+        "TRANS_STMT_PREPARE",
+    }
+)
+
+
+def _on_transaction(walk: _Walk, fields: Fields) -> None:
+    if fields.get("kind") in _ENDS_SETTINGS_SCOPE:
+        walk.undoes_settings = True
+
+
 def _on_do(walk: _Walk, fields: Fields) -> None:
     walk.analyse_do(fields)
 
@@ -379,6 +456,10 @@ _HANDLERS = {
     "TypeCast": _on_type_cast,
     "RangeVar": _on_range_var,
     "CopyStmt": _on_copy,
+    "InsertStmt": _on_write,
+    "UpdateStmt": _on_write,
+    "DeleteStmt": _on_write,
+    "MergeStmt": _on_write,
     "VariableSetStmt": _on_variable_set,
     "AlterTableCmd": _on_alter_table_cmd,
     "DropStmt": _on_drop,
@@ -390,5 +471,6 @@ _HANDLERS = {
     "DeallocateStmt": _on_deallocate,
     "String": _on_string,
     "DoStmt": _on_do,
+    "TransactionStmt": _on_transaction,
     "CreateFunctionStmt": _on_create_function,
 }

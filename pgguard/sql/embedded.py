@@ -97,6 +97,14 @@ class Collector:
         if body is not None:
             self._absorb_sql(body, "function body")
 
+    def absorb_sql(self, sql: str, where: str) -> None:
+        """Take in the facts of SQL text that runs as part of this statement."""
+        self._absorb_sql(sql, where)
+
+    def analyse_plpgsql(self, where: str) -> None:
+        """Take in the facts of the PL/pgSQL body of `self.text` (a CREATE FUNCTION or DO)."""
+        self._analyse_plpgsql(where)
+
     def _absorb_sql(self, sql: str, where: str) -> None:
         if self.depth + 1 > MAX_EMBEDDING_DEPTH:
             self.add((EXECUTE,), f"{where} nests code too deeply to analyse")

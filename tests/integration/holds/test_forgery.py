@@ -62,6 +62,20 @@ async def still_held(running: asyncio.Task[Any], seconds: float = 2.5) -> bool:
     return not running.done()
 
 
+async def stored_state(
+    writer: asyncpg.Connection, requests: str, request_id: str, state: str
+) -> None:
+    """Wait until the request's state is stored (the client is answered before that)."""
+    async with asyncio.timeout(10):
+        while True:
+            stored = await writer.fetchval(
+                f"SELECT state FROM {requests} WHERE id = $1", request_id
+            )
+            if stored == state:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def cancel(running: asyncio.Task[Any]) -> None:
     running.cancel()
     with pytest.raises((asyncio.CancelledError, asyncpg.QueryCanceledError)):
@@ -212,6 +226,7 @@ async def test_forged_remembered_approval_is_not_used(
         first = asyncio.create_task(conn.execute("DROP TABLE remember_t"))
         pending = await wait_for_request(api, "remember_t")
         await cancel(first)
+        await stored_state(writer, requests, pending["id"], "cancelled")
         # Copy the genuine row as an attacker would, approved and remembered for an hour.
         await writer.execute(
             f"INSERT INTO {requests} SELECT 'forged' || substr(id, 7), 'approved', agent, owner, "

@@ -55,6 +55,11 @@ def test_texts_differing_in_structure_do_not(a: bytes, b: bytes) -> None:
         "SELECT 'é'".encode(),
         b"SELECT 1\x00",
         b"SELECT 'a\\'",
+        b"SELECT U&\"!0061\" UESCAPE '!'",  # UESCAPE may follow a U& identifier
+        b'SELECT U&"a"',
+        b"SELECT 'unterminated",
+        b'SELECT "unterminated',
+        b"SELECT 'a', ' ",
     ],
 )
 def test_subtle_lexing_is_refused(text: bytes) -> None:
