@@ -23,17 +23,6 @@ from pgguard.wire import messages as m
 from tests.support import ProxyThread, RawClient, agent_settings, error_fields, shipped_rules_with
 
 
-@pytest.fixture(scope="module")
-def guarded(upstream_dsn: str) -> Iterator[ProxyThread]:
-    settings = agent_settings(upstream_dsn)
-    gate = PolicyGate(load_engine(settings), upstream=settings.upstream)
-    thread = ProxyThread(settings, gate).start()
-    try:
-        yield thread
-    finally:
-        thread.stop()
-
-
 @pytest.fixture(autouse=True)
 def notes(direct_dsn: str) -> None:
     with psycopg.connect(direct_dsn, autocommit=True) as conn:

@@ -7,8 +7,6 @@ the client sees is the one the server has.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import asyncpg
 import psycopg
 import pytest
@@ -16,16 +14,6 @@ import pytest
 from pgguard.proxy.assembly import load_engine
 from pgguard.proxy.policy_gate import PolicyGate
 from tests.support import ProxyThread, RawClient, agent_settings, error_fields
-
-
-@pytest.fixture(scope="module")
-def guarded(upstream_dsn: str) -> Iterator[ProxyThread]:
-    settings = agent_settings(upstream_dsn)
-    thread = ProxyThread(settings, PolicyGate(load_engine(settings))).start()
-    try:
-        yield thread
-    finally:
-        thread.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from pgguard.proxy.assembly import load_engine
-from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.wire import messages as m
-from tests.support import ProxyThread, RawClient, agent_settings, error_fields
+from tests.support import ProxyThread, RawClient, error_fields
 
 
 def bind(portal: str, statement: str) -> bytes:
@@ -36,17 +33,6 @@ def close(kind: str, name: str) -> bytes:
 
 
 SYNC = m.message(ord("S"))
-
-
-@pytest.fixture(scope="module")
-def guarded(upstream_dsn: str) -> Iterator[ProxyThread]:
-    settings = agent_settings(upstream_dsn)
-    gate = PolicyGate(load_engine(settings), upstream=settings.upstream)
-    thread = ProxyThread(settings, gate).start()
-    try:
-        yield thread
-    finally:
-        thread.stop()
 
 
 @pytest.fixture(autouse=True)
