@@ -29,8 +29,9 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from pgguard.approvals.model import NewRequest
 from pgguard.approvals.service import ApprovalService
@@ -125,7 +126,7 @@ class PolicyGate(Gate):
         self.instance_id = instance_id
         self.upstream = upstream  # row estimates for reviews, FunctionCall OIDs
         self.ledger = ledger
-        self._function_lookups: set[asyncio.Task[None]] = set()
+        self._judging: set[asyncio.Task[None]] = set()  # deferred judgements under way
         # Routines judged by their bodies: needs pgguard's own catalog look-ups upstream.
         self.routines = RoutineJudge(engine, upstream) if upstream is not None else None
 
@@ -231,12 +232,13 @@ class PolicyGate(Gate):
         event: SqlEvent,
         text: bytes,
     ) -> Hold:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Allow | Deny] = loop.create_future()
-        task = loop.create_task(self._judge_offloaded(session, state, ctx, event, text, future))
-        self._function_lookups.add(task)
-        task.add_done_callback(self._function_lookups.discard)
-        return Hold(future)
+        def refused(exc: Exception) -> Deny:
+            if isinstance(exc, StatementTooComplex):
+                return Deny(exc)
+            log.error("session %s: a long statement was not judged: %s", session.session_id, exc)
+            return Deny(StatementTooComplex("pgguard could not analyse this statement"))
+
+        return self._deferred(self._judge_offloaded(session, state, ctx, event, text), refused)
 
     async def _judge_offloaded(
         self,
@@ -245,44 +247,66 @@ class PolicyGate(Gate):
         ctx: Context,
         event: SqlEvent,
         text: bytes,
+    ) -> Verdict:
+        assert self.offload is not None
+        decision, blind, masked = await self.offload.classify(
+            text, ctx, mask=self.ledger is not None or self.approvals is not None
+        )
+        if masked is not None:
+            state.premasked = (text, masked)  # for a hold's review (see _hold)
+            if self.ledger is not None:
+                self.ledger.premask(text, masked.text)
+        if any(f.executes for f in decision.facts):
+            raise StatementTooComplex(
+                "pgguard judges a statement this long only when it EXECUTEs no prepared statement",
+                hint="Send the EXECUTE as a statement of its own.",
+            )
+        if ctx.session is not None:  # what the worker's empty tracker remembered
+            for facts in decision.facts:
+                if facts.prepares is not None:
+                    ctx.session.remember(facts.prepares, facts)
+        if _fetches(decision):
+            decision = self._with_fetched_portals(session, ctx, decision, text)
+        # The literal-blind key stands for the text in the ledger; an Execute's is not kept
+        # (as in `check`).
+        blind = blind if event.kind == "query" else None
+        return self._verdict(session, state, decision, event, blind)
+
+    # --- judgements that wait (long texts, FunctionCall OIDs, routine bodies) ----------------
+
+    def _deferred(
+        self,
+        judging: Coroutine[Any, Any, Verdict],
+        refused: Callable[[Exception], Allow | Deny],
+    ) -> Hold:
+        """A verdict that needs I/O or another process: only this session waits for it.
+
+        A judgement that ends in a hold (an approval) is awaited too; an exception is
+        ``refused(exc)`` (fail closed); cancellation refuses with 57014.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Allow | Deny] = loop.create_future()
+        task = loop.create_task(self._settle_when_judged(judging, refused, future))
+        self._judging.add(task)
+        task.add_done_callback(self._judging.discard)
+        return Hold(future)
+
+    @staticmethod
+    async def _settle_when_judged(
+        judging: Coroutine[Any, Any, Verdict],
+        refused: Callable[[Exception], Allow | Deny],
         future: asyncio.Future[Allow | Deny],
     ) -> None:
-        assert self.offload is not None
         try:
-            decision, blind, masked = await self.offload.classify(
-                text, ctx, mask=self.ledger is not None or self.approvals is not None
-            )
-            if masked is not None:
-                state.premasked = (text, masked)  # for a hold's review (see _hold)
-                if self.ledger is not None:
-                    self.ledger.premask(text, masked.text)
-            if any(f.executes for f in decision.facts):
-                raise StatementTooComplex(
-                    "pgguard judges a statement this long only when it EXECUTEs no prepared "
-                    "statement",
-                    hint="Send the EXECUTE as a statement of its own.",
-                )
-            if ctx.session is not None:  # what the worker's empty tracker remembered
-                for facts in decision.facts:
-                    if facts.prepares is not None:
-                        ctx.session.remember(facts.prepares, facts)
-            if _fetches(decision):
-                decision = self._with_fetched_portals(session, ctx, decision, text)
-            # The literal-blind key stands for the text in the ledger; an Execute's is not kept
-            # (as in `check`).
-            blind = blind if event.kind == "query" else None
-            verdict = self._verdict(session, state, decision, event, blind)
+            verdict = await judging
             if isinstance(verdict, Hold):
                 verdict = await verdict.decision
             settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
         except asyncio.CancelledError:
             settle(future, Deny(QueryCanceled("canceling statement due to user request")))
             raise
-        except StatementTooComplex as exc:
-            settle(future, Deny(exc))
-        except Exception as exc:  # fail closed
-            log.error("session %s: a long statement was not judged: %s", session.session_id, exc)
-            settle(future, Deny(StatementTooComplex("pgguard could not analyse this statement")))
+        except Exception as exc:
+            settle(future, refused(exc))
 
     # --- the FunctionCall message ---------------------------------------------------------
 
@@ -300,40 +324,23 @@ class PolicyGate(Gate):
             return self.check(session, _function_call_event(known, body))
         if self.upstream is None:
             return super().check_function_call(session, oid, body)
-        future: asyncio.Future[Allow | Deny] = asyncio.get_running_loop().create_future()
-        task = asyncio.get_running_loop().create_task(
-            self._resolve_function_call(session, state, oid, body, future)
-        )
-        self._function_lookups.add(task)
-        task.add_done_callback(self._function_lookups.discard)
-        return Hold(future)
+
+        def refused(exc: Exception) -> Deny:
+            log.error("function call OID %d not judged: %s", oid, exc)
+            return function_call_refused("it could not be judged")
+
+        return self._deferred(self._resolve_function_call(session, state, oid, body), refused)
 
     async def _resolve_function_call(
-        self,
-        session: SessionView,
-        state: _SessionPolicy,
-        oid: int,
-        body: bytes,
-        future: asyncio.Future[Allow | Deny],
-    ) -> None:
+        self, session: SessionView, state: _SessionPolicy, oid: int, body: bytes
+    ) -> Verdict:
         assert self.upstream is not None
-        try:
-            name = await function_name(self.upstream, session.database, oid)
-            if name is None:
-                settle(future, function_call_refused(f"no function has OID {oid}"))
-                return
-            if len(state.functions) < _MAX_FUNCTIONS:
-                state.functions[oid] = name
-            verdict = self.check(session, _function_call_event(name, body))
-            if isinstance(verdict, Hold):
-                verdict = await verdict.decision
-            settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
-        except asyncio.CancelledError:
-            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
-            raise
-        except Exception as exc:  # fail closed
-            log.error("function call OID %d not judged: %s", oid, exc)
-            settle(future, function_call_refused("it could not be judged"))
+        name = await function_name(self.upstream, session.database, oid)
+        if name is None:
+            return function_call_refused(f"no function has OID {oid}")
+        if len(state.functions) < _MAX_FUNCTIONS:
+            state.functions[oid] = name
+        return self.check(session, _function_call_event(name, body))
 
     def _check_execute(
         self, session: SessionView, state: _SessionPolicy, ctx: Context, event: SqlEvent
@@ -453,14 +460,20 @@ class PolicyGate(Gate):
         blind: bytes | None,
         names: list[str],
     ) -> Verdict:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Allow | Deny] = loop.create_future()
-        task = loop.create_task(
-            self._judge_routines(session, state, decision, event, blind, names, future)
-        )
-        self._function_lookups.add(task)
-        task.add_done_callback(self._function_lookups.discard)
-        return Hold(future)
+        def refused(exc: Exception) -> Allow | Deny:
+            # Fail closed: a body pgguard cannot read is not harmless.
+            log.error("routine bodies not judged: %s", type(exc).__name__)
+            if self.observe:  # observe mode never refuses; the log line above is the record
+                return ALLOW
+            return Deny(
+                PolicyDenied(
+                    "pgguard could not read the definitions of the functions this "
+                    "statement calls, so it is refused"
+                )
+            )
+
+        judging = self._judge_routines(session, state, decision, event, blind, names)
+        return self._deferred(judging, refused)
 
     async def _judge_routines(
         self,
@@ -470,33 +483,11 @@ class PolicyGate(Gate):
         event: SqlEvent,
         blind: bytes | None,
         names: list[str],
-        future: asyncio.Future[Allow | Deny],
-    ) -> None:
+    ) -> Verdict:
         assert self.routines is not None
-        try:
-            ctx = Context(session.agent, session.database, session=state.tracker)
-            judged = await self.routines.judge(decision, ctx, names)
-            verdict = self._verdict_now(session, state, judged, event, blind)
-            if isinstance(verdict, Hold):
-                verdict = await verdict.decision
-            settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
-        except asyncio.CancelledError:
-            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
-            raise
-        except Exception as exc:  # fail closed: a body pgguard cannot read is not harmless
-            log.error("routine bodies not judged: %s", type(exc).__name__)
-            if self.observe:  # observe mode never refuses; the log line above is the record
-                settle(future, ALLOW)
-                return
-            settle(
-                future,
-                Deny(
-                    PolicyDenied(
-                        "pgguard could not read the definitions of the functions this "
-                        "statement calls, so it is refused"
-                    )
-                ),
-            )
+        ctx = Context(session.agent, session.database, session=state.tracker)
+        judged = await self.routines.judge(decision, ctx, names)
+        return self._verdict_now(session, state, judged, event, blind)
 
     def _verdict_now(
         self,
