@@ -78,6 +78,17 @@ class Decision:
     facts: tuple[StatementFacts, ...] = field(default=(), repr=False, compare=False)
     """Per-statement facts (categories, functions, relations; `text` blanked) for
     `SessionTracker.remember_all` when the proxy tracks protocol-level named statements."""
+    # Derived once per decision (decisions are cached and met again on every repeat of a text),
+    # so the proxy's hot path reads a field instead of walking statements and facts each time.
+    fetches: bool = field(init=False, repr=False, compare=False)
+    """A statement is a FETCH or MOVE (it runs the portal or cursor it names)."""
+    called_functions: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """Every function name the statements call, sorted, without repeats."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fetches", any(s.kind == "FetchStmt" for s in self.statements))
+        names = {name for facts in self.facts for name in facts.functions}
+        object.__setattr__(self, "called_functions", tuple(sorted(names)))
 
     def to_json(self) -> dict[str, object]:
         """The `pgguard classify --json` object (contract keys first, extras after)."""

@@ -180,7 +180,12 @@ class FrontendScanner:
                 if verdict is not allow:
                     self._buf, self._pos = data, pos
                     return pos, verdict
-            elif type_byte in passed and self._length_ok(type_byte, length):
+            elif type_byte in passed and (
+                # Sync and Describe, every pipeline: their lengths checked here, not by a call
+                (type_byte == 0x53 and length == 4)
+                or (type_byte == 0x44 and 4 < length <= SMALL_MESSAGE_LIMIT)
+                or self._length_ok(type_byte, length)
+            ):
                 if type_byte == 0x53:
                     self.syncs += 1
                     self.unsynced = False
