@@ -31,6 +31,7 @@ from rich.table import Table
 from pgguard.errors import ConfigError
 from pgguard.ledger.anchors import read_anchors
 from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
+from pgguard.ledger.expander import Backlog, backlog
 from pgguard.ledger.keys import load_public_key, public_key_path
 from pgguard.ledger.problems import Problem
 from pgguard.ledger.reader import LedgerFilters, LedgerRow, VerifyReport, query, verify
@@ -182,6 +183,17 @@ def _run(
     return asyncio.run(main())
 
 
+def _lag_line(waiting: Backlog) -> str:
+    """How far the expansion of packs into indexed rows lags (see pgguard.ledger.expander)."""
+    if not waiting.entries or waiting.oldest is None:
+        return "index lag: none (every entry is in an indexed table)"
+    age = (datetime.now(UTC) - waiting.oldest).total_seconds()
+    return (
+        f"index lag: {waiting.entries} entries in {waiting.packs} packs not expanded yet "
+        f"(oldest stored {age:.1f} s ago); they are shown, read from the packs"
+    )
+
+
 def _short(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
@@ -242,10 +254,11 @@ def register(app: typer.Typer) -> None:
         """The newest ledger entries as a table."""
         filters = _filters(agent, since, until, category, action, approver, request, limit)
 
-        async def fetch(conn: asyncpg.Connection, schema: str) -> list[LedgerRow]:
-            return [row async for row in query(conn, filters, schema=schema)]
+        async def fetch(conn: asyncpg.Connection, schema: str) -> tuple[list[LedgerRow], Backlog]:
+            rows = [row async for row in query(conn, filters, schema=schema)]
+            return rows, await backlog(conn, schema)
 
-        rows = _run(config, fetch)
+        rows, waiting = _run(config, fetch)
         table = Table(title=f"pgguard ledger ({len(rows)} entries, newest first)")
         for column in ("time (UTC)", "agent", "kind/action", "categories", "request", "approvers"):
             table.add_column(column)
@@ -266,6 +279,7 @@ def register(app: typer.Typer) -> None:
                 _outcome(row),
             )
         Console().print(table)
+        typer.echo(_lag_line(waiting), err=True)
 
     @ledger.command()
     def export(

@@ -2,12 +2,14 @@
 
 Owns: `LedgerFilters`, `LedgerRow`, `query`, `verify`, `VerifyReport` (and re-exports `Problem`).
 
-`query` streams statement-level rows (every kind but ``outcome``), each joined with the outcome
+`query` streams statement-level rows (every kind but ``outcome``) of the ``ledger`` view, with
+only the filters given as (indexed) conditions (`query_sql`), each joined with the outcome
 entry that completes it, through a server-side cursor in a transaction, so an export of millions
 of rows never holds more than a prefetch window. Rows are built from the hashed ``content``.
 
 `verify` walks every chain in seq order, one row in memory at a time, recomputing each hash from
-``content`` and checking the columns, seq and links. Problems are reported by entry id:
+``content`` (full entries), from the pack (packs) or from the columns (expanded rows, packed
+again), and checking the columns, seq and links. Problems are reported by entry id:
 ``modified`` (content does not match its hash, a column disagrees with the content, or an entry
 was rewritten and rehashed so its successor no longer links to it), ``deleted`` (a seq gap; the
 id is the missing predecessor's, as its successor recorded it), ``inserted`` (a row that does not
@@ -24,18 +26,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+import orjson
 
 from pgguard.approvals.schema import checked_schema
 from pgguard.ledger.audit import CheckpointAudit, StoredCheckpoint
 from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
 from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
-from pgguard.ledger.packed import Unpacked, unpack
+from pgguard.ledger.packed import SESSION_KEYS, Unpacked, record_ref, unpack
 from pgguard.ledger.problems import Problem, ProblemKind
 from pgguard.ledger.store import (
     CHECKPOINT_COLUMNS,
@@ -125,35 +128,7 @@ async def query(
     prefetch: int = 500,
 ) -> AsyncIterator[LedgerRow]:
     """Stream the rows matching ``filters`` (a transaction is opened on ``conn`` meanwhile)."""
-    quoted = checked_schema(schema)
-    order = "DESC" if newest_first else "ASC"
-    sql = (
-        f"SELECT {_VIEW_COLUMNS}, o.content::text AS done "
-        f"FROM {quoted}.ledger e LEFT JOIN LATERAL (SELECT x.content "
-        f"FROM {quoted}.ledger_entries x WHERE NOT e.packed "
-        "AND x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
-        "ORDER BY x.received_at LIMIT 1) o ON true "
-        "WHERE e.kind <> 'outcome' "
-        "AND ($1::text IS NULL OR e.agent = $1) "
-        "AND ($2::timestamptz IS NULL OR e.received_at >= $2) "
-        "AND ($3::timestamptz IS NULL OR e.received_at < $3) "
-        "AND ($4::text IS NULL OR $4 = ANY (e.categories)) "
-        "AND ($5::text IS NULL OR e.action = $5) "
-        "AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM jsonb_array_elements(e.approvers) a "
-        "WHERE a->>'id' = $6 OR a->>'name' = $6)) "
-        "AND ($7::text IS NULL OR e.request_id = $7) "
-        f"ORDER BY e.received_at {order}, e.chain_id {order}, e.seq {order} LIMIT $8"
-    )
-    args = (
-        filters.agent,
-        filters.since,
-        filters.until,
-        filters.category,
-        filters.action,
-        filters.approver,
-        filters.request_id,
-        filters.limit,
-    )
+    sql, args = query_sql(filters, schema=schema, newest_first=newest_first)
     async with conn.transaction(readonly=True):
         async for record in conn.cursor(sql, *args, prefetch=prefetch):
             done = record["done"]
@@ -164,6 +139,51 @@ async def query(
                 hash=record["hash"],
                 outcome=None if done is None else entry_from_content(json.loads(done)["entry"]),
             )
+
+
+def query_sql(
+    filters: LedgerFilters, *, schema: str = "pgguard", newest_first: bool = True
+) -> tuple[str, list[object]]:
+    """The SQL and arguments of `query`: only the filters given become conditions, each one an
+    index can serve (``ledger_entries`` and ``ledger_rows`` index time, agent, session, action,
+    categories, request and approvers), and the order is the indexes' order, so a ``LIMIT``
+    reads only the rows it returns."""
+    quoted = checked_schema(schema)
+    order = "DESC" if newest_first else "ASC"
+    args: list[object] = []
+
+    def arg(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    where = ["e.kind <> 'outcome'"]
+    if filters.agent is not None:
+        where.append(f"e.agent = {arg(filters.agent)}")
+    if filters.since is not None:
+        where.append(f"e.received_at >= {arg(filters.since)}")
+    if filters.until is not None:
+        where.append(f"e.received_at < {arg(filters.until)}")
+    if filters.category is not None:
+        where.append(f"e.categories @> ARRAY[{arg(filters.category)}::text]")
+    if filters.action is not None:
+        where.append(f"e.action = {arg(filters.action)}")
+    if filters.approver is not None:
+        by_id = arg(json.dumps([{"id": filters.approver}]))
+        by_name = arg(json.dumps([{"name": filters.approver}]))
+        where.append(f"(e.approvers @> {by_id}::jsonb OR e.approvers @> {by_name}::jsonb)")
+    if filters.request_id is not None:
+        where.append(f"e.request_id = {arg(filters.request_id)}")
+    limit = f" LIMIT {arg(filters.limit)}" if filters.limit is not None else ""
+    sql = (
+        f"SELECT {_VIEW_COLUMNS}, o.content::text AS done "
+        f"FROM {quoted}.ledger e LEFT JOIN LATERAL (SELECT x.content "
+        f"FROM {quoted}.ledger_entries x WHERE NOT e.packed "
+        "AND x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
+        "ORDER BY x.received_at LIMIT 1) o ON true "
+        f"WHERE {' AND '.join(where)} "
+        f"ORDER BY e.received_at {order}, e.chain_id {order}, e.seq {order}{limit}"
+    )
+    return sql, args
 
 
 # The entry's own fields, in the table's order (between its chain position and ``content``).
@@ -205,11 +225,14 @@ async def verify(
     anchors: Sequence[SignedCheckpoint] | None = None,
     open_grace: float = 10.0,
     now: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Check every chain; the report lists each problem by entry id.
 
-    Full entries (``ledger_entries``) and packed ones (``ledger_packs``) are walked together in
-    (chain, seq) order, one row and one pack in memory at a time. With ``keys``, the walk is
+    Full entries (``ledger_entries``), expanded packed ones (``ledger_rows``, each re-packed
+    to check its hash) and packs not expanded yet (``ledger_packs``) are walked together in
+    (chain, seq) order, one row and one pack in memory at a time; ``progress`` is called with
+    the number of entries walked so far, every `PROGRESS_EVERY` entries. With ``keys``, the walk is
     also checked against the signed checkpoints (the table's and ``anchors``, the lines of the
     anchor files; None: no anchor file); ``open_grace`` (seconds) is how young an open chain's
     unsigned tail may be to be a warning rather than a problem (twice ``checkpoint_seconds``).
@@ -235,6 +258,12 @@ async def verify(
         full = conn.cursor(
             f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", prefetch=1000
         ).__aiter__()
+        expanded = _expanded_items(
+            conn.cursor(
+                f"SELECT {_ROW_COLUMNS} FROM {quoted}.ledger_rows ORDER BY chain_id, seq",
+                prefetch=5000,
+            )
+        ).__aiter__()
         packed = _packed_items(
             conn.cursor(
                 f"SELECT chain_id, first_seq, last_seq, body FROM {quoted}.ledger_packs "
@@ -243,18 +272,7 @@ async def verify(
             ),
             walker,
         ).__aiter__()
-        row = await anext(full, None)
-        item = await anext(packed, None)
-        while row is not None or item is not None:
-            if item is None or (
-                row is not None and (row["chain_id"], row["seq"]) <= (item[0], item[1].seq)
-            ):
-                assert row is not None
-                walker.visit(row)
-                row = await anext(full, None)
-            else:
-                walker.visit_packed(item[0], item[1])
-                item = await anext(packed, None)
+        await _merge_walk(walker, full, expanded, packed, progress)
     if walker.audit is not None:
         walker.audit.finish()
     return VerifyReport(
@@ -319,6 +337,122 @@ async def _packed_items(
                 )
                 walker.displaced.add(item.entry_id)
             yield chain_id, item
+
+
+PROGRESS_EVERY = 10_000
+
+# ledger_rows as verify reads it: times as whole microseconds, the form the hash covers.
+_ROW_COLUMNS = (
+    "chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, instance_id, session_id, agent, "
+    "owner, client_address, application_name, database, upstream_role, statement, fingerprint, "
+    "categories, rule_ids, action, "
+    "(extract(epoch FROM received_at) * 1000000)::bigint AS received_us, "
+    "(extract(epoch FROM completed_at) * 1000000)::bigint AS completed_us, "
+    "command_tag, rows, sqlstate, error_message"
+)
+_REF_CACHE_MAX = 100_000  # distinct session and statement records remembered between rows
+
+
+async def _merge_walk(
+    walker: _Walker,
+    full: AsyncIterator[asyncpg.Record],
+    expanded: AsyncIterator[tuple[str, Unpacked]],
+    packed: AsyncIterator[tuple[str, Unpacked]],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Visit the three sorted streams as one, in (chain, seq) order (full entries first on a
+    tie, then expanded rows, then packs: a duplicated seq is then seen as such)."""
+    row = await anext(full, None)
+    heads: list[tuple[str, Unpacked] | None] = [
+        await anext(expanded, None),
+        await anext(packed, None),
+    ]
+    streams = (expanded, packed)
+    next_report = PROGRESS_EVERY
+    while row is not None or heads[0] is not None or heads[1] is not None:
+        pick = -1
+        key = (row["chain_id"], row["seq"]) if row is not None else None
+        for i, head in enumerate(heads):
+            if head is not None and (key is None or (head[0], head[1].seq) < key):
+                pick, key = i, (head[0], head[1].seq)
+        if pick < 0:
+            assert row is not None
+            walker.visit(row)
+            row = await anext(full, None)
+        else:
+            item = heads[pick]
+            assert item is not None
+            walker.visit_packed(item[0], item[1])
+            heads[pick] = await anext(streams[pick], None)
+        if progress is not None and walker.entries >= next_report:
+            progress(walker.entries)
+            next_report += PROGRESS_EVERY
+    if progress is not None:
+        progress(walker.entries)
+
+
+async def _expanded_items(
+    rows: AsyncIterable[asyncpg.Record],
+) -> AsyncIterator[tuple[str, Unpacked]]:
+    """Each row of ``ledger_rows`` packed again: its records' refs and its canonical array are
+    recomputed from the columns, so any column that differs from what was sealed fails the
+    entry's hash."""
+    sessions: dict[tuple[object, ...], tuple[str, dict[str, object]]] = {}
+    texts: dict[tuple[object, ...], tuple[str, dict[str, object]]] = {}
+    dumps = orjson.dumps
+    async for r in rows:
+        skey = tuple(r[k] for k in SESSION_KEYS)
+        session = sessions.get(skey)
+        if session is None:
+            if len(sessions) >= _REF_CACHE_MAX:
+                sessions.clear()
+            record: dict[str, object] = dict(zip(SESSION_KEYS, skey, strict=True))
+            session = sessions[skey] = (record_ref(record), record)  # type: ignore[arg-type]
+        categories, rule_ids = r["categories"], r["rule_ids"]
+        tkey = (r["statement"], r["fingerprint"], tuple(categories), tuple(rule_ids), r["action"])
+        text = texts.get(tkey)
+        if text is None:
+            if len(texts) >= _REF_CACHE_MAX:
+                texts.clear()
+            trecord: dict[str, object] = {
+                "statement": tkey[0],
+                "fingerprint": tkey[1],
+                "categories": list(categories),
+                "rule_ids": list(rule_ids),
+                "action": tkey[4],
+            }
+            text = texts[tkey] = (record_ref(trecord), trecord)  # type: ignore[arg-type]
+        received, completed = r["received_us"], r["completed_us"]
+        fields: list[object] = [
+            r["seq"],
+            r["entry_id"],
+            r["prev_entry_id"],
+            r["prev_hash"],
+            session[0],
+            text[0],
+            received,
+            completed,
+            r["command_tag"],
+            r["rows"],
+            r["sqlstate"],
+            r["error_message"],
+            completed - received,
+        ]
+        yield (
+            r["chain_id"],
+            Unpacked(
+                seq=r["seq"],
+                entry_id=r["entry_id"],
+                prev_entry_id=r["prev_entry_id"],
+                prev_hash=r["prev_hash"],
+                hash=r["hash"],
+                canonical=dumps(fields),
+                fields=fields,
+                session=session[1],
+                text=text[1],
+                refs_ok=True,
+            ),
+        )
 
 
 @dataclass(slots=True)
