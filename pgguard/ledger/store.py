@@ -155,8 +155,9 @@ MIGRATIONS: tuple[str, ...] = (
     # writes one ledger_packs row per batch; `ledger_expand` (called by the expander, see
     # pgguard.ledger.expander) moves whole packs into ledger_rows, one row per entry, in one
     # transaction, so each entry is in exactly one of the two tables at any time. The view keeps
-    # its columns; its pack branch now parses each body once (the old one re-parsed the body
-    # for every entry it held), and only the packs not yet expanded go through it.
+    # its columns; its pack branch now parses each body once (`ledger_unpack`; the old one
+    # re-parsed the body for every entry it held), and only the packs not yet expanded go
+    # through it.
     """
     CREATE TABLE {s}.ledger_rows (
         chain_id         text NOT NULL,
@@ -198,36 +199,47 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX ledger_entries_categories ON {s}.ledger_entries USING gin (categories);
     CREATE INDEX ledger_entries_approvers ON {s}.ledger_entries
         USING gin (approvers jsonb_path_ops);
-    -- The packs not expanded yet, as ledger_rows' rows (plus the pack's first_seq). OFFSET 0
-    -- keeps each lateral a subquery of its own, evaluated once per pack (body) or per entry
-    -- (refs), instead of being flattened into a re-parse of the body at every reference.
-    CREATE VIEW {s}.ledger_pending AS
-        SELECT p.chain_id, (e.value->>0)::bigint AS seq, e.hash, e.value->>3 AS prev_hash,
-               e.value->>2 AS prev_entry_id, e.value->>1 AS entry_id,
-               r.s->>'instance_id' AS instance_id, r.s->>'session_id' AS session_id,
-               to_timestamp(0) + ((e.value->>6)::bigint * interval '1 microsecond')
-                   AS received_at,
-               r.s->>'agent' AS agent, r.s->>'owner' AS owner,
-               r.s->>'client_address' AS client_address,
-               r.s->>'application_name' AS application_name, r.s->>'database' AS database,
-               r.s->>'upstream_role' AS upstream_role, r.t->>'statement' AS statement,
-               r.t->>'fingerprint' AS fingerprint,
-               ARRAY(SELECT jsonb_array_elements_text(r.t->'categories')) AS categories,
-               ARRAY(SELECT jsonb_array_elements_text(r.t->'rule_ids')) AS rule_ids,
-               r.t->>'action' AS action,
-               to_timestamp(0) + ((e.value->>7)::bigint * interval '1 microsecond')
-                   AS completed_at,
-               e.value->>8 AS command_tag, (e.value->>9)::bigint AS rows,
-               e.value->>10 AS sqlstate, e.value->>11 AS error_message, p.stored_at,
-               p.first_seq
-        FROM {s}.ledger_packs p
-        CROSS JOIN LATERAL (SELECT p.body::jsonb AS body OFFSET 0) b
-        CROSS JOIN LATERAL ROWS FROM (
-            jsonb_array_elements(b.body->'entries'),
-            jsonb_array_elements_text(b.body->'hashes')
+    -- One pack's entries as ledger_rows' columns. A plpgsql function, so the body is parsed
+    -- once per pack: in a plain query the planner substitutes the parsed body back into every
+    -- reference to it, re-parsing the whole pack for each entry it holds.
+    CREATE FUNCTION {s}.ledger_unpack(body text) RETURNS TABLE (
+        seq bigint, hash text, prev_hash text, prev_entry_id text, entry_id text,
+        instance_id text, session_id text, received_at timestamptz, agent text, owner text,
+        client_address text, application_name text, database text, upstream_role text,
+        statement text, fingerprint text, categories text[], rule_ids text[], action text,
+        completed_at timestamptz, command_tag text, rows bigint, sqlstate text,
+        error_message text
+    ) LANGUAGE plpgsql STABLE AS $$
+    #variable_conflict use_column
+    DECLARE
+        b jsonb := body::jsonb;
+        refs jsonb := b->'refs';
+    BEGIN
+        RETURN QUERY
+        SELECT (e.value->>0)::bigint, e.hash, e.value->>3, e.value->>2, e.value->>1,
+               r.s->>'instance_id', r.s->>'session_id',
+               to_timestamp(0) + ((e.value->>6)::bigint * interval '1 microsecond'),
+               r.s->>'agent', r.s->>'owner', r.s->>'client_address',
+               r.s->>'application_name', r.s->>'database', r.s->>'upstream_role',
+               r.t->>'statement', r.t->>'fingerprint',
+               ARRAY(SELECT jsonb_array_elements_text(r.t->'categories')),
+               ARRAY(SELECT jsonb_array_elements_text(r.t->'rule_ids')), r.t->>'action',
+               to_timestamp(0) + ((e.value->>7)::bigint * interval '1 microsecond'),
+               e.value->>8, (e.value->>9)::bigint, e.value->>10, e.value->>11
+        FROM ROWS FROM (
+            jsonb_array_elements(b->'entries'), jsonb_array_elements_text(b->'hashes')
         ) e(value, hash)
-        CROSS JOIN LATERAL (SELECT b.body->'refs'->(e.value->>4) AS s,
-                                   b.body->'refs'->(e.value->>5) AS t OFFSET 0) r;
+        CROSS JOIN LATERAL (SELECT refs->(e.value->>4) AS s, refs->(e.value->>5) AS t) r;
+    END
+    $$;
+    -- The packs not expanded yet, as ledger_rows' rows (plus the pack's first_seq).
+    CREATE VIEW {s}.ledger_pending AS
+        SELECT p.chain_id, u.seq, u.hash, u.prev_hash, u.prev_entry_id, u.entry_id,
+               u.instance_id, u.session_id, u.received_at, u.agent, u.owner, u.client_address,
+               u.application_name, u.database, u.upstream_role, u.statement, u.fingerprint,
+               u.categories, u.rule_ids, u.action, u.completed_at, u.command_tag, u.rows,
+               u.sqlstate, u.error_message, p.stored_at, p.first_seq
+        FROM {s}.ledger_packs p CROSS JOIN LATERAL {s}.ledger_unpack(p.body) u;
     CREATE OR REPLACE VIEW {s}.ledger AS
         SELECT chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, kind, instance_id,
                session_id, received_at, decided_at, agent, owner, client_address,
