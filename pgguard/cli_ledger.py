@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, BinaryIO, TypeVar
@@ -37,6 +37,7 @@ from pgguard.ledger.expander import Backlog, backlog
 from pgguard.ledger.export import Sink, records, write
 from pgguard.ledger.keys import load_public_key, public_key_path
 from pgguard.ledger.problems import Problem
+from pgguard.ledger.prune import prune
 from pgguard.ledger.reader import LedgerFilters, LedgerRow, VerifyReport, query, verify
 
 if TYPE_CHECKING:
@@ -306,8 +307,11 @@ def _quiet_stdout() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    ledger = typer.Typer(help="Read, export and verify the query ledger.", no_args_is_help=True)
+    ledger = typer.Typer(
+        help="Read, export, verify and prune the query ledger.", no_args_is_help=True
+    )
     app.add_typer(ledger, name="ledger")
+    _register_prune(ledger)
 
     @ledger.command()
     def show(
@@ -494,6 +498,77 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
+def _register_prune(ledger: typer.Typer) -> None:
+    @ledger.command("prune")
+    def prune_command(
+        config: ConfigOption = None,
+        before: Annotated[
+            str | None,
+            typer.Option(
+                "--before",
+                help="Remove entries received before this time (ISO 8601; UTC if no zone). "
+                "Default: now minus [ledger] retention_days.",
+            ),
+        ] = None,
+        public_key: Annotated[
+            list[Path] | None,
+            typer.Option(
+                "--public-key",
+                help="Public key(s) the checkpoints are signed with (a chain is only cut at a "
+                "checkpoint that verifies). Default: the public half of signing_key_file.",
+            ),
+        ] = None,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Show the cuts; delete nothing.")
+        ] = False,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Remove old entries, chain by chain, up to the newest signed checkpoint before
+        --before; the checkpoint stays, so `verify` still proves every entry after the cut."""
+        settings = _settings(config)
+        cutoff = _time(before, "--before")
+        if cutoff is None:
+            days = settings.ledger.retention_days
+            if days is None:
+                raise _fail("--before DATE is required ([ledger] retention_days is not set)")
+            cutoff = datetime.now(UTC) - timedelta(days=days)
+        keys = KeyRing(_public_keys(settings, public_key or []))
+        cuts = _run(
+            settings,
+            lambda conn, schema: prune(
+                conn, schema=schema, before=cutoff, keys=keys, dry_run=dry_run
+            ),
+        )
+        if as_json:
+            typer.echo(
+                orjson.dumps(
+                    {
+                        "before": cutoff.isoformat(),
+                        "dry_run": dry_run,
+                        "cuts": [
+                            {
+                                "chain_id": c.chain_id,
+                                "seq": c.seq,
+                                "head_entry_id": c.head_entry_id,
+                                "removed": c.removed,
+                            }
+                            for c in cuts
+                        ],
+                    }
+                ).decode("utf-8")
+            )
+            return
+        verb = "would cut" if dry_run else "cut"
+        for c in cuts:
+            removed = "" if dry_run else f", {c.removed} entries removed"
+            typer.echo(f"{verb} {c.chain_id} at signed checkpoint #{c.seq}{removed}")
+        total = sum(c.removed for c in cuts)
+        typer.echo(
+            f"{len(cuts)} chain(s) {verb} before {cutoff.isoformat()}"
+            + ("" if dry_run else f"; {total} entries removed")
+        )
+
+
 def _report_json(report: VerifyReport, seconds: float) -> str:
     def problem(p: Problem) -> dict[str, object]:
         return {
@@ -522,6 +597,10 @@ def _report_json(report: VerifyReport, seconds: float) -> str:
                     "head_hash": head.head_hash,
                 }
                 for chain_id, head in sorted(report.chains.items())
+            },
+            "pruned": {
+                chain_id: {"seq": cut.seq, "removed": cut.removed}
+                for chain_id, cut in sorted(report.pruned.items())
             },
             "problems": [problem(p) for p in report.problems],
             "warnings": [problem(p) for p in report.warnings],
@@ -575,6 +654,14 @@ def _anchors(settings: Settings, given: list[Path]) -> list[SignedCheckpoint] | 
 def _print_report(report: VerifyReport) -> None:
     for warning in report.warnings:
         typer.echo(f"warning: {_describe(warning)}", err=True)
+    for chain_id, cut in sorted(report.pruned.items()):
+        when = cut.pruned_at.isoformat() if cut.pruned_at else "?"
+        asked = cut.before.isoformat() if cut.before else "?"
+        typer.echo(
+            f"pruned: {chain_id} #1..#{cut.seq} ({cut.removed} entries, before {asked}, at "
+            f"{when}){'' if report.signed else ' - the cut is taken on trust without keys'}",
+            err=True,
+        )
     signed = f", {report.checkpoints} signed checkpoints" if report.signed else ""
     if report.other_ledgers:
         signed += f" ({report.other_ledgers} anchored ones of other ledgers set aside)"

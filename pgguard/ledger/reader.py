@@ -41,6 +41,7 @@ from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
 from pgguard.ledger.packed import SESSION_KEYS, Unpacked, record_ref, unpack
 from pgguard.ledger.problems import Problem, ProblemKind
+from pgguard.ledger.prune import Cut, prune_bases
 from pgguard.ledger.store import (
     CHECKPOINT_COLUMNS,
     COLUMNS,
@@ -114,6 +115,7 @@ class VerifyReport:
     signed: bool = False  # checkpoints were checked (public keys were given)
     checkpoints: int = 0  # valid signed checkpoints, from the table and the anchor files
     other_ledgers: int = 0  # anchored checkpoints of another ledger (schema), set aside
+    pruned: dict[str, Cut] = field(default_factory=dict)  # chains cut by `pgguard ledger prune`
 
     @property
     def ok(self) -> bool:
@@ -244,6 +246,7 @@ async def verify(
     columns = ", ".join(f"{c}::text" if c in JSONB_COLUMNS else c for c in COLUMNS)
     walker = _Walker()
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
+        walker.bases = await prune_bases(conn, schema)
         if keys is not None:
             walker.audit = CheckpointAudit(
                 keys,
@@ -253,6 +256,10 @@ async def verify(
                 anchored=anchors is not None,
                 open_grace=open_grace,
                 now=time.time() if now is None else now,
+                pruned={
+                    c: (cut.seq, cut.head_hash, cut.head_entry_id)
+                    for c, cut in walker.bases.items()
+                },
                 report=walker.problems.append,
                 warn=walker.warnings.append,
             )
@@ -287,6 +294,7 @@ async def verify(
         signed=walker.audit is not None,
         checkpoints=walker.audit.checkpoints if walker.audit is not None else 0,
         other_ledgers=walker.audit.other_ledgers if walker.audit is not None else 0,
+        pruned=walker.bases,
     )
 
 
@@ -535,7 +543,13 @@ class _Walker:
         self.displaced: set[str] = set()  # packed entries already reported as out of place
         self.warnings: list[Problem] = []
         self.audit: CheckpointAudit | None = None
+        self.bases: dict[str, Cut] = {}  # pruned chains: where they start now
         self._prev: _Seen | None = None
+
+    def _base(self, chain_id: str) -> _Seen:
+        """A pruned chain's first remaining entry links to the head it was cut at."""
+        cut = self.bases[chain_id]
+        return _Seen(chain_id, cut.seq, cut.head_entry_id, cut.head_hash, None)
 
     def chain_heads(self) -> dict[str, ChainHead]:
         return {
@@ -548,6 +562,8 @@ class _Walker:
         self.entries += 1
         seq = item.seq
         prev = self._prev if self._prev is not None and self._prev.chain_id == chain_id else None
+        if prev is None and chain_id in self.bases:
+            prev = self._base(chain_id)
         head = self.heads.get(chain_id)
         if head is None:
             self.heads[chain_id] = [1, seq, item.hash]
@@ -582,6 +598,8 @@ class _Walker:
         self.entries += 1
         chain_id, seq = record["chain_id"], record["seq"]
         prev = self._prev if self._prev is not None and self._prev.chain_id == chain_id else None
+        if prev is None and chain_id in self.bases:
+            prev = self._base(chain_id)
         head = self.heads.get(chain_id)
         if head is None:
             self.heads[chain_id] = [1, seq, record["hash"]]

@@ -291,6 +291,20 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT count(*) FROM moved
     $$;
     """,
+    # 5: retention (pgguard ledger prune, see pgguard.ledger.prune): per chain, the signed
+    # checkpoint the chain was cut at. Entries up to its seq are gone; verify starts the chain
+    # there, and accepts the cut only if a signed checkpoint proves that head.
+    """
+    CREATE TABLE {s}.ledger_prunes (
+        chain_id      text PRIMARY KEY,
+        seq           bigint NOT NULL CHECK (seq >= 1),
+        head_hash     text NOT NULL,
+        head_entry_id text NOT NULL,
+        before        timestamptz NOT NULL,
+        removed       bigint NOT NULL,
+        pruned_at     timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 )
 
 CHECKPOINT_COLUMNS = (

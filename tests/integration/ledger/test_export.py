@@ -146,9 +146,9 @@ def test_progress_bar_only_on_a_terminal(config: Path, tmp_path: Path) -> None:
     target = tmp_path / "out.jsonl"
     primary, secondary = pty.openpty()
     try:
+        command = ["ledger", "export", "-c", str(config), "-o", str(target)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pgguard.cli", "ledger", "export", "-c", str(config)]
-            + ["-o", str(target)],
+            [sys.executable, "-m", "pgguard.cli", *command],
             stdout=subprocess.DEVNULL,
             stderr=secondary,
             cwd=ROOT,
