@@ -40,8 +40,12 @@ from pathlib import Path
 
 import asyncpg
 import orjson
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 from pgguard.embedded import EmbeddedPostgres
 from pgguard.ledger.chain import Chain, SealedEntry
@@ -440,7 +444,7 @@ def cli(args: list[str]) -> tuple[float, int, str]:
 
 
 async def measure(
-    dsn: str, work: Path, filled: Filled, key: Ed25519PrivateKey
+    dsn: str, work: Path, filled: Filled, key: Ed25519PublicKey
 ) -> list[tuple[str, str, str]]:
     results: list[tuple[str, str, str]] = []
     conn = await asyncpg.connect(dsn)
@@ -480,9 +484,7 @@ async def measure(
     config = work / "pgguard.toml"
     config.write_text(f'[state]\ndsn = "{dsn}"\nschema = "{SCHEMA}"\n', encoding="utf-8")
     public = work / "bench.pub.pem"
-    public.write_bytes(
-        key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    )
+    public.write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
     seconds, _, _ = cli(["ledger", "show", "-c", str(config), "--limit", "50"])
     results.append(
         ("pgguard ledger show (CLI, wall incl. start-up)", f"{seconds * 1000:.0f} ms", "")
@@ -512,7 +514,7 @@ async def measure(
         )
         if entries > 1_000_000:
             break  # one full export is enough at scale: jsonl
-    seconds, rss, line = cli(
+    seconds, rss, _ = cli(
         [
             "ledger",
             "verify",
@@ -535,6 +537,55 @@ async def measure(
     return results
 
 
+async def _fill(
+    dsn: str, entries: int, key: Ed25519PrivateKey
+) -> tuple[Filled, list[tuple[str, str, str]]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, f'"{SCHEMA}"', 60)
+        print(f"filling {entries:,} entries ...")
+        filled = await fill(conn, entries, key)
+        size = await conn.fetchval("SELECT pg_size_pretty(pg_database_size(current_database()))")
+    finally:
+        await conn.close()
+    print(
+        f"filled {filled.entries:,} entries ({filled.full:,} full, {filled.packs:,} packs, "
+        f"{filled.checkpoints:,} checkpoints) in {filled.seconds:.0f} s; "
+        f"expanded in {filled.expand_seconds:.0f} s; database {size}"
+    )
+    return filled, [
+        (
+            "fill (seal + COPY)",
+            f"{filled.entries / filled.seconds:,.0f} entries/s",
+            f"{filled.entries:,} entries, {filled.seconds:.0f} s",
+        ),
+        (
+            "expansion (ledger_expand)",
+            f"{(filled.entries - filled.full) / filled.expand_seconds:,.0f} entries/s",
+            f"{filled.entries - filled.full:,} packed entries, "
+            f"{filled.expand_seconds:.0f} s; database {size}",
+        ),
+    ]
+
+
+async def _filled(dsn: str) -> Filled:
+    conn = await asyncpg.connect(dsn)
+    try:
+        s = SCHEMA
+        return Filled(
+            entries=await conn.fetchval(
+                f"SELECT (SELECT count(*) FROM {s}.ledger_entries) + (SELECT count(*) FROM "
+                f"{s}.ledger_rows) + (SELECT coalesce(sum(entries), 0) FROM {s}.ledger_packs)"
+            ),
+            full=await conn.fetchval(f"SELECT count(*) FROM {s}.ledger_entries"),
+            request_id=await conn.fetchval(
+                f"SELECT request_id FROM {s}.ledger_entries WHERE request_id IS NOT NULL LIMIT 1"
+            ),
+        )
+    finally:
+        await conn.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -543,6 +594,12 @@ async def main() -> None:
     parser.add_argument("--dsn", help="an empty database to fill (default: an embedded one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--output", type=Path, help="Markdown report (default: bench/results/)")
+    parser.add_argument(
+        "--measure-only",
+        type=Path,
+        metavar="PUBLIC_KEY",
+        help="with --dsn: measure a ledger filled by an earlier --keep run (its bench.pub.pem)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pgguard-ledger-bench-"))
     pg: EmbeddedPostgres | None = None
@@ -555,33 +612,17 @@ async def main() -> None:
                 pg.psql(f"ALTER SYSTEM SET {setting}")
             pg.restart()
             dsn = pg.superuser_dsn()
-        key = Ed25519PrivateKey.generate()
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn, f'"{SCHEMA}"', 60)
-            print(f"filling {args.entries:,} entries ...")
-            filled = await fill(conn, args.entries, key)
-            size = await conn.fetchval(
-                "SELECT pg_size_pretty(pg_database_size(current_database()))"
-            )
-        finally:
-            await conn.close()
-        print(
-            f"filled {filled.entries:,} entries ({filled.full:,} full, {filled.packs:,} packs, {filled.checkpoints:,} checkpoints) in {filled.seconds:.0f} s; expanded in {filled.expand_seconds:.0f} s; database {size}"
-        )
-        results = [
-            (
-                "fill (seal + COPY)",
-                f"{filled.entries / filled.seconds:,.0f} entries/s",
-                f"{filled.entries:,} entries, {filled.seconds:.0f} s",
-            ),
-            (
-                "expansion (ledger_expand)",
-                f"{(filled.entries - filled.full) / filled.expand_seconds:,.0f} entries/s",
-                f"{filled.entries - filled.full:,} packed entries, {filled.expand_seconds:.0f} s; database {size}",
-            ),
-        ]
-        results += await measure(dsn, work, filled, key)
+        results: list[tuple[str, str, str]] = []
+        if args.measure_only:
+            # a ledger this script filled before (--keep): its public key is beside its config
+            public = load_pem_public_key(args.measure_only.read_bytes())
+            assert isinstance(public, Ed25519PublicKey)
+            filled = await _filled(dsn)
+        else:
+            key = Ed25519PrivateKey.generate()
+            public = key.public_key()
+            filled, results = await _fill(dsn, args.entries, key)
+        results += await measure(dsn, work, filled, public)
     finally:
         if pg is not None and not args.keep:
             pg.destroy()

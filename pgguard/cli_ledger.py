@@ -408,7 +408,7 @@ def register(app: typer.Typer) -> None:
                 total = await _estimated_entries(conn, schema)
             update, stop = _progress("export", total)
             try:
-                rows = records(conn, filters, schema=schema)
+                rows = records(conn, filters, schema=schema, raw_json=fmt is ExportFormat.CSV)
                 return await write(rows, out, fmt.value, progress=update)
             finally:
                 stop()

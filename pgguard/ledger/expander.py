@@ -130,7 +130,10 @@ class LedgerExpander:
                 backoff = 0.0
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # The schema may not exist yet (the writer migrates it), or the database is
-                # away: the packs wait, and are read as packs meanwhile.
+                # away: the packs wait, and are read as packs meanwhile. A round that ran out
+                # of time (big packs: batch_size is up to 100,000) takes fewer packs next time.
+                if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+                    self._max_packs = max(1, self._max_packs // 2)
                 backoff = min(_MAX_BACKOFF, max(self._interval, backoff * 2))
                 log.warning("ledger expander: %s: %s; retrying", type(exc).__name__, exc)
                 conn, self._conn = self._conn, None

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import orjson
@@ -131,8 +131,9 @@ async def query(
     prefetch: int = 500,
 ) -> AsyncIterator[LedgerRow]:
     """Stream the rows matching ``filters`` (a transaction is opened on ``conn`` meanwhile)."""
-    sql, args = query_sql(filters, schema=schema, newest_first=newest_first)
     async with conn.transaction(readonly=True):
+        sparse = await sparse_category(conn, filters, schema)
+        sql, args = query_sql(filters, schema=schema, newest_first=newest_first, sparse=sparse)
         async for record in conn.cursor(sql, *args, prefetch=prefetch):
             done = record["done"]
             yield LedgerRow(
@@ -144,14 +145,48 @@ async def query(
             )
 
 
+SPARSE = 5000  # fewer matches of a category than this in a table: find them all and sort
+
+
+async def sparse_category(
+    conn: asyncpg.Connection, filters: LedgerFilters, schema: str
+) -> tuple[bool, bool]:
+    """For full entries and for ordinary (packed) ones: whether a ``--category`` with a
+    ``--limit`` matches so few of them (``export`` among ordinary statements, ``read`` among
+    full entries) that they are best found through the categories index and sorted - walking
+    the time index newest first would read every row to find none."""
+    if filters.category is None or filters.limit is None:
+        return False, False
+    quoted = checked_schema(schema)
+    found = []
+    for table in ("ledger_entries", "ledger_rows"):
+        found.append(
+            await conn.fetchval(
+                f"SELECT count(*) FROM (SELECT 1 FROM {quoted}.{table} "
+                f"WHERE categories @> ARRAY[$1::text] LIMIT {SPARSE}) s",
+                filters.category,
+            )
+        )
+    return found[0] < SPARSE, found[1] < SPARSE
+
+
 def query_sql(
-    filters: LedgerFilters, *, schema: str = "pgguard", newest_first: bool = True
+    filters: LedgerFilters,
+    *,
+    schema: str = "pgguard",
+    newest_first: bool = True,
+    sparse: tuple[bool, bool] = (False, False),
+    select: str | None = None,
 ) -> tuple[str, list[object]]:
     """The SQL and arguments of `query`: only the filters given become conditions, each one an
     index can serve (``ledger_entries`` and ``ledger_rows`` index time, agent, session, action,
-    categories, request and approvers), and the order is the indexes' order, so a ``LIMIT``
-    reads only the rows it returns."""
+    categories, request and approvers), in the indexes' order. With a ``limit``, full and
+    packed entries are each limited first (``sparse``: sorted rather than read in index order,
+    see `sparse_category`), and only the rows returned are joined with their outcomes.
+    ``select``: the columns of ``e`` (the view) to return instead of `LedgerRow`'s; the
+    outcome's ``content`` comes last, as ``done``."""
     quoted = checked_schema(schema)
+    columns = select or _VIEW_COLUMNS
     order = "DESC" if newest_first else "ASC"
     args: list[object] = []
 
@@ -176,18 +211,40 @@ def query_sql(
         where.append(f"(e.approvers @> {by_id}::jsonb OR e.approvers @> {by_name}::jsonb)")
     if filters.request_id is not None:
         where.append(f"e.request_id = {arg(filters.request_id)}")
-    limit = f" LIMIT {arg(filters.limit)}" if filters.limit is not None else ""
-    sql = (
-        f"SELECT {_VIEW_COLUMNS}, o.content::text AS done "
-        f"FROM {quoted}.ledger e LEFT JOIN LATERAL (SELECT x.content "
-        f"FROM {quoted}.ledger_entries x WHERE NOT e.packed "
+    conditions = " AND ".join(where)
+
+    def ordered(by: str, *, unindexed: bool = False) -> str:
+        shift = _UNINDEXED if unindexed else ""
+        return f"ORDER BY {by}received_at{shift} {order}, {by}chain_id {order}, {by}seq {order}"
+
+    outcome = (
+        f"LEFT JOIN LATERAL (SELECT x.content FROM {quoted}.ledger_entries x WHERE NOT e.packed "
         "AND x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
-        "ORDER BY x.received_at LIMIT 1) o ON true "
-        f"WHERE {' AND '.join(where)} "
-        f"ORDER BY e.received_at {order}, e.chain_id {order}, e.seq {order}{limit}"
+        "ORDER BY x.received_at LIMIT 1) o ON true"
+    )
+    if filters.limit is None:
+        sql = (
+            f"SELECT {columns}, o.content::text AS done FROM {quoted}.ledger e {outcome} "
+            f"WHERE {conditions} {ordered('e.')}"
+        )
+        return sql, args
+    limit = arg(filters.limit)
+    # `packed` is a constant of each branch of the view: each part keeps its own branches only.
+    parts = [
+        f"(SELECT * FROM {quoted}.ledger e WHERE {packed} AND {conditions} "
+        f"{ordered('e.', unindexed=few)} LIMIT {limit})"
+        for packed, few in (("NOT e.packed", sparse[0]), ("e.packed", sparse[1]))
+    ]
+    sql = (
+        f"SELECT {columns}, o.content::text AS done "
+        f"FROM ({' UNION ALL '.join(parts)}) e {outcome} {ordered('e.')} LIMIT {limit}"
     )
     return sql, args
 
+
+# Orders by the same value, but not by an index's order: the planner then finds the matches
+# through the other indexes and sorts them (see `sparse_category`).
+_UNINDEXED = " + interval '0 s'"
 
 # The entry's own fields, in the table's order (between its chain position and ``content``).
 _ENTRY_FIELDS = COLUMNS[COLUMNS.index("entry_id") : COLUMNS.index("content")]
@@ -608,7 +665,7 @@ class _Walker:
             head[1], head[2] = seq, record["hash"]
         row_id = record["entry_id"]
         try:
-            sealed: SealedEntry | None = unseal(orjson.loads(record["content"]), record["hash"])
+            sealed: SealedEntry | None = unseal(_loads(record["content"]), record["hash"])
         except (ValueError, KeyError, TypeError, RecursionError) as exc:  # hand-written rows too
             sealed = None
             self.report(row_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
@@ -712,8 +769,17 @@ class _Walker:
         self.problems.append(Problem(entry_id, chain_id, seq, kind, detail))
 
 
+def _loads(text: str | bytes) -> Any:
+    """orjson (several times faster), or the standard parser for what orjson refuses (integers
+    beyond 64 bits, which canonical_bytes also writes with the standard encoder)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[str]:
-    content = orjson.loads(sealed.canonical)["entry"]
+    content = _loads(sealed.canonical)["entry"]
     expected = row_values(sealed, content)
     differing = []
     for name, want in zip(COLUMNS, expected, strict=True):
@@ -722,7 +788,7 @@ def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[
         got = record[name]
         if name in JSONB_COLUMNS:
             try:
-                same = got is not None and orjson.loads(got) == orjson.loads(str(want))
+                same = got is not None and _loads(got) == _loads(str(want))
             except (ValueError, RecursionError):  # a column rewritten beyond reading back
                 same = False
         elif isinstance(want, list):

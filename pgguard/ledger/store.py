@@ -191,11 +191,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX ledger_rows_received ON {s}.ledger_rows (received_at, chain_id, seq);
     CREATE INDEX ledger_rows_agent ON {s}.ledger_rows (agent, received_at, chain_id, seq);
     CREATE INDEX ledger_rows_session ON {s}.ledger_rows (session_id, received_at);
-    CREATE INDEX ledger_rows_action ON {s}.ledger_rows (action, received_at);
+    CREATE INDEX ledger_rows_action ON {s}.ledger_rows (action, received_at, chain_id, seq);
     CREATE INDEX ledger_rows_categories ON {s}.ledger_rows USING gin (categories);
     CREATE INDEX ledger_entries_order ON {s}.ledger_entries (received_at, chain_id, seq);
     CREATE INDEX ledger_entries_session ON {s}.ledger_entries (session_id, received_at);
-    CREATE INDEX ledger_entries_action ON {s}.ledger_entries (action, received_at);
+    CREATE INDEX ledger_entries_action ON {s}.ledger_entries
+        (action, received_at, chain_id, seq);
     CREATE INDEX ledger_entries_categories ON {s}.ledger_entries USING gin (categories);
     CREATE INDEX ledger_entries_approvers ON {s}.ledger_entries
         USING gin (approvers jsonb_path_ops);
