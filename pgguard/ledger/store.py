@@ -269,10 +269,12 @@ MIGRATIONS: tuple[str, ...] = (
         FROM {s}.ledger_pending;
     -- Moves up to max_packs of the oldest packs into ledger_rows; how many entries it moved.
     -- SKIP LOCKED: two expanders never take the same pack, and none waits for the other.
-    CREATE FUNCTION {s}.ledger_expand(max_packs integer) RETURNS bigint
-    LANGUAGE sql AS $$
+    -- Only packs stored at least min_age ago: a pack is readable as a pack for that long.
+    CREATE FUNCTION {s}.ledger_expand(max_packs integer, min_age interval DEFAULT '0 s')
+    RETURNS bigint LANGUAGE sql AS $$
         WITH picked AS (
             SELECT chain_id, first_seq FROM {s}.ledger_packs
+            WHERE stored_at <= now() - min_age
             ORDER BY stored_at LIMIT max_packs FOR UPDATE SKIP LOCKED
         ), moved AS (
             INSERT INTO {s}.ledger_rows

@@ -71,6 +71,13 @@ async def test_expansion_moves_packs_and_the_view_is_unchanged(
     assert report.entries == 9
 
 
+async def test_expander_leaves_young_packs(
+    ids: list[str], admin: asyncpg.Connection, state_schema: str
+) -> None:
+    assert await admin.fetchval(f"SELECT \"{state_schema}\".ledger_expand(10, '1 hour')") == 0
+    assert (await backlog(admin, state_schema)).packs == 2
+
+
 async def test_half_expanded_chain_verifies(
     ids: list[str], admin: asyncpg.Connection, state_schema: str
 ) -> None:
@@ -164,7 +171,7 @@ async def test_writer_ships_exactly_once_after_its_packs_moved(
 async def test_background_expander_catches_up(
     ids: list[str], ledger_dsn: str, admin: asyncpg.Connection, state_schema: str
 ) -> None:
-    expander = LedgerExpander(ledger_dsn, schema=state_schema, interval=0.05)
+    expander = LedgerExpander(ledger_dsn, schema=state_schema, interval=0.05, min_age=0)
     expander.start()
     try:
         for _ in range(100):
