@@ -270,6 +270,9 @@ class LedgerSettings(_Section):
     signing_key_file: Path | None = None  # default: <data_dir>/ledger-signing.pem
     anchor_file: Path | None = None  # default: <data_dir>/ledger-anchors.jsonl
     anchor_url: SecretStr | None = None  # each checkpoint is also POSTed here (may carry a token)
+    # Retention: `pgguard ledger prune` without --before removes entries older than this many
+    # days (cut at signed checkpoints, see pgguard.ledger.prune). None: keep everything.
+    retention_days: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):

@@ -19,7 +19,10 @@ entry in (chain, seq) order, `CheckpointAudit` reports:
   as one run (which of them changed cannot be told).
 - ``deleted``: a checkpoint's seq has no entry. ``truncated``: a checkpoint lies past the chain's
   end. ``chain_missing``: checkpoints name a chain that has no entry at all.
-- ``inserted``: entries after the chain's final checkpoint. ``unanchored``: entries covered by
+- ``inserted``: entries after the chain's final checkpoint.
+- for a chain cut by `pgguard ledger prune` (``pruned``): ``deleted`` when no signed checkpoint
+  has the cut's head; checkpoints at or below the cut are set aside (their entries are gone on
+  purpose), anchored ones included. ``unanchored``: entries covered by
   no checkpoint - a *warning* instead when the chain is still open (no final checkpoint) and the
   run's first entry is younger than ``open_grace`` seconds (the newest entries of a running
   pgguard are not signed yet).
@@ -30,7 +33,7 @@ the entries.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -102,8 +105,11 @@ class CheckpointAudit:
         now: float,
         report: Reporter,
         warn: Reporter,
+        pruned: Mapping[str, tuple[int, str, str]] | None = None,
     ) -> None:
         self._keys = keys
+        # Chains cut by `pgguard ledger prune`: (seq, head hash, head entry id) of the cut.
+        self._pruned = dict(pruned or {})
         self._ledger = ledger
         self.other_ledgers = 0  # anchored checkpoints of chains recorded in another schema
         self._anchored = anchored  # anchor files were given: their absence is no excuse
@@ -122,6 +128,8 @@ class CheckpointAudit:
             self._by_chain.setdefault(item.checkpoint.chain_id, []).append(item.checkpoint)
         for checkpoints in self._by_chain.values():
             checkpoints.sort(key=lambda c: (c.seq, c.final))
+        for chain_id, cut in self._pruned.items():
+            self._check_cut(chain_id, cut)
         self._walked: set[str] = set()
         self._chain: _ChainState | None = None
         self._break: str | None = None  # a broken link before the next entry of this chain
@@ -189,6 +197,11 @@ class CheckpointAudit:
             self.other_ledgers += 1  # an anchor file can serve several ledgers
             return
         item = known.get(signed.payload)
+        cut = self._pruned.get(c.chain_id)
+        if item is None and cut is not None and c.seq <= cut[0]:
+            # pruned away with its entries; it still counts as known (it may prove the cut)
+            known[signed.payload] = _Known(c, in_table=False, anchored=True)
+            return
         if item is None:
             known[signed.payload] = item = _Known(c, in_table=False)
             self._problem(
@@ -200,6 +213,25 @@ class CheckpointAudit:
                 "the anchor file but not in ledger_checkpoints",
             )
         item.anchored = True
+
+    def _check_cut(self, chain_id: str, cut: tuple[int, str, str]) -> None:
+        """A pruned chain: the cut must be a signed checkpoint's head; the checkpoints up to it
+        name entries that are gone on purpose, so they are set aside."""
+        seq, head_hash, head_entry_id = cut
+        checkpoints = self._by_chain.get(chain_id, [])
+        if not any(
+            c.seq == seq and c.head_hash == head_hash and c.head_entry_id == head_entry_id
+            for c in checkpoints
+        ):
+            self._problem(
+                head_entry_id,
+                chain_id,
+                seq,
+                "deleted",
+                f"#1..#{seq} were removed as pruned, but no signed checkpoint proves the chain's "
+                "head at the cut: what was removed, and what now links to it, cannot be proven",
+            )
+        self._by_chain[chain_id] = [c for c in checkpoints if c.seq > seq]
 
     # --- the walk -------------------------------------------------------------------------------
 

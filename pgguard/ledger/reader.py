@@ -2,12 +2,14 @@
 
 Owns: `LedgerFilters`, `LedgerRow`, `query`, `verify`, `VerifyReport` (and re-exports `Problem`).
 
-`query` streams statement-level rows (every kind but ``outcome``), each joined with the outcome
+`query` streams statement-level rows (every kind but ``outcome``) of the ``ledger`` view, with
+only the filters given as (indexed) conditions (`query_sql`), each joined with the outcome
 entry that completes it, through a server-side cursor in a transaction, so an export of millions
 of rows never holds more than a prefetch window. Rows are built from the hashed ``content``.
 
 `verify` walks every chain in seq order, one row in memory at a time, recomputing each hash from
-``content`` and checking the columns, seq and links. Problems are reported by entry id:
+``content`` (full entries), from the pack (packs) or from the columns (expanded rows, packed
+again), and checking the columns, seq and links. Problems are reported by entry id:
 ``modified`` (content does not match its hash, a column disagrees with the content, or an entry
 was rewritten and rehashed so its successor no longer links to it), ``deleted`` (a seq gap; the
 id is the missing predecessor's, as its successor recorded it), ``inserted`` (a row that does not
@@ -24,19 +26,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Generic, TypeVar
 
 import asyncpg
+import orjson
 
 from pgguard.approvals.schema import checked_schema
 from pgguard.ledger.audit import CheckpointAudit, StoredCheckpoint
 from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
 from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
-from pgguard.ledger.packed import Unpacked, unpack
+from pgguard.ledger.packed import SESSION_KEYS, Unpacked, record_ref, unpack
 from pgguard.ledger.problems import Problem, ProblemKind
+from pgguard.ledger.prune import Cut, prune_bases
 from pgguard.ledger.store import (
     CHECKPOINT_COLUMNS,
     COLUMNS,
@@ -110,6 +115,7 @@ class VerifyReport:
     signed: bool = False  # checkpoints were checked (public keys were given)
     checkpoints: int = 0  # valid signed checkpoints, from the table and the anchor files
     other_ledgers: int = 0  # anchored checkpoints of another ledger (schema), set aside
+    pruned: dict[str, Cut] = field(default_factory=dict)  # chains cut by `pgguard ledger prune`
 
     @property
     def ok(self) -> bool:
@@ -125,36 +131,9 @@ async def query(
     prefetch: int = 500,
 ) -> AsyncIterator[LedgerRow]:
     """Stream the rows matching ``filters`` (a transaction is opened on ``conn`` meanwhile)."""
-    quoted = checked_schema(schema)
-    order = "DESC" if newest_first else "ASC"
-    sql = (
-        f"SELECT {_VIEW_COLUMNS}, o.content::text AS done "
-        f"FROM {quoted}.ledger e LEFT JOIN LATERAL (SELECT x.content "
-        f"FROM {quoted}.ledger_entries x WHERE NOT e.packed "
-        "AND x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
-        "ORDER BY x.received_at LIMIT 1) o ON true "
-        "WHERE e.kind <> 'outcome' "
-        "AND ($1::text IS NULL OR e.agent = $1) "
-        "AND ($2::timestamptz IS NULL OR e.received_at >= $2) "
-        "AND ($3::timestamptz IS NULL OR e.received_at < $3) "
-        "AND ($4::text IS NULL OR $4 = ANY (e.categories)) "
-        "AND ($5::text IS NULL OR e.action = $5) "
-        "AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM jsonb_array_elements(e.approvers) a "
-        "WHERE a->>'id' = $6 OR a->>'name' = $6)) "
-        "AND ($7::text IS NULL OR e.request_id = $7) "
-        f"ORDER BY e.received_at {order}, e.chain_id {order}, e.seq {order} LIMIT $8"
-    )
-    args = (
-        filters.agent,
-        filters.since,
-        filters.until,
-        filters.category,
-        filters.action,
-        filters.approver,
-        filters.request_id,
-        filters.limit,
-    )
     async with conn.transaction(readonly=True):
+        sparse = await sparse_category(conn, filters, schema)
+        sql, args = query_sql(filters, schema=schema, newest_first=newest_first, sparse=sparse)
         async for record in conn.cursor(sql, *args, prefetch=prefetch):
             done = record["done"]
             yield LedgerRow(
@@ -165,6 +144,107 @@ async def query(
                 outcome=None if done is None else entry_from_content(json.loads(done)["entry"]),
             )
 
+
+SPARSE = 5000  # fewer matches of a category than this in a table: find them all and sort
+
+
+async def sparse_category(
+    conn: asyncpg.Connection, filters: LedgerFilters, schema: str
+) -> tuple[bool, bool]:
+    """For full entries and for ordinary (packed) ones: whether a ``--category`` with a
+    ``--limit`` matches so few of them (``export`` among ordinary statements, ``read`` among
+    full entries) that they are best found through the categories index and sorted - walking
+    the time index newest first would read every row to find none."""
+    if filters.category is None or filters.limit is None:
+        return False, False
+    quoted = checked_schema(schema)
+    found = []
+    for table in ("ledger_entries", "ledger_rows"):
+        found.append(
+            await conn.fetchval(
+                f"SELECT count(*) FROM (SELECT 1 FROM {quoted}.{table} "
+                f"WHERE categories @> ARRAY[$1::text] LIMIT {SPARSE}) s",
+                filters.category,
+            )
+        )
+    return found[0] < SPARSE, found[1] < SPARSE
+
+
+def query_sql(
+    filters: LedgerFilters,
+    *,
+    schema: str = "pgguard",
+    newest_first: bool = True,
+    sparse: tuple[bool, bool] = (False, False),
+    select: str | None = None,
+) -> tuple[str, list[object]]:
+    """The SQL and arguments of `query`: only the filters given become conditions, each one an
+    index can serve (``ledger_entries`` and ``ledger_rows`` index time, agent, session, action,
+    categories, request and approvers), in the indexes' order. With a ``limit``, full and
+    packed entries are each limited first (``sparse``: sorted rather than read in index order,
+    see `sparse_category`), and only the rows returned are joined with their outcomes.
+    ``select``: the columns of ``e`` (the view) to return instead of `LedgerRow`'s; the
+    outcome's ``content`` comes last, as ``done``."""
+    quoted = checked_schema(schema)
+    columns = select or _VIEW_COLUMNS
+    order = "DESC" if newest_first else "ASC"
+    args: list[object] = []
+
+    def arg(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    where = ["e.kind <> 'outcome'"]
+    if filters.agent is not None:
+        where.append(f"e.agent = {arg(filters.agent)}")
+    if filters.since is not None:
+        where.append(f"e.received_at >= {arg(filters.since)}")
+    if filters.until is not None:
+        where.append(f"e.received_at < {arg(filters.until)}")
+    if filters.category is not None:
+        where.append(f"e.categories @> ARRAY[{arg(filters.category)}::text]")
+    if filters.action is not None:
+        where.append(f"e.action = {arg(filters.action)}")
+    if filters.approver is not None:
+        by_id = arg(json.dumps([{"id": filters.approver}]))
+        by_name = arg(json.dumps([{"name": filters.approver}]))
+        where.append(f"(e.approvers @> {by_id}::jsonb OR e.approvers @> {by_name}::jsonb)")
+    if filters.request_id is not None:
+        where.append(f"e.request_id = {arg(filters.request_id)}")
+    conditions = " AND ".join(where)
+
+    def ordered(by: str, *, unindexed: bool = False) -> str:
+        shift = _UNINDEXED if unindexed else ""
+        return f"ORDER BY {by}received_at{shift} {order}, {by}chain_id {order}, {by}seq {order}"
+
+    outcome = (
+        f"LEFT JOIN LATERAL (SELECT x.content FROM {quoted}.ledger_entries x WHERE NOT e.packed "
+        "AND x.statement_entry_id = e.entry_id AND x.kind = 'outcome' "
+        "ORDER BY x.received_at LIMIT 1) o ON true"
+    )
+    if filters.limit is None:
+        sql = (
+            f"SELECT {columns}, o.content::text AS done FROM {quoted}.ledger e {outcome} "
+            f"WHERE {conditions} {ordered('e.')}"
+        )
+        return sql, args
+    limit = arg(filters.limit)
+    # `packed` is a constant of each branch of the view: each part keeps its own branches only.
+    parts = [
+        f"(SELECT * FROM {quoted}.ledger e WHERE {packed} AND {conditions} "
+        f"{ordered('e.', unindexed=few)} LIMIT {limit})"
+        for packed, few in (("NOT e.packed", sparse[0]), ("e.packed", sparse[1]))
+    ]
+    sql = (
+        f"SELECT {columns}, o.content::text AS done "
+        f"FROM ({' UNION ALL '.join(parts)}) e {outcome} {ordered('e.')} LIMIT {limit}"
+    )
+    return sql, args
+
+
+# Orders by the same value, but not by an index's order: the planner then finds the matches
+# through the other indexes and sorts them (see `sparse_category`).
+_UNINDEXED = " + interval '0 s'"
 
 # The entry's own fields, in the table's order (between its chain position and ``content``).
 _ENTRY_FIELDS = COLUMNS[COLUMNS.index("entry_id") : COLUMNS.index("content")]
@@ -205,11 +285,14 @@ async def verify(
     anchors: Sequence[SignedCheckpoint] | None = None,
     open_grace: float = 10.0,
     now: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Check every chain; the report lists each problem by entry id.
 
-    Full entries (``ledger_entries``) and packed ones (``ledger_packs``) are walked together in
-    (chain, seq) order, one row and one pack in memory at a time. With ``keys``, the walk is
+    Full entries (``ledger_entries``), expanded packed ones (``ledger_rows``, each re-packed
+    to check its hash) and packs not expanded yet (``ledger_packs``) are walked together in
+    (chain, seq) order, one row and one pack in memory at a time; ``progress`` is called with
+    the number of entries walked so far, every `PROGRESS_EVERY` entries. With ``keys``, the walk is
     also checked against the signed checkpoints (the table's and ``anchors``, the lines of the
     anchor files; None: no anchor file); ``open_grace`` (seconds) is how young an open chain's
     unsigned tail may be to be a warning rather than a problem (twice ``checkpoint_seconds``).
@@ -220,6 +303,7 @@ async def verify(
     columns = ", ".join(f"{c}::text" if c in JSONB_COLUMNS else c for c in COLUMNS)
     walker = _Walker()
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
+        walker.bases = await prune_bases(conn, schema)
         if keys is not None:
             walker.audit = CheckpointAudit(
                 keys,
@@ -229,42 +313,45 @@ async def verify(
                 anchored=anchors is not None,
                 open_grace=open_grace,
                 now=time.time() if now is None else now,
+                pruned={
+                    c: (cut.seq, cut.head_hash, cut.head_entry_id)
+                    for c, cut in walker.bases.items()
+                },
                 report=walker.problems.append,
                 warn=walker.warnings.append,
             )
-        full = conn.cursor(
-            f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", prefetch=1000
-        ).__aiter__()
-        packed = _packed_items(
-            conn.cursor(
-                f"SELECT chain_id, first_seq, last_seq, body FROM {quoted}.ledger_packs "
-                "ORDER BY chain_id, first_seq",
-                prefetch=20,
-            ),
-            walker,
-        ).__aiter__()
-        row = await anext(full, None)
-        item = await anext(packed, None)
-        while row is not None or item is not None:
-            if item is None or (
-                row is not None and (row["chain_id"], row["seq"]) <= (item[0], item[1].seq)
-            ):
-                assert row is not None
-                walker.visit(row)
-                row = await anext(full, None)
-            else:
-                walker.visit_packed(item[0], item[1])
-                item = await anext(packed, None)
+        full = _batches(
+            conn, f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", 1000
+        )
+        expanded = _repacked_batches(
+            _batches(
+                conn,
+                f"SELECT {_ROW_COLUMNS} FROM {quoted}.ledger_rows ORDER BY chain_id, seq",
+                5000,
+            )
+        )
+        packed = _one_at_a_time(
+            _packed_items(
+                conn.cursor(
+                    f"SELECT chain_id, first_seq, last_seq, body FROM {quoted}.ledger_packs "
+                    "ORDER BY chain_id, first_seq",
+                    prefetch=20,
+                ),
+                walker,
+            )
+        )
+        await _merge_walk(walker, full, expanded, packed, progress)
     if walker.audit is not None:
         walker.audit.finish()
     return VerifyReport(
         entries=walker.entries,
-        chains=walker.heads,
+        chains=walker.chain_heads(),
         problems=walker.problems,
         warnings=walker.warnings,
         signed=walker.audit is not None,
         checkpoints=walker.audit.checkpoints if walker.audit is not None else 0,
         other_ledgers=walker.audit.other_ledgers if walker.audit is not None else 0,
+        pruned=walker.bases,
     )
 
 
@@ -321,6 +408,179 @@ async def _packed_items(
             yield chain_id, item
 
 
+PROGRESS_EVERY = 10_000
+
+# ledger_rows as verify reads it: times as whole microseconds, the form the hash covers.
+# The session's and the statement's fields each come as one JSON array: one value to decode
+# and one cache key per row instead of thirteen (decoding dominates the walk).
+_ROW_COLUMNS = (
+    "chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, "
+    "json_build_array(instance_id, session_id, agent, owner, client_address, application_name, "
+    "database, upstream_role)::text, "
+    "json_build_array(statement, fingerprint, categories, rule_ids, action)::text, "
+    "(extract(epoch FROM received_at) * 1000000)::bigint AS received_us, "
+    "(extract(epoch FROM completed_at) * 1000000)::bigint AS completed_us, "
+    "command_tag, rows, sqlstate, error_message"
+)
+_REF_CACHE_MAX = 100_000  # distinct session and statement records remembered between rows
+
+
+Item = tuple[str, "Unpacked | _Repacked"]  # (chain, packed entry)
+
+
+async def _batches(
+    conn: asyncpg.Connection, sql: str, size: int
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """The rows of ``sql`` through a server-side cursor, ``size`` at a time (fetching batches
+    instead of iterating row by row saves most of the driver's per-row cost)."""
+    cursor = await conn.cursor(sql)
+    while True:
+        rows = await cursor.fetch(size)
+        if not rows:
+            return
+        yield rows
+
+
+async def _one_at_a_time(items: AsyncIterator[Item]) -> AsyncIterator[list[Item]]:
+    async for item in items:
+        yield [item]
+
+
+_T = TypeVar("_T")
+
+
+class _Stream(Generic[_T]):
+    """A sorted stream of batches, read one item at a time."""
+
+    def __init__(self, batches: AsyncIterator[list[_T]]) -> None:
+        self._batches = batches
+        self._items: list[_T] = []
+        self._i = 0
+
+    async def fill(self) -> None:
+        """After `advance` said so: the next batch (none at the end)."""
+        self._items = await anext(self._batches, [])
+        self._i = 0
+
+    @property
+    def head(self) -> _T | None:
+        return self._items[self._i] if self._i < len(self._items) else None
+
+    def advance(self) -> bool:
+        """Move on; True when the batch is used up (call `fill`)."""
+        self._i += 1
+        return self._i >= len(self._items)
+
+
+async def _merge_walk(
+    walker: _Walker,
+    full: AsyncIterator[list[asyncpg.Record]],
+    expanded: AsyncIterator[list[Item]],
+    packed: AsyncIterator[list[Item]],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Visit the three sorted streams as one, in (chain, seq) order (full entries first on a
+    tie, then expanded rows, then packs: a duplicated seq is then seen as such)."""
+    rows: _Stream[asyncpg.Record] = _Stream(full)
+    streams: tuple[_Stream[Item], _Stream[Item]] = (_Stream(expanded), _Stream(packed))
+    await rows.fill()
+    for stream in streams:
+        await stream.fill()
+    next_report = PROGRESS_EVERY
+    while True:
+        row = rows.head
+        key = (row[0], row[1]) if row is not None else None  # chain_id, seq: the first columns
+        pick: _Stream[Item] | None = None
+        for stream in streams:
+            item = stream.head
+            if item is not None and (key is None or (item[0], item[1].seq) < key):
+                pick, key = stream, (item[0], item[1].seq)
+        if key is None:
+            break
+        if pick is None:
+            assert row is not None
+            walker.visit(row)
+            if rows.advance():
+                await rows.fill()
+        else:
+            item = pick.head
+            assert item is not None
+            walker.visit_packed(item[0], item[1])
+            if pick.advance():
+                await pick.fill()
+        if progress is not None and walker.entries >= next_report:
+            progress(walker.entries)
+            next_report += PROGRESS_EVERY
+    if progress is not None:
+        progress(walker.entries)
+
+
+class _Repacked:
+    """An expanded row packed again: what `_Walker.visit_packed` reads of an `Unpacked` (a
+    plain slotted class: one is made per row, and a frozen dataclass costs several times
+    more)."""
+
+    __slots__ = ("canonical", "entry_id", "fields", "hash", "prev_entry_id", "prev_hash", "seq")
+    refs_ok = True  # the refs are recomputed from the columns: a changed column fails the hash
+
+    def __init__(self, fields: list[object], hash: str, canonical: bytes) -> None:
+        self.seq: int = fields[0]  # type: ignore[assignment]
+        self.entry_id: str = fields[1]  # type: ignore[assignment]
+        self.prev_entry_id: str = fields[2]  # type: ignore[assignment]
+        self.prev_hash: str = fields[3]  # type: ignore[assignment]
+        self.hash = hash
+        self.canonical = canonical
+        self.fields = fields
+
+
+_TEXT_KEYS = ("statement", "fingerprint", "categories", "rule_ids", "action")
+
+
+async def _repacked_batches(
+    batches: AsyncIterator[list[asyncpg.Record]],
+) -> AsyncIterator[list[Item]]:
+    """Each row of ``ledger_rows`` packed again: its records' refs and its canonical array are
+    recomputed from the columns, so any column that differs from what was sealed fails the
+    entry's hash."""
+    refs: dict[str, str] = {}  # a record's JSON array (as the server spells it): its ref
+    dumps, loads = orjson.dumps, orjson.loads
+    for_session = dict.fromkeys(SESSION_KEYS)
+    async for rows in batches:
+        out: list[Item] = []
+        for r in rows:
+            session_key, text_key = r[6], r[7]
+            session = refs.get(session_key)
+            if session is None:
+                session = refs[session_key] = record_ref(
+                    dict(zip(for_session, loads(session_key), strict=True))
+                )
+            text = refs.get(text_key)
+            if text is None:
+                text = refs[text_key] = record_ref(
+                    dict(zip(_TEXT_KEYS, loads(text_key), strict=True))
+                )
+            if len(refs) > _REF_CACHE_MAX:
+                refs.clear()
+            received, completed = r[8], r[9]
+            fields: list[object] = [
+                r[1],
+                r[5],
+                r[4],
+                r[3],
+                session,
+                text,
+                received,
+                completed,
+                r[10],
+                r[11],
+                r[12],
+                r[13],
+                completed - received,
+            ]
+            out.append((r[0], _Repacked(fields, r[2], dumps(fields))))
+        yield out
+
+
 @dataclass(slots=True)
 class _Seen:
     """What the walk remembers of the previous row of the current chain."""
@@ -335,22 +595,38 @@ class _Seen:
 class _Walker:
     def __init__(self) -> None:
         self.entries = 0
-        self.heads: dict[str, ChainHead] = {}
+        self.heads: dict[str, list[object]] = {}  # chain: [entries, last seq, head hash]
         self.problems: list[Problem] = []
         self.displaced: set[str] = set()  # packed entries already reported as out of place
         self.warnings: list[Problem] = []
         self.audit: CheckpointAudit | None = None
+        self.bases: dict[str, Cut] = {}  # pruned chains: where they start now
         self._prev: _Seen | None = None
 
-    def visit_packed(self, chain_id: str, item: Unpacked) -> None:
+    def _base(self, chain_id: str) -> _Seen:
+        """A pruned chain's first remaining entry links to the head it was cut at."""
+        cut = self.bases[chain_id]
+        return _Seen(chain_id, cut.seq, cut.head_entry_id, cut.head_hash, None)
+
+    def chain_heads(self) -> dict[str, ChainHead]:
+        return {
+            chain_id: ChainHead(entries=h[0], last_seq=h[1], head_hash=h[2])  # type: ignore[arg-type]
+            for chain_id, h in self.heads.items()
+        }
+
+    def visit_packed(self, chain_id: str, item: Unpacked | _Repacked) -> None:
         """One packed entry: its records and hash, then its link to its predecessor."""
         self.entries += 1
         seq = item.seq
         prev = self._prev if self._prev is not None and self._prev.chain_id == chain_id else None
+        if prev is None and chain_id in self.bases:
+            prev = self._base(chain_id)
         head = self.heads.get(chain_id)
-        self.heads[chain_id] = ChainHead(
-            entries=(head.entries if head else 0) + 1, last_seq=seq, head_hash=item.hash
-        )
+        if head is None:
+            self.heads[chain_id] = [1, seq, item.hash]
+        else:
+            head[0] += 1  # type: ignore[operator]
+            head[1], head[2] = seq, item.hash
         flagged: ProblemKind | None = "reordered" if item.entry_id in self.displaced else None
         if flagged is None and not item.refs_ok:
             self.report(
@@ -379,13 +655,17 @@ class _Walker:
         self.entries += 1
         chain_id, seq = record["chain_id"], record["seq"]
         prev = self._prev if self._prev is not None and self._prev.chain_id == chain_id else None
+        if prev is None and chain_id in self.bases:
+            prev = self._base(chain_id)
         head = self.heads.get(chain_id)
-        self.heads[chain_id] = ChainHead(
-            entries=(head.entries if head else 0) + 1, last_seq=seq, head_hash=record["hash"]
-        )
+        if head is None:
+            self.heads[chain_id] = [1, seq, record["hash"]]
+        else:
+            head[0] += 1  # type: ignore[operator]
+            head[1], head[2] = seq, record["hash"]
         row_id = record["entry_id"]
         try:
-            sealed: SealedEntry | None = unseal(json.loads(record["content"]), record["hash"])
+            sealed: SealedEntry | None = unseal(_loads(record["content"]), record["hash"])
         except (ValueError, KeyError, TypeError, RecursionError) as exc:  # hand-written rows too
             sealed = None
             self.report(row_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
@@ -489,8 +769,17 @@ class _Walker:
         self.problems.append(Problem(entry_id, chain_id, seq, kind, detail))
 
 
+def _loads(text: str | bytes) -> Any:
+    """orjson (several times faster), or the standard parser for what orjson refuses (integers
+    beyond 64 bits, which canonical_bytes also writes with the standard encoder)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[str]:
-    content = json.loads(sealed.canonical)["entry"]
+    content = _loads(sealed.canonical)["entry"]
     expected = row_values(sealed, content)
     differing = []
     for name, want in zip(COLUMNS, expected, strict=True):
@@ -499,7 +788,7 @@ def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[
         got = record[name]
         if name in JSONB_COLUMNS:
             try:
-                same = got is not None and json.loads(got) == json.loads(str(want))
+                same = got is not None and _loads(got) == _loads(str(want))
             except (ValueError, RecursionError):  # a column rewritten beyond reading back
                 same = False
         elif isinstance(want, list):

@@ -2,15 +2,19 @@
 
 Owns: ``<schema>.ledger_entries`` (one row per full entry; every field a plain column, and
 ``content`` the hashed envelope), ``<schema>.ledger_packs`` (ordinary statements in the packed
-form, many to a row), ``<schema>.ledger_checkpoints`` (signed chain heads), the view
-``<schema>.ledger`` (both as one table of entries, for auditors),
+form, many to a row, as the proxy's path writes them), ``<schema>.ledger_rows`` (packed entries
+expanded one to a row, with indexes, off the proxy's path: see `pgguard.ledger.expander`; the
+function ``<schema>.ledger_expand``), ``<schema>.ledger_checkpoints`` (signed chain heads), the
+views ``<schema>.ledger`` (all three as one table of entries, for auditors) and
+``<schema>.ledger_pending`` (the packs not expanded yet, as rows),
 ``<schema>.ledger_schema_version``, `LedgerStore` (one connection, reconnected on demand),
 `row_values`, `checkpoint_values`, `COLUMNS` and `CHECKPOINT_COLUMNS`.
 
 Invariants: migrations are numbered, applied once each, under a transaction-level advisory lock
 distinct from the approvals one. Each batch is one transaction. Full entries are inserted ``ON
 CONFLICT DO NOTHING`` and packed entries only above the chain's stored packs' highest seq, so
-shipping the same sealed entry twice stores it once; checkpoints likewise ``ON CONFLICT DO
+shipping the same sealed entry twice stores it once (that highest seq is looked for in
+``ledger_rows`` too: expansion moves packs there); checkpoints likewise ``ON CONFLICT DO
 NOTHING``. Every call has a timeout; asyncpg
 and OS errors leave this module as `LedgerStoreUnavailable`, and the connection is dropped so
 the next call reconnects.
@@ -145,6 +149,163 @@ MIGRATIONS: tuple[str, ...] = (
         signature     text NOT NULL,
         stored_at     timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (chain_id, seq, final)
+    );
+    """,
+    # 4: packs expanded into indexed rows off the proxy's path (issue 19). The proxy still
+    # writes one ledger_packs row per batch; `ledger_expand` (called by the expander, see
+    # pgguard.ledger.expander) moves whole packs into ledger_rows, one row per entry, in one
+    # transaction, so each entry is in exactly one of the two tables at any time. The view keeps
+    # its columns; its pack branch now parses each body once (`ledger_unpack`; the old one
+    # re-parsed the body for every entry it held), and only the packs not yet expanded go
+    # through it.
+    """
+    CREATE TABLE {s}.ledger_rows (
+        chain_id         text NOT NULL,
+        seq              bigint NOT NULL CHECK (seq >= 1),
+        hash             text NOT NULL,
+        prev_hash        text NOT NULL,
+        prev_entry_id    text NOT NULL,
+        entry_id         text NOT NULL,
+        instance_id      text NOT NULL,
+        session_id       text NOT NULL,
+        received_at      timestamptz NOT NULL,
+        agent            text NOT NULL,
+        owner            text NOT NULL,
+        client_address   text NOT NULL,
+        application_name text NOT NULL,
+        database         text NOT NULL,
+        upstream_role    text NOT NULL,
+        statement        text NOT NULL,
+        fingerprint      text NOT NULL,
+        categories       text[] NOT NULL,
+        rule_ids         text[] NOT NULL,
+        action           text NOT NULL,
+        completed_at     timestamptz NOT NULL,
+        command_tag      text,
+        rows             bigint,
+        sqlstate         text,
+        error_message    text,
+        stored_at        timestamptz NOT NULL,
+        PRIMARY KEY (chain_id, seq)
+    );
+    CREATE INDEX ledger_rows_received ON {s}.ledger_rows (received_at, chain_id, seq);
+    CREATE INDEX ledger_rows_agent ON {s}.ledger_rows (agent, received_at, chain_id, seq);
+    CREATE INDEX ledger_rows_session ON {s}.ledger_rows (session_id, received_at);
+    CREATE INDEX ledger_rows_action ON {s}.ledger_rows (action, received_at, chain_id, seq);
+    CREATE INDEX ledger_rows_categories ON {s}.ledger_rows USING gin (categories);
+    CREATE INDEX ledger_entries_order ON {s}.ledger_entries (received_at, chain_id, seq);
+    CREATE INDEX ledger_entries_session ON {s}.ledger_entries (session_id, received_at);
+    CREATE INDEX ledger_entries_action ON {s}.ledger_entries
+        (action, received_at, chain_id, seq);
+    CREATE INDEX ledger_entries_categories ON {s}.ledger_entries USING gin (categories);
+    CREATE INDEX ledger_entries_approvers ON {s}.ledger_entries
+        USING gin (approvers jsonb_path_ops);
+    -- One pack's entries as ledger_rows' columns. A plpgsql function, so the body is parsed
+    -- once per pack: in a plain query the planner substitutes the parsed body back into every
+    -- reference to it, re-parsing the whole pack for each entry it holds.
+    CREATE FUNCTION {s}.ledger_unpack(body text) RETURNS TABLE (
+        seq bigint, hash text, prev_hash text, prev_entry_id text, entry_id text,
+        instance_id text, session_id text, received_at timestamptz, agent text, owner text,
+        client_address text, application_name text, database text, upstream_role text,
+        statement text, fingerprint text, categories text[], rule_ids text[], action text,
+        completed_at timestamptz, command_tag text, rows bigint, sqlstate text,
+        error_message text
+    ) LANGUAGE plpgsql STABLE AS $$
+    #variable_conflict use_column
+    DECLARE
+        b jsonb := body::jsonb;
+        refs jsonb := b->'refs';
+    BEGIN
+        RETURN QUERY
+        SELECT (e.value->>0)::bigint, e.hash, e.value->>3, e.value->>2, e.value->>1,
+               r.s->>'instance_id', r.s->>'session_id',
+               to_timestamp(0) + ((e.value->>6)::bigint * interval '1 microsecond'),
+               r.s->>'agent', r.s->>'owner', r.s->>'client_address',
+               r.s->>'application_name', r.s->>'database', r.s->>'upstream_role',
+               r.t->>'statement', r.t->>'fingerprint',
+               ARRAY(SELECT jsonb_array_elements_text(r.t->'categories')),
+               ARRAY(SELECT jsonb_array_elements_text(r.t->'rule_ids')), r.t->>'action',
+               to_timestamp(0) + ((e.value->>7)::bigint * interval '1 microsecond'),
+               e.value->>8, (e.value->>9)::bigint, e.value->>10, e.value->>11
+        FROM ROWS FROM (
+            jsonb_array_elements(b->'entries'), jsonb_array_elements_text(b->'hashes')
+        ) e(value, hash)
+        CROSS JOIN LATERAL (SELECT refs->(e.value->>4) AS s, refs->(e.value->>5) AS t) r;
+    END
+    $$;
+    -- The packs not expanded yet, as ledger_rows' rows (plus the pack's first_seq).
+    CREATE VIEW {s}.ledger_pending AS
+        SELECT p.chain_id, u.seq, u.hash, u.prev_hash, u.prev_entry_id, u.entry_id,
+               u.instance_id, u.session_id, u.received_at, u.agent, u.owner, u.client_address,
+               u.application_name, u.database, u.upstream_role, u.statement, u.fingerprint,
+               u.categories, u.rule_ids, u.action, u.completed_at, u.command_tag, u.rows,
+               u.sqlstate, u.error_message, p.stored_at, p.first_seq
+        FROM {s}.ledger_packs p CROSS JOIN LATERAL {s}.ledger_unpack(p.body) u;
+    CREATE OR REPLACE VIEW {s}.ledger AS
+        SELECT chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, kind, instance_id,
+               session_id, received_at, decided_at, agent, owner, client_address,
+               application_name, database, upstream_role, statement, fingerprint, categories,
+               rule_ids, action, request_id, approvers, reason, statement_entry_id,
+               completed_at, command_tag, rows, sqlstate, error_message, duration_ms, detail,
+               stored_at, false AS packed
+        FROM {s}.ledger_entries
+        UNION ALL
+        SELECT chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, 'statement',
+               instance_id, session_id, received_at, NULL::timestamptz, agent, owner,
+               client_address, application_name, database, upstream_role, statement,
+               fingerprint, categories, rule_ids, action, NULL::text, '[]'::jsonb, NULL::text,
+               NULL::text, completed_at, command_tag, rows, sqlstate, error_message,
+               (extract(epoch FROM completed_at - received_at) * 1000)::double precision,
+               '{{}}'::jsonb, stored_at, true
+        FROM {s}.ledger_rows
+        UNION ALL
+        SELECT chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, 'statement',
+               instance_id, session_id, received_at, NULL::timestamptz, agent, owner,
+               client_address, application_name, database, upstream_role, statement,
+               fingerprint, categories, rule_ids, action, NULL::text, '[]'::jsonb, NULL::text,
+               NULL::text, completed_at, command_tag, rows, sqlstate, error_message,
+               (extract(epoch FROM completed_at - received_at) * 1000)::double precision,
+               '{{}}'::jsonb, stored_at, true
+        FROM {s}.ledger_pending;
+    -- Moves up to max_packs of the oldest packs into ledger_rows; how many entries it moved.
+    -- SKIP LOCKED: two expanders never take the same pack, and none waits for the other.
+    -- Only packs stored at least min_age ago: a pack is readable as a pack for that long.
+    CREATE FUNCTION {s}.ledger_expand(max_packs integer, min_age interval DEFAULT '0 s')
+    RETURNS bigint LANGUAGE sql AS $$
+        WITH picked AS (
+            SELECT chain_id, first_seq FROM {s}.ledger_packs
+            WHERE stored_at <= now() - min_age
+            ORDER BY stored_at LIMIT max_packs FOR UPDATE SKIP LOCKED
+        ), moved AS (
+            INSERT INTO {s}.ledger_rows
+            SELECT v.chain_id, v.seq, v.hash, v.prev_hash, v.prev_entry_id, v.entry_id,
+                   v.instance_id, v.session_id, v.received_at, v.agent, v.owner,
+                   v.client_address, v.application_name, v.database, v.upstream_role,
+                   v.statement, v.fingerprint, v.categories, v.rule_ids, v.action,
+                   v.completed_at, v.command_tag, v.rows, v.sqlstate, v.error_message,
+                   v.stored_at
+            FROM picked k JOIN {s}.ledger_pending v
+                ON v.chain_id = k.chain_id AND v.first_seq = k.first_seq
+            RETURNING 1
+        ), gone AS (
+            DELETE FROM {s}.ledger_packs p USING picked k
+            WHERE p.chain_id = k.chain_id AND p.first_seq = k.first_seq
+        )
+        SELECT count(*) FROM moved
+    $$;
+    """,
+    # 5: retention (pgguard ledger prune, see pgguard.ledger.prune): per chain, the signed
+    # checkpoint the chain was cut at. Entries up to its seq are gone; verify starts the chain
+    # there, and accepts the cut only if a signed checkpoint proves that head.
+    """
+    CREATE TABLE {s}.ledger_prunes (
+        chain_id      text PRIMARY KEY,
+        seq           bigint NOT NULL CHECK (seq >= 1),
+        head_hash     text NOT NULL,
+        head_entry_id text NOT NULL,
+        before        timestamptz NOT NULL,
+        removed       bigint NOT NULL,
+        pruned_at     timestamptz NOT NULL DEFAULT now()
     );
     """,
 )
@@ -338,9 +499,11 @@ class LedgerStore:
         # Per chain, the highest packed seq this connection knows to be committed (what
         # _packs_watermark would answer); forgotten whenever the connection is dropped.
         self._stored_seq: dict[str, int] = {}
+        # Packs move to ledger_rows once expanded: the highest packed seq is in either table.
         self._packs_watermark = (
-            f"SELECT coalesce(max(last_seq), 0) FROM {self._quoted}.ledger_packs "
-            "WHERE chain_id = $1"
+            f"SELECT greatest(coalesce((SELECT max(last_seq) FROM {self._quoted}.ledger_packs "
+            f"WHERE chain_id = $1), 0), coalesce((SELECT max(seq) FROM {self._quoted}.ledger_rows "
+            "WHERE chain_id = $1), 0))"
         )
         self._insert_checkpoint_sql = (
             f"INSERT INTO {self._quoted}.ledger_checkpoints ({', '.join(CHECKPOINT_COLUMNS)}) "

@@ -29,6 +29,9 @@ switch). So for each chain, seq n reaches the database or the spool before seq n
 everything sealed before a durable entry is durable once `record_durable` returns: a crash can
 lose only a not-yet-shipped TAIL of ordinary entries, never a middle.
 
+Expansion (``expand``): a `LedgerExpander` task of its own, on its own connection, moves shipped
+packs into the indexed ``ledger_rows``; it never touches the queue, the chain or the shipper.
+
 Restart: a new writer opens a new chain (see `chain`); entries an earlier process left in the
 spool keep their chain and are shipped first (the writer starts in spool mode).
 
@@ -54,6 +57,7 @@ from pathlib import Path
 
 from pgguard.ledger.chain import Chain, Sealed, new_chain_id
 from pgguard.ledger.checkpointer import Checkpointer
+from pgguard.ledger.expander import LedgerExpander
 from pgguard.ledger.model import LedgerEntry, LedgerUnavailable
 from pgguard.ledger.packed import PackedOutcome, Ref
 from pgguard.ledger.spool import Spool, SpoolError
@@ -111,6 +115,7 @@ class LedgerWriter:
         self._spooled_seq = 0  # the newest entry of this chain appended to the spool
         self._feeders: list[Callable[[], None]] = []
         self._checkpoints = checkpoints
+        self._expander: LedgerExpander | None = None
 
     @classmethod
     async def open(
@@ -130,13 +135,15 @@ class LedgerWriter:
         anchor_file: Path | None = None,
         anchor_url: str | None = None,
         server_settings: Mapping[str, str] | None = None,
+        expand: bool = False,
     ) -> LedgerWriter:
         """Open the spool, try the database (an unreachable one is retried in the background),
         start a new chain and the shipper.
 
         With ``signing_key_file`` (created when missing; `ConfigError` when unusable) the chain's
         head is signed every ``checkpoint_entries`` entries or ``checkpoint_seconds`` seconds,
-        and each checkpoint also goes to ``anchor_file`` and ``anchor_url`` when given.
+        and each checkpoint also goes to ``anchor_file`` and ``anchor_url`` when given. With
+        ``expand``, a `LedgerExpander` moves shipped packs into indexed rows in the background.
         """
         checkpoints = None
         if signing_key_file is not None:
@@ -175,6 +182,11 @@ class LedgerWriter:
         if spool is not None and not spool.drained():
             writer._spooling = True  # an earlier process's entries go first
         writer._task = asyncio.create_task(writer._ship_forever(), name="pgguard-ledger-shipper")
+        if expand:
+            writer._expander = LedgerExpander(
+                dsn, schema=schema, timeout=timeout, server_settings=server_settings
+            )
+            writer._expander.start()
         return writer
 
     @property
@@ -353,6 +365,8 @@ class LedgerWriter:
             await self._store.close()
             if self._checkpoints is not None:
                 await self._checkpoints.close(self._timeout)
+            if self._expander is not None:
+                await self._expander.close()
 
     # --- shipping -------------------------------------------------------------------------------
 

@@ -165,6 +165,7 @@ async def start(settings: Settings) -> Running:
                 else None
             ),
             server_settings=settings.state.server_settings(),
+            expand=True,  # packs into indexed rows, in the background (issue 19)
         )
         hooks = LedgerHooks(ledger, masking, instance_id, settings.upstream.parsed().user)
         if approvals is not None:
