@@ -15,6 +15,7 @@ import asyncio
 import csv
 import json
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -25,8 +26,6 @@ from typing import TYPE_CHECKING, Annotated, TextIO, TypeVar
 import asyncpg
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from rich.console import Console
-from rich.table import Table
 
 from pgguard.errors import ConfigError
 from pgguard.ledger.anchors import read_anchors
@@ -182,11 +181,6 @@ def _run(
     return asyncio.run(main())
 
 
-def _short(text: str, width: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
 def _outcome(row: LedgerRow) -> str:
     done = row.outcome
     if done is None:
@@ -195,6 +189,33 @@ def _outcome(row: LedgerRow) -> str:
         return f"ERROR {done.sqlstate}"
     rows = f" ({done.rows} rows)" if done.rows is not None else ""
     return f"{done.command_tag or 'OK'}{rows}"
+
+
+def show_text(rows: list[LedgerRow], width: int = 80) -> str:
+    """``ledger show``'s output: a block per entry that fits ``width`` columns - a line of what it
+    was (the request id whole, so it can be copied), then the statement wrapped, never the id."""
+    lines = [f"pgguard ledger: {len(rows)} entries, newest first (times UTC)", ""]
+    for row in rows:
+        e = row.entry
+        what = e.action if e.kind == "statement" else e.kind
+        head = [e.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"), e.agent, what]
+        if e.categories:
+            head.append("[" + ", ".join(e.categories) + "]")
+        outcome = _outcome(row)
+        if outcome:
+            head.append(outcome)
+        lines.extend(textwrap.wrap("  ".join(head), width, subsequent_indent="    "))
+        if e.request_id:
+            approvers = ", ".join(
+                f"{a.get('name') or a.get('id')} ({a.get('channel')})" for a in e.approvers
+            )
+            lines.append(f"    request {e.request_id}" + (f"  by {approvers}" if approvers else ""))
+        statement = " ".join(e.statement.split())
+        lines.extend(
+            textwrap.wrap(statement, width, initial_indent="    ", subsequent_indent="    ")
+        )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _csv_value(value: object) -> str:
@@ -224,7 +245,11 @@ def _write_rows(out: TextIO, fmt: ExportFormat, rows: AsyncIterator[LedgerRow]) 
 
 
 def register(app: typer.Typer) -> None:
-    ledger = typer.Typer(help="Read, export and verify the query ledger.", no_args_is_help=True)
+    ledger = typer.Typer(
+        help="Read, export and verify the query ledger.\n\n"
+        "Example: pgguard ledger show -c pgguard.toml",
+        no_args_is_help=True,
+    )
     app.add_typer(ledger, name="ledger")
 
     @ledger.command()
@@ -239,33 +264,17 @@ def register(app: typer.Typer) -> None:
         request: RequestOption = None,
         limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
     ) -> None:
-        """The newest ledger entries as a table."""
+        """The newest ledger entries, one block each (fits 80 columns).
+
+        Example: pgguard ledger show -c pgguard.toml --agent reporting --limit 20
+        """
         filters = _filters(agent, since, until, category, action, approver, request, limit)
 
         async def fetch(conn: asyncpg.Connection, schema: str) -> list[LedgerRow]:
             return [row async for row in query(conn, filters, schema=schema)]
 
         rows = _run(config, fetch)
-        table = Table(title=f"pgguard ledger ({len(rows)} entries, newest first)")
-        for column in ("time (UTC)", "agent", "kind/action", "categories", "request", "approvers"):
-            table.add_column(column)
-        table.add_column("statement", overflow="fold")
-        table.add_column("outcome")
-        for row in rows:
-            e = row.entry
-            table.add_row(
-                e.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-                e.agent,
-                e.action if e.kind == "statement" else e.kind,
-                ", ".join(e.categories),
-                e.request_id or "",
-                ", ".join(
-                    f"{a.get('name') or a.get('id')} ({a.get('channel')})" for a in e.approvers
-                ),
-                _short(e.statement),
-                _outcome(row),
-            )
-        Console().print(table)
+        typer.echo(show_text(rows), nl=False)
 
     @ledger.command()
     def export(
@@ -285,7 +294,10 @@ def register(app: typer.Typer) -> None:
         request: RequestOption = None,
         limit: Annotated[int | None, typer.Option("--limit", min=1)] = None,
     ) -> None:
-        """Stream ledger entries, oldest first, as JSON lines or CSV (with a header)."""
+        """Stream ledger entries, oldest first, as JSON lines or CSV (with a header).
+
+        Example: pgguard ledger export --config pgguard.toml --format csv -o ledger.csv
+        """
         filters = _filters(agent, since, until, category, action, approver, request, limit)
 
         try:
@@ -334,7 +346,10 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Recompute every hash chain and check it against the signed checkpoints; exit 1 and
-        list the problems if anything was altered, inserted, deleted or cut off."""
+        list the problems if anything was altered, inserted, deleted or cut off.
+
+        Example: pgguard ledger verify --config pgguard.toml
+        """
         settings = _settings(config)
         if hash_only:
             typer.echo(

@@ -130,6 +130,9 @@ class LimitsSettings(_Section):
     parse_offload_bytes: int = Field(4096, ge=256)
     parse_workers: int = Field(2, ge=1, le=64)
     parse_budget: float = Field(2.0, gt=0, le=600)
+    # `pgguard serve` waits this long (seconds, retrying with backoff) for the upstream and the
+    # state database to answer before it gives up; /readyz says "waiting" meanwhile. 0: no wait.
+    startup_wait: float = Field(60.0, ge=0, le=86_400)
 
 
 class PolicySettings(_Section):
@@ -270,6 +273,13 @@ class LedgerSettings(_Section):
     signing_key_file: Path | None = None  # default: <data_dir>/ledger-signing.pem
     anchor_file: Path | None = None  # default: <data_dir>/ledger-anchors.jsonl
     anchor_url: SecretStr | None = None  # each checkpoint is also POSTed here (may carry a token)
+    # /readyz answers 503 while the spool holds more than this (the state database is behind).
+    spool_limit_bytes: int = Field(256 * 1024 * 1024, ge=0)
+
+
+class LogSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None  # default: log_level
 
 
 class Settings(BaseSettings):
@@ -298,6 +308,7 @@ class Settings(BaseSettings):
     # host and out of every agent's reach.
     data_dir: Path = Path("pgguard-data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log: LogSettings = LogSettings()
 
     @field_validator("agents")
     @classmethod
@@ -426,6 +437,9 @@ class Settings(BaseSettings):
             return settings_cls(**overrides)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, path)) from None
+
+    def effective_log_level(self) -> str:
+        return self.log.level or self.log_level
 
     def agent(self, name: str) -> AgentSettings | None:
         for agent in self.agents:

@@ -139,6 +139,13 @@ class ParseOffload:
         self._warm()
         log.warning("statement analysis over budget: its worker processes were restarted")
 
+    def reload(self, *, rules_dir: Path | None, mode: str, protected: ProtectedNames) -> None:
+        """New rules (a reload): new workers load them; the old ones finish what they have."""
+        self._initargs = (rules_dir, mode, protected.schema, protected.channels)
+        old, self._pool = self._pool, self._new_pool()
+        old.shutdown(wait=False)
+        self._warm()
+
     async def close(self) -> None:
         _stop(self._pool)
 
