@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 from concurrent.futures.process import BrokenProcessPool
@@ -147,6 +148,10 @@ class ParseOffload:
         self._warm()
 
     async def close(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._warming
         _stop(self._pool)
 
 
