@@ -237,8 +237,8 @@ async def wait_until_reachable(settings: Settings) -> None:
     wait = settings.limits.startup_wait
     if wait <= 0:
         return
-    ops = Ops(settings)
-    checks = await _databases(ops)
+    ops, probe = Ops(settings), Ops(settings)  # what /readyz reads; what the probes use
+    checks = await _databases(probe)
     if not checks:
         return
     http: HttpServer | None = None
@@ -259,7 +259,7 @@ async def wait_until_reachable(settings: Settings) -> None:
             )
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             delay = min(delay * 2, 10.0)
-            checks = await _databases(ops)
+            checks = await _databases(probe)
     finally:
         if http is not None:
             await http.stop()
@@ -267,7 +267,6 @@ async def wait_until_reachable(settings: Settings) -> None:
 
 async def _databases(ops: Ops) -> dict[str, str]:
     """The databases that do not answer yet, with why (readiness without the spool check)."""
-    ops.waiting = None
     _ready, checks = await readiness(ops)
     return {k: v for k, v in checks.items() if k in ("upstream", "state") and v != "ok"}
 
