@@ -39,7 +39,14 @@ from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
 from pgguard.web.auth import ApproverDirectory
 from pgguard.web.oidc import OIDC_CALLBACK_PATH, OidcSignIn
-from pgguard.web.ops import Ops, ReloadResult, ops_app, readiness, register_ops
+from pgguard.web.ops import (
+    Ops,
+    ReloadResult,
+    not_up_yet,
+    ops_app,
+    readiness,
+    register_ops,
+)
 from pgguard.web.server import HttpServer
 
 log = logging.getLogger(__name__)
@@ -266,9 +273,14 @@ async def wait_until_reachable(settings: Settings) -> None:
 
 
 async def _databases(ops: Ops) -> dict[str, str]:
-    """The databases that do not answer yet, with why (readiness without the spool check)."""
+    """The databases that are not up yet, with why (readiness without the spool check). One
+    that answers with an error that waiting cannot fix (a refused login) is left to `start`."""
     _ready, checks = await readiness(ops)
-    return {k: v for k, v in checks.items() if k in ("upstream", "state") and v != "ok"}
+    return {
+        k: v
+        for k, v in checks.items()
+        if k in ("upstream", "state") and v != "ok" and not_up_yet(v)
+    }
 
 
 def protected_names(settings: Settings) -> ProtectedNames:

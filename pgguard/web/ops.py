@@ -117,6 +117,15 @@ async def _timed(probe: Awaitable[None]) -> str:
     return "ok"
 
 
+def not_up_yet(reason: str) -> bool:
+    """Whether a failed probe looks like a server that is not up yet (worth waiting for): no
+    connection, no answer, or SQLSTATE class 08 (connection) or 57 (e.g. 57P03, starting up).
+    A refused login or a missing database will not fix itself: no waiting for those."""
+    if not reason.startswith("SQLSTATE "):
+        return True
+    return reason.removeprefix("SQLSTATE ")[:2] in ("08", "57")
+
+
 def register_ops(app: FastAPI, ops: Ops) -> None:
     """Add the operations endpoints to ``app`` (the approval API's app, or one of its own)."""
 

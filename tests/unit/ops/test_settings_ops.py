@@ -6,6 +6,7 @@ import pytest
 
 from pgguard.errors import ConfigError
 from pgguard.settings import Settings
+from pgguard.web.ops import not_up_yet
 
 
 def test_defaults() -> None:
@@ -34,3 +35,18 @@ def test_log_section_and_level_precedence() -> None:
 def test_bad_values_name_their_key(overrides: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Settings.load(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("reason", "wait"),
+    [
+        ("ConnectionRefusedError", True),
+        ("no answer within 2 s", True),
+        ("SQLSTATE 57P03", True),  # the server is starting up
+        ("SQLSTATE 08006", True),
+        ("SQLSTATE 28P01", False),  # a wrong password does not fix itself
+        ("SQLSTATE 3D000", False),
+    ],
+)
+def test_start_up_waits_only_for_servers_not_up_yet(reason: str, wait: bool) -> None:
+    assert not_up_yet(reason) is wait
