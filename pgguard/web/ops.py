@@ -32,6 +32,10 @@ from pgguard.statedb.probe import connect_upstream, uses_state
 from pgguard.web.auth import ApproverDirectory
 
 READY_TIMEOUT = 2.0  # seconds each probe may take: a readiness check must answer quickly
+# /readyz needs no credentials, and each probe opens a connection to the upstream and the state
+# database: callers share one probe in flight and its answer for this long, so a flood of
+# requests costs the databases at most one connection each per interval.
+READY_CACHE_SECONDS = 1.0
 
 
 @dataclass
@@ -57,12 +61,34 @@ class Ops:
     waiting: str | None = None  # set while start-up waits for a database: why
     reload: Callable[[], Awaitable[ReloadResult]] | None = None
     approvers: Callable[[], ApproverDirectory] | None = None
+    probes: int = 0  # probe rounds run (not answered from the shared result)
+    _probing: asyncio.Future[tuple[bool, dict[str, str]]] | None = field(default=None, repr=False)
+    _answered: tuple[float, tuple[bool, dict[str, str]]] | None = field(default=None, repr=False)
 
 
 async def readiness(ops: Ops) -> tuple[bool, dict[str, str]]:
-    """Every check by name: "ok" or why it failed."""
+    """Every check by name: "ok" or why it failed. Concurrent callers share one probe round,
+    and its answer for `READY_CACHE_SECONDS`."""
     if ops.waiting is not None:
         return False, {"startup": ops.waiting}
+    loop = asyncio.get_running_loop()
+    if ops._answered is not None and loop.time() - ops._answered[0] < READY_CACHE_SECONDS:
+        return ops._answered[1]
+    if ops._probing is None:
+        ops._probing = loop.create_task(_probe_round(ops))
+    probing = ops._probing
+    try:
+        # shield: one caller going away must not cancel the round the others wait on
+        answer = await asyncio.shield(probing)
+    finally:
+        if probing.done() and ops._probing is probing:
+            ops._probing = None
+    ops._answered = (loop.time(), answer)
+    return answer
+
+
+async def _probe_round(ops: Ops) -> tuple[bool, dict[str, str]]:
+    ops.probes += 1
     settings = ops.settings
     probes: dict[str, Awaitable[str]] = {"upstream": _probe_upstream(settings)}
     if uses_state(settings):

@@ -197,3 +197,16 @@ async def test_reload_needs_an_approver_token(ops_api: httpx.AsyncClient) -> Non
     response = await ops_api.post("/api/reload", headers=auth("dba1"))
     assert response.status_code == 200
     assert response.json()["reloaded"] is True
+
+
+async def test_a_readyz_flood_shares_one_probe(
+    ops_pgguard: PgguardThread, ops_api: httpx.AsyncClient
+) -> None:
+    """/readyz needs no token and each probe opens database connections: 50 anonymous calls at
+    once must not open 50 upstream connections (agents' slots) - they share one probe round."""
+    ops = ops_pgguard.running.ops
+    await asyncio.sleep(1.1)  # past the shared answer's lifetime
+    before = ops.probes
+    responses = await asyncio.gather(*(ops_api.get("/readyz") for _ in range(50)))
+    assert {r.status_code for r in responses} == {200}
+    assert ops.probes - before <= 2
