@@ -39,6 +39,9 @@ CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 HOLD_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
 
 
+_bisect = bisect.bisect_left
+
+
 class Histogram:
     """Bucket counts and a sum, as plain numbers (observed on one thread, read by the scrape)."""
 
@@ -50,7 +53,7 @@ class Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.counts[_bisect(self.bounds, value)] += 1
         self.total += value
 
     def cumulative(self) -> list[tuple[str, float]]:
@@ -65,7 +68,8 @@ class Histogram:
 class Counts:
     """Every counter of this process. Mutated only on the event loop."""
 
-    statements: dict[tuple[str, str], int] = field(default_factory=dict)  # (action, category)
+    # (action, category); never replaced: the policy gate keeps a reference to count inline
+    statements: dict[tuple[str, str], int] = field(default_factory=dict)
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (verdict, channel)
     errors: dict[str, int] = field(default_factory=dict)  # sqlstate
     hold_wait: dict[str, Histogram] = field(default_factory=dict)  # outcome
