@@ -169,7 +169,7 @@ class Instruments(Collector):
         )
         yield _counter(
             "pgguard_errors",
-            "ErrorResponses sent to clients, by SQLSTATE.",
+            "ErrorResponses pgguard itself sent to clients, by SQLSTATE.",
             ("sqlstate",),
             [((k,), v) for k, v in c.errors.items()],
         )
