@@ -1,4 +1,5 @@
-"""Approver commands: ``pgguard pending``, ``pgguard approve ID``, ``pgguard deny ID``.
+"""Approver commands: ``pgguard pending``, ``pgguard approve ID``, ``pgguard deny ID``, and
+``pgguard reload`` (an approver asks a running pgguard to re-read its configuration).
 
 They talk to a running pgguard's HTTP API (``--url``, ``$PGGUARD_URL``, or the ``[http]`` section
 of ``--config``) as the approver whose token is given by ``--token`` or
@@ -10,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
 import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
 
 TOKEN_ENV = "PGGUARD_APPROVER_TOKEN"
 URL_ENV = "PGGUARD_URL"
@@ -85,6 +85,26 @@ def _decide(
     typer.echo(f"{request_id}: {result['state']}")
 
 
+def pending_text(requests: list[dict[str, object]], width: int = 80) -> str:
+    """One block per request: its full id (never cut: it is copied into ``approve``), then
+    what it is, then the masked statement wrapped to ``width`` columns."""
+    if not requests:
+        return "no pending requests\n"
+    lines: list[str] = []
+    for item in requests:
+        categories = ", ".join(str(c) for c in item.get("categories", []))  # type: ignore[attr-defined]
+        lines.append(
+            f"{item['id']}  agent {item['agent']}  database {item['database']}  [{categories}]"
+        )
+        lines.append(f"    owner {item['owner']}  expires {item['expires_at']}")
+        statement = " ".join(str(item["statement"]).split())
+        lines.extend(
+            textwrap.wrap(statement, width, initial_indent="    ", subsequent_indent="    ")
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def pending(
@@ -93,25 +113,31 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         as_json: JsonOption = False,
     ) -> None:
-        """List requests waiting for a decision."""
+        """List requests waiting for a decision, with their full ids.
+
+        Example: pgguard pending --url http://pgguard:8080 --json
+        """
         base = _base_url(url, config)
         requests = _call("GET", f"{base}/api/requests?state=pending", _token(token))
         assert isinstance(requests, list)
         if as_json:
             typer.echo(json.dumps(requests, indent=2))
             return
-        table = Table("id", "agent", "owner", "database", "categories", "expires", "statement")
-        for item in requests:
-            table.add_row(
-                item["id"],
-                item["agent"],
-                item["owner"],
-                item["database"],
-                ", ".join(item["categories"]),
-                str(item["expires_at"]),
-                str(item["statement"])[:80],
-            )
-        Console().print(table)
+        typer.echo(pending_text(requests), nl=False)
+
+    @app.command()
+    def reload(
+        url: UrlOption = None, token: TokenOption = None, config: ConfigOption = None
+    ) -> None:
+        """Ask a running pgguard to re-read its configuration, rules, agents and approvers (as
+        SIGHUP does). Exit 1 when it kept the old configuration (the message says why).
+
+        Example: pgguard reload --url http://pgguard:8080
+        """
+        base = _base_url(url, config)
+        result = _call("POST", f"{base}/api/reload", _token(token))
+        assert isinstance(result, dict)
+        typer.echo(str(result["message"]))
 
     @app.command()
     def approve(
@@ -121,7 +147,10 @@ def register(app: typer.Typer) -> None:
         token: TokenOption = None,
         config: ConfigOption = None,
     ) -> None:
-        """Approve a held statement."""
+        """Approve a held statement.
+
+        Example: pgguard approve nk7p7mdq2wfxa3be --reason "migration ticket 42"
+        """
         _decide("approve", request_id, reason, url, token, config)
 
     @app.command()
@@ -132,5 +161,8 @@ def register(app: typer.Typer) -> None:
         token: TokenOption = None,
         config: ConfigOption = None,
     ) -> None:
-        """Deny a held statement."""
+        """Deny a held statement.
+
+        Example: pgguard deny nk7p7mdq2wfxa3be --reason "use the read replica"
+        """
         _decide("deny", request_id, reason, url, token, config)

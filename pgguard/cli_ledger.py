@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,8 +28,6 @@ import asyncpg
 import orjson
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from rich.console import Console
-from rich.table import Table
 
 from pgguard.errors import ConfigError
 from pgguard.ledger.anchors import read_anchors
@@ -240,11 +239,6 @@ def _lag_line(waiting: Backlog) -> str:
     )
 
 
-def _short(text: str, width: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
 def _outcome(row: LedgerRow) -> str:
     done = row.outcome
     if done is None:
@@ -259,6 +253,7 @@ def _progress(label: str, total: int | None) -> tuple[Callable[[int], None], Cal
     """A rich progress bar on stderr when it is a terminal, else nothing: (update, stop)."""
     if not sys.stderr.isatty():
         return (lambda _done: None), (lambda: None)
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -280,6 +275,33 @@ def _progress(label: str, total: int | None) -> tuple[Callable[[int], None], Cal
     task = bar.add_task(label, total=total)
     bar.start()
     return (lambda done: bar.update(task, completed=done)), bar.stop
+
+
+def show_text(rows: list[LedgerRow], width: int = 80) -> str:
+    """``ledger show``'s output: a block per entry that fits ``width`` columns - a line of what it
+    was (the request id whole, so it can be copied), then the statement wrapped, never the id."""
+    lines = [f"pgguard ledger: {len(rows)} entries, newest first (times UTC)", ""]
+    for row in rows:
+        e = row.entry
+        what = e.action if e.kind == "statement" else e.kind
+        head = [e.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"), e.agent, what]
+        if e.categories:
+            head.append("[" + ", ".join(e.categories) + "]")
+        outcome = _outcome(row)
+        if outcome:
+            head.append(outcome)
+        lines.extend(textwrap.wrap("  ".join(head), width, subsequent_indent="    "))
+        if e.request_id:
+            approvers = ", ".join(
+                f"{a.get('name') or a.get('id')} ({a.get('channel')})" for a in e.approvers
+            )
+            lines.append(f"    request {e.request_id}" + (f"  by {approvers}" if approvers else ""))
+        statement = " ".join(e.statement.split())
+        lines.extend(
+            textwrap.wrap(statement, width, initial_indent="    ", subsequent_indent="    ")
+        )
+        lines.append("")
+    return "\n".join(lines)
 
 
 async def _estimated_entries(conn: asyncpg.Connection, schema: str) -> int | None:
@@ -308,7 +330,9 @@ def _quiet_stdout() -> None:
 
 def register(app: typer.Typer) -> None:
     ledger = typer.Typer(
-        help="Read, export, verify and prune the query ledger.", no_args_is_help=True
+        help="Read, export, verify and prune the query ledger.\n\n"
+        "Example: pgguard ledger show -c pgguard.toml",
+        no_args_is_help=True,
     )
     app.add_typer(ledger, name="ledger")
     _register_prune(ledger)
@@ -326,7 +350,11 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
         as_json: JsonOption = False,
     ) -> None:
-        """The newest ledger entries as a table (``--json``: the records and the index lag)."""
+        """The newest ledger entries, one block each (fits 80 columns; ``--json``: the records
+        and the index lag).
+
+        Example: pgguard ledger show -c pgguard.toml --agent reporting --limit 20
+        """
         filters = _filters(agent, since, until, category, action, approver, request, limit)
 
         async def fetch(conn: asyncpg.Connection, schema: str) -> tuple[list[LedgerRow], Backlog]:
@@ -349,26 +377,7 @@ def register(app: typer.Typer) -> None:
                 ).decode("utf-8")
             )
             return
-        table = Table(title=f"pgguard ledger ({len(rows)} entries, newest first)")
-        for column in ("time (UTC)", "agent", "kind/action", "categories", "request", "approvers"):
-            table.add_column(column)
-        table.add_column("statement", overflow="fold")
-        table.add_column("outcome")
-        for row in rows:
-            e = row.entry
-            table.add_row(
-                e.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-                e.agent,
-                e.action if e.kind == "statement" else e.kind,
-                ", ".join(e.categories),
-                e.request_id or "",
-                ", ".join(
-                    f"{a.get('name') or a.get('id')} ({a.get('channel')})" for a in e.approvers
-                ),
-                _short(e.statement),
-                _outcome(row),
-            )
-        Console().print(table)
+        typer.echo(show_text(rows), nl=False)
         typer.echo(_lag_line(waiting), err=True)
 
     @ledger.command()
@@ -394,7 +403,10 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Stream ledger entries, oldest first, as JSON lines, CSV (with a header) or OCSF JSON
-        lines; constant memory, a progress bar when stderr is a terminal."""
+        lines; constant memory, a progress bar when stderr is a terminal.
+
+        Example: pgguard ledger export --config pgguard.toml --format csv -o ledger.csv
+        """
         filters = _filters(agent, since, until, category, action, approver, request, limit)
         try:
             out = _Output(_stdout_bytes() if output is None else output.open("wb"))
@@ -459,7 +471,10 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Recompute every hash chain and check it against the signed checkpoints; exit 1 and
-        list the problems if anything was altered, inserted, deleted or cut off."""
+        list the problems if anything was altered, inserted, deleted or cut off.
+
+        Example: pgguard ledger verify --config pgguard.toml
+        """
         settings = _settings(config)
         keys: KeyRing | None = None
         anchored: list[SignedCheckpoint] | None = None

@@ -32,7 +32,11 @@ _DEFAULT_DATABASE = "cli"
 def register(app: typer.Typer) -> None:
     """Add `classify` and the `rules` sub-app (with `check`) to `app`."""
     app.command("classify")(classify_command)
-    rules_app = typer.Typer(help="Validate and test policy rule files.", no_args_is_help=True)
+    rules_app = typer.Typer(
+        help="Validate and test policy rule files.\n\n"
+        "Example: pgguard rules check /etc/pgguard/rules",
+        no_args_is_help=True,
+    )
     rules_app.command("check")(rules_check_command)
     app.add_typer(rules_app, name="rules")
 
@@ -50,7 +54,10 @@ def classify_command(
     agent: Annotated[str, typer.Option(help="Agent name the rules see.")] = _DEFAULT_AGENT,
     database: Annotated[str, typer.Option(help="Database name the rules see.")] = _DEFAULT_DATABASE,
 ) -> None:
-    """Classify SQL read from standard input and print the policy decision."""
+    """Classify SQL read from standard input and print the policy decision.
+
+    Example: echo "COPY customers TO STDOUT" | pgguard classify --json
+    """
     if as_json and as_jsonl:
         raise typer.BadParameter("--json and --jsonl are exclusive")
     engine = _load_engine(rules)
@@ -121,7 +128,10 @@ def rules_check_command(
     ] = None,
 ) -> None:
     """Validate rule files, run every rule's examples, and warn about rules that can never
-    decide (a later rule matches every statement they match)."""
+    decide (a later rule matches every statement they match). Exit 1 when an example fails.
+
+    Example: pgguard rules check /etc/pgguard/rules
+    """
     engine = _load_engine(directory)
     for shadow in shadowed_rules(engine.policy.rules):
         sys.stderr.write(f"warning: {shadow.message()}\n")

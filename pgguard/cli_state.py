@@ -23,7 +23,10 @@ from pgguard.statedb import setup
 
 
 def register(app: typer.Typer) -> None:
-    state = typer.Typer(help="Set up pgguard's state database.", no_args_is_help=True)
+    state = typer.Typer(
+        help="Set up pgguard's state database.\n\nExample: pgguard state init --upstream-role app",
+        no_args_is_help=True,
+    )
     app.add_typer(state, name="state")
 
     @state.command()
@@ -68,7 +71,10 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
     ) -> None:
-        """Print (or --apply) the SQL creating pgguard's own state role, database and schema."""
+        """Print (or --apply) the SQL creating pgguard's own state role, database and schema.
+
+        Example: pgguard state init --apply --upstream-role app
+        """
         settings = _settings(config)
         upstream_roles = tuple(upstream_role or ())
         if not upstream_roles and settings is not None:

@@ -32,7 +32,7 @@ def pgserver_bin_dir() -> Path:
     # Located without importing pgserver: its import has side effects (runtime dirs, atexit).
     spec = importlib.util.find_spec("pgserver")
     if spec is None or spec.origin is None:
-        raise RuntimeError("the pgserver package is not installed")
+        raise RuntimeError("the pgserver package is not installed (pip install 'pgguard[demo]')")
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 

@@ -130,6 +130,9 @@ class LimitsSettings(_Section):
     parse_offload_bytes: int = Field(4096, ge=256)
     parse_workers: int = Field(2, ge=1, le=64)
     parse_budget: float = Field(2.0, gt=0, le=600)
+    # `pgguard serve` waits this long (seconds, retrying with backoff) for the upstream and the
+    # state database to answer before it gives up; /readyz says "waiting" meanwhile. 0: no wait.
+    startup_wait: float = Field(60.0, ge=0, le=86_400)
 
 
 class PolicySettings(_Section):
@@ -273,6 +276,13 @@ class LedgerSettings(_Section):
     # Retention: `pgguard ledger prune` without --before removes entries older than this many
     # days (cut at signed checkpoints, see pgguard.ledger.prune). None: keep everything.
     retention_days: int | None = Field(None, ge=1)
+    # /readyz answers 503 while the spool holds more than this (the state database is behind).
+    spool_limit_bytes: int = Field(256 * 1024 * 1024, ge=0)
+
+
+class LogSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None  # default: log_level
 
 
 class Settings(BaseSettings):
@@ -301,6 +311,7 @@ class Settings(BaseSettings):
     # host and out of every agent's reach.
     data_dir: Path = Path("pgguard-data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log: LogSettings = LogSettings()
 
     @field_validator("agents")
     @classmethod
@@ -429,6 +440,9 @@ class Settings(BaseSettings):
             return settings_cls(**overrides)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, path)) from None
+
+    def effective_log_level(self) -> str:
+        return self.log.level or self.log_level
 
     def agent(self, name: str) -> AgentSettings | None:
         for agent in self.agents:

@@ -95,6 +95,8 @@ def agent_settings(upstream_dsn: str, state_dsn: str | None = None, **overrides:
         ],
     )
     overrides.setdefault("data_dir", str(TEST_DATA_DIR))
+    # The HTTP side (health, metrics) starts even without approvers: never on a fixed port.
+    overrides["http"] = {"port": 0, **overrides.get("http", {})}
     return Settings.load(
         listen={"host": "127.0.0.1", "port": 0, **overrides.pop("listen", {})},
         upstream={"dsn": upstream_dsn, **overrides.pop("upstream", {})},

@@ -38,6 +38,7 @@ from pgguard.approvals.signing import StateKey
 from pgguard.approvals.store import ApprovalStore
 from pgguard.approvals.verify import final_state_problem, remembered_approval_problem
 from pgguard.errors import AdminShutdown, PgGuardError
+from pgguard.metrics import COUNTS
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,7 @@ class ApprovalService:
         channel: str,
     ) -> ApprovalRequest:
         request = await self._store.record_decision(request_id, approver, verdict, comment, channel)
+        COUNTS.decision(verdict, channel)
         self._settle(request)
         return request
 

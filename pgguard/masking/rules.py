@@ -27,7 +27,10 @@ from pgguard.policy.yamlsrc import RulesError, load_yaml_with_lines
 
 # rules/masking.yaml would be read by the policy loader as a policy file (it reads every *.yaml
 # of rules/), so the masking rules live one level down.
-SHIPPED_MASKING_RULES = Path(__file__).resolve().parents[2] / "rules" / "masking" / "masking.yaml"
+# pgguard/rules is package data (a symlink to the top-level rules/ in a source tree).
+SHIPPED_MASKING_RULES = (
+    Path(__file__).resolve().parents[1] / "rules" / "masking" / "masking.yaml"
+).resolve()
 MAX_KEEP_LAST = 4
 
 Detector = Literal[

@@ -25,7 +25,8 @@ from pgguard.policy.rules import CompiledRule
 from pgguard.policy.yamlsrc import RulesError, SourceMap, load_yaml_with_lines
 from pgguard.sql.catalog import EMPTY_CATALOG, Catalog, Entry
 
-SHIPPED_RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
+# pgguard/rules: package data in a wheel; in a source tree, a symlink to the top-level rules/.
+SHIPPED_RULES_DIR = (Path(__file__).resolve().parents[1] / "rules").resolve()
 
 
 @dataclass(frozen=True, slots=True)

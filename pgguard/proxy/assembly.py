@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import SecretStr
 
+from pgguard import __version__, metrics
 from pgguard.approvals.fanout import FanOutNotifier
 from pgguard.approvals.schema import NOTIFY_CHANNEL
 from pgguard.approvals.service import ApprovalService, Notifier
@@ -27,6 +31,7 @@ from pgguard.proxy.ledger_hooks import LedgerHooks
 from pgguard.proxy.offload import ParseOffload
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
+from pgguard.proxy.startup import AgentDirectory
 from pgguard.settings import Settings
 from pgguard.sql.statenames import ProtectedNames
 from pgguard.statedb.probe import check_separation
@@ -34,6 +39,14 @@ from pgguard.teams_bot import TeamsBot
 from pgguard.web.api import create_app
 from pgguard.web.auth import ApproverDirectory
 from pgguard.web.oidc import OIDC_CALLBACK_PATH, OidcSignIn
+from pgguard.web.ops import (
+    Ops,
+    ReloadResult,
+    not_up_yet,
+    ops_app,
+    readiness,
+    register_ops,
+)
 from pgguard.web.server import HttpServer
 
 log = logging.getLogger(__name__)
@@ -50,6 +63,11 @@ class Running:
     ledger: LedgerWriter | None = None
     bot: TeamsBot | None = None
     oidc: OidcSignIn | None = None
+    directory: ApproverDirectory | None = None
+    ops: Ops | None = None
+    # Where a reload reads the configuration from (default: the file it was loaded from).
+    source: Callable[[], Settings] | None = None
+    _reloading: bool = field(default=False, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -57,7 +75,10 @@ class Running:
         return f"http://{self.settings.http.host}:{self.http.port}"
 
     async def stop(self, grace: float | None = None) -> None:
+        log.info("pgguard shutting down", extra={"event": "shutdown"})
+        self.gate.shutting_down = True
         await self.proxy.shutdown(grace)
+        await self.gate.settle_cancellations()
         if self.http is not None:
             await self.http.stop()
         if self.approvals is not None:
@@ -73,6 +94,193 @@ class Running:
             await self.ledger.close()
         if self.gate.offload is not None:
             await self.gate.offload.close()
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the configuration, rules, agents and approvers; validate everything, then
+        swap at once (no await between the swaps), or keep the old configuration and say why.
+
+        Sessions keep running and a held statement keeps its request. Settings that need a
+        restart (listen addresses, the HTTP side, the state and ledger, the upstream, ...) are
+        kept as they are and named in the result.
+        """
+        if self._reloading:
+            return _kept("a reload is already under way")
+        self._reloading = True
+        try:
+            return self._reload()
+        finally:
+            self._reloading = False
+
+    def _reload(self) -> ReloadResult:
+        old = self.settings
+        try:
+            new = self.source() if self.source is not None else reload_source(old)()
+            fixed = {k: getattr(old, k) for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)}
+            if not new.agents:
+                raise ConfigError("agents: no [[agents]] configured: nobody could connect")
+            if new.approvals_enabled() != old.approvals_enabled():
+                raise ConfigError(
+                    "approvers: turning approvals on or off needs a restart (keep at least one "
+                    "approver, or none, as now)"
+                )
+            effective = new.model_copy(update=fixed)
+            engine = load_engine(effective)
+            agents = AgentDirectory(effective.agents)
+        except ConfigError as exc:
+            return _kept(exc.message)
+        except Exception as exc:  # a reload must never take a running pgguard down
+            return _kept(f"{type(exc).__name__}: {exc}")
+        # Validated: swap everything the sessions read, with no await in between.
+        self.settings = effective
+        self.proxy.ctx.settings = effective
+        self.proxy.ctx.agents = agents
+        self.gate.reload(engine)
+        if self.directory is not None:
+            oidc = effective.oidc
+            self.directory.replace(
+                effective.approvers,
+                allowed_groups=oidc.allowed_groups if oidc else (),
+                allowed_roles=oidc.allowed_roles if oidc else (),
+            )
+        if self.ops is not None:
+            self.ops.settings = effective
+        if self.gate.offload is not None:
+            self.gate.offload.reload(
+                rules_dir=effective.policy.rules_dir,
+                mode=effective.policy.mode,
+                protected=protected_names(effective),
+            )
+        logging.getLogger("pgguard").setLevel(effective.effective_log_level())
+        restart = sorted(fixed)
+        message = "configuration reloaded"
+        if restart:
+            message += f"; these need a restart and were kept: {', '.join(restart)}"
+        log.info(message, extra={"event": "reload", "restart_needed": restart})
+        log_summary(self)
+        return ReloadResult(True, message, restart)
+
+
+# Top-level settings a reload cannot change (they are bound at start: sockets, connections, keys).
+RESTART_ONLY = (
+    "listen",
+    "upstream",
+    "limits",
+    "state",
+    "http",
+    "teams",
+    "oidc",
+    "ledger",
+    "data_dir",
+)
+
+
+def reload_source(settings: Settings) -> Callable[[], Settings]:
+    """How to read the configuration again: its file (and the environment) once more."""
+    path = settings.model_config.get("toml_file")
+    if isinstance(path, str | Path):
+        return lambda: Settings.load(Path(path))
+    return lambda: settings  # configured in code: only the rules files can change
+
+
+def _kept(why: str) -> ReloadResult:
+    log.error(
+        "reload refused, the old configuration stays: %s", why, extra={"event": "reload_refused"}
+    )
+    return ReloadResult(False, f"reload refused, the old configuration stays: {why}")
+
+
+def log_summary(running: Running) -> None:
+    """One start-up (or reload) line saying what is loaded: never a secret."""
+    settings = running.settings
+    engine = running.gate.engine
+    files = [str(p) for p in engine.policy.files]
+    summary = {
+        "version": __version__,
+        "mode": settings.policy.mode,
+        "rules_files": files,
+        "rules": len(engine.policy.rules),
+        "agents": [a.name for a in settings.agents],
+        "approvers": [a.id for a in settings.approvers],
+        "channels": _channels(settings),
+        "listen": f"{settings.listen.host}:{running.proxy.port}",
+        "http": running.http_url if running.http is not None else None,
+        "ledger": settings.ledger.enabled,
+    }
+    log.info(
+        "pgguard %s: mode %s, %d rules from %s, agents %s, approvers %s, channels %s, "
+        "listening on %s, HTTP %s",
+        __version__,
+        summary["mode"],
+        summary["rules"],
+        ", ".join(files),
+        ", ".join(summary["agents"]) or "none",  # type: ignore[arg-type]
+        ", ".join(summary["approvers"]) or "none",  # type: ignore[arg-type]
+        ", ".join(summary["channels"]) or "none",  # type: ignore[arg-type]
+        summary["listen"],
+        summary["http"] or "off",
+        extra={"event": "summary", **summary},
+    )
+
+
+def _channels(settings: Settings) -> list[str]:
+    if not settings.approvals_enabled():
+        return []
+    channels = ["api", "cli"]
+    if settings.http.enabled:
+        channels.append("page")
+    if settings.teams.webhook_url is not None:
+        channels.append("teams-webhook")
+    if settings.teams.bot is not None:
+        channels.append("teams-bot")
+    if settings.oidc is not None:
+        channels.append("oidc")
+    return channels
+
+
+async def wait_until_reachable(settings: Settings) -> None:
+    """Wait up to ``[limits] startup_wait`` seconds, retrying with backoff, until the upstream
+    and the state database answer; meanwhile the HTTP port answers /healthz and a 503 "waiting"
+    /readyz. Returns when they answer or the time is up (`start` then says what failed)."""
+    wait = settings.limits.startup_wait
+    if wait <= 0:
+        return
+    ops, probe = Ops(settings), Ops(settings)  # what /readyz reads; what the probes use
+    checks = await _databases(probe)
+    if not checks:
+        return
+    http: HttpServer | None = None
+    if settings.http.enabled:
+        http = HttpServer(ops_app(ops), settings.http.host, settings.http.port)
+        await http.start()
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + wait, 0.5
+    try:
+        while checks and loop.time() < deadline:
+            why = "; ".join(f"{name}: {reason}" for name, reason in checks.items())
+            ops.waiting = f"waiting for {', '.join(checks)} ({why})"
+            log.warning(
+                "start-up: %s; retrying for %.0f s more",
+                ops.waiting,
+                deadline - loop.time(),
+                extra={"event": "startup_wait"},
+            )
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 10.0)
+            checks = await _databases(probe)
+    finally:
+        if http is not None:
+            await http.stop()
+
+
+async def _databases(ops: Ops) -> dict[str, str]:
+    """The databases that are not up yet, with why (readiness without the spool check). One
+    that answers with an error that waiting cannot fix (a refused login) is left to `start`."""
+    _ready, checks = await readiness(ops)
+    return {
+        k: v
+        for k, v in checks.items()
+        if k in ("upstream", "state") and v != "ok" and not_up_yet(v)
+    }
 
 
 def protected_names(settings: Settings) -> ProtectedNames:
@@ -185,9 +393,41 @@ async def start(settings: Settings) -> Running:
     proxy.ctx.instance_id = instance_id
     await proxy.start()
     running = Running(settings, proxy, gate, approvals, notifier, ledger=ledger, bot=bot)
-    if approvals is not None and settings.http.enabled:
-        await _start_http(running, approvals)
+    running.ops = _ops(running)
+    if settings.http.enabled:
+        if approvals is not None:
+            await _start_http(running, approvals)
+        else:
+            running.http = HttpServer(ops_app(running.ops), settings.http.host, settings.http.port)
+            await running.http.start()
+            log.info("pgguard HTTP (health and metrics only) on %s", running.http_url)
     return running
+
+
+def _ops(running: Running) -> Ops:
+    """The operations endpoints' view of a running pgguard (`pgguard.web.ops`)."""
+    ledger = running.ledger
+
+    def sessions_by_agent() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for conn in running.proxy.ctx.connections:
+            agent = conn.session.agent if conn.session is not None else None
+            if agent:
+                counts[agent] = counts.get(agent, 0) + 1
+        return counts
+
+    gauges = metrics.Gauges(
+        sessions_by_agent=sessions_by_agent,
+        ledger_queue=(lambda: ledger.stats().queued) if ledger is not None else (lambda: 0),
+        spool_dir=running.settings.ledger.spool_dir if ledger is not None else None,
+    )
+
+    def approvers() -> ApproverDirectory:
+        return running.directory or ApproverDirectory([])
+
+    return Ops(
+        running.settings, metrics.registry(gauges), reload=running.reload, approvers=approvers
+    )
 
 
 async def _start_http(running: Running, approvals: ApprovalService) -> None:
@@ -200,6 +440,7 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
         allowed_groups=oidc_settings.allowed_groups if oidc_settings else (),
         allowed_roles=oidc_settings.allowed_roles if oidc_settings else (),
     )
+    running.directory = directory
     if oidc_settings is not None:
         running.oidc = OidcSignIn(oidc_settings, f"{public_url}{OIDC_CALLBACK_PATH}")
     secret = settings.http.session_secret
@@ -214,6 +455,8 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
     )
     if running.bot is not None:
         running.bot.register(app, approvals, directory)
+    assert running.ops is not None
+    register_ops(app, running.ops)
     running.http = HttpServer(app, settings.http.host, settings.http.port)
     await running.http.start()
     log.info("pgguard HTTP API on %s", running.http_url)

@@ -31,6 +31,7 @@ from pgguard.errors import (
     StartupRefused,
     UpstreamUnavailable,
 )
+from pgguard.metrics import COUNTS
 from pgguard.proxy import gate as g
 from pgguard.proxy import upstream
 from pgguard.proxy.link import Link, LinkClosed
@@ -95,6 +96,7 @@ class Session:
 
 
 def error_message(error: PgGuardError) -> bytes:
+    COUNTS.error(error.sqlstate)  # every ErrorResponse to a client is built here
     return m.error_response(
         error.severity, error.sqlstate, error.message, detail=error.detail, hint=error.hint
     )
@@ -286,6 +288,11 @@ class Connection:
         self.client.write(data)
         self.client.close()
         self._finish()
+
+    def end_hold(self) -> None:
+        """pgguard itself ends a held statement (shutdown): its request does not stay pending."""
+        if self._held is not None and self.session is not None:
+            self.ctx.gate.cancel_hold(self.session)
 
     def _client_closed(self, exc: Exception | None) -> None:
         if self._held is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 from concurrent.futures.process import BrokenProcessPool
@@ -141,7 +142,18 @@ class ParseOffload:
         self._warm()
         log.warning("statement analysis over budget: its worker processes were restarted")
 
+    def reload(self, *, rules_dir: Path | None, mode: str, protected: ProtectedNames) -> None:
+        """New rules (a reload): new workers load them; the old ones finish what they have."""
+        self._initargs = (rules_dir, mode, protected.schema, protected.channels)
+        old, self._pool = self._pool, self._new_pool()
+        old.shutdown(wait=False)
+        self._warm()
+
     async def close(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._warming
         _stop(self._pool)
 
 

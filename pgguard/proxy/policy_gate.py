@@ -29,6 +29,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -43,6 +44,7 @@ from pgguard.errors import (
     StatementTooComplex,
 )
 from pgguard.masking import MaskedStatement, MaskingRules
+from pgguard.metrics import COUNTS
 from pgguard.policy import (
     OBSERVE_MODE_NOTICE,
     PENDING_LEX_STATE,
@@ -78,6 +80,7 @@ from pgguard.wire.startup_options import StartupOptionError, settings_from_start
 log = logging.getLogger(__name__)
 
 _ACTION_ORDER = {"allow": 0, "hold": 1, "deny": 2}
+_STATEMENTS = COUNTS.statements  # the one dict of this process's statement counts
 
 
 @dataclass
@@ -88,7 +91,8 @@ class _SessionPolicy:
     contexts: dict[tuple[bool, str], Context] = field(default_factory=dict)
     context: Context | None = None  # the last one, valid while parameters_version is unchanged
     context_version: int = -1
-    last_decision: tuple[bytes, Context, Decision] | None = None  # see _classify_remembered
+    # See _classify_remembered; the engine that decided, so a reload's new rules are not bypassed.
+    last_decision: tuple[bytes, Context, Decision, PolicyEngine] | None = None
     lex_pending_until: int = 0  # ReadyForQuery count at which a lexing change is confirmed
     lex_changed: bool = False  # a lexing change was let through: a ROLLBACK/COMMIT may undo it
     last_record: StatementRecord | None = None  # the statement just allowed, for the ledger
@@ -98,6 +102,7 @@ class _SessionPolicy:
     hold_future: asyncio.Future[Allow | Deny] | None = None
     hold_request_id: str | None = None
     functions: dict[int, tuple[str, str]] = field(default_factory=dict)  # FunctionCall OIDs
+    hold_outcome: str = ""  # the held request's final state, for pgguard_hold_wait_seconds
     premasked: tuple[bytes, MaskedStatement] | None = None  # a long text masked off the loop
 
 
@@ -127,8 +132,19 @@ class PolicyGate(Gate):
         self.upstream = upstream  # row estimates for reviews, FunctionCall OIDs
         self.ledger = ledger
         self._judging: set[asyncio.Task[None]] = set()  # deferred judgements under way
+        # Set by Running.stop: a hold ended now was ended by pgguard, not by its client.
+        self.shutting_down = False
+        self._cancelling: set[asyncio.Task[object]] = set()  # requests being marked cancelled
         # Routines judged by their bodies: needs pgguard's own catalog look-ups upstream.
         self.routines = RoutineJudge(engine, upstream) if upstream is not None else None
+
+    def reload(self, engine: PolicyEngine) -> None:
+        """New rules for every next judgement (a reload; the caller validated them). Held
+        statements keep their requests; the per-session cache of the last decision is keyed
+        on the engine, so no session reuses a decision of the old rules."""
+        self.engine = engine
+        if self.routines is not None:
+            self.routines.engine = engine
 
     @property
     def observe(self) -> bool:
@@ -190,7 +206,9 @@ class PolicyGate(Gate):
             if sized is not None:
                 return sized
         if event.kind == "query":
+            started = time.perf_counter()
             decision, blind = self.engine.classify_keyed(event.sql, ctx)
+            COUNTS.classify.observe(time.perf_counter() - started)
             if decision.fetches:
                 decision = self._with_fetched_portals(session, ctx, decision, event.sql)
             return self._verdict(session, state, decision, event, blind)
@@ -438,11 +456,13 @@ class PolicyGate(Gate):
         same context. Only decisions that do not depend on the session's prepared statements
         are remembered - exactly those the engine's own cache may keep."""
         last = state.last_decision
-        if last is not None and last[1] is ctx and last[0] == sql:
+        if last is not None and last[1] is ctx and last[0] == sql and last[3] is self.engine:
             return last[2]
+        started = time.perf_counter()
         decision = self.engine.classify(sql, ctx)
+        COUNTS.classify.observe(time.perf_counter() - started)
         if not any(f.touches_session for f in decision.facts):
-            state.last_decision = (sql, ctx, decision)
+            state.last_decision = (sql, ctx, decision, self.engine)
         return decision
 
     def _verdict(
@@ -457,6 +477,8 @@ class PolicyGate(Gate):
         as the bodies of the user-defined routines it may call (`pgguard.proxy.routines`)."""
         if decision.action == "allow" and not decision.called_functions:
             # The common case, in short (what `_verdict_now` and `_judge` do for it).
+            key = ("allow", decision.categories[0] if decision.categories else "none")
+            _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
             if decision.changes_lexing or state.lex_changed:
                 self._note_lexing(session, state, decision)
             if self.ledger is not None:
@@ -527,6 +549,9 @@ class PolicyGate(Gate):
     def _judge(
         self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
     ) -> Verdict:
+        # pgguard_statements_total, inlined (a method call costs more than the count itself)
+        key = (decision.action, decision.categories[0] if decision.categories else "none")
+        _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
         if decision.action == "allow":
             self._note_lexing(session, state, decision)
             return ALLOW
@@ -588,6 +613,9 @@ class PolicyGate(Gate):
         functions = tuple(f for s in decision.statements for f in s.functions)
         state.hold_future = future
         state.hold_request_id = None
+        state.hold_outcome = ""
+        started = COUNTS.hold_started()
+        future.add_done_callback(lambda f: COUNTS.hold_ended(started, _hold_outcome(state, f)))
         record = StatementRecord(event.kind, event.sql, decision)
         state.hold_record = record
         state.hold_task = loop.create_task(
@@ -615,9 +643,14 @@ class PolicyGate(Gate):
                 new = dataclasses.replace(new, touches={**new.touches, **estimate.touches()})
             request, final = await self.approvals.hold(new, record.sql, bind)
             state.hold_request_id = request.id
-            log.info("hold %s: agent %s waits for approval", request.id, new.agent)
+            # libpg_query's fingerprint (literals removed), not the remember key: a hash over
+            # the parameter values could confirm a guessed value.
+            fingerprint = record.decision.fingerprint if record.decision is not None else ""
+            log_decision("hold", request.id, new.agent, new.rule_ids, fingerprint)
             decided = await final
             record.request = decided
+            state.hold_outcome = decided.state.value
+            log_decision(decided.state.value, decided.id, new.agent, new.rule_ids, fingerprint)
             outcome = await self._record_decision(session, state, record, outcome_of(decided))
         except asyncio.CancelledError:
             settle(future, Deny(QueryCanceled("canceling statement due to user request")))
@@ -708,16 +741,38 @@ class PolicyGate(Gate):
         future, state.hold_future = state.hold_future, None
         if future.done():
             return False
+        shutdown = self.shutting_down
+        state.hold_outcome = "shutdown" if shutdown else "cancelled"
         settle(future, Deny(QueryCanceled("canceling statement due to user request")))
-        if self.ledger is not None and state.hold_record is not None:
-            self.ledger.refused(session, state.hold_record, "57014", "cancelled by the client")
+        why = "pgguard shut down" if shutdown else "cancelled by the client"
+        record = state.hold_record
+        if self.ledger is not None and record is not None:
+            self.ledger.refused(session, record, "57014", why)
         request_id, task = state.hold_request_id, state.hold_task
         if task is not None:
             task.cancel()
+        decision = record.decision if record is not None else None
+        log_decision(
+            "cancelled" if not shutdown else "shutdown",
+            request_id or "-",
+            session.agent,
+            decision.rule_ids if decision is not None else (),
+            decision.fingerprint if decision is not None else "",
+        )
         if request_id is not None and self.approvals is not None:
-            cancel = self.approvals.cancel(request_id, "the client cancelled or disconnected")
-            asyncio.get_running_loop().create_task(cancel)
+            reason = why if shutdown else "the client cancelled or disconnected"
+            cancel = asyncio.get_running_loop().create_task(
+                self.approvals.cancel(request_id, reason)
+            )
+            self._cancelling.add(cancel)
+            cancel.add_done_callback(self._cancelling.discard)
         return True
+
+    async def settle_cancellations(self, limit: float = 5.0) -> None:
+        """Wait (bounded) for held requests being marked cancelled: at shutdown, before the
+        approval store closes under them."""
+        if self._cancelling:
+            await asyncio.wait(set(self._cancelling), timeout=limit)
 
     # --- session state ---------------------------------------------------------------------
 
@@ -759,6 +814,42 @@ class PolicyGate(Gate):
 
 
 _MAX_FUNCTIONS = 1024  # resolved OIDs a session remembers
+
+
+def _hold_outcome(state: _SessionPolicy, future: asyncio.Future[Allow | Deny]) -> str:
+    """The label of a finished hold: the request's state when it reached one, else what the
+    session got (cancelled by the client, or refused because the hold could not be recorded)."""
+    if state.hold_outcome:
+        return state.hold_outcome
+    if future.cancelled():
+        return "cancelled"
+    result = future.result()
+    if isinstance(result, Deny) and isinstance(result.error, QueryCanceled):
+        return "cancelled"
+    return "approved" if result is ALLOW else "failed"
+
+
+def log_decision(
+    what: str, request_id: str, agent: str, rule_ids: tuple[str, ...], fingerprint: str
+) -> None:
+    """One line per hold decision (hold, approved, denied, expired, cancelled): names and
+    fingerprints only, never the statement or a value (invariant 4)."""
+    log.info(
+        "decision %s: request %s agent %s rules %s fingerprint %s",
+        what,
+        request_id,
+        agent,
+        ",".join(rule_ids) or "default",
+        fingerprint,
+        extra={
+            "event": "decision",
+            "decision": what,
+            "request_id": request_id,
+            "agent": agent,
+            "rule_ids": list(rule_ids),
+            "fingerprint": fingerprint,
+        },
+    )
 
 
 def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:

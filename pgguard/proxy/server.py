@@ -283,6 +283,7 @@ class ProxyServer:
         if self._client_tasks:
             _done, pending = await asyncio.wait(set(self._client_tasks), timeout=grace)
             for conn in list(self.ctx.connections):
+                conn.end_hold()
                 conn.fail(AdminShutdown("terminating connection due to pgguard shutdown"))
             for task in pending:
                 task.cancel()

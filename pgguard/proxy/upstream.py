@@ -13,11 +13,13 @@ import contextlib
 import logging
 import ssl
 import struct
+import time
 from dataclasses import dataclass
 from typing import cast
 
 from pgguard.dsn import Dsn
 from pgguard.errors import PgGuardError, UpstreamRejected, UpstreamUnavailable
+from pgguard.metrics import COUNTS
 from pgguard.proxy.link import Link, LinkClosed
 from pgguard.settings import UpstreamSettings
 from pgguard.wire import messages as m
@@ -55,14 +57,17 @@ async def connect(
 ) -> UpstreamSession:
     """Open and authenticate an upstream session for one agent session."""
     dsn = settings.parsed()
+    started = time.monotonic()
     try:
         async with asyncio.timeout(settings.connect_timeout):
             link, tls = await _open(dsn, settings)
             try:
-                return await _login(link, dsn, tls, version, parameters, database)
+                opened = await _login(link, dsn, tls, version, parameters, database)
             except BaseException:
                 link.abort()
                 raise
+            COUNTS.upstream_connect.observe(time.monotonic() - started)
+            return opened
     except TimeoutError:
         raise UpstreamUnavailable(
             f"timed out connecting to the upstream server at {dsn.describe()}"

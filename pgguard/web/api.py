@@ -4,7 +4,7 @@
 * ``GET  /api/requests/{id}``          - one request
 * ``POST /api/requests/{id}/approve``  - body ``{"reason": "..."}`` (optional for approve)
 * ``POST /api/requests/{id}/deny``     - body ``{"reason": "..."}``
-* ``GET  /healthz``
+* ``GET  /healthz``, ``/readyz``, ``/metrics``, ``POST /api/reload``: `pgguard.web.ops`
 
 Every ``/api`` call needs ``Authorization: Bearer <token>`` of a configured approver.
 Status codes: 200 with the request's JSON; 401 unknown or missing token; 403 not in an approving
@@ -103,10 +103,6 @@ def create_app(
         session_seconds=session_seconds,
         oidc=oidc,
     )
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.get("/api/requests")
     async def list_requests(

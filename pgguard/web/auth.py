@@ -48,6 +48,16 @@ class ApproverDirectory:
         allowed_groups: Iterable[str] = (),
         allowed_roles: Iterable[str] = (),
     ) -> None:
+        self.replace(approvers, allowed_groups=allowed_groups, allowed_roles=allowed_roles)
+
+    def replace(
+        self,
+        approvers: list[ApproverSettings],
+        *,
+        allowed_groups: Iterable[str] = (),
+        allowed_roles: Iterable[str] = (),
+    ) -> None:
+        """A reload's new approvers; no await in here, so every lookup sees old or new."""
         self._configured = [
             (a, Approver(id=a.id, name=a.name, groups=tuple(a.groups))) for a in approvers
         ]

@@ -30,7 +30,13 @@ class _Server(uvicorn.Server):
 class HttpServer:
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            log_config=None,  # uvicorn's lines go through pgguard's handler ([log] format)
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None

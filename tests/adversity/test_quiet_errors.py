@@ -89,6 +89,10 @@ def write_config(path: Path, upstream_dsn: str, **sections: str) -> Path:
             "connect_timeout = 3",
             "[ledger]",
             "enabled = false",
+            "[limits]",
+            sections.get("limits", ""),
+            # The HTTP side (health, metrics) starts without approvers too: never on 8080 here.
+            "" if "[http]" in sections.get("extra", "") else "[http]\nport = 0",
             sections.get("extra", ""),
             "[[agents]]",
             'name = "agent"\npassword = "pw"\nowner = "alice@example.com"',
@@ -129,9 +133,30 @@ def test_upstream_unreachable_is_one_line_exit_2(upstream_dsn: str, tmp_path: Pa
         tmp_path / "u.toml",
         upstream_dsn,
         upstream=f"postgresql://postgres@127.0.0.1:{port}/postgres",
+        limits="startup_wait = 0",  # no retrying: the error at once
     )
     result = run_serve(config)
     assert result.returncode == 2, result.stderr
+    assert "upstream.dsn" in one_line(result.stderr)
+
+
+def test_upstream_unreachable_after_the_start_up_wait_is_exit_2(
+    upstream_dsn: str, tmp_path: Path
+) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = write_config(
+        tmp_path / "w.toml",
+        upstream_dsn,
+        upstream=f"postgresql://postgres@127.0.0.1:{port}/postgres",
+        limits="startup_wait = 2",
+    )
+    started = time.monotonic()
+    result = run_serve(config)
+    assert time.monotonic() - started >= 2  # it retried before giving up
+    assert result.returncode == 2, result.stderr
+    assert "waiting for upstream" in result.stderr
     assert "upstream.dsn" in one_line(result.stderr)
 
 
