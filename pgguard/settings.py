@@ -94,6 +94,9 @@ class AgentSettings(_Section):
     # Upstream sessions this agent may hold at once (53300 above it); unset: half the total
     # when several agents are configured, so no one agent can take every slot.
     max_sessions: int | None = Field(None, ge=1)
+    # What a held statement does when its rule does not say (`hold_mode` in rules): "wait"
+    # keeps the session waiting; "return" refuses at once with 55000 (re-send once approved).
+    hold_mode: Literal["wait", "return"] = "wait"
 
     @model_validator(mode="after")
     def _one_secret(self) -> AgentSettings:
@@ -130,6 +133,11 @@ class LimitsSettings(_Section):
     parse_offload_bytes: int = Field(4096, ge=256)
     parse_workers: int = Field(2, ge=1, le=64)
     parse_budget: float = Field(2.0, gt=0, le=600)
+
+
+class HoldsSettings(_Section):
+    # While a statement waits for approval, its session gets a reminder NOTICE this often.
+    notice_interval: float = Field(30.0, gt=0, le=3600)
 
 
 class PolicySettings(_Section):
@@ -287,6 +295,7 @@ class Settings(BaseSettings):
     agents: list[AgentSettings] = Field(default_factory=list)
     limits: LimitsSettings = LimitsSettings()
     policy: PolicySettings = PolicySettings()
+    holds: HoldsSettings = HoldsSettings()
     state: StateSettings = StateSettings()
     http: HttpSettings = HttpSettings()
     teams: TeamsSettings = TeamsSettings()

@@ -185,6 +185,38 @@ class ApprovalStore:
             )
             return await self._with_decisions(conn, rows)
 
+    async def returned_candidates(
+        self, agent: str, database: str, fingerprint: str
+    ) -> builtins.list[ApprovalRequest]:
+        """Return-mode requests for this statement that may still run: pending, or approved
+        and not yet run, before their expiry (newest first). Candidates only: the caller keeps
+        one whose MACs verify against its own digest of the statement."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_REQUEST_COLUMNS} FROM {self._requests} "
+                "WHERE agent = $1 AND database = $2 AND fingerprint = $3 AND run_at IS NULL "
+                "AND state IN ('pending', 'approved') AND expires_at > now() "
+                "ORDER BY created_at DESC LIMIT $4",
+                agent,
+                database,
+                fingerprint,
+                REMEMBERED_CANDIDATES,
+                timeout=self._timeout,
+            )
+            return await self._with_decisions(conn, rows)
+
+    async def mark_run(self, request_id: str) -> bool:
+        """Claim an approved return-mode request's one run (compare-and-swap: exactly one
+        caller, on any instance, gets True - and only before the request's expiry)."""
+        async with self._connection() as conn:
+            claimed = await conn.fetchval(
+                f"UPDATE {self._requests} SET run_at = now() WHERE id = $1 "
+                "AND state = 'approved' AND run_at IS NULL AND expires_at > now() RETURNING id",
+                request_id,
+                timeout=self._timeout,
+            )
+            return claimed is not None
+
     # --- transitions ----------------------------------------------------------------------------
 
     async def create(

@@ -75,6 +75,9 @@ class Decision:
     changes_lexing: bool = False
     min_approvals: int = 1  # distinct approvers a hold needs (the largest any held rule asks)
     remember_s: float | None = None  # how long an approval covers repeats (all held rules agree)
+    # "return" when every held statement's rule says so, "wait" when one says wait, None when
+    # none says (the agent's default applies).
+    hold_mode: Literal["wait", "return"] | None = None
     facts: tuple[StatementFacts, ...] = field(default=(), repr=False, compare=False)
     """Per-statement facts (categories, functions, relations; `text` blanked) for
     `SessionTracker.remember_all` when the proxy tracks protocol-level named statements."""
@@ -95,4 +98,5 @@ class Decision:
             "changes_lexing": self.changes_lexing,
             "min_approvals": self.min_approvals,
             "remember_s": self.remember_s,
+            "hold_mode": self.hold_mode,
         }

@@ -178,6 +178,9 @@ async def start(settings: Settings) -> Running:
         ledger=hooks,
         offload=await _start_offload(settings),
         max_statement_bytes=settings.limits.max_statement_bytes,
+        public_url=settings.http.base_url(),
+        notice_interval=settings.holds.notice_interval,
+        hold_modes={agent.name: agent.hold_mode for agent in settings.agents},
     )
     proxy = ProxyServer(settings, gate)
     proxy.ctx.slots = SessionSlots.from_settings(settings, capacity)

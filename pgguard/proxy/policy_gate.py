@@ -4,7 +4,12 @@ What it adds to the pass-through gate:
 
 * Query text is classified; ``deny`` refuses with 42501 naming the rule ids. ``hold`` asks for
   approval (`pgguard.approvals`, the request bound by MAC to the exact statement bytes) and the
-  session waits; without approvers configured it refuses with 42501, saying approval is required.
+  session waits, told so by a NOTICE at once and every ``[holds] notice_interval``
+  (`pgguard.proxy.hold_notices`), until the decision, the expiry, or the session's own
+  ``statement_timeout`` (`pgguard.proxy.session_timeouts`: 57014, the request cancelled).
+  A rule or agent with ``hold_mode: return`` is refused at once with 55000 instead and runs once
+  when re-sent after the approval (`pgguard.proxy.returned`). Without approvers configured a
+  hold refuses with 42501, saying approval is required. Every refusal has a DETAIL and a HINT.
 * A Parse is classified so its facts are known when it is Executed (and, because protocol-level
   and SQL-level prepared statements share one namespace, to a later SQL ``EXECUTE`` too). Only a
   ``deny`` stops a Parse; everything else is decided at Execute, where the statement runs - judged
@@ -26,14 +31,15 @@ What it adds to the pass-through gate:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgguard.approvals.model import NewRequest
+from pgguard.approvals.model import ApprovalRequest, NewRequest
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import (
     AdminShutdown,
@@ -52,6 +58,7 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
+from pgguard.proxy import hold_notices
 from pgguard.proxy.catalog import function_name
 from pgguard.proxy.estimates import estimate_rows
 from pgguard.proxy.gate import (
@@ -69,7 +76,9 @@ from pgguard.proxy.holds import new_request, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.proxy.offload import ParseOffload
+from pgguard.proxy.returned import judge_returned
 from pgguard.proxy.routines import RoutineJudge
+from pgguard.proxy.session_timeouts import StatementTimeout, server_default_ms
 from pgguard.settings import UpstreamSettings
 from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
@@ -99,6 +108,7 @@ class _SessionPolicy:
     hold_request_id: str | None = None
     functions: dict[int, tuple[str, str]] = field(default_factory=dict)  # FunctionCall OIDs
     premasked: tuple[bytes, MaskedStatement] | None = None  # a long text masked off the loop
+    timeouts: StatementTimeout = field(default_factory=StatementTimeout)  # ends holds (57014)
 
 
 class PolicyGate(Gate):
@@ -113,8 +123,14 @@ class PolicyGate(Gate):
         ledger: LedgerHooks | None = None,
         offload: ParseOffload | None = None,
         max_statement_bytes: int | None = None,
+        public_url: str = "",
+        notice_interval: float = 30.0,
+        hold_modes: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.public_url = public_url  # request pages named in the agents' notices and errors
+        self.notice_interval = notice_interval  # [holds] notice_interval
+        self.hold_modes = dict(hold_modes or {})  # agent name -> default hold_mode
         self.offload = offload
         self.max_statement_bytes = max_statement_bytes
         # Texts up to this long are judged here at once: the hot path pays one comparison.
@@ -512,6 +528,7 @@ class PolicyGate(Gate):
     ) -> Verdict:
         if decision.action == "allow":
             self._note_lexing(session, state, decision)
+            _note_timeout(state, decision, event)
             return ALLOW
         rules = ", ".join(decision.rule_ids) or "default"
         if decision.observe:
@@ -525,6 +542,7 @@ class PolicyGate(Gate):
                 rules,
             )
             self._note_lexing(session, state, decision)
+            _note_timeout(state, decision, event)
             return ALLOW
         categories = ", ".join(decision.categories) or "none"
         detail = "; ".join(decision.reasons) or None
@@ -539,20 +557,15 @@ class PolicyGate(Gate):
             categories,
         )
         if decision.action == "deny":
-            return Deny(
-                PolicyDenied(f"pgguard policy denies this statement (rule {rules})", detail=detail)
+            return Deny(hold_notices.policy_denied(rules, categories, detail))
+        if self.approvals is None:
+            return Deny(hold_notices.no_approvals(rules, categories, detail))
+        if (decision.hold_mode or self.hold_modes.get(session.agent, "wait")) == "return":
+            return self._deferred(
+                self._returned(session, state, decision, event),
+                lambda exc: Deny(hold_notices.store_unavailable()),
             )
-        if self.approvals is not None:
-            return self._hold(session, state, decision, event)
-        return Deny(
-            PolicyDenied(
-                f"pgguard: this statement requires approval "
-                f"(rule {rules}; categories {categories})",
-                detail=detail,
-                hint="Privileged statements wait for a human approval; "
-                "the approval flow is not enabled on this pgguard.",
-            )
-        )
+        return self._hold(session, state, decision, event)
 
     # --- holds -----------------------------------------------------------------------------
 
@@ -573,8 +586,11 @@ class PolicyGate(Gate):
         state.hold_request_id = None
         record = StatementRecord(event.kind, event.sql, decision)
         state.hold_record = record
+        started = loop.time()  # the statement's own clock, as the server's statement_timeout
         state.hold_task = loop.create_task(
-            self._await_approval(session, record, new, future, state, functions, event.bind)
+            self._await_approval(
+                session, record, new, future, state, functions, event.bind, started
+            )
         )
         return Hold(future)
 
@@ -587,9 +603,11 @@ class PolicyGate(Gate):
         state: _SessionPolicy,
         functions: tuple[str, ...],
         bind: bytes | None,
+        started: float,
     ) -> None:
         assert self.approvals is not None
         try:
+            deadline = await self._deadline(session, state, started)
             # A row estimate parses the text on the loop: long texts go without (best effort).
             long_text = self.offload is not None and len(record.sql) > self.offload.threshold
             if self.upstream is not None and not long_text:
@@ -599,26 +617,114 @@ class PolicyGate(Gate):
             request, final = await self.approvals.hold(new, record.sql, bind)
             state.hold_request_id = request.id
             log.info("hold %s: agent %s waits for approval", request.id, new.agent)
-            decided = await final
-            record.request = decided
-            outcome = await self._record_decision(session, state, record, outcome_of(decided))
+            decided = await self._wait_for_decision(session, request, final, deadline)
+            outcome: Allow | Deny
+            if decided is None:  # the session's statement_timeout ran out first
+                outcome = await self._timed_out(session, state, record, request)
+            else:
+                record.request = decided
+                outcome = await self._record_decision(
+                    session, state, record, outcome_of(decided, self.public_url)
+                )
         except asyncio.CancelledError:
             settle(future, Deny(QueryCanceled("canceling statement due to user request")))
             raise
         except AdminShutdown:
-            outcome = Deny(PolicyDenied("pgguard is shutting down; the held statement was not run"))
-        except Exception as exc:  # fail closed: no approval could be recorded or awaited
-            log.error("hold for agent %s failed: %s", new.agent, exc)
             outcome = Deny(
                 PolicyDenied(
-                    "pgguard: this statement requires approval, and the approval request could "
-                    "not be recorded",
-                    hint="The approval state database is unavailable; try again later.",
+                    "pgguard is shutting down; the held statement was not run",
+                    detail="pgguard stopped while the statement waited for approval.",
+                    hint="Reconnect and send it again: a retry opens a new request.",
                 )
             )
+        except Exception as exc:  # fail closed: no approval could be recorded or awaited
+            log.error("hold for agent %s failed: %s", new.agent, exc)
+            outcome = Deny(hold_notices.store_unavailable())
         finally:
             state.hold_task = None
         settle(future, outcome)
+
+    async def _returned(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> Allow | Deny:
+        """Return mode (`pgguard.proxy.returned`): run an approved request once, else 55000."""
+        assert self.approvals is not None
+        new = new_request(session, decision, event, self.masking, self.instance_id)
+        verdict, request = await judge_returned(self.approvals, new, event, self.public_url)
+        record = StatementRecord(event.kind, event.sql, decision)
+        if request is None:
+            if isinstance(verdict, Deny) and self.ledger is not None:
+                self.ledger.refused(session, record, verdict.error.sqlstate, verdict.error.message)
+            return verdict
+        log.info("request %s: agent %s runs its approved statement", request.id, session.agent)
+        record.request = request
+        return await self._record_decision(session, state, record, verdict)
+
+    async def _deadline(
+        self, session: SessionView, state: _SessionPolicy, started: float
+    ) -> float | None:
+        """When the session's statement_timeout ends a statement that started at ``started``
+        (loop time); None without one. Asked from the server once when pgguard cannot know."""
+        timeouts = state.timeouts
+        if timeouts.needs_server_default and self.upstream is not None:
+            timeouts.server_default_ms = await server_default_ms(self.upstream, session.database)
+        ms = timeouts.current_ms
+        return started + ms / 1000 if ms else None
+
+    async def _wait_for_decision(
+        self,
+        session: SessionView,
+        request: ApprovalRequest,
+        final: asyncio.Future[ApprovalRequest],
+        deadline: float | None,
+    ) -> ApprovalRequest | None:
+        """Wait for the final request, telling the agent (NOTICE) now and every
+        ``notice_interval``; None when ``deadline`` (the session's statement_timeout, loop
+        time) comes first."""
+        if final.done():  # a remembered approval: nothing to wait for
+            return final.result()
+        notice = hold_notices.held_notice(request, self.public_url)
+        session.send_notice(notice.text, notice.detail, notice.hint)
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self.notice_interval
+            if deadline is not None:
+                wait = min(wait, deadline - loop.time())
+                if wait <= 0:
+                    return None
+            try:
+                return await asyncio.wait_for(asyncio.shield(final), wait)
+            except TimeoutError:
+                pass
+            if deadline is not None and loop.time() >= deadline:
+                return None
+            left = request.seconds_left()
+            notice = hold_notices.reminder_notice(request, self.public_url, left)
+            session.send_notice(notice.text, notice.detail, notice.hint)
+
+    async def _timed_out(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        record: StatementRecord,
+        request: ApprovalRequest,
+    ) -> Deny:
+        """The session's statement_timeout ended the hold: 57014, as the server would cancel,
+        and the request is cancelled with that reason."""
+        assert self.approvals is not None
+        limit = _seconds(state.timeouts.current_ms)
+        reason = f"the session's statement_timeout ({limit}) ran out while it waited"
+        await self.approvals.cancel(request.id, reason)
+        error = QueryCanceled(
+            "canceling statement due to statement timeout",
+            detail=f"Request {request.id} was still pending when {reason}; the request is "
+            "cancelled and nothing was run.",
+            hint="Raise statement_timeout (SET statement_timeout = ...) to wait longer, or "
+            "retry later: a retry opens a new request.",
+        )
+        if self.ledger is not None:
+            self.ledger.refused(session, record, error.sqlstate, error.message)
+        return Deny(error)
 
     async def _record_decision(
         self,
@@ -708,6 +814,8 @@ class PolicyGate(Gate):
         state = session.gate_state
         if state is None:
             state = _SessionPolicy(tracker=self.engine.new_session())
+            with contextlib.suppress(StartupOptionError):  # refused at start-up already
+                state.timeouts.start_up(settings_from_startup(session.startup_parameters))
             session.gate_state = state
         assert isinstance(state, _SessionPolicy)
         return state
@@ -748,6 +856,21 @@ _MAX_FUNCTIONS = 1024  # resolved OIDs a session remembers
 def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:
     schema, function = (_quote_ident(part) for part in name)
     return SqlEvent("query", f'SELECT "{schema}"."{function}"()'.encode(), bind=body)
+
+
+def _note_timeout(state: _SessionPolicy, decision: Decision, event: SqlEvent) -> None:
+    """Follow the session's statement_timeout through the statements let through."""
+    if any(v.kind in _TIMEOUT_KINDS for v in decision.statements):
+        state.timeouts.observe(event.sql)
+    if state.timeouts.local_ms is not None and any(f.undoes_settings for f in decision.facts):
+        state.timeouts.transaction_ended()
+
+
+_TIMEOUT_KINDS = frozenset({"VariableSetStmt", "DiscardStmt"})
+
+
+def _seconds(ms: int | None) -> str:
+    return "unknown" if ms is None else f"{ms / 1000:g} s"
 
 
 def _fetches(decision: Decision) -> bool:
