@@ -161,6 +161,21 @@ class ApprovalStore:
             )
             return await self._with_decisions(conn, rows)
 
+    async def list_for_agent(
+        self, agent: str, state: RequestState | None = None, limit: int = 50
+    ) -> builtins.list[ApprovalRequest]:
+        """One agent's requests, newest first, optionally only those in one state."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_REQUEST_COLUMNS} FROM {self._requests} WHERE agent = $1 "
+                "AND ($2::text IS NULL OR state = $2) ORDER BY created_at DESC, id LIMIT $3",
+                agent,
+                None if state is None else state.value,
+                limit,
+                timeout=self._timeout,
+            )
+            return await self._with_decisions(conn, rows)
+
     async def remembered_candidates(
         self, agent: str, fingerprint: str, *, database: str | None = None
     ) -> builtins.list[ApprovalRequest]:

@@ -21,6 +21,8 @@ from pgguard.approvals.teams import TeamsWebhookNotifier
 from pgguard.errors import ConfigError
 from pgguard.ledger import LedgerWriter
 from pgguard.masking import MaskingRules
+from pgguard.mcp_server import McpHttp
+from pgguard.mcp_tools import agent_tools
 from pgguard.policy import PolicyEngine, RulesError
 from pgguard.proxy.capacity import SessionSlots, read_capacity
 from pgguard.proxy.ledger_hooks import LedgerHooks
@@ -50,6 +52,7 @@ class Running:
     ledger: LedgerWriter | None = None
     bot: TeamsBot | None = None
     oidc: OidcSignIn | None = None
+    mcp: McpHttp | None = None  # the agents' MCP endpoint at /mcp (pgguard.mcp_server)
 
     @property
     def http_url(self) -> str:
@@ -60,6 +63,8 @@ class Running:
         await self.proxy.shutdown(grace)
         if self.http is not None:
             await self.http.stop()
+        if self.mcp is not None:
+            await self.mcp.stop()
         if self.approvals is not None:
             await self.approvals.stop()
             await self.approvals.store.close()
@@ -216,6 +221,12 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
     )
     if running.bot is not None:
         running.bot.register(app, approvals, directory)
+    if settings.agents:  # the agents' MCP door, behind their own pgguard credentials
+        gate = running.gate
+        tools = agent_tools(settings, gate.engine, gate.masking, approvals)
+        running.mcp = McpHttp(tools, public_url, settings.http.host)
+        running.mcp.mount(app.router.routes)
+        await running.mcp.start()
     running.http = HttpServer(app, settings.http.host, settings.http.port)
     await running.http.start()
     log.info("pgguard HTTP API on %s", running.http_url)

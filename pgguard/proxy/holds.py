@@ -56,7 +56,7 @@ def new_request(
         application_name=mask_text(session.application_name, masking),
         statement=masked.text,
         parameters=parameters,
-        fingerprint=_remember_key(session, decision, event),
+        fingerprint=request_fingerprint(session, decision, event),
         categories=decision.categories,
         rule_ids=decision.rule_ids,
         reason=_reason(text, masking),
@@ -82,7 +82,7 @@ def new_request(
     )
 
 
-def _remember_key(session: SessionView, decision: Decision, event: SqlEvent) -> str:
+def request_fingerprint(session: SessionView, decision: Decision, event: SqlEvent) -> str:
     """The request's key for remembered approvals (`pgguard.policy.remember`), stored as its
     fingerprint: the approvals store, the remembered lookup and the MAC binding all use it."""
     parameters: list[bytes | None] | bytes | None = None

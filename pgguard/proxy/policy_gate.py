@@ -72,11 +72,11 @@ from pgguard.proxy.gate import (
     Verdict,
     function_call_refused,
 )
-from pgguard.proxy.holds import new_request, settle
+from pgguard.proxy.holds import new_request, request_fingerprint, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.proxy.offload import ParseOffload
-from pgguard.proxy.returned import judge_returned
+from pgguard.proxy.returned import approved_ahead, judge_returned, plain_event
 from pgguard.proxy.routines import RoutineJudge
 from pgguard.proxy.session_timeouts import StatementTimeout, server_default_ms
 from pgguard.settings import UpstreamSettings
@@ -607,6 +607,11 @@ class PolicyGate(Gate):
     ) -> None:
         assert self.approvals is not None
         try:
+            ahead = await self._approved_ahead(session, record, new, bind)
+            if ahead is not None:  # asked and approved ahead of time (MCP): this is its run
+                record.request = ahead
+                settle(future, await self._record_decision(session, state, record, ALLOW))
+                return
             deadline = await self._deadline(session, state, started)
             # A row estimate parses the text on the loop: long texts go without (best effort).
             long_text = self.offload is not None and len(record.sql) > self.offload.threshold
@@ -649,8 +654,9 @@ class PolicyGate(Gate):
     ) -> Allow | Deny:
         """Return mode (`pgguard.proxy.returned`): run an approved request once, else 55000."""
         assert self.approvals is not None
-        new = new_request(session, decision, event, self.masking, self.instance_id)
-        verdict, request = await judge_returned(self.approvals, new, event, self.public_url)
+        plain = plain_event(event)
+        new = new_request(session, decision, plain, self.masking, self.instance_id)
+        verdict, request = await judge_returned(self.approvals, new, plain, self.public_url)
         record = StatementRecord(event.kind, event.sql, decision)
         if request is None:
             if isinstance(verdict, Deny) and self.ledger is not None:
@@ -659,6 +665,16 @@ class PolicyGate(Gate):
         log.info("request %s: agent %s runs its approved statement", request.id, session.agent)
         record.request = request
         return await self._record_decision(session, state, record, verdict)
+
+    async def _approved_ahead(
+        self, session: SessionView, record: StatementRecord, new: NewRequest, bind: bytes | None
+    ) -> ApprovalRequest | None:
+        assert self.approvals is not None
+        assert record.decision is not None
+        plain = plain_event(SqlEvent("execute" if bind else "query", record.sql, bind=bind))
+        fingerprint = request_fingerprint(session, record.decision, plain)
+        ahead = dataclasses.replace(new, fingerprint=fingerprint)
+        return await approved_ahead(self.approvals, ahead, plain)
 
     async def _deadline(
         self, session: SessionView, state: _SessionPolicy, started: float

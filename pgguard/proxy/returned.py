@@ -19,9 +19,10 @@ import dataclasses
 
 from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState
 from pgguard.approvals.service import ApprovalService
+from pgguard.errors import PgGuardError
 from pgguard.proxy.gate import ALLOW, Allow, Deny, SqlEvent
 from pgguard.proxy.hold_notices import pending_refusal
-from pgguard.wire.extended import bind_values
+from pgguard.wire.extended import bind_values, decode_bind_parameters
 
 FINGERPRINT_PREFIX = "return:"  # a waiting hold's approval (its own fingerprint) never matches
 
@@ -31,17 +32,41 @@ def returned_request(new: NewRequest) -> NewRequest:
     return dataclasses.replace(new, fingerprint=FINGERPRINT_PREFIX + new.fingerprint)
 
 
+def plain_event(event: SqlEvent) -> SqlEvent:
+    """``event`` without a Bind when it binds no parameters: a statement sent as a simple
+    Query and as an Execute of a parameterless prepared statement is one statement here."""
+    if event.bind is None:
+        return event
+    try:
+        if decode_bind_parameters(event.bind):
+            return event
+    except PgGuardError:
+        return event
+    return dataclasses.replace(event, bind=None)
+
+
 def digest_parameters(event: SqlEvent) -> bytes | None:
     """What the approval binds besides the text: the parameter values and formats, without
     the statement and portal names a driver picks anew on every send."""
     return None if event.bind is None else bind_values(event.bind)
 
 
+async def approved_ahead(
+    approvals: ApprovalService, new: NewRequest, event: SqlEvent
+) -> ApprovalRequest | None:
+    """An approval asked ahead of time (MCP ``request_approval``) for exactly this statement,
+    claimed for this run; None when there is none (the statement is held as usual)."""
+    found = await approvals.open_for(returned_request(new), event.sql, digest_parameters(event))
+    approved = found is not None and found.state == RequestState.APPROVED
+    return found if approved and found is not None and await approvals.mark_run(found.id) else None
+
+
 async def judge_returned(
     approvals: ApprovalService, new: NewRequest, event: SqlEvent, public_url: str
 ) -> tuple[Allow | Deny, ApprovalRequest | None]:
     """(ALLOW, request) when this send is the one run of an approved request; else
-    (Deny(55000 naming the pending request), None)."""
+    (Deny(55000 naming the pending request), None). ``new`` and ``event`` as `plain_event`
+    made them."""
     new = returned_request(new)
     parameters = digest_parameters(event)
     found = await approvals.open_for(new, event.sql, parameters)
