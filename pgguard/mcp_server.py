@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 def build_server(tools: AgentTools, agent_of: AgentOf) -> MCPServer[Any]:
     """The MCP server; ``agent_of`` names the authenticated agent of a call."""
-    server: MCPServer[Any] = MCPServer("pgguard", instructions=INSTRUCTIONS)
+    server = _quiet_server()
 
     @server.tool()
     def check_statement(sql: str, ctx: Context[Any, Any], database: str = "") -> dict[str, Any]:
@@ -82,6 +82,18 @@ def build_server(tools: AgentTools, agent_of: AgentOf) -> MCPServer[Any]:
         return {"requests": found}
 
     return server
+
+
+def _quiet_server() -> MCPServer[Any]:
+    """The SDK's server, without the logging set-up its constructor does (a root handler at
+    INFO when none is configured): pgguard's own logging configuration stays in charge."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        return MCPServer("pgguard", instructions=INSTRUCTIONS)
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def _guarded(call: Callable[[], T]) -> T:

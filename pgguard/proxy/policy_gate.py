@@ -658,12 +658,12 @@ class PolicyGate(Gate):
         new = new_request(session, decision, plain, self.masking, self.instance_id)
         verdict, request = await judge_returned(self.approvals, new, plain, self.public_url)
         record = StatementRecord(event.kind, event.sql, decision)
-        if request is None:
-            if isinstance(verdict, Deny) and self.ledger is not None:
+        record.request = request  # the ledger names the request, refused or run
+        if isinstance(verdict, Deny):
+            if self.ledger is not None:
                 self.ledger.refused(session, record, verdict.error.sqlstate, verdict.error.message)
             return verdict
         log.info("request %s: agent %s runs its approved statement", request.id, session.agent)
-        record.request = request
         return await self._record_decision(session, state, record, verdict)
 
     async def _approved_ahead(

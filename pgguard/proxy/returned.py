@@ -63,10 +63,10 @@ async def approved_ahead(
 
 async def judge_returned(
     approvals: ApprovalService, new: NewRequest, event: SqlEvent, public_url: str
-) -> tuple[Allow | Deny, ApprovalRequest | None]:
+) -> tuple[Allow | Deny, ApprovalRequest]:
     """(ALLOW, request) when this send is the one run of an approved request; else
-    (Deny(55000 naming the pending request), None). ``new`` and ``event`` as `plain_event`
-    made them."""
+    (Deny(55000 naming the pending request), that request). ``new`` and ``event`` as
+    `plain_event` made them."""
     new = returned_request(new)
     parameters = digest_parameters(event)
     found = await approvals.open_for(new, event.sql, parameters)
@@ -76,4 +76,4 @@ async def judge_returned(
         found = None  # run already (or just expired): this send asks anew
     if found is None:
         found = await approvals.open_request(new, event.sql, parameters)
-    return Deny(pending_refusal(found, public_url)), None
+    return Deny(pending_refusal(found, public_url)), found

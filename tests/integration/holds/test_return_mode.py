@@ -65,10 +65,17 @@ async def test_runs_exactly_once_after_approval_and_not_before(
         assert _count(direct_dsn, "return_t", 7) == 1
     finally:
         await conn.close()
-    (run,) = await wait_for_entries(
-        pgguard, state_dsn, "kind = 'statement' AND request_id = $1", first
+    # The two refusals and the run, each naming the request; then the run's outcome.
+    refused_1, refused_2, run = await wait_for_entries(
+        pgguard, state_dsn, "kind = 'statement' AND request_id = $1", first, count=3
     )
+    assert refused_1["sqlstate"] == refused_2["sqlstate"] == "55000"
     assert run["action"] == "hold"
+    assert run["sqlstate"] is None
+    (outcome,) = await wait_for_entries(
+        pgguard, state_dsn, "kind = 'outcome' AND request_id = $1", first
+    )
+    assert outcome["command_tag"] == "INSERT 0 1"
 
 
 async def test_another_session_of_the_agent_runs_it_once(
