@@ -15,6 +15,7 @@ import httpx
 import psycopg
 import pytest
 
+from pgguard.wire import messages as m
 from tests.integration.holds.helpers import (
     PUBLIC_URL,
     auth,
@@ -22,7 +23,7 @@ from tests.integration.holds.helpers import (
     hold_settings,
     wait_for_request,
 )
-from tests.support import OWNER, PgguardThread
+from tests.support import OWNER, PgguardThread, RawClient
 from tests.teams_stub import TeamsStub
 
 PREFIX = "pgguard: held for approval as request "
@@ -175,3 +176,32 @@ async def test_every_refusal_has_detail_and_hint(pgguard: PgguardThread) -> None
         assert info.value.hint
     finally:
         await conn.close()
+
+
+async def test_notice_never_splits_a_server_message(
+    pgguard: PgguardThread, api: httpx.AsyncClient
+) -> None:
+    """A large reply still streams (the client is not reading) when the next statement is
+    held: pgguard's NOTICE goes between whole server messages, never inside the DataRow."""
+    client = RawClient.connect(pgguard.port)
+    try:
+        assert client.login()[-1][0] == "Z"
+        size = 8_000_000
+        client.send(m.query(f"SELECT repeat('x', {size})") + m.query("DROP TABLE hold_t"))
+        request = await wait_for_request(api, "hold_t")
+        await asyncio.sleep(1)  # the hold's NOTICE is due while the reply is stuck
+        first = await asyncio.to_thread(client.recv_until, "Z")
+        assert [t for t, _ in first if t != "N"] == ["T", "D", "C", "Z"]
+        (row,) = [body for t, body in first if t == "D"]
+        assert len(row) == 2 + 4 + size
+        notices = [body for t, body in first if t == "N"]
+        if not notices:  # not due yet mid-reply: it comes right after
+            kind, body = await asyncio.to_thread(client.recv_message)
+            assert kind == "N"
+            notices = [body]
+        assert m.decode_error_fields(notices[0]).message == PREFIX + request["id"]
+        await _decide(api, request["id"], "deny")
+        rest = await asyncio.to_thread(client.recv_until, "Z")
+        assert [t for t, _ in rest if t != "N"] == ["E", "Z"]
+    finally:
+        client.close()

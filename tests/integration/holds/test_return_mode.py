@@ -156,3 +156,92 @@ async def test_simple_query_with_psycopg(
         await _approve(api, match.group(1))
         await conn.execute(sql, prepare=False)
         assert _count(direct_dsn, "return_t", 11) == 1
+
+
+async def test_not_for_another_agent_or_database(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str
+) -> None:
+    """The approval of one agent's statement never runs the same text for another agent, nor
+    for the same agent on another database."""
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        request = await _refused(conn, INSERT, 21, "z")
+        await _approve(api, request)
+    finally:
+        await conn.close()
+    leaky = await asyncpg.connect(pgguard.dsn(user="leaky", password="leaky-password"))
+    try:
+        assert await _refused(leaky, INSERT, 21, "z") != request
+    finally:
+        await leaky.close()
+    elsewhere = await asyncpg.connect(pgguard.dsn(dbname="allowed_db"))
+    try:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await elsewhere.execute(INSERT, 21, "z")
+        assert request not in str(info.value)
+    finally:
+        await elsewhere.close()
+    assert _count(direct_dsn, "return_t", 21) == 0
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:  # the owner of the approval still has its one run
+        assert await conn.execute(INSERT, 21, "z") == "INSERT 0 1"
+    finally:
+        await conn.close()
+
+
+async def test_a_forged_approval_runs_nothing(
+    pgguard: PgguardThread, direct_dsn: str, state_dsn: str
+) -> None:
+    """A state-database writer marks a pending return-mode request approved, with a decision
+    row of their own: no MAC of pgguard's verifies, so the re-sent statement does not run."""
+    schema = pgguard.settings.state.schema_name
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        request = await _refused(conn, INSERT, 31, "forged")
+        writer = await asyncpg.connect(state_dsn)
+        try:
+            await writer.execute(
+                f"INSERT INTO {schema}.approval_decisions (request_id, approver_id, "
+                "approver_name, verdict, channel, comment, mac) "
+                "VALUES ($1, 'mallory', 'Mallory', 'approve', 'api', 'trust me', 'v1:00')",
+                request,
+            )
+            await writer.execute(
+                f"UPDATE {schema}.approval_requests SET state = 'approved', decided_at = now() "
+                "WHERE id = $1",
+                request,
+            )
+        finally:
+            await writer.close()
+        assert await _refused(conn, INSERT, 31, "forged") != request
+        assert _count(direct_dsn, "return_t", 31) == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_cleared_run_mark_is_visible_in_the_ledger(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str, state_dsn: str
+) -> None:
+    """The documented limit: a writer who clears ``run_at`` of an approved request gets it run
+    again - and the ledger then shows two runs naming the one request."""
+    schema = pgguard.settings.state.schema_name
+    conn = await asyncpg.connect(pgguard.dsn())
+    try:
+        request = await _refused(conn, INSERT, 41, "again")
+        await _approve(api, request)
+        assert await conn.execute(INSERT, 41, "again") == "INSERT 0 1"
+        writer = await asyncpg.connect(state_dsn)
+        try:
+            await writer.execute(
+                f"UPDATE {schema}.approval_requests SET run_at = NULL WHERE id = $1", request
+            )
+        finally:
+            await writer.close()
+        assert await conn.execute(INSERT, 41, "again") == "INSERT 0 1"
+    finally:
+        await conn.close()
+    runs = await wait_for_entries(
+        pgguard, state_dsn, "kind = 'outcome' AND request_id = $1", request, count=2
+    )
+    assert len(runs) == 2
+    assert _count(direct_dsn, "return_t", 41) == 2
