@@ -141,11 +141,17 @@ def _agent_of_request(ctx: Context[Any, Any]) -> str:
 
 
 class AgentBasicAuth:
-    """ASGI wrapper: HTTP Basic with an agent's own name and pgguard password, or 401."""
+    """ASGI wrapper: HTTP Basic with an agent's own name and pgguard password, or 401.
+
+    Each check costs a PBKDF2 (the SCRAM verifier's iterations) in a worker thread; at most
+    ``MAX_CHECKS`` run at once, so a flood of guesses queues instead of taking every core."""
+
+    MAX_CHECKS = 2
 
     def __init__(self, app: StreamableHTTPASGIApp, tools: AgentTools) -> None:
         self.app = app
         self.tools = tools
+        self._checks = asyncio.Semaphore(self.MAX_CHECKS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         agent = await self._agent(scope)
@@ -166,8 +172,8 @@ class AgentBasicAuth:
         if not sep:
             return None
         agent = self.tools.agents.get(name)
-        # PBKDF2 off the loop: every agent session shares it.
-        ok = await asyncio.to_thread(agent_password_ok, agent, password)
+        async with self._checks:  # PBKDF2 off the loop: every agent session shares it
+            ok = await asyncio.to_thread(agent_password_ok, agent, password)
         return name if ok else None
 
 
