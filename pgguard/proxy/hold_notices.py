@@ -94,6 +94,17 @@ def refusal(request: ApprovalRequest, public_url: str) -> PgGuardError:
     )
 
 
+def cancelled_by_client(request_id: str | None) -> QueryCanceled:
+    """The client cancelled (CancelRequest) or left while its statement waited."""
+    which = f"request {request_id}" if request_id else "its approval"
+    return QueryCanceled(
+        "canceling statement due to user request",
+        detail=f"The client cancelled the statement while it waited for {which}; "
+        "the request is cancelled and nothing was run.",
+        hint="A retry opens a new request.",
+    )
+
+
 def store_unavailable() -> PolicyDenied:
     return PolicyDenied(
         "pgguard: this statement requires approval, and the approval request could not be recorded",

@@ -319,7 +319,7 @@ class PolicyGate(Gate):
                 verdict = await verdict.decision
             settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
         except asyncio.CancelledError:
-            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            settle(future, Deny(hold_notices.cancelled_by_client(None)))
             raise
         except Exception as exc:
             settle(future, refused(exc))
@@ -632,7 +632,7 @@ class PolicyGate(Gate):
                     session, state, record, outcome_of(decided, self.public_url)
                 )
         except asyncio.CancelledError:
-            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            settle(future, Deny(hold_notices.cancelled_by_client(state.hold_request_id)))
             raise
         except AdminShutdown:
             outcome = Deny(
@@ -813,7 +813,7 @@ class PolicyGate(Gate):
         future, state.hold_future = state.hold_future, None
         if future.done():
             return False
-        settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+        settle(future, Deny(hold_notices.cancelled_by_client(state.hold_request_id)))
         if self.ledger is not None and state.hold_record is not None:
             self.ledger.refused(session, state.hold_record, "57014", "cancelled by the client")
         request_id, task = state.hold_request_id, state.hold_task

@@ -205,3 +205,17 @@ async def test_notice_never_splits_a_server_message(
         assert [t for t, _ in rest if t != "N"] == ["E", "Z"]
     finally:
         client.close()
+
+
+async def test_a_cancel_says_what_happened(pgguard: PgguardThread, api: httpx.AsyncClient) -> None:
+    async with await psycopg.AsyncConnection.connect(pgguard.dsn(), autocommit=True) as conn:
+        running = asyncio.create_task(conn.execute("DROP TABLE hold_t"))
+        request = await wait_for_request(api, "hold_t")
+        await conn.cancel_safe()
+        with pytest.raises(psycopg.errors.QueryCanceled) as info:
+            await asyncio.wait_for(running, 10)
+        diag = info.value.diag
+        assert diag.message_detail is not None
+        assert f"request {request['id']}" in diag.message_detail
+        assert diag.message_hint is not None
+        assert "new request" in diag.message_hint
