@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
@@ -21,8 +22,6 @@ from pgguard.approvals.teams import TeamsWebhookNotifier
 from pgguard.errors import ConfigError
 from pgguard.ledger import LedgerWriter
 from pgguard.masking import MaskingRules
-from pgguard.mcp_server import McpHttp
-from pgguard.mcp_tools import agent_tools
 from pgguard.policy import PolicyEngine, RulesError
 from pgguard.proxy.capacity import SessionSlots, read_capacity
 from pgguard.proxy.ledger_hooks import LedgerHooks
@@ -30,6 +29,9 @@ from pgguard.proxy.offload import ParseOffload
 from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.settings import Settings
+
+if TYPE_CHECKING:
+    from pgguard.mcp_server import McpHttp
 from pgguard.sql.statenames import ProtectedNames
 from pgguard.statedb.probe import check_separation
 from pgguard.teams_bot import TeamsBot
@@ -222,6 +224,9 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
     if running.bot is not None:
         running.bot.register(app, approvals, directory)
     if settings.agents:  # the agents' MCP door, behind their own pgguard credentials
+        from pgguard.mcp_server import McpHttp  # the SDK loads only where HTTP is served
+        from pgguard.mcp_tools import agent_tools
+
         gate = running.gate
         tools = agent_tools(settings, gate.engine, gate.masking, approvals)
         running.mcp = McpHttp(tools, public_url, settings.http.host)
