@@ -11,6 +11,9 @@ extended-protocol pipeline), and the ``BackendTracker`` swaps that one ErrorResp
 pgguard's. The server thus raises the error at exactly the right point of the stream: it aborts
 the transaction block and skips the pipeline up to Sync, so client and server agree on the
 transaction state as if PostgreSQL itself had refused the statement.
+
+pgguard's own NoticeResponses (a held statement's, `Session.send_notice`) reach the client only
+between two whole server messages: while a reply is still streaming they wait for its end.
 """
 
 from __future__ import annotations
