@@ -58,6 +58,9 @@ class StatementVerdict:
         }
 
 
+_SETTING_KINDS = frozenset({"VariableSetStmt", "DiscardStmt"})
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The policy outcome for one SQL string (all of its statements)."""
@@ -81,6 +84,24 @@ class Decision:
     facts: tuple[StatementFacts, ...] = field(default=(), repr=False, compare=False)
     """Per-statement facts (categories, functions, relations; `text` blanked) for
     `SessionTracker.remember_all` when the proxy tracks protocol-level named statements."""
+    # Derived once per decision (decisions are cached and met again on every repeat of a text),
+    # so the proxy's hot path reads a field instead of walking statements and facts each time.
+    fetches: bool = field(init=False, repr=False, compare=False)
+    """A statement is a FETCH or MOVE (it runs the portal or cursor it names)."""
+    called_functions: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """Every function name the statements call, sorted, without repeats."""
+    moves_settings: bool = field(init=False, repr=False, compare=False)
+    """A statement SETs, RESETs or DISCARDs settings, or ends a transaction (undoing SET LOCAL):
+    the proxy follows the session's statement_timeout through these."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fetches", any(s.kind == "FetchStmt" for s in self.statements))
+        moves = any(s.kind in _SETTING_KINDS for s in self.statements) or any(
+            f.undoes_settings for f in self.facts
+        )
+        object.__setattr__(self, "moves_settings", moves)
+        names = {name for facts in self.facts for name in facts.functions}
+        object.__setattr__(self, "called_functions", tuple(sorted(names)))
 
     def to_json(self) -> dict[str, object]:
         """The `pgguard classify --json` object (contract keys first, extras after)."""

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
+# Message types as module globals: `_decide_at` compares one per message (no attribute look-up).
+_QUERY, _PARSE, _BIND, _EXECUTE = m.F_QUERY, m.F_PARSE, m.F_BIND, m.F_EXECUTE
+_CLOSE, _FUNCTION_CALL, _TERMINATE = m.F_CLOSE, m.F_FUNCTION_CALL, m.F_TERMINATE
 
 
 @dataclass(eq=False)
@@ -470,7 +473,7 @@ class Connection:
         """
         session = self.session
         assert session is not None
-        if kind == m.F_QUERY:
+        if kind == _QUERY:
             if data[end - 1] != 0:
                 raise ProtocolViolation("invalid Query message: missing terminator")
             self._refuse_unsynced("a simple Query")
@@ -483,36 +486,30 @@ class Connection:
                     token = self.ctx.gate.statement_token(session, "query", sql)
                     self._outcomes.query(token, self._zcount + self._scanner.syncs)
             return verdict
-        if kind == m.F_PARSE:
+        if kind == _PARSE:
             parse = x.decode_parse(data[start + 5 : end])
             self._scanner.unsynced = True
             verdict = self.ctx.gate.check(
                 session, g.SqlEvent("parse", parse.sql, statement=parse.statement)
             )
             if not isinstance(verdict, g.Deny):
-                self._model.parse(
-                    self._extended_group(), parse.statement, parse.sql, self._acks_before()
-                )
-                self._count_acked()
+                group, acks_before = self._answered_one()
+                self._model.parse(group, parse.statement, parse.sql, acks_before)
             return verdict
-        if kind == m.F_BIND:
+        if kind == _BIND:
             bind = x.decode_bind(data[start + 5 : end])
-            self._scanner.unsynced = True
-            self._model.bind(
-                self._extended_group(), bind.portal, bind.statement, bind.body, self._acks_before()
-            )
-            self._count_acked()
+            group, acks_before = self._answered_one()
+            self._model.bind(group, bind.portal, bind.statement, bind.body, acks_before)
             return g.ALLOW
-        if kind == m.F_EXECUTE:
+        if kind == _EXECUTE:
             self._scanner.unsynced = True
             return self._decide_execute(session, x.decode_portal_name(data[start + 5 : end]))
-        if kind == m.F_CLOSE:
+        if kind == _CLOSE:
             close_kind, name = x.decode_close(data[start + 5 : end])
-            self._scanner.unsynced = True
-            self._model.close(self._extended_group(), close_kind, name, self._acks_before())
-            self._count_acked()
+            group, acks_before = self._answered_one()
+            self._model.close(group, close_kind, name, acks_before)
             return g.ALLOW
-        if kind == m.F_FUNCTION_CALL:
+        if kind == _FUNCTION_CALL:
             self._refuse_unsynced("a function call")
             body = data[start + 5 : end]
             if len(body) < 4:
@@ -525,7 +522,7 @@ class Connection:
                     token = self.ctx.gate.statement_token(session, "query", b"")
                     self._outcomes.query(token, self._zcount + self._scanner.syncs)
             return verdict
-        if kind == m.F_TERMINATE:
+        if kind == _TERMINATE:
             self._terminating = True
         return g.ALLOW
 
@@ -533,6 +530,19 @@ class Connection:
         """What portal ``name`` may run for a message forwarded now (SQL FETCH/MOVE of it)."""
         bindings = self._model.portal(name, self._extended_group())
         return tuple(dict.fromkeys(b.sql for b in bindings))
+
+    def _answered_one(self) -> tuple[int, int]:
+        """An extended message the server answers one for one goes upstream now: its group (the
+        ReadyForQuery ordinal that ends it) and how many answered messages of that group went
+        before it (`_acks_before`); counted (`_count_acked`). One call on the hot path."""
+        scanner = self._scanner
+        scanner.unsynced = True
+        group = self._zcount + scanner.syncs + 1
+        if group != self._acked_group:
+            self._acked_group, self._acked = group, 0
+        before = self._acked + scanner.describes
+        self._acked += 1
+        return group, before
 
     def _count_acked(self) -> None:
         group = self._extended_group()
@@ -575,10 +585,10 @@ class Connection:
         event = self._execute_event(portal_name, bindings)
         verdict = self.ctx.gate.check(session, event)
         if verdict is g.ALLOW:
+            _, acks_before = self._answered_one()
             if self._outcomes is not None:
                 token = self.ctx.gate.statement_token(session, "execute", event.sql)
-                self._outcomes.execute(token, group, self._acks_before())
-            self._count_acked()
+                self._outcomes.execute(token, group, acks_before)
         return verdict
 
     async def _decide_when_answered(self, session: Session, portal_name: str) -> g.Allow | g.Deny:
@@ -594,23 +604,31 @@ class Connection:
         return verdict
 
     def _execute_event(self, portal_name: str, bindings: tuple[Bound, ...]) -> g.SqlEvent:
+        if len(bindings) == 1:  # the usual case
+            only = bindings[0]
+            return g.SqlEvent(
+                "execute",
+                only.sql,
+                statement=only.statement,
+                portal=portal_name,
+                candidates=(only.sql,),
+                bind=only.bind,
+            )
         if not bindings:
             # Unknown to us means unknown to the server too (it will raise "portal does not
             # exist"); judge it as an empty statement so the gate still sees the Execute.
             event = g.SqlEvent("execute", b"", portal=portal_name)
         else:
-            # One binding - or, should the model ever be unsure, every binding the server may
-            # hold: the gate judges the strictest and never shows a reviewer one of several.
+            # Should the model ever be unsure, every binding the server may hold: the gate
+            # judges the strictest and never shows a reviewer one of several.
             texts = tuple(dict.fromkeys(b.sql for b in bindings))
-            only = bindings[0] if len(bindings) == 1 else None
             event = g.SqlEvent(
                 "execute",
                 texts[-1],
                 statement=bindings[0].statement,
                 portal=portal_name,
                 candidates=texts,
-                bind=only.bind if only is not None else None,
-                ambiguous=len(bindings) > 1,
+                ambiguous=True,
             )
         return event
 

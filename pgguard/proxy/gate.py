@@ -50,8 +50,8 @@ class SqlEvent:
     """A statement on its way upstream.
 
     ``sql`` is the raw statement text from the wire. For an Execute, ``candidates`` holds every
-    text the portal's prepared statement may have (see ``pgguard.wire.extended``) and ``bind`` the
-    Bind message body with its parameters.
+    text the portal may run (`pgguard.wire.session`), ``sql`` being the last of them (so a
+    single candidate *is* ``sql``), and ``bind`` the Bind message body with its parameters.
     """
 
     kind: Literal["query", "parse", "execute"]

@@ -12,8 +12,10 @@ Invariants:
 * A statement whose analysis takes longer than ``[limits] parse_budget`` seconds (queueing
   behind other long statements included, restarting workers not) is refused with 54000. Its
   worker is stopped (the pool is replaced), so a runaway parse never holds a worker; work of
-  other sessions in that pool is retried once. Workers run at the lowest priority (nice 19,
-  set before they load anything: `pgguard.proxy.offload_worker`).
+  other sessions in that pool is retried once. Workers run at the lowest priority (SCHED_IDLE
+  and nice 19, set before they load anything: `pgguard.proxy.offload_worker.lowest_priority`),
+  so under a full CPU a long statement waits - and may be refused for its budget - rather than
+  slow anyone else.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ values), so a new worker lowers its priority before it loads pglast and the rule
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -25,7 +26,7 @@ _masking: MaskingRules | None = None
 def init(rules_dir: Path | None, mode: str, schema: str | None, channels: tuple[str, ...]) -> None:
     global _engine, _masking
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # pgguard's shutdown stops the pool itself
-    os.nice(19)  # the proxy's own loop, the server and every client come first
+    lowest_priority()
     from pgguard.masking import MaskingRules
     from pgguard.policy import PolicyEngine
     from pgguard.sql.statenames import ProtectedNames
@@ -33,6 +34,22 @@ def init(rules_dir: Path | None, mode: str, schema: str | None, channels: tuple[
     protected = ProtectedNames(schema=schema, channels=channels)
     _engine = PolicyEngine.load(rules_dir, mode=mode, protected=protected)  # type: ignore[arg-type]
     _masking = MaskingRules.load()  # the rules the ledger and reviews mask with (assembly)
+
+
+def lowest_priority() -> None:
+    """Run only on CPU time nobody else wants: the proxy's own loop, the server and every client
+    come first.
+
+    nice 19 alone is not enough: Linux's scheduler lets a running nice-19 task finish a slice of
+    a few milliseconds before a woken task of the proxy gets the CPU, and on a small machine that
+    is every other session's latency. A SCHED_IDLE task is preempted at once by any ordinary
+    task that wakes (sched(7)). Where that policy does not exist, nice 19 is what there is."""
+    os.nice(19)
+    set_idle = getattr(os, "sched_setscheduler", None)
+    idle_policy = getattr(os, "SCHED_IDLE", None)
+    if set_idle is not None and idle_policy is not None:
+        with contextlib.suppress(OSError):  # a platform that refuses it: nice 19 stays
+            set_idle(0, idle_policy, os.sched_param(0))
 
 
 def classify(sql: bytes, agent: str, database: str, lex: LexState, mask: bool) -> Judged:

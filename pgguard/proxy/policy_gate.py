@@ -37,7 +37,7 @@ import functools
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pgguard.approvals.model import ApprovalRequest, NewRequest
 from pgguard.approvals.service import ApprovalService
@@ -186,18 +186,28 @@ class PolicyGate(Gate):
     # --- statements ------------------------------------------------------------------------
 
     def check(self, session: SessionView, event: SqlEvent) -> Verdict:
-        state = self._state(session)
-        ctx = self._context(session, state)
+        state: _SessionPolicy | None = session.gate_state  # type: ignore[assignment]
+        if state is None:
+            state = self._state(session)
+        ctx = state.context  # the last context, while no ParameterStatus or lexing change
+        if (
+            ctx is None
+            or state.lex_pending_until
+            or state.context_version != session.parameters_version
+        ):
+            ctx = self._context(session, state)
         size_limit = self._size_limit
         if size_limit is not None and (
-            len(event.sql) > size_limit or any(len(t) > size_limit for t in event.candidates)
+            len(event.sql) > size_limit
+            # One candidate is the event's own text (SqlEvent); only several need a look.
+            or (len(event.candidates) > 1 and max(map(len, event.candidates)) > size_limit)
         ):
             sized = self._by_size(session, state, ctx, event)
             if sized is not None:
                 return sized
         if event.kind == "query":
             decision, blind = self.engine.classify_keyed(event.sql, ctx)
-            if _fetches(decision):
+            if decision.fetches:
                 decision = self._with_fetched_portals(session, ctx, decision, event.sql)
             return self._verdict(session, state, decision, event, blind)
         if event.kind == "parse":
@@ -281,7 +291,7 @@ class PolicyGate(Gate):
             for facts in decision.facts:
                 if facts.prepares is not None:
                     ctx.session.remember(facts.prepares, facts)
-        if _fetches(decision):
+        if decision.fetches:
             decision = self._with_fetched_portals(session, ctx, decision, text)
         # The literal-blind key stands for the text in the ledger; an Execute's is not kept
         # (as in `check`).
@@ -372,7 +382,7 @@ class PolicyGate(Gate):
         sql_prepared = bool(event.statement) and state.tracker.sql_prepared(event.statement)
         if len(candidates) == 1 and not sql_prepared and not event.ambiguous:
             decision = self._classify_remembered(state, candidates[0], ctx)
-            if _fetches(decision):
+            if decision.fetches:
                 decision = self._with_fetched_portals(session, ctx, decision, candidates[0])
             return self._verdict(session, state, decision, event)
         decisions = [self.engine.classify(text, ctx) for text in candidates]
@@ -461,6 +471,15 @@ class PolicyGate(Gate):
     ) -> Verdict:
         """The verdict on `decision`; first, when it calls functions, made at least as strict
         as the bodies of the user-defined routines it may call (`pgguard.proxy.routines`)."""
+        if decision.action == "allow" and not decision.called_functions:
+            # The common case, in short (what `_verdict_now` and `_judge` do for it).
+            if decision.changes_lexing or state.lex_changed:
+                self._note_lexing(session, state, decision)
+            if decision.moves_settings:
+                _note_timeout(state, decision, event)
+            if self.ledger is not None:
+                state.last_record = StatementRecord(event.kind, event.sql, decision, blind)
+            return ALLOW
         if self.routines is not None and decision.action != "deny":
             names = self.routines.called_names(decision, session.agent, session.database)
             if names:
@@ -528,7 +547,8 @@ class PolicyGate(Gate):
     ) -> Verdict:
         if decision.action == "allow":
             self._note_lexing(session, state, decision)
-            _note_timeout(state, decision, event)
+            if decision.moves_settings:
+                _note_timeout(state, decision, event)
             return ALLOW
         rules = ", ".join(decision.rule_ids) or "default"
         if decision.observe:
@@ -542,7 +562,8 @@ class PolicyGate(Gate):
                 rules,
             )
             self._note_lexing(session, state, decision)
-            _note_timeout(state, decision, event)
+            if decision.moves_settings:
+                _note_timeout(state, decision, event)
             return ALLOW
         categories = ", ".join(decision.categories) or "none"
         detail = "; ".join(decision.reasons) or None
@@ -833,11 +854,10 @@ class PolicyGate(Gate):
             with contextlib.suppress(StartupOptionError):  # refused at start-up already
                 state.timeouts.start_up(settings_from_startup(session.startup_parameters))
             session.gate_state = state
-        assert isinstance(state, _SessionPolicy)
-        return state
+        return cast(_SessionPolicy, state)  # only this gate sets it
 
     def _context(self, session: SessionView, state: _SessionPolicy) -> Context:
-        if state.lex_pending_until > session.ready_count:
+        if state.lex_pending_until and state.lex_pending_until > session.ready_count:
             return Context(session.agent, session.database, PENDING_LEX_STATE, state.tracker)
         version = session.parameters_version
         if state.context is not None and state.context_version == version:
@@ -875,7 +895,8 @@ def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:
 
 
 def _note_timeout(state: _SessionPolicy, decision: Decision, event: SqlEvent) -> None:
-    """Follow the session's statement_timeout through the statements let through."""
+    """Follow the session's statement_timeout through a statement let through that moves
+    settings (`Decision.moves_settings`)."""
     if any(v.kind in _TIMEOUT_KINDS for v in decision.statements):
         state.timeouts.observe(event.sql)
     if state.timeouts.local_ms is not None and any(f.undoes_settings for f in decision.facts):
@@ -887,10 +908,6 @@ _TIMEOUT_KINDS = frozenset({"VariableSetStmt", "DiscardStmt"})
 
 def _seconds(ms: int | None) -> str:
     return "unknown" if ms is None else f"{ms / 1000:g} s"
-
-
-def _fetches(decision: Decision) -> bool:
-    return any(statement.kind == "FetchStmt" for statement in decision.statements)
 
 
 def _quote_ident(name: str) -> str:

@@ -86,10 +86,10 @@ class RoutineJudge:
 
     def called_names(self, decision: Decision, agent: str, database: str) -> list[str]:
         """Function names the statement calls whose bodies must be read (sorted)."""
-        names: set[str] = set()
-        for facts in decision.facts:
-            names.update(facts.functions)
-        return sorted(n for n in names if not self._allowed_by_name(n, agent, database))
+        called = decision.called_functions
+        if not called:
+            return []
+        return [n for n in called if not self._allowed_by_name(n, agent, database)]
 
     async def judge(self, decision: Decision, ctx: Context, names: list[str]) -> Decision:
         """`decision`, made at least as strict as the bodies of the routines it calls."""

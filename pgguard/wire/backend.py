@@ -113,25 +113,32 @@ class BackendTracker:
             self._head = b""
             pos = 0
             n = len(data)
+        acks = self.acks  # counted in a local: one attribute store per chunk, not per message
+        watched = self._watched
         while pos + 5 <= n:
             type_byte = data[pos]
             length = _unpack_u32(data, pos + 1)[0]
             if length < 4:
+                self.acks = acks
                 raise ProtocolViolation(f"server sent invalid message length {length}")
             end = pos + 1 + length
             if type_byte in _ACKS:
-                self.acks += 1
-            if type_byte in self._watched:  # whole bodies needed: Z, S, E (+ C, I, s for outcomes)
+                acks += 1
+            if type_byte in watched:  # whole bodies needed: Z, S, E (+ C, I, s for outcomes)
+                self.acks = acks
                 if end > n:
                     self._partial_type = type_byte
                     self._partial_want = end - n
                     self._pending = bytearray(data[pos + 5 :])
                     return
                 self._handle(type_byte, data[pos + 5 : end])
+                acks = self.acks  # a ReadyForQuery starts the count again
             elif end > n:
+                self.acks = acks
                 self._skip = end - n
                 return
             pos = end
+        self.acks = acks
         if pos < n:
             self._head = data[pos:]
 

@@ -122,7 +122,18 @@ class FrontendScanner:
     run and every forwarded frame's ``raw`` reproduces the input exactly.
     """
 
-    __slots__ = ("_buf", "_max", "_pos", "_skip", "describes", "syncs", "unsynced")
+    __slots__ = (
+        "_buf",
+        "_max",
+        "_parts",
+        "_parts_len",
+        "_pos",
+        "_skip",
+        "_want",
+        "describes",
+        "syncs",
+        "unsynced",
+    )
 
     def __init__(self, max_message: int) -> None:
         self.syncs = 0  # Sync messages passed so far; each ends an extended-protocol group
@@ -135,8 +146,22 @@ class FrontendScanner:
         self._pos = 0
         self._skip = 0
         self._max = max_message
+        # A large inspected message arrives in many chunks: they wait in _parts until the
+        # _want bytes it needs (from _pos) are all here, then are joined once - not copied
+        # again with every chunk, which made one 1 MiB statement cost megabytes of copying on
+        # the event loop every other session shares (issue 18).
+        self._want = 0
+        self._parts: list[bytes] = []
+        self._parts_len = 0
 
     def receive_data(self, data: bytes) -> None:
+        if self._want:
+            self._parts.append(data)
+            self._parts_len += len(data)
+            if len(self._buf) - self._pos + self._parts_len < self._want:
+                return
+            data = b"".join(self._parts)
+            self._parts, self._parts_len, self._want = [], 0, 0
         if self._pos < len(self._buf):
             self._buf = self._buf[self._pos :] + data
         else:
@@ -145,7 +170,7 @@ class FrontendScanner:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._parts_len
 
     @property
     def idle(self) -> bool:
@@ -172,7 +197,10 @@ class FrontendScanner:
             length = _unpack_u32(data, pos + 1)[0]
             end = pos + 1 + length
             if type_byte in inspected:
-                if length < 4 or length > max_len or end > n:
+                if length < 4 or length > max_len:
+                    break
+                if end > n:
+                    self._want = end - pos  # incomplete: gather the rest (receive_data)
                     break
                 if type_byte in _SMALL and length > SMALL_MESSAGE_LIMIT:
                     break
@@ -180,7 +208,12 @@ class FrontendScanner:
                 if verdict is not allow:
                     self._buf, self._pos = data, pos
                     return pos, verdict
-            elif type_byte in passed and self._length_ok(type_byte, length):
+            elif type_byte in passed and (
+                # Sync and Describe, every pipeline: their lengths checked here, not by a call
+                (type_byte == 0x53 and length == 4)
+                or (type_byte == 0x44 and 4 < length <= SMALL_MESSAGE_LIMIT)
+                or self._length_ok(type_byte, length)
+            ):
                 if type_byte == 0x53:
                     self.syncs += 1
                     self.unsynced = False
@@ -227,6 +260,7 @@ class FrontendScanner:
                     break
                 self._check_length(type_byte, length)
                 if end > n:
+                    self._want = end - pos  # incomplete: gather the rest (receive_data)
                     return None
                 self._pos = end
                 raw = buf if (pos == 0 and end == n) else buf[pos:end]

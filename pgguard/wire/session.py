@@ -33,6 +33,7 @@ text while the server may run another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from pgguard.errors import ProtocolViolation
@@ -63,6 +64,11 @@ class _Op(NamedTuple):  # a tuple: made for every extended message, so it must b
     sql: bytes = b""  # parse
     statement: str = ""  # bind
     bind: bytes = b""  # bind
+
+
+# Built without the NamedTuple's Python-level __new__ (one fewer frame per extended message);
+# every field is given, in order.
+_new_op: Callable[[type[_Op], tuple[int, str, str, int, bytes, str, bytes]], _Op] = tuple.__new__
 
 
 class TooManyPossibilities(ProtocolViolation):
@@ -99,17 +105,21 @@ class SessionModel:
                 f"prepared statement {name!r} may stand for {possible + pending} texts; Close "
                 "it and wait for the server's answer before parsing it again"
             )
-        self._ops.append(_Op(group, "parse", name, ack, sql))
+        self._ops.append(_new_op(_Op, (group, "parse", name, ack, sql, "", b"")))
 
     def bind(self, group: int, portal: str, statement: str, bind: bytes, ack: int = 0) -> None:
-        self._ops.append(_Op(group, "bind", portal, ack, b"", statement, bind))
+        self._ops.append(_new_op(_Op, (group, "bind", portal, ack, b"", statement, bind)))
 
     def close(self, group: int, kind: bytes, name: str, ack: int = 0) -> None:
         self._ops.append(_Op(group, "close_s" if kind == b"S" else "close_p", name, ack))
 
     def query(self, group: int) -> None:
-        """A simple Query (its own group): drops the unnamed statement, may deallocate others."""
-        self._ops.append(_Op(group, "query", ""))
+        """A simple Query (its own group): drops the unnamed statement, may deallocate others.
+
+        A Query only ever takes names away, so when the server holds nothing and nothing is in
+        flight (every simple-protocol client, all the time) it changes nothing: not filed."""
+        if self._ops or self._statements or self._portals:
+            self._ops.append(_Op(group, "query", ""))
 
     # --- what the server said -------------------------------------------------------------------
 

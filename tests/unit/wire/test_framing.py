@@ -95,6 +95,29 @@ def test_large_copy_data_streams_without_buffering() -> None:
     assert forwarded == copy
 
 
+def test_a_large_statement_in_many_chunks_is_joined_once() -> None:
+    """Issue 18: the chunks of one big Query wait aside until it is whole, so the buffer is not
+    copied again with every chunk (megabytes of copying per statement on the shared loop)."""
+    sql = b"SELECT " + b"1," * 150_000 + b"1\x00"
+    query = b"Q" + struct.pack("!I", len(sql) + 4) + sql
+    data = query + SYNC
+    scanner = FrontendScanner(1 << 20)
+    first = data[:4096]
+    scanner.receive_data(first)
+    events = drain(scanner)
+    for start in range(4096, len(data), 4096):
+        assert events == []
+        assert scanner._buf is first  # the first chunk, not a growing copy of every chunk
+        scanner.receive_data(data[start : start + 4096])
+        assert scanner.buffered == min(start + 4096, len(data))
+        events = drain(scanner)
+    assert len(events) == 2
+    assert isinstance(events[0], Frame)
+    assert events[0].raw == query
+    assert events[1] == SYNC
+    assert scanner.idle
+
+
 @pytest.mark.parametrize(
     "junk",
     [
