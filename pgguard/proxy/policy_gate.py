@@ -693,9 +693,11 @@ class PolicyGate(Gate):
         assert self.approvals is not None
         assert record.decision is not None
         plain = plain_event(SqlEvent("execute" if bind else "query", record.sql, bind=bind))
-        fingerprint = request_fingerprint(session, record.decision, plain)
-        ahead = dataclasses.replace(new, fingerprint=fingerprint)
-        return await approved_ahead(self.approvals, ahead, plain)
+        if plain.bind is not bind:  # a parameterless Bind dropped: the key without it
+            # (computed anew only then: it normalizes the text, which is costly for long ones)
+            fingerprint = request_fingerprint(session, record.decision, plain)
+            new = dataclasses.replace(new, fingerprint=fingerprint)
+        return await approved_ahead(self.approvals, new, plain)
 
     async def _deadline(
         self, session: SessionView, state: _SessionPolicy, started: float
