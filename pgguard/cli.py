@@ -146,8 +146,9 @@ def demo(
 
 
 def _register_commands() -> None:
-    from pgguard import cli_approver, cli_ledger, cli_policy, cli_state
+    from pgguard import cli_approver, cli_ledger, cli_mcp, cli_policy, cli_state
 
+    cli_mcp.register(app)
     cli_policy.register(app)
     cli_approver.register(app)
     cli_ledger.register(app)

@@ -6,9 +6,11 @@ own, owned by its own role, that ``shop_app`` cannot connect to - created with t
 ``pgguard state init --apply`` runs.
 
 Everything runs in this process and a temporary directory, and is torn down on exit or Ctrl-C:
-the agent's ordinary statements pass, two privileged ones are held; the stand-in webhook prints
-the card pgguard posts; a demo approver approves one (through the real HTTP API) and denies the
-other; the agent sees each outcome.
+the agent's ordinary statements pass, two privileged ones are held - the agent is told so at
+once by a NOTICE naming the request; the stand-in webhook prints the card pgguard posts; a demo
+approver approves one (through the real HTTP API) and denies the other; the agent sees each
+outcome, with its DETAIL and HINT. Then a second agent, whose holds are in return mode, is
+refused at once (55000), re-sends, and after the approval its statement runs once.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ DEMO_DATABASE = "shop"
 DEMO_OWNER = "alice@example.com"
 DEMO_APPROVER_TOKEN = "demo-approver-token"
 DEMO_UPSTREAM_ROLE = "shop_app"  # what agents act as upstream: not a superuser
+DEMO_RETURN_AGENT = "demo-batch-agent"  # its holds are in return mode (hold_mode = "return")
+DEMO_RETURN_PASSWORD = "demo-batch-agent-password"
 
 SAMPLE_SCHEMA = """
 CREATE TABLE customers (
@@ -119,6 +123,10 @@ async def run_demo(*, keep_running: bool = False) -> None:
             f"Approval API: {running.http_url}   (the agent never sees upstream credentials)\n"
         )
         await _agent_session(console, dsn, running.http_url, webhook)
+        batch_dsn = dsn.replace(
+            f"{DEMO_AGENT}:{DEMO_PASSWORD}", f"{DEMO_RETURN_AGENT}:{DEMO_RETURN_PASSWORD}"
+        )
+        await _return_mode(console, batch_dsn, running.http_url, webhook)
         await _show_ledger(console, running, state_dsn)
         if keep_running:
             console.print("\nThe proxy keeps running; connect with the DSN above. Ctrl-C stops it.")
@@ -169,7 +177,14 @@ def _settings(upstream_dsn: str, state_dsn: str, webhook_url: str, workdir: Path
                 "password": DEMO_PASSWORD,
                 "owner": DEMO_OWNER,
                 "databases": [DEMO_DATABASE],
-            }
+            },
+            {
+                "name": DEMO_RETURN_AGENT,
+                "password": DEMO_RETURN_PASSWORD,
+                "owner": DEMO_OWNER,
+                "databases": [DEMO_DATABASE],
+                "hold_mode": "return",
+            },
         ],
         approvers=[
             {
@@ -190,6 +205,7 @@ def _settings(upstream_dsn: str, state_dsn: str, webhook_url: str, workdir: Path
 async def _agent_session(console: Console, dsn: str, api_url: str, webhook: StandInWebhook) -> None:
     console.rule("scripted agent session")
     conn = await asyncpg.connect(dsn)
+    conn.add_log_listener(lambda _conn, notice: _show_notice(console, notice))
     try:
         pid = await conn.fetchval("SELECT pg_backend_pid()")
         console.print(f"agent connected through pgguard (upstream backend pid {pid})")
@@ -260,10 +276,59 @@ async def _held(
         result = await asyncio.wait_for(statement, 15)
         console.print(f"agent: statement ran after approval -> [green]{result}[/]")
     except asyncpg.PostgresError as exc:
-        console.print(f"agent: [yellow]refused[/] SQLSTATE {exc.sqlstate}: {exc.args[0]}")
+        _show_error(console, exc)
     with contextlib.suppress(asyncio.TimeoutError):
         follow_up = await asyncio.wait_for(webhook.cards.get(), 5)
         console.print(f"follow-up card: {_card_title(follow_up)}")
+
+
+def _show_notice(console: Console, notice: asyncpg.PostgresLogMessage) -> None:
+    """What the agent's driver hands it while it waits (asyncpg's log listener)."""
+    console.print(
+        f"agent's driver got [bold]NOTICE[/]: {notice.message}\n"
+        f"  DETAIL: {notice.detail}\n  HINT: {notice.hint}"
+    )
+
+
+def _show_error(console: Console, exc: asyncpg.PostgresError) -> None:
+    message = getattr(exc, "message", str(exc))
+    console.print(
+        f"agent: [yellow]refused[/] SQLSTATE {exc.sqlstate}: {message}\n"
+        f"  DETAIL: {getattr(exc, 'detail', None)}\n  HINT: {getattr(exc, 'hint', None)}"
+    )
+
+
+async def _return_mode(console: Console, dsn: str, api_url: str, webhook: StandInWebhook) -> None:
+    """An agent whose holds return at once: refused, re-sent, approved, run once."""
+    sql = "CREATE INDEX orders_by_customer ON orders (customer_id)"
+    console.rule(f"{DEMO_RETURN_AGENT} (hold_mode = return): {sql}")
+    headers = {"Authorization": f"Bearer {DEMO_APPROVER_TOKEN}"}
+    conn = await asyncpg.connect(dsn)
+    try:
+        request_id = ""
+        for attempt in ("first send", "re-sent while pending"):
+            try:
+                await conn.execute(sql)
+            except asyncpg.ObjectNotInPrerequisiteStateError as exc:
+                console.print(f"{attempt}:")
+                _show_error(console, exc)
+                request_id = exc.message.split("request ")[1].split(" ")[0]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(webhook.cards.get(), 5)  # the request's card
+        async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
+            response = await api.post(
+                f"/api/requests/{request_id}/approve",
+                json={"reason": "index is fine"},
+                headers=headers,
+            )
+        console.print(
+            f"Bob the DBA: POST /api/requests/{request_id}/approve -> "
+            f"{response.status_code} {response.json()['state']}"
+        )
+        result = await conn.execute(sql)
+        console.print(f"re-sent after the approval -> [green]{result}[/] (it runs once)")
+    finally:
+        await conn.close()
 
 
 def _card_text(card: dict[str, Any]) -> str:

@@ -82,6 +82,12 @@ class AmbiguousStatement(PgGuardError):
     sqlstate = "55000"  # object_not_in_prerequisite_state: the client must settle it first
 
 
+class ApprovalPending(PgGuardError):
+    """A statement in return mode: refused now, runs once when re-sent after its approval."""
+
+    sqlstate = "55000"  # object_not_in_prerequisite_state: come back once it is approved
+
+
 class QueryCanceled(PgGuardError):
     """The statement was cancelled (by the client, while it was held)."""
 

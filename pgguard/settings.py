@@ -94,6 +94,9 @@ class AgentSettings(_Section):
     # Upstream sessions this agent may hold at once (53300 above it); unset: half the total
     # when several agents are configured, so no one agent can take every slot.
     max_sessions: int | None = Field(None, ge=1)
+    # What a held statement does when its rule does not say (`hold_mode` in rules): "wait"
+    # keeps the session waiting; "return" refuses at once with 55000 (re-send once approved).
+    hold_mode: Literal["wait", "return"] = "wait"
 
     @model_validator(mode="after")
     def _one_secret(self) -> AgentSettings:
@@ -133,6 +136,11 @@ class LimitsSettings(_Section):
     # `pgguard serve` waits this long (seconds, retrying with backoff) for the upstream and the
     # state database to answer before it gives up; /readyz says "waiting" meanwhile. 0: no wait.
     startup_wait: float = Field(60.0, ge=0, le=86_400)
+
+
+class HoldsSettings(_Section):
+    # While a statement waits for approval, its session gets a reminder NOTICE this often.
+    notice_interval: float = Field(30.0, gt=0, le=3600)
 
 
 class PolicySettings(_Section):
@@ -300,6 +308,7 @@ class Settings(BaseSettings):
     agents: list[AgentSettings] = Field(default_factory=list)
     limits: LimitsSettings = LimitsSettings()
     policy: PolicySettings = PolicySettings()
+    holds: HoldsSettings = HoldsSettings()
     state: StateSettings = StateSettings()
     http: HttpSettings = HttpSettings()
     teams: TeamsSettings = TeamsSettings()

@@ -94,6 +94,12 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN state_mac        text;
     ALTER TABLE {s}.approval_decisions ADD COLUMN mac text;
     """,
+    # 4: return mode (pgguard.proxy.returned): when the approved statement ran, so it runs once
+    """
+    ALTER TABLE {s}.approval_requests ADD COLUMN run_at timestamptz;
+    CREATE INDEX approval_requests_returned
+        ON {s}.approval_requests (agent, database, fingerprint) WHERE run_at IS NULL;
+    """,
 )
 
 

@@ -214,6 +214,48 @@ class ApprovalService:
             self._report_forgery(candidate, f"not used as a remembered approval: {problem}")
         return None
 
+    # --- return mode: requests nobody waits on -------------------------------------------------
+
+    async def open_request(
+        self, new: NewRequest, statement: bytes, parameters: bytes | None = None
+    ) -> ApprovalRequest:
+        """Create a pending request that no session waits on (return mode, or asked ahead of
+        time over MCP) and notify approvers. Raises ApprovalStoreUnavailable (fail closed)."""
+        if not new.instance_id and self._instance_id:
+            new = dataclasses.replace(new, instance_id=self._instance_id)
+        request = await self._store.create(new, self._key.statement_digest(statement, parameters))
+        until_expiry = (request.expires_at - datetime.now(UTC)).total_seconds()
+        self._in_background(
+            self._notify_created(request), max(until_expiry, 0.0) + NOTIFIER_SLACK_S
+        )
+        return request
+
+    async def open_for(
+        self, new: NewRequest, statement: bytes, parameters: bytes | None = None
+    ) -> ApprovalRequest | None:
+        """The newest authentic request for exactly this statement (``new``'s agent, database
+        and fingerprint, and the keyed digest of ``statement`` and ``parameters``) that is
+        pending, or approved and not yet run; None if there is none. Rows that fail their MACs
+        are reported as forgeries and skipped."""
+        digest = self._key.statement_digest(statement, parameters)
+        candidates = await self._store.returned_candidates(new.agent, new.database, new.fingerprint)
+        for candidate in candidates:
+            if candidate.agent != new.agent or candidate.database != new.database:
+                continue
+            if candidate.state == RequestState.PENDING:
+                if self._key.request_verifies(candidate.binding(digest), candidate.request_mac):
+                    return candidate
+                continue  # another statement's request (a digest mismatch), or a forged row
+            problem = final_state_problem(candidate, self._key, digest)
+            if problem is None:
+                return candidate
+            self._report_forgery(candidate, f"not run in return mode: {problem}")
+        return None
+
+    async def mark_run(self, request_id: str) -> bool:
+        """Claim the one run of an approved return-mode request (True for exactly one caller)."""
+        return await self._store.mark_run(request_id)
+
     async def cancel(self, request_id: str, reason: str) -> None:
         """End a pending request (client disconnect, CancelRequest); quiet if already final."""
         try:

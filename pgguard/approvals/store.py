@@ -161,6 +161,21 @@ class ApprovalStore:
             )
             return await self._with_decisions(conn, rows)
 
+    async def list_for_agent(
+        self, agent: str, state: RequestState | None = None, limit: int = 50
+    ) -> builtins.list[ApprovalRequest]:
+        """One agent's requests, newest first, optionally only those in one state."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_REQUEST_COLUMNS} FROM {self._requests} WHERE agent = $1 "
+                "AND ($2::text IS NULL OR state = $2) ORDER BY created_at DESC, id LIMIT $3",
+                agent,
+                None if state is None else state.value,
+                limit,
+                timeout=self._timeout,
+            )
+            return await self._with_decisions(conn, rows)
+
     async def remembered_candidates(
         self, agent: str, fingerprint: str, *, database: str | None = None
     ) -> builtins.list[ApprovalRequest]:
@@ -184,6 +199,38 @@ class ApprovalStore:
                 timeout=self._timeout,
             )
             return await self._with_decisions(conn, rows)
+
+    async def returned_candidates(
+        self, agent: str, database: str, fingerprint: str
+    ) -> builtins.list[ApprovalRequest]:
+        """Return-mode requests for this statement that may still run: pending, or approved
+        and not yet run, before their expiry (newest first). Candidates only: the caller keeps
+        one whose MACs verify against its own digest of the statement."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_REQUEST_COLUMNS} FROM {self._requests} "
+                "WHERE agent = $1 AND database = $2 AND fingerprint = $3 AND run_at IS NULL "
+                "AND state IN ('pending', 'approved') AND expires_at > now() "
+                "ORDER BY created_at DESC LIMIT $4",
+                agent,
+                database,
+                fingerprint,
+                REMEMBERED_CANDIDATES,
+                timeout=self._timeout,
+            )
+            return await self._with_decisions(conn, rows)
+
+    async def mark_run(self, request_id: str) -> bool:
+        """Claim an approved return-mode request's one run (compare-and-swap: exactly one
+        caller, on any instance, gets True - and only before the request's expiry)."""
+        async with self._connection() as conn:
+            claimed = await conn.fetchval(
+                f"UPDATE {self._requests} SET run_at = now() WHERE id = $1 "
+                "AND state = 'approved' AND run_at IS NULL AND expires_at > now() RETURNING id",
+                request_id,
+                timeout=self._timeout,
+            )
+            return claimed is not None
 
     # --- transitions ----------------------------------------------------------------------------
 

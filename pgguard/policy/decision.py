@@ -58,6 +58,9 @@ class StatementVerdict:
         }
 
 
+_SETTING_KINDS = frozenset({"VariableSetStmt", "DiscardStmt"})
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The policy outcome for one SQL string (all of its statements)."""
@@ -75,6 +78,9 @@ class Decision:
     changes_lexing: bool = False
     min_approvals: int = 1  # distinct approvers a hold needs (the largest any held rule asks)
     remember_s: float | None = None  # how long an approval covers repeats (all held rules agree)
+    # "return" when every held statement's rule says so, "wait" when one says wait, None when
+    # none says (the agent's default applies).
+    hold_mode: Literal["wait", "return"] | None = None
     facts: tuple[StatementFacts, ...] = field(default=(), repr=False, compare=False)
     """Per-statement facts (categories, functions, relations; `text` blanked) for
     `SessionTracker.remember_all` when the proxy tracks protocol-level named statements."""
@@ -84,9 +90,16 @@ class Decision:
     """A statement is a FETCH or MOVE (it runs the portal or cursor it names)."""
     called_functions: tuple[str, ...] = field(init=False, repr=False, compare=False)
     """Every function name the statements call, sorted, without repeats."""
+    moves_settings: bool = field(init=False, repr=False, compare=False)
+    """A statement SETs, RESETs or DISCARDs settings, or ends a transaction (undoing SET LOCAL):
+    the proxy follows the session's statement_timeout through these."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fetches", any(s.kind == "FetchStmt" for s in self.statements))
+        moves = any(s.kind in _SETTING_KINDS for s in self.statements) or any(
+            f.undoes_settings for f in self.facts
+        )
+        object.__setattr__(self, "moves_settings", moves)
         names = {name for facts in self.facts for name in facts.functions}
         object.__setattr__(self, "called_functions", tuple(sorted(names)))
 
@@ -106,4 +119,5 @@ class Decision:
             "changes_lexing": self.changes_lexing,
             "min_approvals": self.min_approvals,
             "remember_s": self.remember_s,
+            "hold_mode": self.hold_mode,
         }

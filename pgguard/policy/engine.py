@@ -29,6 +29,7 @@ from pathlib import Path
 from pgguard.policy.cache import BoundedCache
 from pgguard.policy.decision import ActionName, Context, Decision, Mode, StatementVerdict
 from pgguard.policy.loader import LoadedPolicy, load_policy
+from pgguard.policy.models import HoldMode
 from pgguard.policy.rules import STATE_SCHEMA_RULE, Judgement, judge_statement, stricter
 from pgguard.policy.session import SessionTracker
 from pgguard.sql.classify import StatementFacts, classify_text, unparseable_facts
@@ -248,6 +249,12 @@ class PolicyEngine:
         min_approvals = max((j.min_approvals for j in held), default=1)
         remembers = [j.remember_s for j in held if j.remember_s is not None]
         remember_s = min(remembers) if held and len(remembers) == len(held) else None
+        modes = {j.hold_mode for j in held}
+        hold_mode: HoldMode | None = None
+        if "wait" in modes:
+            hold_mode = "wait"
+        elif modes == {"return"}:
+            hold_mode = "return"
         if hazard is not None:
             action = stricter(action, "hold")
             rule_ids.append(LEX_HAZARD_RULE)
@@ -271,6 +278,7 @@ class PolicyEngine:
             approver_groups=approvers,
             min_approvals=min_approvals,
             remember_s=remember_s,
+            hold_mode=hold_mode,
             observe=self.mode == "observe" and not protects_state,
             changes_lexing=any(f.changes_lexing for f in facts),
             # Without text: a shape-cache hit must not carry another statement's literals.

@@ -13,11 +13,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pgguard.sql.kinds import STATEMENT_KINDS, UNPARSEABLE
 
 Action = Literal["allow", "hold", "deny"]
+# How a held statement waits: "wait" keeps the session waiting for the decision; "return"
+# refuses it at once (55000) and runs it once when the agent re-sends it after the approval.
+HoldMode = Literal["wait", "return"]
 Category = Literal["export", "ddl", "privilege", "execute", "admin", "unparseable"]
 PrivilegedCategory = Literal["export", "ddl", "privilege", "execute", "admin"]
 DEFAULT_HOLD_TIMEOUT_S = 300.0
@@ -98,7 +101,14 @@ class Rule(_Strict):
     hold_timeout: float | str | None = None
     min_approvals: Annotated[int, Field(ge=1, le=10)] = 1
     remember: float | str | None = None
+    hold_mode: HoldMode | None = None  # unset: the agent's default ([[agents]] hold_mode)
     examples: Examples = Field(default_factory=Examples)
+
+    @model_validator(mode="after")
+    def _hold_mode_only_for_holds(self) -> Rule:
+        if self.hold_mode is not None and self.action != "hold":
+            raise ValueError("hold_mode applies only to rules whose action is hold")
+        return self
 
     @field_validator("id")
     @classmethod

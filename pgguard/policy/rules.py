@@ -23,7 +23,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from pgguard.policy.models import Action, Rule
+from pgguard.policy.models import Action, HoldMode, Rule
 from pgguard.sql.classify import StatementFacts
 from pgguard.sql.kinds import UNPARSEABLE
 
@@ -182,6 +182,7 @@ class Judgement:
     approvers: tuple[str, ...]
     min_approvals: int = 1
     remember_s: float | None = None
+    hold_mode: HoldMode | None = None
 
 
 def judge_statement(
@@ -209,6 +210,7 @@ def judge_statement(
             approvers=tuple(decider.rule.approvers),
             min_approvals=decider.rule.min_approvals,
             remember_s=decider.rule.remember_s if action == "hold" else None,
+            hold_mode=decider.rule.hold_mode if action == "hold" else None,
         )
     else:
         judgement = _fallback(facts, matched_ids)

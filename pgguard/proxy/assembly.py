@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
@@ -33,6 +34,9 @@ from pgguard.proxy.policy_gate import PolicyGate
 from pgguard.proxy.server import ProxyServer
 from pgguard.proxy.startup import AgentDirectory
 from pgguard.settings import Settings
+
+if TYPE_CHECKING:
+    from pgguard.mcp_server import McpHttp
 from pgguard.sql.statenames import ProtectedNames
 from pgguard.statedb.probe import check_separation
 from pgguard.teams_bot import TeamsBot
@@ -68,6 +72,7 @@ class Running:
     # Where a reload reads the configuration from (default: the file it was loaded from).
     source: Callable[[], Settings] | None = None
     _reloading: bool = field(default=False, repr=False)
+    mcp: McpHttp | None = None  # the agents' MCP endpoint at /mcp (pgguard.mcp_server)
 
     @property
     def http_url(self) -> str:
@@ -81,6 +86,8 @@ class Running:
         await self.gate.settle_cancellations()
         if self.http is not None:
             await self.http.stop()
+        if self.mcp is not None:
+            await self.mcp.stop()
         if self.approvals is not None:
             await self.approvals.stop()
             await self.approvals.store.close()
@@ -387,6 +394,9 @@ async def start(settings: Settings) -> Running:
         ledger=hooks,
         offload=await _start_offload(settings),
         max_statement_bytes=settings.limits.max_statement_bytes,
+        public_url=settings.http.base_url(),
+        notice_interval=settings.holds.notice_interval,
+        hold_modes={agent.name: agent.hold_mode for agent in settings.agents},
     )
     proxy = ProxyServer(settings, gate)
     proxy.ctx.slots = SessionSlots.from_settings(settings, capacity)
@@ -457,6 +467,15 @@ async def _start_http(running: Running, approvals: ApprovalService) -> None:
         running.bot.register(app, approvals, directory)
     assert running.ops is not None
     register_ops(app, running.ops)
+    if settings.agents:  # the agents' MCP door, behind their own pgguard credentials
+        from pgguard.mcp_server import McpHttp  # the SDK loads only where HTTP is served
+        from pgguard.mcp_tools import agent_tools
+
+        gate = running.gate
+        tools = agent_tools(settings, gate.engine, gate.masking, approvals)
+        running.mcp = McpHttp(tools, public_url, settings.http.host)
+        running.mcp.mount(app.router.routes)
+        await running.mcp.start()
     running.http = HttpServer(app, settings.http.host, settings.http.port)
     await running.http.start()
     log.info("pgguard HTTP API on %s", running.http_url)

@@ -11,6 +11,9 @@ extended-protocol pipeline), and the ``BackendTracker`` swaps that one ErrorResp
 pgguard's. The server thus raises the error at exactly the right point of the stream: it aborts
 the transaction block and skips the pipeline up to Sync, so client and server agree on the
 transaction state as if PostgreSQL itself had refused the statement.
+
+pgguard's own NoticeResponses (a held statement's, `Session.send_notice`) reach the client only
+between two whole server messages: while a reply is still streaming they wait for its end.
 """
 
 from __future__ import annotations
@@ -65,10 +68,15 @@ class Session:
     tracker: BackendTracker = field(default_factory=BackendTracker)
     owed: Callable[[], int] = int  # ReadyForQuery messages still owed (set by the connection)
     portals: Callable[[str], tuple[bytes, ...]] = lambda _name: ()  # set by the connection
+    notices: Callable[[bytes], None] = lambda _data: None  # set by the connection
+    startup_parameters: list[tuple[str, str]] = field(default_factory=list)
     gate_state: object = None
 
     def portal_texts(self, name: str) -> tuple[bytes, ...]:
         return self.portals(name)
+
+    def send_notice(self, text: str, detail: str | None = None, hint: str | None = None) -> None:
+        self.notices(m.notice_response(text, detail=detail, hint=hint))
 
     @property
     def ready_count(self) -> int:
@@ -137,6 +145,9 @@ class Connection:
         self._tracker_feed: Callable[[bytes], bytes] = bytes
         self._terminating = False
         self._slot_of: str | None = None  # the agent whose upstream slot this session holds
+        # NoticeResponses of pgguard's own that wait for the server's stream to reach the end
+        # of a message (a held statement's notices while earlier replies are still relayed).
+        self._notices: list[bytes] = []
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -200,11 +211,13 @@ class Connection:
             database=login.database,
             client_address=self.client_address,
             tracker=BackendTracker(up.parameters),
+            startup_parameters=list(login.parameters),
         )
         session.tracker.txn_status = up.txn_status
         session.tracker.model = self._model
         session.owed = self._replies_owed
         session.portals = self._portal_texts
+        session.notices = self._send_notice
         self.session = session
         self.upstream = up.link
         self.backend_key = (up.pid, up.key)
@@ -323,9 +336,21 @@ class Connection:
 
     # --- relay: server -> client ----------------------------------------------------------------
 
+    def _send_notice(self, data: bytes) -> None:
+        """Send a NoticeResponse of pgguard's own between two of the server's messages."""
+        if self.client.closed:
+            return
+        if self._notices or not self._session().tracker.at_message_boundary:
+            self._notices.append(data)  # written by _from_server at the next message boundary
+            return
+        self._client_write(data)
+
     def _from_server(self, data: bytes) -> None:
         try:
             self._client_write(self._tracker_feed(data))
+            if self._notices and self._session().tracker.at_message_boundary:
+                notices, self._notices = b"".join(self._notices), []
+                self._client_write(notices)
             if self._held is not None:
                 self._answered.set()  # a deferred Execute may be waiting for these answers
         except ProtocolViolation as exc:

@@ -85,6 +85,10 @@ class SessionView(Protocol):
     @property
     def server_parameters(self) -> dict[str, str]: ...
     @property
+    def startup_parameters(self) -> list[tuple[str, str]]:
+        """The client's start-up parameters (user, database, options, ...), as it sent them."""
+
+    @property
     def parameters_version(self) -> int:
         """Changes whenever ``server_parameters`` may have changed."""
 
@@ -98,6 +102,9 @@ class SessionView(Protocol):
 
     def portal_texts(self, name: str) -> tuple[bytes, ...]:
         """Every text protocol portal ``name`` may run for a statement forwarded now."""
+
+    def send_notice(self, text: str, detail: str | None = None, hint: str | None = None) -> None:
+        """Send the client a NOTICE now (between two server messages), e.g. while it waits."""
 
     gate_state: object  # whatever the gate keeps per session
 

@@ -12,11 +12,12 @@ import asyncio
 import logging
 
 from pgguard.approvals.model import ApprovalRequest, NewRequest, RequestState, extract_reason
-from pgguard.errors import PgGuardError, PolicyDenied, QueryCanceled
+from pgguard.errors import PgGuardError
 from pgguard.masking import MaskedStatement, MaskingRules, mask_parameters, mask_sql, mask_text
 from pgguard.policy import Decision
 from pgguard.policy.remember import remember_key
 from pgguard.proxy.gate import ALLOW, Allow, Deny, SessionView, SqlEvent
+from pgguard.proxy.hold_notices import refusal
 from pgguard.wire.extended import decode_bind_parameters
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def new_request(
         application_name=mask_text(session.application_name, masking),
         statement=masked.text,
         parameters=parameters,
-        fingerprint=_remember_key(session, decision, event),
+        fingerprint=request_fingerprint(session, decision, event),
         categories=decision.categories,
         rule_ids=decision.rule_ids,
         reason=_reason(text, masking),
@@ -81,7 +82,7 @@ def new_request(
     )
 
 
-def _remember_key(session: SessionView, decision: Decision, event: SqlEvent) -> str:
+def request_fingerprint(session: SessionView, decision: Decision, event: SqlEvent) -> str:
     """The request's key for remembered approvals (`pgguard.policy.remember`), stored as its
     fingerprint: the approvals store, the remembered lookup and the MAC binding all use it."""
     parameters: list[bytes | None] | bytes | None = None
@@ -127,7 +128,7 @@ def settle(future: asyncio.Future[Allow | Deny], outcome: Allow | Deny) -> None:
         future.set_result(outcome)
 
 
-def outcome(request: ApprovalRequest) -> Allow | Deny:
+def outcome(request: ApprovalRequest, public_url: str = "") -> Allow | Deny:
     """What the held session gets once its request is no longer pending."""
     if request.state == RequestState.APPROVED:
         who = ", ".join(d.approver_name for d in request.decisions if d.verdict == "approve")
@@ -135,11 +136,4 @@ def outcome(request: ApprovalRequest) -> Allow | Deny:
             who = f"remembered approval of request {request.remembered_from}"
         log.info("hold %s: approved (%s)", request.id, who)
         return ALLOW
-    if request.state == RequestState.DENIED:
-        denial = next((d for d in request.decisions if d.verdict == "deny"), None)
-        by = f" by {denial.approver_name}" if denial else ""
-        comment = f": {denial.comment}" if denial and denial.comment else ""
-        return Deny(PolicyDenied(f"pgguard: request {request.id} was denied{by}{comment}"))
-    if request.state == RequestState.EXPIRED:
-        return Deny(PolicyDenied(f"pgguard: request {request.id} expired without a decision"))
-    return Deny(QueryCanceled(f"canceling statement: request {request.id} was cancelled"))
+    return Deny(refusal(request, public_url))

@@ -4,7 +4,12 @@ What it adds to the pass-through gate:
 
 * Query text is classified; ``deny`` refuses with 42501 naming the rule ids. ``hold`` asks for
   approval (`pgguard.approvals`, the request bound by MAC to the exact statement bytes) and the
-  session waits; without approvers configured it refuses with 42501, saying approval is required.
+  session waits, told so by a NOTICE at once and every ``[holds] notice_interval``
+  (`pgguard.proxy.hold_notices`), until the decision, the expiry, or the session's own
+  ``statement_timeout`` (`pgguard.proxy.session_timeouts`: 57014, the request cancelled).
+  A rule or agent with ``hold_mode: return`` is refused at once with 55000 instead and runs once
+  when re-sent after the approval (`pgguard.proxy.returned`). Without approvers configured a
+  hold refuses with 42501, saying approval is required. Every refusal has a DETAIL and a HINT.
 * A Parse is classified so its facts are known when it is Executed (and, because protocol-level
   and SQL-level prepared statements share one namespace, to a later SQL ``EXECUTE`` too). Only a
   ``deny`` stops a Parse; everything else is decided at Execute, where the statement runs - judged
@@ -26,15 +31,16 @@ What it adds to the pass-through gate:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from pgguard.approvals.model import NewRequest
+from pgguard.approvals.model import ApprovalRequest, NewRequest
 from pgguard.approvals.service import ApprovalService
 from pgguard.errors import (
     AdminShutdown,
@@ -54,6 +60,7 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
+from pgguard.proxy import hold_notices
 from pgguard.proxy.catalog import function_name
 from pgguard.proxy.estimates import estimate_rows
 from pgguard.proxy.gate import (
@@ -67,11 +74,13 @@ from pgguard.proxy.gate import (
     Verdict,
     function_call_refused,
 )
-from pgguard.proxy.holds import new_request, settle
+from pgguard.proxy.holds import new_request, request_fingerprint, settle
 from pgguard.proxy.holds import outcome as outcome_of
 from pgguard.proxy.ledger_hooks import LedgerHooks, StatementRecord
 from pgguard.proxy.offload import ParseOffload
+from pgguard.proxy.returned import approved_ahead, judge_returned, plain_event
 from pgguard.proxy.routines import RoutineJudge
+from pgguard.proxy.session_timeouts import StatementTimeout, server_default_ms
 from pgguard.settings import UpstreamSettings
 from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
@@ -104,6 +113,7 @@ class _SessionPolicy:
     functions: dict[int, tuple[str, str]] = field(default_factory=dict)  # FunctionCall OIDs
     hold_outcome: str = ""  # the held request's final state, for pgguard_hold_wait_seconds
     premasked: tuple[bytes, MaskedStatement] | None = None  # a long text masked off the loop
+    timeouts: StatementTimeout = field(default_factory=StatementTimeout)  # ends holds (57014)
 
 
 class PolicyGate(Gate):
@@ -118,8 +128,14 @@ class PolicyGate(Gate):
         ledger: LedgerHooks | None = None,
         offload: ParseOffload | None = None,
         max_statement_bytes: int | None = None,
+        public_url: str = "",
+        notice_interval: float = 30.0,
+        hold_modes: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.public_url = public_url  # request pages named in the agents' notices and errors
+        self.notice_interval = notice_interval  # [holds] notice_interval
+        self.hold_modes = dict(hold_modes or {})  # agent name -> default hold_mode
         self.offload = offload
         self.max_statement_bytes = max_statement_bytes
         # Texts up to this long are judged here at once: the hot path pays one comparison.
@@ -331,7 +347,7 @@ class PolicyGate(Gate):
                 verdict = await verdict.decision
             settle(future, verdict if isinstance(verdict, Deny) else ALLOW)
         except asyncio.CancelledError:
-            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            settle(future, Deny(hold_notices.cancelled_by_client(None)))
             raise
         except Exception as exc:
             settle(future, refused(exc))
@@ -481,6 +497,8 @@ class PolicyGate(Gate):
             _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
             if decision.changes_lexing or state.lex_changed:
                 self._note_lexing(session, state, decision)
+            if decision.moves_settings:
+                _note_timeout(state, decision, event)
             if self.ledger is not None:
                 state.last_record = StatementRecord(event.kind, event.sql, decision, blind)
             return ALLOW
@@ -554,6 +572,8 @@ class PolicyGate(Gate):
         _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
         if decision.action == "allow":
             self._note_lexing(session, state, decision)
+            if decision.moves_settings:
+                _note_timeout(state, decision, event)
             return ALLOW
         rules = ", ".join(decision.rule_ids) or "default"
         if decision.observe:
@@ -567,6 +587,8 @@ class PolicyGate(Gate):
                 rules,
             )
             self._note_lexing(session, state, decision)
+            if decision.moves_settings:
+                _note_timeout(state, decision, event)
             return ALLOW
         categories = ", ".join(decision.categories) or "none"
         detail = "; ".join(decision.reasons) or None
@@ -581,20 +603,15 @@ class PolicyGate(Gate):
             categories,
         )
         if decision.action == "deny":
-            return Deny(
-                PolicyDenied(f"pgguard policy denies this statement (rule {rules})", detail=detail)
+            return Deny(hold_notices.policy_denied(rules, categories, detail))
+        if self.approvals is None:
+            return Deny(hold_notices.no_approvals(rules, categories, detail))
+        if (decision.hold_mode or self.hold_modes.get(session.agent, "wait")) == "return":
+            return self._deferred(
+                self._returned(session, state, decision, event),
+                lambda exc: Deny(hold_notices.store_unavailable()),
             )
-        if self.approvals is not None:
-            return self._hold(session, state, decision, event)
-        return Deny(
-            PolicyDenied(
-                f"pgguard: this statement requires approval "
-                f"(rule {rules}; categories {categories})",
-                detail=detail,
-                hint="Privileged statements wait for a human approval; "
-                "the approval flow is not enabled on this pgguard.",
-            )
-        )
+        return self._hold(session, state, decision, event)
 
     # --- holds -----------------------------------------------------------------------------
 
@@ -618,8 +635,11 @@ class PolicyGate(Gate):
         future.add_done_callback(lambda f: COUNTS.hold_ended(started, _hold_outcome(state, f)))
         record = StatementRecord(event.kind, event.sql, decision)
         state.hold_record = record
+        started = loop.time()  # the statement's own clock, as the server's statement_timeout
         state.hold_task = loop.create_task(
-            self._await_approval(session, record, new, future, state, functions, event.bind)
+            self._await_approval(
+                session, record, new, future, state, functions, event.bind, started
+            )
         )
         return Hold(future)
 
@@ -632,9 +652,16 @@ class PolicyGate(Gate):
         state: _SessionPolicy,
         functions: tuple[str, ...],
         bind: bytes | None,
+        started: float,
     ) -> None:
         assert self.approvals is not None
         try:
+            ahead = await self._approved_ahead(session, record, new, bind)
+            if ahead is not None:  # asked and approved ahead of time (MCP): this is its run
+                record.request = ahead
+                settle(future, await self._record_decision(session, state, record, ALLOW))
+                return
+            deadline = await self._deadline(session, state, started)
             # A row estimate parses the text on the loop: long texts go without (best effort).
             long_text = self.offload is not None and len(record.sql) > self.offload.threshold
             if self.upstream is not None and not long_text:
@@ -647,28 +674,131 @@ class PolicyGate(Gate):
             # the parameter values could confirm a guessed value.
             fingerprint = record.decision.fingerprint if record.decision is not None else ""
             log_decision("hold", request.id, new.agent, new.rule_ids, fingerprint)
-            decided = await final
-            record.request = decided
-            state.hold_outcome = decided.state.value
-            log_decision(decided.state.value, decided.id, new.agent, new.rule_ids, fingerprint)
-            outcome = await self._record_decision(session, state, record, outcome_of(decided))
+            decided = await self._wait_for_decision(session, request, final, deadline)
+            outcome: Allow | Deny
+            if decided is None:  # the session's statement_timeout ran out first
+                state.hold_outcome = "cancelled"
+                log_decision("cancelled", request.id, new.agent, new.rule_ids, fingerprint)
+                outcome = await self._timed_out(session, state, record, request)
+            else:
+                record.request = decided
+                state.hold_outcome = decided.state.value
+                log_decision(decided.state.value, decided.id, new.agent, new.rule_ids, fingerprint)
+                outcome = await self._record_decision(
+                    session, state, record, outcome_of(decided, self.public_url)
+                )
         except asyncio.CancelledError:
-            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+            settle(future, Deny(hold_notices.cancelled_by_client(state.hold_request_id)))
             raise
         except AdminShutdown:
-            outcome = Deny(PolicyDenied("pgguard is shutting down; the held statement was not run"))
-        except Exception as exc:  # fail closed: no approval could be recorded or awaited
-            log.error("hold for agent %s failed: %s", new.agent, exc)
             outcome = Deny(
                 PolicyDenied(
-                    "pgguard: this statement requires approval, and the approval request could "
-                    "not be recorded",
-                    hint="The approval state database is unavailable; try again later.",
+                    "pgguard is shutting down; the held statement was not run",
+                    detail="pgguard stopped while the statement waited for approval.",
+                    hint="Reconnect and send it again: a retry opens a new request.",
                 )
             )
+        except Exception as exc:  # fail closed: no approval could be recorded or awaited
+            log.error("hold for agent %s failed: %s", new.agent, exc)
+            outcome = Deny(hold_notices.store_unavailable())
         finally:
             state.hold_task = None
         settle(future, outcome)
+
+    async def _returned(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> Allow | Deny:
+        """Return mode (`pgguard.proxy.returned`): run an approved request once, else 55000."""
+        assert self.approvals is not None
+        plain = plain_event(event)
+        new = new_request(session, decision, plain, self.masking, self.instance_id)
+        verdict, request = await judge_returned(self.approvals, new, plain, self.public_url)
+        record = StatementRecord(event.kind, event.sql, decision)
+        record.request = request  # the ledger names the request, refused or run
+        if isinstance(verdict, Deny):
+            if self.ledger is not None:
+                self.ledger.refused(session, record, verdict.error.sqlstate, verdict.error.message)
+            return verdict
+        log.info("request %s: agent %s runs its approved statement", request.id, session.agent)
+        return await self._record_decision(session, state, record, verdict)
+
+    async def _approved_ahead(
+        self, session: SessionView, record: StatementRecord, new: NewRequest, bind: bytes | None
+    ) -> ApprovalRequest | None:
+        assert self.approvals is not None
+        assert record.decision is not None
+        plain = plain_event(SqlEvent("execute" if bind else "query", record.sql, bind=bind))
+        if plain.bind is not bind:  # a parameterless Bind dropped: the key without it
+            # (computed anew only then: it normalizes the text, which is costly for long ones)
+            fingerprint = request_fingerprint(session, record.decision, plain)
+            new = dataclasses.replace(new, fingerprint=fingerprint)
+        return await approved_ahead(self.approvals, new, plain)
+
+    async def _deadline(
+        self, session: SessionView, state: _SessionPolicy, started: float
+    ) -> float | None:
+        """When the session's statement_timeout ends a statement that started at ``started``
+        (loop time); None without one. Asked from the server once when pgguard cannot know."""
+        timeouts = state.timeouts
+        if timeouts.needs_server_default and self.upstream is not None:
+            timeouts.server_default_ms = await server_default_ms(self.upstream, session.database)
+        ms = timeouts.current_ms
+        return started + ms / 1000 if ms else None
+
+    async def _wait_for_decision(
+        self,
+        session: SessionView,
+        request: ApprovalRequest,
+        final: asyncio.Future[ApprovalRequest],
+        deadline: float | None,
+    ) -> ApprovalRequest | None:
+        """Wait for the final request, telling the agent (NOTICE) now and every
+        ``notice_interval``; None when ``deadline`` (the session's statement_timeout, loop
+        time) comes first."""
+        if final.done():  # a remembered approval: nothing to wait for
+            return final.result()
+        notice = hold_notices.held_notice(request, self.public_url)
+        session.send_notice(notice.text, notice.detail, notice.hint)
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self.notice_interval
+            if deadline is not None:
+                wait = min(wait, deadline - loop.time())
+                if wait <= 0:
+                    return None
+            try:
+                return await asyncio.wait_for(asyncio.shield(final), wait)
+            except TimeoutError:
+                pass
+            if deadline is not None and loop.time() >= deadline:
+                return None
+            left = request.seconds_left()
+            notice = hold_notices.reminder_notice(request, self.public_url, left)
+            session.send_notice(notice.text, notice.detail, notice.hint)
+
+    async def _timed_out(
+        self,
+        session: SessionView,
+        state: _SessionPolicy,
+        record: StatementRecord,
+        request: ApprovalRequest,
+    ) -> Deny:
+        """The session's statement_timeout ended the hold: 57014, as the server would cancel,
+        and the request is cancelled with that reason."""
+        assert self.approvals is not None
+        limit = _seconds(state.timeouts.current_ms)
+        reason = f"the session's statement_timeout ({limit}) ran out while it waited"
+        await self.approvals.cancel(request.id, reason)
+        error = QueryCanceled(
+            "canceling statement due to statement timeout",
+            detail=f"Request {request.id} was still pending when {reason}; the request is "
+            "cancelled and nothing was run.",
+            hint="Raise statement_timeout (SET statement_timeout = ...) to wait longer, or "
+            "retry later: a retry opens a new request.",
+        )
+        if self.ledger is not None:
+            self.ledger.refused(session, record, error.sqlstate, error.message)
+        return Deny(error)
 
     async def _record_decision(
         self,
@@ -743,7 +873,10 @@ class PolicyGate(Gate):
             return False
         shutdown = self.shutting_down
         state.hold_outcome = "shutdown" if shutdown else "cancelled"
-        settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+        if shutdown:
+            settle(future, Deny(QueryCanceled("canceling statement due to user request")))
+        else:
+            settle(future, Deny(hold_notices.cancelled_by_client(state.hold_request_id)))
         why = "pgguard shut down" if shutdown else "cancelled by the client"
         record = state.hold_record
         if self.ledger is not None and record is not None:
@@ -780,6 +913,8 @@ class PolicyGate(Gate):
         state = session.gate_state
         if state is None:
             state = _SessionPolicy(tracker=self.engine.new_session())
+            with contextlib.suppress(StartupOptionError):  # refused at start-up already
+                state.timeouts.start_up(settings_from_startup(session.startup_parameters))
             session.gate_state = state
         return cast(_SessionPolicy, state)  # only this gate sets it
 
@@ -855,6 +990,22 @@ def log_decision(
 def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:
     schema, function = (_quote_ident(part) for part in name)
     return SqlEvent("query", f'SELECT "{schema}"."{function}"()'.encode(), bind=body)
+
+
+def _note_timeout(state: _SessionPolicy, decision: Decision, event: SqlEvent) -> None:
+    """Follow the session's statement_timeout through a statement let through that moves
+    settings (`Decision.moves_settings`)."""
+    if any(v.kind in _TIMEOUT_KINDS for v in decision.statements):
+        state.timeouts.observe(event.sql)
+    if state.timeouts.local_ms is not None and any(f.undoes_settings for f in decision.facts):
+        state.timeouts.transaction_ended()
+
+
+_TIMEOUT_KINDS = frozenset({"VariableSetStmt", "DiscardStmt"})
+
+
+def _seconds(ms: int | None) -> str:
+    return "unknown" if ms is None else f"{ms / 1000:g} s"
 
 
 def _quote_ident(name: str) -> str:

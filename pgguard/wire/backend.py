@@ -277,3 +277,9 @@ class BackendTracker:
     @property
     def rewriting(self) -> bool:
         return bool(self._replacements)
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """True when everything forwarded so far ends with a whole message: a message of the
+        proxy's own (a NoticeResponse) may be written to the client now without splitting one."""
+        return not (self._skip or self._head or self._partial_want)

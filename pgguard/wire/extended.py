@@ -73,6 +73,14 @@ def _name(body: bytes, start: int, end: int) -> str:
     return body[start:end].decode("utf-8", "surrogateescape") if end > start else ""
 
 
+def bind_values(body: bytes) -> bytes:
+    """A Bind message body without its portal and statement names: the formats, values and
+    result formats - what stays the same when a driver re-sends a statement under new names."""
+    _, pos = read_cstring(body, 0)
+    _, pos = read_cstring(body, pos)
+    return body[pos:]
+
+
 def decode_bind_parameters(body: bytes) -> list[bytes | None]:
     """The parameter values of a Bind message (formats and result formats skipped)."""
     _, pos = read_cstring(body, 0)

@@ -338,6 +338,12 @@ def error_response(
     return encode_error_fields(fields, notice=notice)
 
 
+def notice_response(text: str, *, detail: str | None = None, hint: str | None = None) -> bytes:
+    """A NoticeResponse of severity NOTICE (SQLSTATE 00000); the server may send one at any
+    time (protocol docs 53.2.6, asynchronous operations), so clients accept it mid-statement."""
+    return error_response("NOTICE", "00000", text, detail=detail, hint=hint, notice=True)
+
+
 def encode_error_fields(fields: Iterable[tuple[str, str]], *, notice: bool = False) -> bytes:
     body = b"".join(code.encode("ascii") + cstring(_scrub(value)) for code, value in fields)
     return message(B_NOTICE if notice else B_ERROR, body + b"\0")

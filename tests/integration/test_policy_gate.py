@@ -45,6 +45,11 @@ def test_held_ddl_is_refused_with_42501_and_does_not_run(
             conn.execute("DROP TABLE gate_victim")
         assert "requires approval" in str(info.value)
         assert "default-hold" in str(info.value) or "rule" in str(info.value)
+        diag = info.value.diag  # issue 21: every refusal says what happened and what to do
+        assert diag.message_detail is not None
+        assert "nobody can approve" in diag.message_detail
+        assert diag.message_hint is not None
+        assert "enable approvals" in diag.message_hint
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert victim_exists(direct_dsn)
 

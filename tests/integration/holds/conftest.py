@@ -44,7 +44,15 @@ def pgguard(
 @pytest.fixture(autouse=True)
 def tables(direct_dsn: str) -> None:
     with psycopg.connect(direct_dsn, autocommit=True) as conn:
-        for name in ("hold_t", "quorum_t", "dba_only_t", "short_t", "remember_t"):
+        for name in (
+            "hold_t",
+            "quorum_t",
+            "dba_only_t",
+            "short_t",
+            "remember_t",
+            "return_t",
+            "return_short_t",
+        ):
             conn.execute(f"DROP TABLE IF EXISTS {name}")
             conn.execute(f"CREATE TABLE {name} (id int, email text)")
             conn.execute(f"INSERT INTO {name} VALUES (1, 'ada@example.com')")

@@ -44,6 +44,18 @@ rules:
     match: {tables: [remember_t]}
     action: hold
     remember: 60
+  - id: test.return
+    description: DDL on return_t is refused at once and runs once when re-sent, approved.
+    match: {tables: [return_t]}
+    action: hold
+    hold_mode: return
+    hold_timeout: 60
+  - id: test.return-short
+    description: Return mode with a short expiry.
+    match: {tables: [return_short_t]}
+    action: hold
+    hold_mode: return
+    hold_timeout: 2
 """
 
 

@@ -58,6 +58,10 @@ async def test_a_locked_approval_table_refuses_the_hold_quickly(
             await asyncio.wait_for(held, 10)
         elapsed = time.monotonic() - started
         assert "could not be recorded" in str(info.value)
+        assert info.value.detail is not None
+        assert "state database did not answer" in info.value.detail
+        assert info.value.hint is not None
+        assert "new request" in info.value.hint
         assert elapsed < 5, f"the hold waited {elapsed:.1f} s on a lock"
     finally:
         await locker.execute("ROLLBACK")
