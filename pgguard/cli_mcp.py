@@ -27,7 +27,10 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
     ) -> None:
-        """Serve the agent MCP tools (check_statement, request_approval, ...) over stdio."""
+        """Serve the agent MCP tools (check_statement, request_approval, ...) over stdio.
+
+        Example: PGGUARD_AGENT_PASSWORD=... pgguard mcp --agent reporting -c pgguard.toml
+        """
         from pgguard import logs
         from pgguard.cli import _load, run_event_loop
 

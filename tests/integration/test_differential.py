@@ -241,6 +241,10 @@ def test_what_ran_is_what_was_judged_and_recorded(
     succeeded, failed, not_run = ledger_markers(guarded, application_name)
     # What the server ran is what the ledger says ran (succeeded or failed while running) ...
     assert succeeded + failed == ran_on_server
-    # ... and nothing it calls refused, skipped or not started ran.
-    assert not (set(not_run) & set(ran_on_server))
+    # ... and nothing it calls refused, skipped or not started ran. A marker belongs to one
+    # Parse, whose statement may be executed more than once (one Execute run, a later one of
+    # the same portal skipped): run counts are compared exactly above, so here a marker the
+    # ledger never records as run must not be in the server's log at all.
+    never_run = set(not_run) - set(succeeded + failed)
+    assert not (never_run & set(ran_on_server))
     assert victim_exists(oracle_pg)
