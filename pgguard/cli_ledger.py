@@ -539,7 +539,10 @@ def _register_prune(ledger: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Remove old entries, chain by chain, up to the newest signed checkpoint before
-        --before; the checkpoint stays, so `verify` still proves every entry after the cut."""
+        --before; the checkpoint stays, so `verify` still proves every entry after the cut.
+
+        Example: pgguard ledger prune -c pgguard.toml --before 2026-01-01 --dry-run
+        """
         settings = _settings(config)
         cutoff = _time(before, "--before")
         if cutoff is None:
