@@ -492,13 +492,9 @@ class PolicyGate(Gate):
         """The verdict on `decision`; first, when it calls functions, made at least as strict
         as the bodies of the user-defined routines it may call (`pgguard.proxy.routines`)."""
         if decision.action == "allow" and not decision.called_functions:
-            # The common case, in short (what `_verdict_now` and `_judge` do for it).
-            key = ("allow", decision.categories[0] if decision.categories else "none")
-            _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
-            if decision.changes_lexing or state.lex_changed:
-                self._note_lexing(session, state, decision)
-            if decision.moves_settings:
-                _note_timeout(state, decision, event)
+            # The common case, in short: what `_verdict_now` and `_judge` do for it.
+            _count(decision)
+            self._let_through(session, state, decision, event)
             if self.ledger is not None:
                 state.last_record = StatementRecord(event.kind, event.sql, decision, blind)
             return ALLOW
@@ -567,13 +563,9 @@ class PolicyGate(Gate):
     def _judge(
         self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
     ) -> Verdict:
-        # pgguard_statements_total, inlined (a method call costs more than the count itself)
-        key = (decision.action, decision.categories[0] if decision.categories else "none")
-        _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
+        _count(decision)
         if decision.action == "allow":
-            self._note_lexing(session, state, decision)
-            if decision.moves_settings:
-                _note_timeout(state, decision, event)
+            self._let_through(session, state, decision, event)
             return ALLOW
         rules = ", ".join(decision.rule_ids) or "default"
         if decision.observe:
@@ -586,9 +578,7 @@ class PolicyGate(Gate):
                 decision.fingerprint or "<unparseable>",
                 rules,
             )
-            self._note_lexing(session, state, decision)
-            if decision.moves_settings:
-                _note_timeout(state, decision, event)
+            self._let_through(session, state, decision, event)
             return ALLOW
         categories = ", ".join(decision.categories) or "none"
         detail = "; ".join(decision.reasons) or None
@@ -936,6 +926,17 @@ class PolicyGate(Gate):
         state.context, state.context_version = ctx, version
         return ctx
 
+    def _let_through(
+        self, session: SessionView, state: _SessionPolicy, decision: Decision, event: SqlEvent
+    ) -> None:
+        """What a statement let through changes in the session's state as pgguard follows it:
+        the lexing state (`_note_lexing`) and the statement_timeout (`_note_timeout`). Both
+        checks are one field each for the ordinary statement."""
+        if decision.changes_lexing or state.lex_changed:
+            self._note_lexing(session, state, decision)
+        if decision.moves_settings:
+            _note_timeout(state, decision, event)
+
     def _note_lexing(self, session: SessionView, state: _SessionPolicy, decision: Decision) -> None:
         """Read what follows a lexing change as pending until the server confirms its state.
 
@@ -990,6 +991,12 @@ def log_decision(
 def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:
     schema, function = (_quote_ident(part) for part in name)
     return SqlEvent("query", f'SELECT "{schema}"."{function}"()'.encode(), bind=body)
+
+
+def _count(decision: Decision) -> None:
+    """pgguard_statements_total (a dict update; `pgguard.metrics` reads it at each scrape)."""
+    key = (decision.action, decision.categories[0] if decision.categories else "none")
+    _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
 
 
 def _note_timeout(state: _SessionPolicy, decision: Decision, event: SqlEvent) -> None:
