@@ -352,6 +352,8 @@ def start_pgguard(
         f'\n[[agents]]\nname = "{AGENT}"\npassword = "{AGENT_PASSWORD}"\n'
         'owner = "bench-owner@example.com"\n'
         f"\n[ledger]\nenabled = {str(ledger).lower()}\nspool_dir = {json.dumps(str(spool))}\n"
+        # Health and metrics listen on 8080 by default: two pgguards (and a running one) collide.
+        + '\n[http]\nhost = "127.0.0.1"\nport = 0\n'
         + state
     )
     argv = [sys.executable, "-m", "pgguard.cli", "serve", "--config", str(config)]
