@@ -68,11 +68,17 @@ def tag_rows(tag: str) -> int | None:
 
 
 class OutcomeTracker:
-    __slots__ = ("_ready", "_slots")
+    """Cost: O(1) per message. Finished statements wait at the front of ``_slots`` for their
+    ReadyForQuery; ``_finished`` counts them so that a reply never walks past them again (one
+    Sync after thousands of Executes, as psycopg's executemany sends, would otherwise make each
+    CommandComplete walk every earlier one, on the proxy's shared loop)."""
+
+    __slots__ = ("_finished", "_ready", "_slots")
 
     def __init__(self) -> None:
         self._slots: deque[Outcome] = deque()  # forwarded and not finished, in order
         self._ready = 0  # ReadyForQuery messages seen: the group being answered is the next
+        self._finished = 0  # slots at the front of _slots that are done (never undone)
 
     # --- what the client sent (in forwarding order) ---------------------------------------
 
@@ -113,7 +119,9 @@ class OutcomeTracker:
         a failed Parse) has no statement waiting and is not attributed."""
         answering = self._ready + 1
         first = True
-        for slot in self._slots:
+        slots = self._slots
+        for index in range(self._skip_finished(), len(slots)):
+            slot = slots[index]
             if slot.group != answering:
                 break
             if slot.done:
@@ -131,10 +139,13 @@ class OutcomeTracker:
         self._ready += 1
         slots = self._slots
         finished = []
+        popped = 0
         while slots and slots[0].group <= self._ready:
             slot = slots.popleft()
+            popped += 1
             if slot.token is not None:
                 finished.append(slot)
+        self._finished = max(0, self._finished - popped)
         return finished
 
     @property
@@ -145,10 +156,17 @@ class OutcomeTracker:
     def _current(self) -> Outcome | None:
         # Replies to unsynced extended messages arrive before their Sync when the client sent
         # a Flush (53.2.3): they belong to the group being answered all the same.
-        answering = self._ready + 1
-        for slot in self._slots:
-            if slot.group != answering:
-                return None
-            if not slot.done:
-                return slot
+        slots = self._slots
+        index = self._skip_finished()
+        if index < len(slots) and slots[index].group == self._ready + 1:
+            return slots[index]
         return None
+
+    def _skip_finished(self) -> int:
+        """The index of the first slot not done (every slot before it is done)."""
+        slots = self._slots
+        index = self._finished
+        while index < len(slots) and slots[index].done:
+            index += 1
+        self._finished = index
+        return index

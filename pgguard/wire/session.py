@@ -33,12 +33,19 @@ text while the server may run another.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable
+from operator import attrgetter
 from typing import NamedTuple
 
 from pgguard.errors import ProtocolViolation
 
 MAX_POSSIBILITIES = 64  # texts one name may stand for before the client is cut off (08P01)
+# Unanswered operations one lookup may walk (those of the name asked about, back to the newest
+# of the judged group that fixes it); more only comes from a client that re-binds one name
+# hundreds of times before a Sync, and is cut off (08P01) rather than stall the shared loop.
+MAX_WALK = 1024
 
 
 class Bound(NamedTuple):
@@ -64,26 +71,60 @@ class _Op(NamedTuple):  # a tuple: made for every extended message, so it must b
     sql: bytes = b""  # parse
     statement: str = ""  # bind
     bind: bytes = b""  # bind
+    seq: int = 0  # its place among every operation the session ever filed
 
 
 # Built without the NamedTuple's Python-level __new__ (one fewer frame per extended message);
 # every field is given, in order.
-_new_op: Callable[[type[_Op], tuple[int, str, str, int, bytes, str, bytes]], _Op] = tuple.__new__
+_new_op: Callable[[type[_Op], tuple[int, str, str, int, bytes, str, bytes, int]], _Op] = (
+    tuple.__new__
+)
 
 
 class TooManyPossibilities(ProtocolViolation):
-    """A name would stand for more texts than `MAX_POSSIBILITIES` (re-Parsed in a loop)."""
+    """A name would stand for more texts than `MAX_POSSIBILITIES` (re-Parsed in a loop), or
+    finding what it stands for would take more than `MAX_WALK` unanswered operations."""
 
 
 class SessionModel:
-    """Statement and portal names of one session, driven by the server's answers."""
+    """Statement and portal names of one session, driven by the server's answers.
 
-    __slots__ = ("_acked", "_answered", "_errored", "_ops", "_portals", "_statements")
+    Cost: filing an operation and a ReadyForQuery are O(1) per operation. A lookup walks only
+    the unanswered operations of the name it asks about, newest first, and stops at the newest
+    one of the judged group that fixes the name whatever it held before (a Close; a Parse of, or
+    a simple Query dropping, the unnamed statement; a Bind of the unnamed portal): a pipeline of
+    thousands of Parse/Bind/Execute before one Sync (psycopg's ``executemany``) costs O(1) per
+    message, not a walk over the whole pipeline on the proxy's shared loop.
+    """
+
+    __slots__ = (
+        "_acked",
+        "_answered",
+        "_by_portal",
+        "_by_statement",
+        "_errored",
+        "_ops",
+        "_parses",
+        "_portals",
+        "_queries",
+        "_queries_head",
+        "_seq",
+        "_statements",
+    )
 
     def __init__(self) -> None:
         self._statements: dict[str, Possible] = {}
         self._portals: dict[str, PossiblePortal] = {}
-        self._ops: list[_Op] = []  # forwarded, their group not answered yet, in order
+        self._ops: deque[_Op] = deque()  # forwarded, their group not answered yet, in order
+        self._seq = 0  # operations ever filed
+        # The same unanswered operations, by the name they touch (in order), and the Queries
+        # (which touch every name) by their place, for bisecting.
+        self._by_statement: dict[str, list[_Op]] = {}
+        self._by_portal: dict[str, list[_Op]] = {}
+        self._queries: list[_Op] = []
+        self._queries_head = 0  # answered Queries at the front of _queries
+        # Unanswered Parses per statement name: [all, the newest group's number, its Parses].
+        self._parses: dict[str, list[int]] = {}
         self._answered = 0  # ReadyForQuery messages seen
         self._errored = False  # the group being answered had an ErrorResponse
         self._acked = 0  # ... after this many of its messages were answered
@@ -94,24 +135,55 @@ class SessionModel:
         """A Parse; refused when ``name`` may already stand for too many texts.
 
         Legitimate clients Close a name before they Parse it again; re-Parses that may not
-        have taken effect only grow what every Execute of the name must be judged against.
+        have taken effect (in groups the server has not answered) only grow what every Execute
+        of the name must be judged against. Parses earlier in this same group do not: if a
+        later message of the group runs, they ran and succeeded.
         """
-        possible = len(self._statements.get(name, _NOTHING))
-        pending = 0
-        if possible + len(self._ops) >= MAX_POSSIBILITIES:  # rare: only then count exactly
-            pending = sum(1 for op in self._ops if op.kind == "parse" and op.name == name)
-        if possible + pending >= MAX_POSSIBILITIES:
+        counts = self._parses.get(name)
+        if counts is None:
+            held = self._statements.get(name)
+            if held is not None and len(held) >= MAX_POSSIBILITIES:
+                self._refuse_too_many(name, 0)
+            self._parses[name] = [1, group, 1]
+        else:
+            if counts[1] != group:
+                counts[1], counts[2] = group, 0
+            self._refuse_too_many(name, counts[0] - counts[2])
+            counts[0] += 1
+            counts[2] += 1
+        # Filed by hand (see _file): one frame fewer on the hot path.
+        op = _new_op(_Op, (group, "parse", name, ack, sql, "", b"", self._seq))
+        self._seq += 1
+        self._ops.append(op)
+        same_name = self._by_statement.get(name)
+        if same_name is None:
+            self._by_statement[name] = [op]
+        else:
+            same_name.append(op)
+
+    def _refuse_too_many(self, name: str, uncertain: int) -> None:
+        """Refuse a Parse of ``name`` when, with the Parses of unanswered earlier groups, it may
+        already stand for `MAX_POSSIBILITIES` texts."""
+        possible = len(self._statements.get(name, _NOTHING)) + uncertain
+        if possible >= MAX_POSSIBILITIES:
             raise TooManyPossibilities(
-                f"prepared statement {name!r} may stand for {possible + pending} texts; Close "
-                "it and wait for the server's answer before parsing it again"
+                f"prepared statement {name!r} may stand for {possible} texts; Close it and "
+                "wait for the server's answer before parsing it again"
             )
-        self._ops.append(_new_op(_Op, (group, "parse", name, ack, sql, "", b"")))
 
     def bind(self, group: int, portal: str, statement: str, bind: bytes, ack: int = 0) -> None:
-        self._ops.append(_new_op(_Op, (group, "bind", portal, ack, b"", statement, bind)))
+        op = _new_op(_Op, (group, "bind", portal, ack, b"", statement, bind, self._seq))
+        self._seq += 1
+        self._ops.append(op)
+        same_name = self._by_portal.get(portal)
+        if same_name is None:
+            self._by_portal[portal] = [op]
+        else:
+            same_name.append(op)
 
     def close(self, group: int, kind: bytes, name: str, ack: int = 0) -> None:
-        self._ops.append(_Op(group, "close_s" if kind == b"S" else "close_p", name, ack))
+        op_kind = "close_s" if kind == b"S" else "close_p"
+        self._file(_new_op(_Op, (group, op_kind, name, ack, b"", "", b"", self._seq)))
 
     def query(self, group: int) -> None:
         """A simple Query (its own group): drops the unnamed statement, may deallocate others.
@@ -119,7 +191,21 @@ class SessionModel:
         A Query only ever takes names away, so when the server holds nothing and nothing is in
         flight (every simple-protocol client, all the time) it changes nothing: not filed."""
         if self._ops or self._statements or self._portals:
-            self._ops.append(_Op(group, "query", ""))
+            self._file(_new_op(_Op, (group, "query", "", 0, b"", "", b"", self._seq)))
+
+    def _file(self, op: _Op) -> None:
+        self._seq += 1
+        self._ops.append(op)
+        kind = op.kind
+        if kind == "query":
+            self._queries.append(op)
+            return
+        index = self._by_portal if kind == "bind" or kind == "close_p" else self._by_statement
+        same_name = index.get(op.name)
+        if same_name is None:
+            index[op.name] = [op]
+        else:
+            same_name.append(op)
 
     # --- what the server said -------------------------------------------------------------------
 
@@ -138,10 +224,21 @@ class SessionModel:
         if ops:
             answered = self._answered
             if ops[-1].group <= answered:  # the usual case: nothing else is in flight
-                done, self._ops = ops, []
+                done = list(ops)
+                ops.clear()
+                self._by_statement.clear()
+                if self._by_portal:
+                    self._by_portal.clear()
+                if self._queries:
+                    self._queries.clear()
+                    self._queries_head = 0
+                if self._parses:
+                    self._parses.clear()
             else:
-                done = [op for op in ops if op.group <= answered]
-                self._ops = [op for op in ops if op.group > answered]
+                done = []
+                while ops[0].group <= answered:
+                    done.append(ops.popleft())
+                self._forget_pending(done)
             if self._errored and self._acked >= 0:
                 self._apply_failed_at(self._statements, self._portals, done, self._acked)
             elif self._errored:
@@ -154,6 +251,27 @@ class SessionModel:
         self._errored = False
         if txn_status == b"I" and self._portals:
             self._portals.clear()  # portals live until the end of their transaction
+
+    def _forget_pending(self, done: list[_Op]) -> None:
+        """Take the answered operations ``done`` (the oldest pending ones) out of the indexes."""
+        for op in done:
+            kind = op.kind
+            if kind == "query":
+                self._queries_head += 1
+                continue
+            index = self._by_portal if kind == "bind" or kind == "close_p" else self._by_statement
+            same_name = index[op.name]
+            del same_name[0]  # the oldest of its name: operations are answered in order
+            if not same_name:
+                del index[op.name]
+            if kind == "parse":
+                counts = self._parses[op.name]
+                counts[0] -= 1
+                if not counts[0]:
+                    del self._parses[op.name]
+        if self._queries_head > 64 and self._queries_head * 2 > len(self._queries):
+            del self._queries[: self._queries_head]  # amortised: each Query is moved once
+            self._queries_head = 0
 
     @property
     def pending(self) -> int:
@@ -168,69 +286,161 @@ class SessionModel:
 
     def statement_texts(self, name: str, group: int) -> tuple[bytes, ...]:
         """Every text the server may hold under statement ``name`` for a message in ``group``."""
-        return _texts(self._statement_at(name, group, len(self._ops)))
+        return _texts(self._statement_at(name, group, self._before_group(group)))
 
     def portal(self, name: str, group: int) -> tuple[Bound, ...]:
         """Every binding the server may hold under portal ``name`` for a message in ``group``."""
-        quick = self._portal_bound_in_group(name, group)
+        quick = self._bound_just_now(name, group)
         if quick is not None:
             return quick
-        possible = self._portals.get(name, _NO_PORTAL)
-        for index, op in enumerate(self._ops):
-            if op.group > group:
-                break
-            touches = op.name == name if op.kind in ("bind", "close_p") else op.kind == "query"
-            if not touches or (op.kind == "query" and name != ""):
+        possible = self._portal_at(name, group, self._before_group(group))
+        if len(possible) == 1:
+            (only,) = possible
+            return () if only is None else (only,)
+        bindings = sorted((b for b in possible if b is not None), key=_key)
+        if len(bindings) > MAX_POSSIBILITIES:
+            raise TooManyPossibilities(
+                f"portal {name!r} may stand for {len(bindings)} statements; wait for the "
+                "server's answers (Sync) before executing it"
+            )
+        return tuple(bindings)
+
+    def _bound_just_now(self, name: str, group: int) -> tuple[Bound] | None:
+        """The usual case, answered without the general walk: the unnamed portal was bound
+        in this very group (if the judged message runs, that Bind succeeded and replaced it) from
+        one text - parsed unnamed earlier in the group, or the only one the server confirmed -
+        and no Query is in flight. None: take the general walk."""
+        same_portal = self._by_portal.get(name)
+        if name != "" or same_portal is None or self._queries_head != len(self._queries):
+            return None
+        bind = same_portal[-1]
+        if bind.group != group or bind.kind != "bind":
+            return None
+        same_statement = self._by_statement.get(bind.statement)
+        if same_statement is None:
+            held = self._statements.get(bind.statement)
+            if held is None or len(held) != 1:
+                return None
+            (sql,) = held
+            if sql is None:
+                return None
+            return (Bound(bind.statement, sql, bind.bind),)
+        parse = same_statement[-1]
+        if (
+            bind.statement == ""
+            and parse.kind == "parse"
+            and parse.group == group
+            and parse.seq < bind.seq
+        ):
+            return (Bound("", parse.sql, bind.bind),)
+        return None
+
+    def _statement_at(self, name: str, group: int, before: int) -> Possible:
+        """What ``name`` may hold for a message in ``group`` filed after operation ``before``
+        (its ``seq``): the confirmed state, then every unanswered group before ``group`` as
+        "ran or not", then the operations of ``group`` itself as successes."""
+        walked: list[_Op] = []
+        possible = None  # what the newest operation that fixes the name left
+        since = -1  # ... and its seq
+        for op in reversed(self._by_statement.get(name, ())):
+            if op.seq >= before:
                 continue
-            succeeded = True if op.group == group else None
+            if op.group == group and (op.kind == "close_s" or name == ""):
+                # Succeeded (else the judged message is skipped): the name held exactly this.
+                possible = _NOTHING if op.kind == "close_s" else frozenset((op.sql,))
+                since = op.seq
+                break
+            walked.append(op)
+            if len(walked) > MAX_WALK:
+                raise TooManyPossibilities(
+                    f"prepared statement {name!r} was touched by more than {MAX_WALK} "
+                    "unanswered messages; wait for the server's answers (Sync) first"
+                )
+        if name == "" and self._query_of_group_since(group, since, before):
+            return _NOTHING  # a Query of this group ran: it dropped the unnamed statement
+        if possible is None:
+            possible = self._statements.get(name, _NOTHING)
+        # Oldest first; a Query between two operations (or after the last) may have dropped a
+        # named statement (DEALLOCATE) or did drop the unnamed one - see _statement_after.
+        for op in reversed(walked):
+            if self._query_between(since, op.seq):
+                possible = possible | _NOTHING
+            possible = _statement_after(possible, name, op, True if op.group == group else None)
+            since = op.seq
+        if self._query_between(since, before):
+            possible = possible | _NOTHING
+        return possible
+
+    def _portal_at(self, name: str, group: int, before: int) -> PossiblePortal:
+        """What portal ``name`` may hold for a message in ``group`` filed after operation
+        ``before``, like `_statement_at`."""
+        walked: list[_Op] = []
+        possible = None
+        since = -1
+        for op in reversed(self._by_portal.get(name, ())):
+            if op.seq >= before:
+                continue
+            if op.group == group:
+                if op.kind == "close_p":
+                    possible, since = _NO_PORTAL, op.seq
+                    break
+                texts = _texts(self._statement_at(op.statement, op.group, op.seq))
+                if name == "" and texts:
+                    # The unnamed portal's Bind replaces it; it succeeded (else the judged
+                    # message is skipped), so it holds one of these bindings.
+                    possible = frozenset(Bound(op.statement, t, op.bind) for t in texts)
+                    since = op.seq
+                    break
+            walked.append(op)
+            if len(walked) > MAX_WALK:
+                raise TooManyPossibilities(
+                    f"portal {name!r} was touched by more than {MAX_WALK} unanswered "
+                    "messages; wait for the server's answers (Sync) first"
+                )
+        if name == "" and self._query_of_group_since(group, since, before):
+            return _NO_PORTAL  # a Query of this group ran in, then dropped, it
+        if possible is None:
+            possible = self._portals.get(name, _NO_PORTAL)
+        for op in reversed(walked):
+            if name == "" and self._query_between(since, op.seq):
+                possible = possible | _NO_PORTAL
             texts = (
-                _texts(self._statement_at(op.statement, op.group, index))
+                _texts(self._statement_at(op.statement, op.group, op.seq))
                 if op.kind == "bind"
                 else ()
             )
-            possible = _portal_after(possible, op, texts, succeeded)
-        return tuple(sorted((b for b in possible if b is not None), key=_key))
-
-    def _portal_bound_in_group(self, name: str, group: int) -> tuple[Bound, ...] | None:
-        """The usual case, without the general walk: the unnamed portal was bound earlier in this
-        very group (if the judged message runs, that Bind succeeded and replaced it), from a
-        statement this group parsed unnamed, or that no unanswered message touches. None: take
-        the general walk."""
-        if name != "":
-            return None  # a named portal's Bind fails while the name is in use: the long way
-        ops = self._ops
-        index = len(ops) - 1
-        while index >= 0 and ops[index].group == group:
-            op = ops[index]
-            if op.name == name and (op.kind == "bind" or op.kind == "close_p"):
-                break
-            index -= 1
-        else:
-            return None
-        if op.kind != "bind":
-            return None
-        statement = op.statement
-        for earlier in reversed(ops[:index]):
-            if earlier.kind == "query" or earlier.group != group:
-                return None
-            if earlier.name == statement and earlier.kind in ("parse", "close_s"):
-                if earlier.kind == "parse" and statement == "":
-                    return (Bound(statement, earlier.sql, op.bind),)  # it ran, so it replaced
-                return None
-        if ops[0].group != group:
-            return None  # an unanswered group may have touched the statement
-        texts = _texts(self._statements.get(statement, _NOTHING))
-        return tuple(Bound(statement, text, op.bind) for text in texts)
-
-    def _statement_at(self, name: str, group: int, upto: int) -> Possible:
-        """What ``name`` may hold for a message in ``group`` placed after ``self._ops[:upto]``."""
-        possible = self._statements.get(name, _NOTHING)
-        for op in self._ops[:upto]:
-            if op.group > group:
-                break
-            if op.kind == "query" or (op.name == name and op.kind in ("parse", "close_s")):
-                possible = _statement_after(possible, name, op, True if op.group == group else None)
+            possible = _portal_after(possible, op, texts, True if op.group == group else None)
+            since = op.seq
+        if name == "" and self._query_between(since, before):
+            possible = possible | _NO_PORTAL
         return possible
+
+    def _query_of_group_since(self, group: int, since: int, before: int) -> bool:
+        """Whether the newest unanswered Query filed before operation ``before`` is newer than
+        operation ``since`` and belongs to ``group`` (so it ran if the judged message runs)."""
+        queries = self._queries
+        head = self._queries_head
+        if head == len(queries):
+            return False
+        at = bisect_left(queries, before, lo=head, key=_seq_of) - 1
+        return at >= head and queries[at].seq > since and queries[at].group == group
+
+    def _before_group(self, group: int) -> int:
+        """The ``seq`` bound of the operations a message in ``group`` comes after: all of them,
+        except (only when asked about the past, as tests do) those of later groups."""
+        ops = self._ops
+        if not ops or ops[-1].group <= group:
+            return self._seq
+        return next(op.seq for op in ops if op.group > group)
+
+    def _query_between(self, after: int, before: int) -> bool:
+        """Whether an unanswered Query was filed between operations ``after`` and ``before``."""
+        queries = self._queries
+        head = self._queries_head
+        if head == len(queries):
+            return False
+        at = bisect_left(queries, after + 1, lo=head, key=_seq_of)
+        return at < len(queries) and queries[at].seq < before
 
     # --- applying a group the server answered ----------------------------------------------------
 
@@ -355,6 +565,9 @@ def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> 
 
 def _texts(possible: Possible) -> tuple[bytes, ...]:
     return tuple(sorted(t for t in possible if t is not None))
+
+
+_seq_of = attrgetter("seq")
 
 
 def _key(bound: Bound) -> tuple[str, bytes, bytes]:
