@@ -15,6 +15,7 @@ would stall the measured sessions' loop and be counted against pgguard.
     python bench/noisy_neighbour.py [--seconds 10] [--sessions 8] [--attack-bytes 1048576]
         [--offload-bytes N]   # pgguard's [limits] parse_offload_bytes (huge: all on the loop)
         [--parse-budget S]    # pgguard's [limits] parse_budget (large: the attack is judged)
+        [--control]           # a third run beside a CPU hog at the workers' priority alone
 """
 
 from __future__ import annotations
@@ -149,6 +150,13 @@ def summary(name: str, latencies: list[float]) -> tuple[float, float]:
     return p50, p99
 
 
+_HOG = (
+    "from pgguard.proxy.offload_worker import lowest_priority\n"
+    "lowest_priority()\n"
+    "while True:\n    pass\n"
+)
+
+
 async def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pgguard-noisybench-"))
     pg = EmbeddedPostgres(workdir / "pg")
@@ -167,6 +175,20 @@ async def main(args: argparse.Namespace) -> int:
         _, quiet_p99 = summary("without attacker", quiet)
         noisy = await run(port, args.seconds, args.sessions, args.attack_bytes)
         _, noisy_p99 = summary("with attacker", noisy)
+        if args.control:
+            # The floor under any offloading design on this machine: a process that only burns
+            # CPU at the parse workers' priority (SCHED_IDLE, nice 19), with no pgguard work.
+            hog = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-c", _HOG],
+            )
+            try:
+                await asyncio.sleep(0.5)
+                hogged = await run(port, args.seconds, args.sessions, None)
+            finally:
+                hog.kill()
+                hog.wait()
+            _, hog_p99 = summary("with idle hog", hogged)
+            print(f"control: p99 ratio with a SCHED_IDLE CPU hog alone {hog_p99 / quiet_p99:.2f}x")
         ok = noisy_p99 <= max(2 * quiet_p99, 1.0) and noisy_p99 <= 50
         print(
             f"p99 ratio {noisy_p99 / quiet_p99:.2f}x; target (<= 2x and <= 50 ms): "
@@ -186,6 +208,9 @@ if __name__ == "__main__":
     parser.add_argument("--attack-bytes", type=int, default=MIB)
     parser.add_argument("--offload-bytes", type=int, default=None)
     parser.add_argument("--parse-budget", type=float, default=None)
+    parser.add_argument(
+        "--control", action="store_true", help="a third run beside a SCHED_IDLE CPU hog alone"
+    )
     parser.add_argument("--attack-only", metavar="DSN", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.attack_only:
