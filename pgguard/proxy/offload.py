@@ -15,7 +15,9 @@ Invariants:
   other sessions in that pool is retried once. Workers run at the lowest priority (SCHED_IDLE
   and nice 19, set before they load anything: `pgguard.proxy.offload_worker.lowest_priority`),
   so under a full CPU a long statement waits - and may be refused for its budget - rather than
-  slow anyone else.
+  slow anyone else. The fork server they are forked from is lowered too
+  (`pgguard.proxy.offload_server`), so a restarted worker is at the lowest priority from its
+  first instruction, not only once its initializer runs.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
-_PRELOAD = ["pgguard.proxy.offload_worker", "pgguard.policy", "pgguard.masking"]
+# offload_server first: it lowers the fork server's priority, which every worker inherits.
+_PRELOAD = [
+    "pgguard.proxy.offload_server",
+    "pgguard.proxy.offload_worker",
+    "pgguard.policy",
+    "pgguard.masking",
+]
 
 
 class ParseOffload:
