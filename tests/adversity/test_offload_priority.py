@@ -27,16 +27,20 @@ async def worker_pids(offload: ParseOffload) -> list[int]:
     return sorted({await asyncio.wrap_future(f) for f in futures})
 
 
+def one_worker() -> ParseOffload:
+    return ParseOffload(
+        rules_dir=SHIPPED_RULES_DIR,
+        mode="enforce",
+        protected=ProtectedNames(schema="pgguard", channels=()),
+        workers=1,
+        threshold=4096,
+        budget=30.0,
+    )
+
+
 def test_workers_are_sched_idle_and_nice_19() -> None:
     async def scenario() -> list[tuple[int, int]]:
-        offload = ParseOffload(
-            rules_dir=SHIPPED_RULES_DIR,
-            mode="enforce",
-            protected=ProtectedNames(schema="pgguard", channels=()),
-            workers=1,
-            threshold=4096,
-            budget=30.0,
-        )
+        offload = one_worker()
         try:
             pids = await worker_pids(offload)
             return [
@@ -57,14 +61,7 @@ def test_the_fork_server_workers_start_from_is_sched_idle_and_nice_19_too() -> N
     be at the lowest."""
 
     async def scenario() -> tuple[int, int]:
-        offload = ParseOffload(
-            rules_dir=SHIPPED_RULES_DIR,
-            mode="enforce",
-            protected=ProtectedNames(schema="pgguard", channels=()),
-            workers=1,
-            threshold=4096,
-            budget=30.0,
-        )
+        offload = one_worker()
         try:
             (pid,) = await worker_pids(offload)
             # Field 4 is the parent's pid; the command name (field 2) may hold spaces, so
