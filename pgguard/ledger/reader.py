@@ -24,6 +24,7 @@ deleted checkpoints; problems it finds there are reported with the same `Problem
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -36,7 +37,7 @@ import orjson
 
 from pgguard.approvals.schema import checked_schema
 from pgguard.ledger.audit import CheckpointAudit, StoredCheckpoint
-from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
+from pgguard.ledger.chain import GENESIS, canonical_bytes, envelope_hash
 from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
 from pgguard.ledger.packed import SESSION_KEYS, Unpacked, record_ref, unpack
@@ -47,7 +48,7 @@ from pgguard.ledger.store import (
     COLUMNS,
     JSONB_COLUMNS,
     OUTCOME_COLUMNS,
-    row_values,
+    content_row_values,
 )
 
 __all__ = [
@@ -323,12 +324,8 @@ async def verify(
         full = _batches(
             conn, f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", 1000
         )
-        expanded = _repacked_batches(
-            _batches(
-                conn,
-                f"SELECT {_ROW_COLUMNS} FROM {quoted}.ledger_rows ORDER BY chain_id, seq",
-                5000,
-            )
+        expanded = _batches(
+            conn, f"SELECT {_ROW_COLUMNS} FROM {quoted}.ledger_rows ORDER BY chain_id, seq", 5000
         )
         packed = _one_at_a_time(
             _packed_items(
@@ -423,6 +420,7 @@ _ROW_COLUMNS = (
     "command_tag, rows, sqlstate, error_message"
 )
 _REF_CACHE_MAX = 100_000  # distinct session and statement records remembered between rows
+_NO_SEQ = 2**63  # above every seq (a bigint)
 
 
 Item = tuple[str, "Unpacked | _Repacked"]  # (chain, packed entry)
@@ -454,63 +452,76 @@ class _Stream(Generic[_T]):
 
     def __init__(self, batches: AsyncIterator[list[_T]]) -> None:
         self._batches = batches
-        self._items: list[_T] = []
-        self._i = 0
+        self.items: list[_T] = []
+        self.at = 0  # the head's index in items
 
     async def fill(self) -> None:
         """After `advance` said so: the next batch (none at the end)."""
-        self._items = await anext(self._batches, [])
-        self._i = 0
+        self.items = await anext(self._batches, [])
+        self.at = 0
 
     @property
     def head(self) -> _T | None:
-        return self._items[self._i] if self._i < len(self._items) else None
+        return self.items[self.at] if self.at < len(self.items) else None
 
     def advance(self) -> bool:
         """Move on; True when the batch is used up (call `fill`)."""
-        self._i += 1
-        return self._i >= len(self._items)
+        self.at += 1
+        return self.at >= len(self.items)
 
 
 async def _merge_walk(
     walker: _Walker,
     full: AsyncIterator[list[asyncpg.Record]],
-    expanded: AsyncIterator[list[Item]],
+    expanded: AsyncIterator[list[asyncpg.Record]],
     packed: AsyncIterator[list[Item]],
     progress: Callable[[int], None] | None,
 ) -> None:
     """Visit the three sorted streams as one, in (chain, seq) order (full entries first on a
-    tie, then expanded rows, then packs: a duplicated seq is then seen as such)."""
+    tie, then expanded rows, then packs: a duplicated seq is then seen as such). Expanded
+    rows, most of a ledger, are walked a run at a time (`_Walker.run_expanded`)."""
     rows: _Stream[asyncpg.Record] = _Stream(full)
-    streams: tuple[_Stream[Item], _Stream[Item]] = (_Stream(expanded), _Stream(packed))
-    await rows.fill()
-    for stream in streams:
+    exp: _Stream[asyncpg.Record] = _Stream(expanded)
+    packs: _Stream[Item] = _Stream(packed)
+    for stream in (rows, exp, packs):
         await stream.fill()
     next_report = PROGRESS_EVERY
     while True:
-        row = rows.head
-        key = (row[0], row[1]) if row is not None else None  # chain_id, seq: the first columns
-        pick: _Stream[Item] | None = None
-        for stream in streams:
-            item = stream.head
-            if item is not None and (key is None or (item[0], item[1].seq) < key):
-                pick, key = stream, (item[0], item[1].seq)
-        if key is None:
-            break
-        if pick is None:
-            assert row is not None
+        row, ex, item = rows.head, exp.head, packs.head
+        # (chain_id, seq) of each head: the first two columns of both row streams
+        full_key = (row[0], row[1]) if row is not None else None
+        pack_key = (item[0], item[1].seq) if item is not None else None
+        ex_key = (ex[0], ex[1]) if ex is not None else None
+        if (
+            ex_key is not None
+            and (full_key is None or ex_key < full_key)
+            and (pack_key is None or ex_key <= pack_key)
+        ):
+            # expanded rows up to the next full entry or pack entry (a tie goes to the full
+            # entry first, and to the expanded row before the pack entry)
+            stop = full_key
+            if pack_key is not None and (stop is None or pack_key < stop):
+                stop = (pack_key[0], pack_key[1] + 1)
+            exp.at = walker.run_expanded(exp.items, exp.at, stop)
+            if exp.at >= len(exp.items):
+                await exp.fill()
+            if progress is not None and walker.entries >= next_report:
+                progress(walker.entries)
+                next_report = walker.entries + PROGRESS_EVERY
+            continue
+        if row is not None and (pack_key is None or full_key <= pack_key):  # type: ignore[operator]
             walker.visit(row)
             if rows.advance():
                 await rows.fill()
-        else:
-            item = pick.head
-            assert item is not None
+        elif item is not None:
             walker.visit_packed(item[0], item[1])
-            if pick.advance():
-                await pick.fill()
+            if packs.advance():
+                await packs.fill()
+        else:
+            break
         if progress is not None and walker.entries >= next_report:
             progress(walker.entries)
-            next_report += PROGRESS_EVERY
+            next_report = walker.entries + PROGRESS_EVERY
     if progress is not None:
         progress(walker.entries)
 
@@ -534,51 +545,53 @@ class _Repacked:
 
 
 _TEXT_KEYS = ("statement", "fingerprint", "categories", "rule_ids", "action")
+_SESSION_FIELDS = dict.fromkeys(SESSION_KEYS)
 
 
-async def _repacked_batches(
-    batches: AsyncIterator[list[asyncpg.Record]],
-) -> AsyncIterator[list[Item]]:
-    """Each row of ``ledger_rows`` packed again: its records' refs and its canonical array are
+class _Refs(dict[str, str]):
+    """The refs of the session and statement records of expanded rows, by the record's JSON
+    array as the server spells it (`_ROW_COLUMNS`), each computed from the columns once."""
+
+    def session(self, key: str) -> str:
+        ref = self.get(key)
+        if ref is None:
+            ref = self[key] = record_ref(dict(zip(_SESSION_FIELDS, orjson.loads(key), strict=True)))
+            self._bound()
+        return ref
+
+    def text(self, key: str) -> str:
+        ref = self.get(key)
+        if ref is None:
+            ref = self[key] = record_ref(dict(zip(_TEXT_KEYS, orjson.loads(key), strict=True)))
+            self._bound()
+        return ref
+
+    def _bound(self) -> None:
+        if len(self) > _REF_CACHE_MAX:
+            self.clear()
+
+
+def _repack(r: asyncpg.Record, refs: _Refs) -> _Repacked:
+    """A row of ``ledger_rows`` packed again: its records' refs and its canonical array are
     recomputed from the columns, so any column that differs from what was sealed fails the
     entry's hash."""
-    refs: dict[str, str] = {}  # a record's JSON array (as the server spells it): its ref
-    dumps, loads = orjson.dumps, orjson.loads
-    for_session = dict.fromkeys(SESSION_KEYS)
-    async for rows in batches:
-        out: list[Item] = []
-        for r in rows:
-            session_key, text_key = r[6], r[7]
-            session = refs.get(session_key)
-            if session is None:
-                session = refs[session_key] = record_ref(
-                    dict(zip(for_session, loads(session_key), strict=True))
-                )
-            text = refs.get(text_key)
-            if text is None:
-                text = refs[text_key] = record_ref(
-                    dict(zip(_TEXT_KEYS, loads(text_key), strict=True))
-                )
-            if len(refs) > _REF_CACHE_MAX:
-                refs.clear()
-            received, completed = r[8], r[9]
-            fields: list[object] = [
-                r[1],
-                r[5],
-                r[4],
-                r[3],
-                session,
-                text,
-                received,
-                completed,
-                r[10],
-                r[11],
-                r[12],
-                r[13],
-                completed - received,
-            ]
-            out.append((r[0], _Repacked(fields, r[2], dumps(fields))))
-        yield out
+    received, completed = r[8], r[9]
+    fields: list[object] = [
+        r[1],
+        r[5],
+        r[4],
+        r[3],
+        refs.session(r[6]),
+        refs.text(r[7]),
+        received,
+        completed,
+        r[10],
+        r[11],
+        r[12],
+        r[13],
+        completed - received,
+    ]
+    return _Repacked(fields, r[2], orjson.dumps(fields))
 
 
 @dataclass(slots=True)
@@ -602,6 +615,7 @@ class _Walker:
         self.audit: CheckpointAudit | None = None
         self.bases: dict[str, Cut] = {}  # pruned chains: where they start now
         self._prev: _Seen | None = None
+        self._refs = _Refs()
 
     def _base(self, chain_id: str) -> _Seen:
         """A pruned chain's first remaining entry links to the head it was cut at."""
@@ -613,6 +627,88 @@ class _Walker:
             chain_id: ChainHead(entries=h[0], last_seq=h[1], head_hash=h[2])  # type: ignore[arg-type]
             for chain_id, h in self.heads.items()
         }
+
+    def run_expanded(
+        self, rows: Sequence[asyncpg.Record], at: int, stop: tuple[str, int] | None
+    ) -> int:
+        """Walk ``rows[at:]`` (``ledger_rows`` in `_ROW_COLUMNS`, in (chain, seq) order) up to
+        the first row of another chain or at or past ``stop`` (chain, seq); the index reached.
+
+        The common case is checked inline, without an object per row: the row is the next seq
+        of the chain of an intact predecessor, links to it by id and hash, and its hash,
+        recomputed from its columns (`_repack`'s canonical array), is the stored one. A row
+        that is anything else ends the run and goes through `visit_packed`, which reports it.
+        The checkpoint audit is told each entry it needs (`CheckpointAudit.quiet_until`) and
+        the others in bulk."""
+        prev = self._prev
+        first = rows[at]
+        if prev is None or prev.flagged is not None or prev.chain_id != first[0]:
+            self.visit_packed(first[0], _repack(first, self._refs))
+            return at + 1
+        chain = prev.chain_id
+        last_seq, last_id, last_hash = prev.seq, prev.entry_id, prev.hash
+        limit = stop[1] if stop is not None and stop[0] == chain else _NO_SEQ
+        refs, displaced, audit = self._refs, self.displaced, self.audit
+        session_ref, text_ref = refs.session, refs.text
+        dumps, sha256 = orjson.dumps, hashlib.sha256
+        quiet = audit.quiet_until(chain) if audit is not None else _NO_SEQ
+        told = 0  # rows walked and not told to the audit yet
+        end, i, odd = len(rows), at, False
+        while i < end:
+            r = rows[i]
+            seq = r[1]
+            if r[0] != chain or seq >= limit:
+                break
+            entry_id, received, completed = r[5], r[8], r[9]
+            if seq != last_seq + 1 or r[4] != last_id or r[3] != last_hash:
+                odd = True
+                break
+            canonical = dumps(
+                [
+                    seq,
+                    entry_id,
+                    last_id,
+                    last_hash,
+                    session_ref(r[6]),
+                    text_ref(r[7]),
+                    received,
+                    completed,
+                    r[10],
+                    r[11],
+                    r[12],
+                    r[13],
+                    completed - received,
+                ]
+            )
+            digest = r[2]
+            if sha256(last_hash.encode() + canonical).hexdigest() != digest or (
+                displaced and entry_id in displaced
+            ):
+                odd = True
+                break
+            if seq < quiet:
+                told += 1
+            else:
+                assert audit is not None
+                if told:
+                    audit.passed(told, last_seq, last_id)
+                    told = 0
+                audit.entry(chain, seq, entry_id, digest, received / 1e6)
+                quiet = audit.quiet_until(chain)
+            last_seq, last_id, last_hash = seq, entry_id, digest
+            i += 1
+        if told and audit is not None:
+            audit.passed(told, last_seq, last_id)
+        if i > at:
+            self.entries += i - at
+            head = self.heads[chain]
+            head[0] += i - at  # type: ignore[operator]
+            head[1], head[2] = last_seq, last_hash
+            self._prev = _Seen(chain, last_seq, last_id, last_hash, None)
+        if odd:  # not the common case: the full checks and their reports
+            self.visit_packed(rows[i][0], _repack(rows[i], refs))
+            return i + 1
+        return i
 
     def visit_packed(self, chain_id: str, item: Unpacked | _Repacked) -> None:
         """One packed entry: its records and hash, then its link to its predecessor."""
@@ -665,7 +761,7 @@ class _Walker:
             head[1], head[2] = seq, record["hash"]
         row_id = record["entry_id"]
         try:
-            sealed: SealedEntry | None = unseal(_loads(record["content"]), record["hash"])
+            sealed: _Full | None = _Full(_loads(record["content"]))
         except (ValueError, KeyError, TypeError, RecursionError) as exc:  # hand-written rows too
             sealed = None
             self.report(row_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
@@ -674,7 +770,7 @@ class _Walker:
             flagged = self._check_self(record, sealed)
             if flagged != "reordered":
                 self._check_link(
-                    (chain_id, seq, sealed.entry.entry_id),
+                    (chain_id, seq, sealed.entry_id),
                     (sealed.prev_entry_id, sealed.prev_hash),
                     prev,
                     flagged,
@@ -685,8 +781,8 @@ class _Walker:
                 chain_id, seq, row_id, record["hash"], record["received_at"].timestamp()
             )
 
-    def _check_self(self, record: asyncpg.Record, sealed: SealedEntry) -> ProblemKind | None:
-        chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry.entry_id
+    def _check_self(self, record: asyncpg.Record, sealed: _Full) -> ProblemKind | None:
+        chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry_id
         if (sealed.chain_id, sealed.seq) != (chain_id, seq):
             self.report(
                 entry_id,
@@ -699,7 +795,11 @@ class _Walker:
         if envelope_hash(sealed.prev_hash, sealed.canonical) != record["hash"]:
             self.report(entry_id, chain_id, seq, "modified", "content does not match its hash")
             return "modified"
-        differing = _differing_columns(record, sealed)
+        try:
+            differing = _differing_columns(record, sealed)
+        except (KeyError, TypeError) as exc:  # a field missing from content sealed by hand
+            self.report(entry_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
+            return "modified"
         if differing:
             self.report(
                 entry_id,
@@ -778,15 +878,66 @@ def _loads(text: str | bytes) -> Any:
         return json.loads(text)
 
 
-def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[str]:
-    content = _loads(sealed.canonical)["entry"]
-    expected = row_values(sealed, content)
+class _Full:
+    """A full entry's envelope as read back from ``content``, without the `LedgerEntry` (what
+    `chain.unseal` checks and builds, less what `verify` does not need); raises ValueError,
+    KeyError or TypeError for an envelope pgguard cannot have written."""
+
+    __slots__ = (
+        "canonical",
+        "chain_id",
+        "content",
+        "entry_id",
+        "prev_entry_id",
+        "prev_hash",
+        "seq",
+        "times",
+    )
+
+    def __init__(self, envelope: Any) -> None:
+        if not isinstance(envelope, dict):
+            raise ValueError("ledger envelope is not an object")
+        entry = envelope.get("entry")
+        if not isinstance(entry, dict):
+            raise ValueError("ledger envelope has no entry")
+        seq = envelope.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise ValueError("ledger envelope has no seq")
+        self.seq = seq
+        self.chain_id = str(envelope.get("chain_id"))
+        self.prev_hash = str(envelope.get("prev_hash"))
+        self.prev_entry_id = str(envelope.get("prev_entry_id"))
+        self.entry_id = str(entry["entry_id"])
+        self.content: dict[str, object] = entry
+        self.times = (
+            datetime.fromisoformat(str(entry["received_at"])),
+            _parse_time(entry.get("decided_at")),
+            _parse_time(entry.get("completed_at")),
+        )
+        self.canonical = canonical_bytes(envelope)
+
+
+def _parse_time(value: object) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value))
+
+
+# Where `_differing_columns` finds each kind of column in a row (the `COLUMNS` order).
+_CONTENT_AT = COLUMNS.index("content")
+_JSONB_AT = frozenset(i for i, name in enumerate(COLUMNS) if name in JSONB_COLUMNS)
+
+
+def _differing_columns(record: asyncpg.Record, sealed: _Full) -> Sequence[str]:
+    expected = content_row_values(
+        (record[0], record[1], sealed.prev_hash, sealed.prev_entry_id, record[4]),
+        sealed.times,
+        sealed.content,
+        sealed.canonical,
+    )
     differing = []
-    for name, want in zip(COLUMNS, expected, strict=True):
-        if name == "content":
+    for i, (got, want) in enumerate(zip(record, expected, strict=True)):
+        if got == want or i == _CONTENT_AT:
             continue
-        got = record[name]
-        if name in JSONB_COLUMNS:
+        if i in _JSONB_AT:
             try:
                 same = got is not None and _loads(got) == _loads(str(want))
             except (ValueError, RecursionError):  # a column rewritten beyond reading back
@@ -794,7 +945,7 @@ def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[
         elif isinstance(want, list):
             same = got is not None and list(got) == want
         else:
-            same = got == want
+            same = False
         if not same:
-            differing.append(name)
+            differing.append(COLUMNS[i])
     return differing
