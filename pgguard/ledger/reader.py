@@ -23,11 +23,12 @@ deleted checkpoints; problems it finds there are reported with the same `Problem
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -301,7 +302,6 @@ async def verify(
     if anchors is not None and keys is None:
         raise ValueError("checking anchors needs the public keys")
     quoted = checked_schema(schema)
-    columns = ", ".join(f"{c}::text" if c in JSONB_COLUMNS else c for c in COLUMNS)
     walker = _Walker()
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
         walker.bases = await prune_bases(conn, schema)
@@ -321,23 +321,21 @@ async def verify(
                 report=walker.problems.append,
                 warn=walker.warnings.append,
             )
-        full = _batches(
-            conn, f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", 1000
-        )
-        expanded = _batches(
-            conn, f"SELECT {_ROW_COLUMNS} FROM {quoted}.ledger_rows ORDER BY chain_id, seq", 5000
-        )
+        turns = _Turns()
+        rows = _prefetched(conn, _walk_sql(quoted), WALK_BATCH, turns)
         packed = _one_at_a_time(
             _packed_items(
-                conn.cursor(
+                _batches(
+                    conn,
                     f"SELECT chain_id, first_seq, last_seq, body FROM {quoted}.ledger_packs "
                     "ORDER BY chain_id, first_seq",
-                    prefetch=20,
+                    20,
+                    turns,
                 ),
                 walker,
             )
         )
-        await _merge_walk(walker, full, expanded, packed, progress)
+        await _merge_walk(walker, rows, packed, progress)
     if walker.audit is not None:
         walker.audit.finish()
     return VerifyReport(
@@ -364,10 +362,16 @@ async def _stored_checkpoints(conn: asyncpg.Connection, quoted: str) -> list[Sto
 
 
 async def _packed_items(
-    packs: AsyncIterable[asyncpg.Record], walker: _Walker
+    packs: AsyncIterable[list[asyncpg.Record]], walker: _Walker
 ) -> AsyncIterator[tuple[str, Unpacked]]:
     """Each pack's entries in seq order; entries out of their stored place are reported."""
-    async for pack in packs:
+    async for batch in packs:
+        for item in _pack_entries(batch, walker):
+            yield item
+
+
+def _pack_entries(batch: list[asyncpg.Record], walker: _Walker) -> Iterator[tuple[str, Unpacked]]:
+    for pack in batch:
         chain_id = pack["chain_id"]
         try:
             items = unpack(pack["body"])
@@ -407,18 +411,62 @@ async def _packed_items(
 
 PROGRESS_EVERY = 10_000
 
-# ledger_rows as verify reads it: times as whole microseconds, the form the hash covers.
-# The session's and the statement's fields each come as one JSON array: one value to decode
-# and one cache key per row instead of thirteen (decoding dominates the walk).
-_ROW_COLUMNS = (
-    "chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, "
+# Full entries (``ledger_entries``) and expanded rows (``ledger_rows``) are read as one stream
+# in (chain, seq) order, a full entry first on a tie: ``src`` (0 full, 1 expanded), then
+# `COLUMNS` (an expanded row has its own in their places, NULL for the others), then what only
+# an expanded row has: the session's and the statement's fields each as one JSON array (one
+# value to decode and one cache key per row instead of thirteen) and its times as whole
+# microseconds, the form its hash covers. One stream, so one fetch can be in flight while the
+# walk checks the batch before it (`_prefetched`).
+_EXPANDED_OWN = frozenset(
+    {
+        "chain_id",
+        "seq",
+        "prev_hash",
+        "prev_entry_id",
+        "hash",
+        "entry_id",
+        "command_tag",
+        "rows",
+        "sqlstate",
+        "error_message",
+    }
+)
+_EXPANDED_EXTRA = (
     "json_build_array(instance_id, session_id, agent, owner, client_address, application_name, "
     "database, upstream_role)::text, "
     "json_build_array(statement, fingerprint, categories, rule_ids, action)::text, "
-    "(extract(epoch FROM received_at) * 1000000)::bigint AS received_us, "
-    "(extract(epoch FROM completed_at) * 1000000)::bigint AS completed_us, "
-    "command_tag, rows, sqlstate, error_message"
+    "(extract(epoch FROM received_at) * 1000000)::bigint, "
+    "(extract(epoch FROM completed_at) * 1000000)::bigint"
 )
+
+
+def _walk_sql(quoted: str) -> str:
+    full = ", ".join(f"{c}::text AS {c}" if c in JSONB_COLUMNS else c for c in COLUMNS)
+    expanded = ", ".join(c if c in _EXPANDED_OWN else "NULL" for c in COLUMNS)
+    return (
+        f"SELECT 0 AS src, {full}, NULL::text AS session_key, NULL::text AS text_key, "
+        f"NULL::bigint AS received_us, NULL::bigint AS completed_us "
+        f"FROM {quoted}.ledger_entries "
+        f"UNION ALL SELECT 1, {expanded}, {_EXPANDED_EXTRA} FROM {quoted}.ledger_rows "
+        "ORDER BY chain_id, seq, src"
+    )
+
+
+# Where a row of the stream has each value (`_walk_sql`).
+_AT = {name: 1 + i for i, name in enumerate(COLUMNS)}
+_FULL_COLUMNS = slice(1, 1 + len(COLUMNS))
+# An expanded row's values in the order of its canonical array (`packed.PACKED_FIELDS`), with
+# its hash and chain: seq, entry_id, prev_entry_id, prev_hash, session key, text key,
+# received_us, completed_us, command_tag, rows, sqlstate, error_message; hash; chain_id.
+_EXPANDED_AT = (
+    *(_AT[name] for name in ("seq", "entry_id", "prev_entry_id", "prev_hash")),
+    *range(1 + len(COLUMNS), 5 + len(COLUMNS)),
+    *(_AT[name] for name in ("command_tag", "rows", "sqlstate", "error_message")),
+    _AT["hash"],
+    _AT["chain_id"],
+)
+WALK_BATCH = 1000  # rows a fetch: small enough that the next batch is computed meanwhile
 _REF_CACHE_MAX = 100_000  # distinct session and statement records remembered between rows
 _NO_SEQ = 2**63  # above every seq (a bigint)
 
@@ -426,13 +474,45 @@ _NO_SEQ = 2**63  # above every seq (a bigint)
 Item = tuple[str, "Unpacked | _Repacked"]  # (chain, packed entry)
 
 
-async def _batches(
-    conn: asyncpg.Connection, sql: str, size: int
+class _Turns:
+    """The fetches of several cursors of one connection take turns: at most one is in flight,
+    the prefetch of `_prefetched`, which any other waits for before it fetches."""
+
+    def __init__(self) -> None:
+        self.in_flight: asyncio.Future[list[asyncpg.Record]] | None = None
+
+    async def wait(self) -> None:
+        if self.in_flight is not None:
+            await asyncio.wait([self.in_flight])
+
+
+async def _prefetched(
+    conn: asyncpg.Connection, sql: str, size: int, turns: _Turns
 ) -> AsyncIterator[list[asyncpg.Record]]:
-    """The rows of ``sql`` through a server-side cursor, ``size`` at a time (fetching batches
-    instead of iterating row by row saves most of the driver's per-row cost)."""
+    """The rows of ``sql`` through a server-side cursor, ``size`` at a time, each fetch sent
+    before the batch before it is handed out: the server computes the next batch while the
+    walk checks this one (the two share no lock, and on two cores they overlap)."""
+    cursor = await conn.cursor(sql)
+    ahead = turns.in_flight = asyncio.ensure_future(cursor.fetch(size))
+    while True:
+        rows = await ahead
+        if not rows:
+            turns.in_flight = None
+            return
+        ahead = turns.in_flight = asyncio.ensure_future(cursor.fetch(size))
+        await asyncio.sleep(0)  # the fetch is sent now, not when the walk next waits
+        yield rows
+
+
+async def _batches(
+    conn: asyncpg.Connection, sql: str, size: int, turns: _Turns
+) -> AsyncIterator[list[asyncpg.Record]]:
+    """The rows of ``sql`` through a server-side cursor, ``size`` at a time, each fetch in its
+    turn."""
+    await turns.wait()
     cursor = await conn.cursor(sql)
     while True:
+        await turns.wait()
         rows = await cursor.fetch(size)
         if not rows:
             return
@@ -472,47 +552,30 @@ class _Stream(Generic[_T]):
 
 async def _merge_walk(
     walker: _Walker,
-    full: AsyncIterator[list[asyncpg.Record]],
-    expanded: AsyncIterator[list[asyncpg.Record]],
+    rows: AsyncIterator[list[asyncpg.Record]],
     packed: AsyncIterator[list[Item]],
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Visit the three sorted streams as one, in (chain, seq) order (full entries first on a
-    tie, then expanded rows, then packs: a duplicated seq is then seen as such). Expanded
-    rows, most of a ledger, are walked a run at a time (`_Walker.run_expanded`)."""
-    rows: _Stream[asyncpg.Record] = _Stream(full)
-    exp: _Stream[asyncpg.Record] = _Stream(expanded)
+    """Visit the two sorted streams as one, in (chain, seq) order: full entries and expanded
+    rows (`_walk_sql`) first on a tie, then packs (a duplicated seq is then seen as such).
+    Expanded rows, most of a ledger, are walked a run at a time (`_Walker.run_expanded`)."""
+    entries: _Stream[asyncpg.Record] = _Stream(rows)
     packs: _Stream[Item] = _Stream(packed)
-    for stream in (rows, exp, packs):
-        await stream.fill()
+    await entries.fill()
+    await packs.fill()
     next_report = PROGRESS_EVERY
     while True:
-        row, ex, item = rows.head, exp.head, packs.head
-        # (chain_id, seq) of each head: the first two columns of both row streams
-        full_key = (row[0], row[1]) if row is not None else None
+        row, item = entries.head, packs.head
         pack_key = (item[0], item[1].seq) if item is not None else None
-        ex_key = (ex[0], ex[1]) if ex is not None else None
-        if (
-            ex_key is not None
-            and (full_key is None or ex_key < full_key)
-            and (pack_key is None or ex_key <= pack_key)
-        ):
-            # expanded rows up to the next full entry or pack entry (a tie goes to the full
-            # entry first, and to the expanded row before the pack entry)
-            stop = full_key
-            if pack_key is not None and (stop is None or pack_key < stop):
-                stop = (pack_key[0], pack_key[1] + 1)
-            exp.at = walker.run_expanded(exp.items, exp.at, stop)
-            if exp.at >= len(exp.items):
-                await exp.fill()
-            if progress is not None and walker.entries >= next_report:
-                progress(walker.entries)
-                next_report = walker.entries + PROGRESS_EVERY
-            continue
-        if row is not None and (pack_key is None or full_key <= pack_key):  # type: ignore[operator]
-            walker.visit(row)
-            if rows.advance():
-                await rows.fill()
+        if row is not None and (pack_key is None or (row[1], row[2]) <= pack_key):
+            if row[0] == 0:
+                walker.visit(row)
+                entries.at += 1
+            else:  # expanded rows up to the next full entry, or past the next pack entry
+                stop = (pack_key[0], pack_key[1] + 1) if pack_key is not None else None
+                entries.at = walker.run_expanded(entries.items, entries.at, stop)
+            if entries.at >= len(entries.items):
+                await entries.fill()
         elif item is not None:
             walker.visit_packed(item[0], item[1])
             if packs.advance():
@@ -572,26 +635,14 @@ class _Refs(dict[str, str]):
 
 
 def _repack(r: asyncpg.Record, refs: _Refs) -> _Repacked:
-    """A row of ``ledger_rows`` packed again: its records' refs and its canonical array are
-    recomputed from the columns, so any column that differs from what was sealed fails the
+    """An expanded row (`_walk_sql`) packed again: its records' refs and its canonical array
+    are recomputed from the columns, so any column that differs from what was sealed fails the
     entry's hash."""
-    received, completed = r[8], r[9]
-    fields: list[object] = [
-        r[1],
-        r[5],
-        r[4],
-        r[3],
-        refs.session(r[6]),
-        refs.text(r[7]),
-        received,
-        completed,
-        r[10],
-        r[11],
-        r[12],
-        r[13],
-        completed - received,
-    ]
-    return _Repacked(fields, r[2], orjson.dumps(fields))
+    fields: list[object] = [r[i] for i in _EXPANDED_AT[:12]]
+    fields[4] = refs.session(r[_EXPANDED_AT[4]])
+    fields[5] = refs.text(r[_EXPANDED_AT[5]])
+    fields.append(fields[7] - fields[6])  # type: ignore[operator]
+    return _Repacked(fields, r[_EXPANDED_AT[12]], orjson.dumps(fields))
 
 
 @dataclass(slots=True)
@@ -631,8 +682,8 @@ class _Walker:
     def run_expanded(
         self, rows: Sequence[asyncpg.Record], at: int, stop: tuple[str, int] | None
     ) -> int:
-        """Walk ``rows[at:]`` (``ledger_rows`` in `_ROW_COLUMNS`, in (chain, seq) order) up to
-        the first row of another chain or at or past ``stop`` (chain, seq); the index reached.
+        """Walk the expanded rows of ``rows[at:]`` (`_walk_sql`) up to the first full entry,
+        row of another chain or row at or past ``stop`` (chain, seq); the index reached.
 
         The common case is checked inline, without an object per row: the row is the next seq
         of the chain of an intact predecessor, links to it by id and hash, and its hash,
@@ -642,25 +693,30 @@ class _Walker:
         the others in bulk."""
         prev = self._prev
         first = rows[at]
-        if prev is None or prev.flagged is not None or prev.chain_id != first[0]:
-            self.visit_packed(first[0], _repack(first, self._refs))
+        refs = self._refs
+        if prev is None or prev.flagged is not None or prev.chain_id != first[_AT["chain_id"]]:
+            self.visit_packed(first[_AT["chain_id"]], _repack(first, refs))
             return at + 1
         chain = prev.chain_id
         last_seq, last_id, last_hash = prev.seq, prev.entry_id, prev.hash
         limit = stop[1] if stop is not None and stop[0] == chain else _NO_SEQ
-        refs, displaced, audit = self._refs, self.displaced, self.audit
+        displaced, audit = self.displaced, self.audit
         session_ref, text_ref = refs.session, refs.text
         dumps, sha256 = orjson.dumps, hashlib.sha256
+        (seq_at, id_at, prev_id_at, prev_hash_at, session_at, text_at, received_at) = _EXPANDED_AT[
+            :7
+        ]
+        (completed_at, tag_at, rows_at, sqlstate_at, error_at, hash_at, chain_at) = _EXPANDED_AT[7:]
         quiet = audit.quiet_until(chain) if audit is not None else _NO_SEQ
         told = 0  # rows walked and not told to the audit yet
         end, i, odd = len(rows), at, False
         while i < end:
             r = rows[i]
-            seq = r[1]
-            if r[0] != chain or seq >= limit:
+            seq = r[seq_at]
+            if r[0] != 1 or r[chain_at] != chain or seq >= limit:
                 break
-            entry_id, received, completed = r[5], r[8], r[9]
-            if seq != last_seq + 1 or r[4] != last_id or r[3] != last_hash:
+            entry_id, received, completed = r[id_at], r[received_at], r[completed_at]
+            if seq != last_seq + 1 or r[prev_id_at] != last_id or r[prev_hash_at] != last_hash:
                 odd = True
                 break
             canonical = dumps(
@@ -669,18 +725,18 @@ class _Walker:
                     entry_id,
                     last_id,
                     last_hash,
-                    session_ref(r[6]),
-                    text_ref(r[7]),
+                    session_ref(r[session_at]),
+                    text_ref(r[text_at]),
                     received,
                     completed,
-                    r[10],
-                    r[11],
-                    r[12],
-                    r[13],
+                    r[tag_at],
+                    r[rows_at],
+                    r[sqlstate_at],
+                    r[error_at],
                     completed - received,
                 ]
             )
-            digest = r[2]
+            digest = r[hash_at]
             if sha256(last_hash.encode() + canonical).hexdigest() != digest or (
                 displaced and entry_id in displaced
             ):
@@ -706,7 +762,7 @@ class _Walker:
             head[1], head[2] = last_seq, last_hash
             self._prev = _Seen(chain, last_seq, last_id, last_hash, None)
         if odd:  # not the common case: the full checks and their reports
-            self.visit_packed(rows[i][0], _repack(rows[i], refs))
+            self.visit_packed(rows[i][chain_at], _repack(rows[i], refs))
             return i + 1
         return i
 
@@ -928,13 +984,13 @@ _JSONB_AT = frozenset(i for i, name in enumerate(COLUMNS) if name in JSONB_COLUM
 
 def _differing_columns(record: asyncpg.Record, sealed: _Full) -> Sequence[str]:
     expected = content_row_values(
-        (record[0], record[1], sealed.prev_hash, sealed.prev_entry_id, record[4]),
+        (record["chain_id"], record["seq"], sealed.prev_hash, sealed.prev_entry_id, record["hash"]),
         sealed.times,
         sealed.content,
         sealed.canonical,
     )
     differing = []
-    for i, (got, want) in enumerate(zip(record, expected, strict=True)):
+    for i, (got, want) in enumerate(zip(record[_FULL_COLUMNS], expected, strict=True)):
         if got == want or i == _CONTENT_AT:
             continue
         if i in _JSONB_AT:
