@@ -613,7 +613,9 @@ _SESSION_FIELDS = dict.fromkeys(SESSION_KEYS)
 
 class _Refs(dict[str, str]):
     """The refs of the session and statement records of expanded rows, by the record's JSON
-    array as the server spells it (`_ROW_COLUMNS`), each computed from the columns once."""
+    array as the server spells it (`_walk_sql`), each computed from the columns once. The
+    arrays of the two kinds of record never look alike (8 strings; 3 strings and 2 arrays),
+    so one dict serves both."""
 
     def session(self, key: str) -> str:
         ref = self.get(key)
@@ -701,7 +703,7 @@ class _Walker:
         last_seq, last_id, last_hash = prev.seq, prev.entry_id, prev.hash
         limit = stop[1] if stop is not None and stop[0] == chain else _NO_SEQ
         displaced, audit = self.displaced, self.audit
-        session_ref, text_ref = refs.session, refs.text
+        known, session_ref, text_ref = refs.get, refs.session, refs.text
         dumps, sha256 = orjson.dumps, hashlib.sha256
         (seq_at, id_at, prev_id_at, prev_hash_at, session_at, text_at, received_at) = _EXPANDED_AT[
             :7
@@ -725,8 +727,8 @@ class _Walker:
                     entry_id,
                     last_id,
                     last_hash,
-                    session_ref(r[session_at]),
-                    text_ref(r[text_at]),
+                    known(r[session_at]) or session_ref(r[session_at]),
+                    known(r[text_at]) or text_ref(r[text_at]),
                     received,
                     completed,
                     r[tag_at],
