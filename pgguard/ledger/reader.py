@@ -24,11 +24,19 @@ deleted checkpoints; problems it finds there are reported with the same `Problem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -303,7 +311,10 @@ async def verify(
         raise ValueError("checking anchors needs the public keys")
     quoted = checked_schema(schema)
     walker = _Walker()
-    async with conn.transaction(readonly=True, isolation="repeatable_read"):
+    async with (
+        conn.transaction(readonly=True, isolation="repeatable_read"),
+        contextlib.AsyncExitStack() as stack,  # closes the prefetching stream before the end
+    ):
         walker.bases = await prune_bases(conn, schema)
         if keys is not None:
             walker.audit = CheckpointAudit(
@@ -323,6 +334,7 @@ async def verify(
             )
         turns = _Turns()
         rows = _prefetched(conn, _walk_sql(quoted), WALK_BATCH, turns)
+        stack.push_async_callback(rows.aclose)
         packed = _one_at_a_time(
             _packed_items(
                 _batches(
@@ -488,20 +500,37 @@ class _Turns:
 
 async def _prefetched(
     conn: asyncpg.Connection, sql: str, size: int, turns: _Turns
-) -> AsyncIterator[list[asyncpg.Record]]:
+) -> AsyncGenerator[list[asyncpg.Record], None]:
     """The rows of ``sql`` through a server-side cursor, ``size`` at a time, each fetch sent
     before the batch before it is handed out: the server computes the next batch while the
     walk checks this one (the two share no lock, and on two cores they overlap)."""
     cursor = await conn.cursor(sql)
-    ahead = turns.in_flight = asyncio.ensure_future(cursor.fetch(size))
-    while True:
-        rows = await ahead
-        if not rows:
-            turns.in_flight = None
-            return
-        ahead = turns.in_flight = asyncio.ensure_future(cursor.fetch(size))
-        await asyncio.sleep(0)  # the fetch is sent now, not when the walk next waits
-        yield rows
+    ahead = turns.in_flight = fetch_ahead(cursor, size)
+    try:
+        while True:
+            rows = await ahead
+            if not rows:
+                return
+            ahead = turns.in_flight = fetch_ahead(cursor, size)
+            await asyncio.sleep(0)  # the fetch is sent now, not when the walk next waits
+            yield rows
+    finally:
+        turns.in_flight = None
+        if not ahead.done():  # the walk failed: the transaction can end once it is back
+            await asyncio.wait([ahead])
+
+
+def fetch_ahead(cursor: asyncpg.cursor.Cursor, size: int) -> asyncio.Task[list[asyncpg.Record]]:
+    """``cursor.fetch(size)`` as a task of its own; if it fails after its reader stopped
+    waiting (the connection closed under it), its error is not logged as never retrieved."""
+    task: asyncio.Task[list[asyncpg.Record]] = asyncio.ensure_future(cursor.fetch(size))
+    task.add_done_callback(_retrieved)
+    return task
+
+
+def _retrieved(task: asyncio.Task[list[asyncpg.Record]]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _batches(
