@@ -193,16 +193,15 @@ def _csv_rows(batch: list[dict[str, object]]) -> list[list[object]]:
     for record in batch:
         row = list(_csv_fields(record))
         for i in _CSV_LISTS:
-            value = row[i]
-            if isinstance(value, list):
-                key = tuple(value)
-                text = arrays.get(key)
-                if text is None:
-                    text = arrays[key] = _csv_value(value)
-                row[i] = text
-        for i in _CSV_OUTCOME:
-            if isinstance(row[i], list | dict):
-                row[i] = _csv_value(row[i])
+            key = tuple(row[i])
+            text = arrays.get(key)
+            if text is None:
+                text = arrays[key] = _csv_value(row[i])
+            row[i] = text
+        if record["outcome_entry_id"] is not None:  # fields from the outcome's JSON
+            for i in _CSV_OUTCOME:
+                if isinstance(row[i], list | dict):
+                    row[i] = _csv_value(row[i])
         rows.append(row)
     return rows
 
