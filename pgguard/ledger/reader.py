@@ -301,8 +301,9 @@ async def verify(
 
     Full entries (``ledger_entries``), expanded packed ones (``ledger_rows``, each re-packed
     to check its hash) and packs not expanded yet (``ledger_packs``) are walked together in
-    (chain, seq) order, one row and one pack in memory at a time; ``progress`` is called with
-    the number of entries walked so far, every `PROGRESS_EVERY` entries. With ``keys``, the walk is
+    (chain, seq) order, two batches of rows (`WALK_BATCH`) and a few packs in memory at a
+    time; ``progress`` is called with the number of entries walked so far, every
+    `PROGRESS_EVERY` entries. With ``keys``, the walk is
     also checked against the signed checkpoints (the table's and ``anchors``, the lines of the
     anchor files; None: no anchor file); ``open_grace`` (seconds) is how young an open chain's
     unsigned tail may be to be a warning rather than a problem (twice ``checkpoint_seconds``).
