@@ -41,6 +41,7 @@ from pgguard.ledger.checkpoint import Checkpoint, KeyRing, SignedCheckpoint, fro
 from pgguard.ledger.problems import Problem, ProblemKind
 
 Reporter = Callable[[Problem], None]
+_NO_SEQ = 2**63  # above every seq (a bigint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +296,26 @@ class CheckpointAudit:
             )
         elif held is not None:
             state.run = None
+
+    def quiet_until(self, chain_id: str) -> int:
+        """The walk's entries of ``chain_id`` below this seq may be told in bulk with `passed`
+        instead of one `entry` each: a run is open and no checkpoint is due before it. 0 when
+        the next entry must go through `entry` (another chain, no open run, a broken link)."""
+        state = self._chain
+        if state is None or state.chain_id != chain_id or state.run is None or self._break:
+            return 0
+        checkpoints = state.checkpoints
+        return checkpoints[state.next].seq if state.next < len(checkpoints) else _NO_SEQ
+
+    def passed(self, count: int, last_seq: int, last_id: str) -> None:
+        """``count`` more entries of the current chain, each the next seq and linked to the one
+        before, the last ``last_seq`` (below `quiet_until`): what `entry` would do for each."""
+        state = self._chain
+        assert state is not None
+        run = state.run
+        assert run is not None
+        run.last_seq, run.last_id, run.count = last_seq, last_id, run.count + count
+        state.last = (last_seq, last_id)
 
     def finish(self) -> None:
         """End the walk: the last chain's tail, and chains that checkpoints name but the

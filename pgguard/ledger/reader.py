@@ -23,10 +23,20 @@ deleted checkpoints; problems it finds there are reported with the same `Problem
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -36,7 +46,7 @@ import orjson
 
 from pgguard.approvals.schema import checked_schema
 from pgguard.ledger.audit import CheckpointAudit, StoredCheckpoint
-from pgguard.ledger.chain import GENESIS, SealedEntry, envelope_hash, unseal
+from pgguard.ledger.chain import GENESIS, canonical_bytes, envelope_hash
 from pgguard.ledger.checkpoint import KeyRing, SignedCheckpoint
 from pgguard.ledger.model import LedgerEntry, entry_content, entry_from_content
 from pgguard.ledger.packed import SESSION_KEYS, Unpacked, record_ref, unpack
@@ -47,7 +57,7 @@ from pgguard.ledger.store import (
     COLUMNS,
     JSONB_COLUMNS,
     OUTCOME_COLUMNS,
-    row_values,
+    content_row_values,
 )
 
 __all__ = [
@@ -291,8 +301,9 @@ async def verify(
 
     Full entries (``ledger_entries``), expanded packed ones (``ledger_rows``, each re-packed
     to check its hash) and packs not expanded yet (``ledger_packs``) are walked together in
-    (chain, seq) order, one row and one pack in memory at a time; ``progress`` is called with
-    the number of entries walked so far, every `PROGRESS_EVERY` entries. With ``keys``, the walk is
+    (chain, seq) order, two batches of rows (`WALK_BATCH`) and a few packs in memory at a
+    time; ``progress`` is called with the number of entries walked so far, every
+    `PROGRESS_EVERY` entries. With ``keys``, the walk is
     also checked against the signed checkpoints (the table's and ``anchors``, the lines of the
     anchor files; None: no anchor file); ``open_grace`` (seconds) is how young an open chain's
     unsigned tail may be to be a warning rather than a problem (twice ``checkpoint_seconds``).
@@ -300,9 +311,11 @@ async def verify(
     if anchors is not None and keys is None:
         raise ValueError("checking anchors needs the public keys")
     quoted = checked_schema(schema)
-    columns = ", ".join(f"{c}::text" if c in JSONB_COLUMNS else c for c in COLUMNS)
     walker = _Walker()
-    async with conn.transaction(readonly=True, isolation="repeatable_read"):
+    async with (
+        conn.transaction(readonly=True, isolation="repeatable_read"),
+        contextlib.AsyncExitStack() as stack,  # closes the prefetching stream before the end
+    ):
         walker.bases = await prune_bases(conn, schema)
         if keys is not None:
             walker.audit = CheckpointAudit(
@@ -320,27 +333,22 @@ async def verify(
                 report=walker.problems.append,
                 warn=walker.warnings.append,
             )
-        full = _batches(
-            conn, f"SELECT {columns} FROM {quoted}.ledger_entries ORDER BY chain_id, seq", 1000
-        )
-        expanded = _repacked_batches(
-            _batches(
-                conn,
-                f"SELECT {_ROW_COLUMNS} FROM {quoted}.ledger_rows ORDER BY chain_id, seq",
-                5000,
-            )
-        )
+        turns = _Turns()
+        rows = _prefetched(conn, _walk_sql(quoted), WALK_BATCH, turns)
+        stack.push_async_callback(rows.aclose)
         packed = _one_at_a_time(
             _packed_items(
-                conn.cursor(
+                _batches(
+                    conn,
                     f"SELECT chain_id, first_seq, last_seq, body FROM {quoted}.ledger_packs "
                     "ORDER BY chain_id, first_seq",
-                    prefetch=20,
+                    20,
+                    turns,
                 ),
                 walker,
             )
         )
-        await _merge_walk(walker, full, expanded, packed, progress)
+        await _merge_walk(walker, rows, packed, progress)
     if walker.audit is not None:
         walker.audit.finish()
     return VerifyReport(
@@ -367,10 +375,16 @@ async def _stored_checkpoints(conn: asyncpg.Connection, quoted: str) -> list[Sto
 
 
 async def _packed_items(
-    packs: AsyncIterable[asyncpg.Record], walker: _Walker
+    packs: AsyncIterable[list[asyncpg.Record]], walker: _Walker
 ) -> AsyncIterator[tuple[str, Unpacked]]:
     """Each pack's entries in seq order; entries out of their stored place are reported."""
-    async for pack in packs:
+    async for batch in packs:
+        for item in _pack_entries(batch, walker):
+            yield item
+
+
+def _pack_entries(batch: list[asyncpg.Record], walker: _Walker) -> Iterator[tuple[str, Unpacked]]:
+    for pack in batch:
         chain_id = pack["chain_id"]
         try:
             items = unpack(pack["body"])
@@ -410,31 +424,125 @@ async def _packed_items(
 
 PROGRESS_EVERY = 10_000
 
-# ledger_rows as verify reads it: times as whole microseconds, the form the hash covers.
-# The session's and the statement's fields each come as one JSON array: one value to decode
-# and one cache key per row instead of thirteen (decoding dominates the walk).
-_ROW_COLUMNS = (
-    "chain_id, seq, hash, prev_hash, prev_entry_id, entry_id, "
+# Full entries (``ledger_entries``) and expanded rows (``ledger_rows``) are read as one stream
+# in (chain, seq) order, a full entry first on a tie: ``src`` (0 full, 1 expanded), then
+# `COLUMNS` (an expanded row has its own in their places, NULL for the others), then what only
+# an expanded row has: the session's and the statement's fields each as one JSON array (one
+# value to decode and one cache key per row instead of thirteen) and its times as whole
+# microseconds, the form its hash covers. One stream, so one fetch can be in flight while the
+# walk checks the batch before it (`_prefetched`).
+_EXPANDED_OWN = frozenset(
+    {
+        "chain_id",
+        "seq",
+        "prev_hash",
+        "prev_entry_id",
+        "hash",
+        "entry_id",
+        "command_tag",
+        "rows",
+        "sqlstate",
+        "error_message",
+    }
+)
+_EXPANDED_EXTRA = (
     "json_build_array(instance_id, session_id, agent, owner, client_address, application_name, "
     "database, upstream_role)::text, "
     "json_build_array(statement, fingerprint, categories, rule_ids, action)::text, "
-    "(extract(epoch FROM received_at) * 1000000)::bigint AS received_us, "
-    "(extract(epoch FROM completed_at) * 1000000)::bigint AS completed_us, "
-    "command_tag, rows, sqlstate, error_message"
+    "(extract(epoch FROM received_at) * 1000000)::bigint, "
+    "(extract(epoch FROM completed_at) * 1000000)::bigint"
 )
+
+
+def _walk_sql(quoted: str) -> str:
+    full = ", ".join(f"{c}::text AS {c}" if c in JSONB_COLUMNS else c for c in COLUMNS)
+    expanded = ", ".join(c if c in _EXPANDED_OWN else "NULL" for c in COLUMNS)
+    return (
+        f"SELECT 0 AS src, {full}, NULL::text AS session_key, NULL::text AS text_key, "
+        f"NULL::bigint AS received_us, NULL::bigint AS completed_us "
+        f"FROM {quoted}.ledger_entries "
+        f"UNION ALL SELECT 1, {expanded}, {_EXPANDED_EXTRA} FROM {quoted}.ledger_rows "
+        "ORDER BY chain_id, seq, src"
+    )
+
+
+# Where a row of the stream has each value (`_walk_sql`).
+_AT = {name: 1 + i for i, name in enumerate(COLUMNS)}
+_FULL_COLUMNS = slice(1, 1 + len(COLUMNS))
+# An expanded row's values in the order of its canonical array (`packed.PACKED_FIELDS`), with
+# its hash and chain: seq, entry_id, prev_entry_id, prev_hash, session key, text key,
+# received_us, completed_us, command_tag, rows, sqlstate, error_message; hash; chain_id.
+_EXPANDED_AT = (
+    *(_AT[name] for name in ("seq", "entry_id", "prev_entry_id", "prev_hash")),
+    *range(1 + len(COLUMNS), 5 + len(COLUMNS)),
+    *(_AT[name] for name in ("command_tag", "rows", "sqlstate", "error_message")),
+    _AT["hash"],
+    _AT["chain_id"],
+)
+WALK_BATCH = 1000  # rows a fetch: small enough that the next batch is computed meanwhile
 _REF_CACHE_MAX = 100_000  # distinct session and statement records remembered between rows
+_NO_SEQ = 2**63  # above every seq (a bigint)
 
 
 Item = tuple[str, "Unpacked | _Repacked"]  # (chain, packed entry)
 
 
+class _Turns:
+    """The fetches of several cursors of one connection take turns: at most one is in flight,
+    the prefetch of `_prefetched`, which any other waits for before it fetches."""
+
+    def __init__(self) -> None:
+        self.in_flight: asyncio.Future[list[asyncpg.Record]] | None = None
+
+    async def wait(self) -> None:
+        if self.in_flight is not None:
+            await asyncio.wait([self.in_flight])
+
+
+async def _prefetched(
+    conn: asyncpg.Connection, sql: str, size: int, turns: _Turns
+) -> AsyncGenerator[list[asyncpg.Record], None]:
+    """The rows of ``sql`` through a server-side cursor, ``size`` at a time, each fetch sent
+    before the batch before it is handed out: the server computes the next batch while the
+    walk checks this one (the two share no lock, and on two cores they overlap)."""
+    cursor = await conn.cursor(sql)
+    ahead = turns.in_flight = fetch_ahead(cursor, size)
+    try:
+        while True:
+            rows = await ahead
+            if not rows:
+                return
+            ahead = turns.in_flight = fetch_ahead(cursor, size)
+            await asyncio.sleep(0)  # the fetch is sent now, not when the walk next waits
+            yield rows
+    finally:
+        turns.in_flight = None
+        if not ahead.done():  # the walk failed: the transaction can end once it is back
+            await asyncio.wait([ahead])
+
+
+def fetch_ahead(cursor: asyncpg.cursor.Cursor, size: int) -> asyncio.Task[list[asyncpg.Record]]:
+    """``cursor.fetch(size)`` as a task of its own; if it fails after its reader stopped
+    waiting (the connection closed under it), its error is not logged as never retrieved."""
+    task: asyncio.Task[list[asyncpg.Record]] = asyncio.ensure_future(cursor.fetch(size))
+    task.add_done_callback(_retrieved)
+    return task
+
+
+def _retrieved(task: asyncio.Task[list[asyncpg.Record]]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def _batches(
-    conn: asyncpg.Connection, sql: str, size: int
+    conn: asyncpg.Connection, sql: str, size: int, turns: _Turns
 ) -> AsyncIterator[list[asyncpg.Record]]:
-    """The rows of ``sql`` through a server-side cursor, ``size`` at a time (fetching batches
-    instead of iterating row by row saves most of the driver's per-row cost)."""
+    """The rows of ``sql`` through a server-side cursor, ``size`` at a time, each fetch in its
+    turn."""
+    await turns.wait()
     cursor = await conn.cursor(sql)
     while True:
+        await turns.wait()
         rows = await cursor.fetch(size)
         if not rows:
             return
@@ -454,63 +562,59 @@ class _Stream(Generic[_T]):
 
     def __init__(self, batches: AsyncIterator[list[_T]]) -> None:
         self._batches = batches
-        self._items: list[_T] = []
-        self._i = 0
+        self.items: list[_T] = []
+        self.at = 0  # the head's index in items
 
     async def fill(self) -> None:
         """After `advance` said so: the next batch (none at the end)."""
-        self._items = await anext(self._batches, [])
-        self._i = 0
+        self.items = await anext(self._batches, [])
+        self.at = 0
 
     @property
     def head(self) -> _T | None:
-        return self._items[self._i] if self._i < len(self._items) else None
+        return self.items[self.at] if self.at < len(self.items) else None
 
     def advance(self) -> bool:
         """Move on; True when the batch is used up (call `fill`)."""
-        self._i += 1
-        return self._i >= len(self._items)
+        self.at += 1
+        return self.at >= len(self.items)
 
 
 async def _merge_walk(
     walker: _Walker,
-    full: AsyncIterator[list[asyncpg.Record]],
-    expanded: AsyncIterator[list[Item]],
+    rows: AsyncIterator[list[asyncpg.Record]],
     packed: AsyncIterator[list[Item]],
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Visit the three sorted streams as one, in (chain, seq) order (full entries first on a
-    tie, then expanded rows, then packs: a duplicated seq is then seen as such)."""
-    rows: _Stream[asyncpg.Record] = _Stream(full)
-    streams: tuple[_Stream[Item], _Stream[Item]] = (_Stream(expanded), _Stream(packed))
-    await rows.fill()
-    for stream in streams:
-        await stream.fill()
+    """Visit the two sorted streams as one, in (chain, seq) order: full entries and expanded
+    rows (`_walk_sql`) first on a tie, then packs (a duplicated seq is then seen as such).
+    Expanded rows, most of a ledger, are walked a run at a time (`_Walker.run_expanded`)."""
+    entries: _Stream[asyncpg.Record] = _Stream(rows)
+    packs: _Stream[Item] = _Stream(packed)
+    await entries.fill()
+    await packs.fill()
     next_report = PROGRESS_EVERY
     while True:
-        row = rows.head
-        key = (row[0], row[1]) if row is not None else None  # chain_id, seq: the first columns
-        pick: _Stream[Item] | None = None
-        for stream in streams:
-            item = stream.head
-            if item is not None and (key is None or (item[0], item[1].seq) < key):
-                pick, key = stream, (item[0], item[1].seq)
-        if key is None:
-            break
-        if pick is None:
-            assert row is not None
-            walker.visit(row)
-            if rows.advance():
-                await rows.fill()
-        else:
-            item = pick.head
-            assert item is not None
+        row, item = entries.head, packs.head
+        pack_key = (item[0], item[1].seq) if item is not None else None
+        if row is not None and (pack_key is None or (row[1], row[2]) <= pack_key):
+            if row[0] == 0:
+                walker.visit(row)
+                entries.at += 1
+            else:  # expanded rows up to the next full entry, or past the next pack entry
+                stop = (pack_key[0], pack_key[1] + 1) if pack_key is not None else None
+                entries.at = walker.run_expanded(entries.items, entries.at, stop)
+            if entries.at >= len(entries.items):
+                await entries.fill()
+        elif item is not None:
             walker.visit_packed(item[0], item[1])
-            if pick.advance():
-                await pick.fill()
+            if packs.advance():
+                await packs.fill()
+        else:
+            break
         if progress is not None and walker.entries >= next_report:
             progress(walker.entries)
-            next_report += PROGRESS_EVERY
+            next_report = walker.entries + PROGRESS_EVERY
     if progress is not None:
         progress(walker.entries)
 
@@ -534,51 +638,43 @@ class _Repacked:
 
 
 _TEXT_KEYS = ("statement", "fingerprint", "categories", "rule_ids", "action")
+_SESSION_FIELDS = dict.fromkeys(SESSION_KEYS)
 
 
-async def _repacked_batches(
-    batches: AsyncIterator[list[asyncpg.Record]],
-) -> AsyncIterator[list[Item]]:
-    """Each row of ``ledger_rows`` packed again: its records' refs and its canonical array are
-    recomputed from the columns, so any column that differs from what was sealed fails the
+class _Refs(dict[str, str]):
+    """The refs of the session and statement records of expanded rows, by the record's JSON
+    array as the server spells it (`_walk_sql`), each computed from the columns once. The
+    arrays of the two kinds of record never look alike (8 strings; 3 strings and 2 arrays),
+    so one dict serves both."""
+
+    def session(self, key: str) -> str:
+        ref = self.get(key)
+        if ref is None:
+            ref = self[key] = record_ref(dict(zip(_SESSION_FIELDS, orjson.loads(key), strict=True)))
+            self._bound()
+        return ref
+
+    def text(self, key: str) -> str:
+        ref = self.get(key)
+        if ref is None:
+            ref = self[key] = record_ref(dict(zip(_TEXT_KEYS, orjson.loads(key), strict=True)))
+            self._bound()
+        return ref
+
+    def _bound(self) -> None:
+        if len(self) > _REF_CACHE_MAX:
+            self.clear()
+
+
+def _repack(r: asyncpg.Record, refs: _Refs) -> _Repacked:
+    """An expanded row (`_walk_sql`) packed again: its records' refs and its canonical array
+    are recomputed from the columns, so any column that differs from what was sealed fails the
     entry's hash."""
-    refs: dict[str, str] = {}  # a record's JSON array (as the server spells it): its ref
-    dumps, loads = orjson.dumps, orjson.loads
-    for_session = dict.fromkeys(SESSION_KEYS)
-    async for rows in batches:
-        out: list[Item] = []
-        for r in rows:
-            session_key, text_key = r[6], r[7]
-            session = refs.get(session_key)
-            if session is None:
-                session = refs[session_key] = record_ref(
-                    dict(zip(for_session, loads(session_key), strict=True))
-                )
-            text = refs.get(text_key)
-            if text is None:
-                text = refs[text_key] = record_ref(
-                    dict(zip(_TEXT_KEYS, loads(text_key), strict=True))
-                )
-            if len(refs) > _REF_CACHE_MAX:
-                refs.clear()
-            received, completed = r[8], r[9]
-            fields: list[object] = [
-                r[1],
-                r[5],
-                r[4],
-                r[3],
-                session,
-                text,
-                received,
-                completed,
-                r[10],
-                r[11],
-                r[12],
-                r[13],
-                completed - received,
-            ]
-            out.append((r[0], _Repacked(fields, r[2], dumps(fields))))
-        yield out
+    fields: list[object] = [r[i] for i in _EXPANDED_AT[:12]]
+    fields[4] = refs.session(r[_EXPANDED_AT[4]])
+    fields[5] = refs.text(r[_EXPANDED_AT[5]])
+    fields.append(fields[7] - fields[6])  # type: ignore[operator]
+    return _Repacked(fields, r[_EXPANDED_AT[12]], orjson.dumps(fields))
 
 
 @dataclass(slots=True)
@@ -602,6 +698,7 @@ class _Walker:
         self.audit: CheckpointAudit | None = None
         self.bases: dict[str, Cut] = {}  # pruned chains: where they start now
         self._prev: _Seen | None = None
+        self._refs = _Refs()
 
     def _base(self, chain_id: str) -> _Seen:
         """A pruned chain's first remaining entry links to the head it was cut at."""
@@ -613,6 +710,93 @@ class _Walker:
             chain_id: ChainHead(entries=h[0], last_seq=h[1], head_hash=h[2])  # type: ignore[arg-type]
             for chain_id, h in self.heads.items()
         }
+
+    def run_expanded(
+        self, rows: Sequence[asyncpg.Record], at: int, stop: tuple[str, int] | None
+    ) -> int:
+        """Walk the expanded rows of ``rows[at:]`` (`_walk_sql`) up to the first full entry,
+        row of another chain or row at or past ``stop`` (chain, seq); the index reached.
+
+        The common case is checked inline, without an object per row: the row is the next seq
+        of the chain of an intact predecessor, links to it by id and hash, and its hash,
+        recomputed from its columns (`_repack`'s canonical array), is the stored one. A row
+        that is anything else ends the run and goes through `visit_packed`, which reports it.
+        The checkpoint audit is told each entry it needs (`CheckpointAudit.quiet_until`) and
+        the others in bulk."""
+        prev = self._prev
+        first = rows[at]
+        refs = self._refs
+        if prev is None or prev.flagged is not None or prev.chain_id != first[_AT["chain_id"]]:
+            self.visit_packed(first[_AT["chain_id"]], _repack(first, refs))
+            return at + 1
+        chain = prev.chain_id
+        last_seq, last_id, last_hash = prev.seq, prev.entry_id, prev.hash
+        limit = stop[1] if stop is not None and stop[0] == chain else _NO_SEQ
+        displaced, audit = self.displaced, self.audit
+        known, session_ref, text_ref = refs.get, refs.session, refs.text
+        dumps, sha256 = orjson.dumps, hashlib.sha256
+        (seq_at, id_at, prev_id_at, prev_hash_at, session_at, text_at, received_at) = _EXPANDED_AT[
+            :7
+        ]
+        (completed_at, tag_at, rows_at, sqlstate_at, error_at, hash_at, chain_at) = _EXPANDED_AT[7:]
+        quiet = audit.quiet_until(chain) if audit is not None else _NO_SEQ
+        told = 0  # rows walked and not told to the audit yet
+        end, i, odd = len(rows), at, False
+        while i < end:
+            r = rows[i]
+            seq = r[seq_at]
+            if r[0] != 1 or r[chain_at] != chain or seq >= limit:
+                break
+            entry_id, received, completed = r[id_at], r[received_at], r[completed_at]
+            if seq != last_seq + 1 or r[prev_id_at] != last_id or r[prev_hash_at] != last_hash:
+                odd = True
+                break
+            canonical = dumps(
+                [
+                    seq,
+                    entry_id,
+                    last_id,
+                    last_hash,
+                    known(r[session_at]) or session_ref(r[session_at]),
+                    known(r[text_at]) or text_ref(r[text_at]),
+                    received,
+                    completed,
+                    r[tag_at],
+                    r[rows_at],
+                    r[sqlstate_at],
+                    r[error_at],
+                    completed - received,
+                ]
+            )
+            digest = r[hash_at]
+            if sha256(last_hash.encode() + canonical).hexdigest() != digest or (
+                displaced and entry_id in displaced
+            ):
+                odd = True
+                break
+            if seq < quiet:
+                told += 1
+            else:
+                assert audit is not None
+                if told:
+                    audit.passed(told, last_seq, last_id)
+                    told = 0
+                audit.entry(chain, seq, entry_id, digest, received / 1e6)
+                quiet = audit.quiet_until(chain)
+            last_seq, last_id, last_hash = seq, entry_id, digest
+            i += 1
+        if told and audit is not None:
+            audit.passed(told, last_seq, last_id)
+        if i > at:
+            self.entries += i - at
+            head = self.heads[chain]
+            head[0] += i - at  # type: ignore[operator]
+            head[1], head[2] = last_seq, last_hash
+            self._prev = _Seen(chain, last_seq, last_id, last_hash, None)
+        if odd:  # not the common case: the full checks and their reports
+            self.visit_packed(rows[i][chain_at], _repack(rows[i], refs))
+            return i + 1
+        return i
 
     def visit_packed(self, chain_id: str, item: Unpacked | _Repacked) -> None:
         """One packed entry: its records and hash, then its link to its predecessor."""
@@ -665,7 +849,7 @@ class _Walker:
             head[1], head[2] = seq, record["hash"]
         row_id = record["entry_id"]
         try:
-            sealed: SealedEntry | None = unseal(_loads(record["content"]), record["hash"])
+            sealed: _Full | None = _Full(_loads(record["content"]))
         except (ValueError, KeyError, TypeError, RecursionError) as exc:  # hand-written rows too
             sealed = None
             self.report(row_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
@@ -674,7 +858,7 @@ class _Walker:
             flagged = self._check_self(record, sealed)
             if flagged != "reordered":
                 self._check_link(
-                    (chain_id, seq, sealed.entry.entry_id),
+                    (chain_id, seq, sealed.entry_id),
                     (sealed.prev_entry_id, sealed.prev_hash),
                     prev,
                     flagged,
@@ -685,8 +869,8 @@ class _Walker:
                 chain_id, seq, row_id, record["hash"], record["received_at"].timestamp()
             )
 
-    def _check_self(self, record: asyncpg.Record, sealed: SealedEntry) -> ProblemKind | None:
-        chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry.entry_id
+    def _check_self(self, record: asyncpg.Record, sealed: _Full) -> ProblemKind | None:
+        chain_id, seq, entry_id = record["chain_id"], record["seq"], sealed.entry_id
         if (sealed.chain_id, sealed.seq) != (chain_id, seq):
             self.report(
                 entry_id,
@@ -699,7 +883,11 @@ class _Walker:
         if envelope_hash(sealed.prev_hash, sealed.canonical) != record["hash"]:
             self.report(entry_id, chain_id, seq, "modified", "content does not match its hash")
             return "modified"
-        differing = _differing_columns(record, sealed)
+        try:
+            differing = _differing_columns(record, sealed)
+        except (KeyError, TypeError) as exc:  # a field missing from content sealed by hand
+            self.report(entry_id, chain_id, seq, "modified", f"content is unreadable: {exc}")
+            return "modified"
         if differing:
             self.report(
                 entry_id,
@@ -778,15 +966,66 @@ def _loads(text: str | bytes) -> Any:
         return json.loads(text)
 
 
-def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[str]:
-    content = _loads(sealed.canonical)["entry"]
-    expected = row_values(sealed, content)
+class _Full:
+    """A full entry's envelope as read back from ``content``, without the `LedgerEntry` (what
+    `chain.unseal` checks and builds, less what `verify` does not need); raises ValueError,
+    KeyError or TypeError for an envelope pgguard cannot have written."""
+
+    __slots__ = (
+        "canonical",
+        "chain_id",
+        "content",
+        "entry_id",
+        "prev_entry_id",
+        "prev_hash",
+        "seq",
+        "times",
+    )
+
+    def __init__(self, envelope: Any) -> None:
+        if not isinstance(envelope, dict):
+            raise ValueError("ledger envelope is not an object")
+        entry = envelope.get("entry")
+        if not isinstance(entry, dict):
+            raise ValueError("ledger envelope has no entry")
+        seq = envelope.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise ValueError("ledger envelope has no seq")
+        self.seq = seq
+        self.chain_id = str(envelope.get("chain_id"))
+        self.prev_hash = str(envelope.get("prev_hash"))
+        self.prev_entry_id = str(envelope.get("prev_entry_id"))
+        self.entry_id = str(entry["entry_id"])
+        self.content: dict[str, object] = entry
+        self.times = (
+            datetime.fromisoformat(str(entry["received_at"])),
+            _parse_time(entry.get("decided_at")),
+            _parse_time(entry.get("completed_at")),
+        )
+        self.canonical = canonical_bytes(envelope)
+
+
+def _parse_time(value: object) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value))
+
+
+# Where `_differing_columns` finds each kind of column in a row (the `COLUMNS` order).
+_CONTENT_AT = COLUMNS.index("content")
+_JSONB_AT = frozenset(i for i, name in enumerate(COLUMNS) if name in JSONB_COLUMNS)
+
+
+def _differing_columns(record: asyncpg.Record, sealed: _Full) -> Sequence[str]:
+    expected = content_row_values(
+        (record["chain_id"], record["seq"], sealed.prev_hash, sealed.prev_entry_id, record["hash"]),
+        sealed.times,
+        sealed.content,
+        sealed.canonical,
+    )
     differing = []
-    for name, want in zip(COLUMNS, expected, strict=True):
-        if name == "content":
+    for i, (got, want) in enumerate(zip(record[_FULL_COLUMNS], expected, strict=True)):
+        if got == want or i == _CONTENT_AT:
             continue
-        got = record[name]
-        if name in JSONB_COLUMNS:
+        if i in _JSONB_AT:
             try:
                 same = got is not None and _loads(got) == _loads(str(want))
             except (ValueError, RecursionError):  # a column rewritten beyond reading back
@@ -794,7 +1033,7 @@ def _differing_columns(record: asyncpg.Record, sealed: SealedEntry) -> Sequence[
         elif isinstance(want, list):
             same = got is not None and list(got) == want
         else:
-            same = got == want
+            same = False
         if not same:
-            differing.append(name)
+            differing.append(COLUMNS[i])
     return differing

@@ -8,7 +8,7 @@ function ``<schema>.ledger_expand``), ``<schema>.ledger_checkpoints`` (signed ch
 views ``<schema>.ledger`` (all three as one table of entries, for auditors) and
 ``<schema>.ledger_pending`` (the packs not expanded yet, as rows),
 ``<schema>.ledger_schema_version``, `LedgerStore` (one connection, reconnected on demand),
-`row_values`, `checkpoint_values`, `COLUMNS` and `CHECKPOINT_COLUMNS`.
+`row_values` (and `content_row_values`), `checkpoint_values`, `COLUMNS` and `CHECKPOINT_COLUMNS`.
 
 Invariants: migrations are numbered, applied once each, under a transaction-level advisory lock
 distinct from the approvals one. Each batch is one transaction. Full entries are inserted ``ON
@@ -381,18 +381,32 @@ def row_values(sealed: SealedEntry, content: dict[str, object]) -> tuple[object,
     with the hashed envelope; jsonb columns are given as JSON text.
     """
     e = sealed.entry
+    return content_row_values(
+        (sealed.chain_id, sealed.seq, sealed.prev_hash, sealed.prev_entry_id, sealed.hash),
+        (e.received_at, e.decided_at, e.completed_at),
+        content,
+        sealed.canonical,
+    )
+
+
+def content_row_values(
+    position: tuple[str, int, str, str, str],
+    times: tuple[datetime, datetime | None, datetime | None],
+    content: Mapping[str, object],
+    canonical: bytes,
+) -> tuple[object, ...]:
+    """`row_values` from the parts of a sealed entry: its ``position`` (chain id, seq, prev
+    hash, prev entry id, hash), its ``times`` (received, decided, completed), ``content``
+    and the ``canonical`` envelope (what `verify` has of a row, without a `LedgerEntry`)."""
+    received_at, decided_at, completed_at = times
     return (
-        sealed.chain_id,
-        sealed.seq,
-        sealed.prev_hash,
-        sealed.prev_entry_id,
-        sealed.hash,
+        *position,
         content["entry_id"],
         content["kind"],
         content["instance_id"],
         content["session_id"],
-        e.received_at,
-        e.decided_at,
+        received_at,
+        decided_at,
         content["agent"],
         content["owner"],
         content["client_address"],
@@ -408,14 +422,14 @@ def row_values(sealed: SealedEntry, content: dict[str, object]) -> tuple[object,
         _json_text(content["approvers"]),
         content["reason"],
         content["statement_entry_id"],
-        e.completed_at,
+        completed_at,
         content["command_tag"],
         content["rows"],
         content["sqlstate"],
         content["error_message"],
         content["duration_ms"] if isinstance(content["duration_ms"], int | float) else None,
         _json_text(content["detail"]),
-        sealed.canonical.decode("utf-8"),
+        canonical.decode("utf-8"),
     )
 
 

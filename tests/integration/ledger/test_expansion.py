@@ -98,6 +98,19 @@ async def test_half_expanded_chain_verifies(
         ("completed_at", "completed_at - interval '1 second'"),
         ("rows", "rows + 1"),
         ("command_tag", "'DELETE 1'"),
+        # every other column the entry's hash covers (verify re-derives it from each)
+        ("instance_id", "'inst-z'"),
+        ("session_id", "'sess-z'"),
+        ("owner", "'mallory@example.com'"),
+        ("client_address", "'10.0.0.1:1'"),
+        ("application_name", "'psql'"),
+        ("database", "'other'"),
+        ("upstream_role", "'postgres'"),
+        ("fingerprint", "'fp-other'"),
+        ("rule_ids", "ARRAY[]::text[]"),
+        ("action", "'hold'"),
+        ("sqlstate", "'42501'"),
+        ("error_message", "'denied'"),
     ],
 )
 async def test_edited_expanded_row_is_reported(
