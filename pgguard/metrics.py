@@ -11,7 +11,7 @@ Invariants:
   first category at the scrape). Only the scrape builds metric families, from the plain numbers.
 - ``pgguard_classify_seconds`` observes only the texts the policy engine really reads (its exact
   and literal-blind caches missed: `PolicyEngine.on_read`); a cached decision is not timed, since
-  two clock reads and an observe cost more than the hit itself.
+  two clock reads and an observe would be a sizeable share of the hit itself (see there).
 - Labels never carry data: actions, categories, SQLSTATEs, verdicts, channels, outcomes and
   configured agent names only - never statement text or values.
 - Gauges (sessions, holds pending, ledger queue and spool) are read when scraped, from the

@@ -88,7 +88,8 @@ class PolicyEngine:
         self._blind: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
         # Told the seconds of each text the exact and literal-blind caches did not answer
         # (`_read`); the proxy's policy gate sets it for pgguard_classify_seconds. A hit is not
-        # timed: it is a lookup or two, and two clock reads would cost more than it does.
+        # timed: two clock reads and an observe (~0.19 µs) would add 60% to an exact hit
+        # (~0.3 µs) and 9% to a literal-blind one (~2 µs), on every statement.
         self.on_read: Callable[[float], None] | None = None
 
     @classmethod
