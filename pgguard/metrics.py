@@ -6,8 +6,12 @@ turns them (plus gauges read from a running pgguard) into Prometheus metric fami
 
 Invariants:
 - Counting is a dict lookup and an integer add on the event loop's thread: no lock, no label
-  object created per statement (prometheus_client's own Counter takes a lock per ``inc``). Only
-  the scrape builds metric families, from a snapshot of the plain numbers.
+  object created per statement (prometheus_client's own Counter takes a lock per ``inc``), no
+  key built (statements are counted by the Decision's own categories tuple and labelled by its
+  first category at the scrape). Only the scrape builds metric families, from the plain numbers.
+- ``pgguard_classify_seconds`` observes only the texts the policy engine really reads (its exact
+  and literal-blind caches missed: `PolicyEngine.on_read`); a cached decision is not timed, since
+  two clock reads and an observe would be a sizeable share of the hit itself (see there).
 - Labels never carry data: actions, categories, SQLSTATEs, verdicts, channels, outcomes and
   configured agent names only - never statement text or values.
 - Gauges (sessions, holds pending, ledger queue and spool) are read when scraped, from the
@@ -68,8 +72,11 @@ class Histogram:
 class Counts:
     """Every counter of this process. Mutated only on the event loop."""
 
-    # (action, category); never replaced: the policy gate keeps a reference to count inline
-    statements: dict[tuple[str, str], int] = field(default_factory=dict)
+    # action -> a Decision's own categories tuple -> count; labelled by the first category only
+    # at the scrape, so counting builds no key. Never replaced: the policy gate counts inline.
+    statements: dict[str, dict[tuple[str, ...], int]] = field(
+        default_factory=lambda: {"allow": {}, "hold": {}, "deny": {}}
+    )
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (verdict, channel)
     errors: dict[str, int] = field(default_factory=dict)  # sqlstate
     hold_wait: dict[str, Histogram] = field(default_factory=dict)  # outcome
@@ -77,9 +84,19 @@ class Counts:
     classify: Histogram = field(default_factory=lambda: Histogram(CLASSIFY_BUCKETS))
     upstream_connect: Histogram = field(default_factory=lambda: Histogram(CONNECT_BUCKETS))
 
-    def statement(self, action: str, category: str) -> None:
-        key = (action, category)
-        self.statements[key] = self.statements.get(key, 0) + 1
+    def statement(self, action: str, categories: tuple[str, ...]) -> None:
+        """What the policy gate does inline (`pgguard.proxy.policy_gate`)."""
+        by_categories = self.statements.setdefault(action, {})
+        by_categories[categories] = by_categories.get(categories, 0) + 1
+
+    def statement_totals(self) -> dict[tuple[str, str], int]:
+        """pgguard_statements_total's samples: (action, first category or "none") -> count."""
+        totals: dict[tuple[str, str], int] = {}
+        for action, by_categories in self.statements.items():
+            for categories, count in by_categories.items():
+                key = (action, categories[0] if categories else "none")
+                totals[key] = totals.get(key, 0) + count
+        return totals
 
     def error(self, sqlstate: str) -> None:
         self.errors[sqlstate] = self.errors.get(sqlstate, 0) + 1
@@ -132,7 +149,7 @@ class Instruments(Collector):
             "pgguard_statements",
             "Statements judged, by action and (first) category.",
             ("action", "category"),
-            c.statements.items(),
+            c.statement_totals().items(),
         )
         sessions = GaugeMetricFamily(
             "pgguard_sessions", "Agent sessions open now.", labels=("agent",)
@@ -174,7 +191,10 @@ class Instruments(Collector):
             [((k,), v) for k, v in c.errors.items()],
         )
         yield _histogram(
-            "pgguard_classify_seconds", "Time to classify one statement text.", c.classify
+            "pgguard_classify_seconds",
+            "Time to classify one statement text that pgguard's decision cache did not answer "
+            "by its exact or literal-blind text (cache hits are not observed).",
+            c.classify,
         )
         yield _histogram(
             "pgguard_upstream_connect_seconds",

@@ -1,6 +1,8 @@
 """The policy engine: SQL text + context → Decision, on every statement's path.
 
-Owns: `PolicyEngine` (load, classify, new_session) and its two caches.
+Owns: `PolicyEngine` (load, classify, new_session) and its caches; `on_read`, a hook told how
+long each text took that the exact and literal-blind caches did not answer (timing is the
+caller's business; the engine only says when it really read a text).
 
 Invariants:
 - `classify` never raises and never answers `allow` for text it could not fully read: undecodable
@@ -22,7 +24,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,6 +86,11 @@ class PolicyEngine:
         self._shape: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
         # Keyed by pgguard.sql.fastkey's literal-blind text; holds exactly what _shape holds.
         self._blind: BoundedCache[CacheKey, Decision] = BoundedCache(cache_size)
+        # Told the seconds of each text the exact and literal-blind caches did not answer
+        # (`_read`); the proxy's policy gate sets it for pgguard_classify_seconds. A hit is not
+        # timed: two clock reads and an observe (~0.19 µs) would add 60% to an exact hit
+        # (~0.3 µs) and 9% to a literal-blind one (~2 µs), on every statement.
+        self.on_read: Callable[[float], None] | None = None
 
     @classmethod
     def load(
@@ -158,6 +166,26 @@ class PolicyEngine:
                     hit = None if self.protected.may_name(sql) else self._blind.get(blind_key)
                     if hit is not None:
                         return hit, blind
+        on_read = self.on_read
+        if on_read is None:
+            return self._read(sql, ctx, key, small, blind, blind_key)
+        started = time.perf_counter()
+        try:
+            return self._read(sql, ctx, key, small, blind, blind_key)
+        finally:
+            on_read(time.perf_counter() - started)
+
+    def _read(
+        self,
+        sql: str | bytes,
+        ctx: Context,
+        key: CacheKey,
+        small: bool,
+        blind: bytes | None,
+        blind_key: CacheKey | None,
+    ) -> tuple[Decision, bytes | None]:
+        """A text neither the exact nor the literal-blind cache answered: decoded, normalized
+        (the shape cache) and, when that misses too, parsed and judged."""
         try:
             text = decode_sql(sql, ctx.lex, self.max_sql_bytes)
         except UnreadableSQL as exc:

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -89,7 +88,10 @@ from pgguard.wire.startup_options import StartupOptionError, settings_from_start
 log = logging.getLogger(__name__)
 
 _ACTION_ORDER = {"allow": 0, "hold": 1, "deny": 2}
-_STATEMENTS = COUNTS.statements  # the one dict of this process's statement counts
+# pgguard_statements_total, counted inline: action -> a Decision's categories -> count
+_STATEMENTS = COUNTS.statements
+_ALLOWED = COUNTS.statements["allow"]
+_TIME_CLASSIFY = COUNTS.classify.observe  # pgguard_classify_seconds: the engine's cache misses
 
 
 @dataclass
@@ -142,6 +144,7 @@ class PolicyGate(Gate):
         limits = [n for n in (max_statement_bytes, offload and offload.threshold) if n]
         self._size_limit: int | None = min(limits) if limits else None
         self.engine = engine
+        engine.on_read = _TIME_CLASSIFY
         self.approvals = approvals
         self.masking = masking or MaskingRules.load()
         self.instance_id = instance_id
@@ -159,6 +162,7 @@ class PolicyGate(Gate):
         statements keep their requests; the per-session cache of the last decision is keyed
         on the engine, so no session reuses a decision of the old rules."""
         self.engine = engine
+        engine.on_read = _TIME_CLASSIFY
         if self.routines is not None:
             self.routines.engine = engine
 
@@ -222,9 +226,7 @@ class PolicyGate(Gate):
             if sized is not None:
                 return sized
         if event.kind == "query":
-            started = time.perf_counter()
             decision, blind = self.engine.classify_keyed(event.sql, ctx)
-            COUNTS.classify.observe(time.perf_counter() - started)
             if decision.fetches:
                 decision = self._with_fetched_portals(session, ctx, decision, event.sql)
             return self._verdict(session, state, decision, event, blind)
@@ -474,9 +476,7 @@ class PolicyGate(Gate):
         last = state.last_decision
         if last is not None and last[1] is ctx and last[0] == sql and last[3] is self.engine:
             return last[2]
-        started = time.perf_counter()
         decision = self.engine.classify(sql, ctx)
-        COUNTS.classify.observe(time.perf_counter() - started)
         if not any(f.touches_session for f in decision.facts):
             state.last_decision = (sql, ctx, decision, self.engine)
         return decision
@@ -492,8 +492,10 @@ class PolicyGate(Gate):
         """The verdict on `decision`; first, when it calls functions, made at least as strict
         as the bodies of the user-defined routines it may call (`pgguard.proxy.routines`)."""
         if decision.action == "allow" and not decision.called_functions:
-            # The common case, in short: what `_verdict_now` and `_judge` do for it.
-            _count(decision)
+            # The common case, in short: what `_verdict_now` and `_judge` do for it (with
+            # `_count` inlined: a function call would cost more than the count).
+            categories = decision.categories
+            _ALLOWED[categories] = _ALLOWED.get(categories, 0) + 1
             self._let_through(session, state, decision, event)
             if self.ledger is not None:
                 state.last_record = StatementRecord(event.kind, event.sql, decision, blind)
@@ -994,9 +996,11 @@ def _function_call_event(name: tuple[str, str], body: bytes) -> SqlEvent:
 
 
 def _count(decision: Decision) -> None:
-    """pgguard_statements_total (a dict update; `pgguard.metrics` reads it at each scrape)."""
-    key = (decision.action, decision.categories[0] if decision.categories else "none")
-    _STATEMENTS[key] = _STATEMENTS.get(key, 0) + 1
+    """pgguard_statements_total: a dict update keyed by the Decision's own categories tuple
+    (no key built); `pgguard.metrics` turns the counts into labelled samples at each scrape."""
+    counts = _STATEMENTS[decision.action]
+    categories = decision.categories
+    counts[categories] = counts.get(categories, 0) + 1
 
 
 def _note_timeout(state: _SessionPolicy, decision: Decision, event: SqlEvent) -> None:

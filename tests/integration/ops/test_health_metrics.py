@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import asyncpg
 import httpx
@@ -108,8 +109,10 @@ async def test_metrics_move_as_statements_pass_and_holds_are_decided(
 ) -> None:
     before = await scrape(ops_api)
     conn = await asyncpg.connect(ops_pgguard.dsn())
+    # A text no cache can answer yet (pgguard_classify_seconds observes only those).
+    unseen = f'SELECT count(*) AS "n_{uuid.uuid4().hex}" FROM reload_t'
     try:
-        assert await conn.fetchval("SELECT count(*) FROM reload_t") == 1
+        assert await conn.fetchval(unseen) == 1
         during = await scrape(ops_api)
         assert value(during, "pgguard_sessions", agent="agent") >= 1
         assert value(during, "pgguard_statements_total", action="allow", category="none") > value(
@@ -120,6 +123,15 @@ async def test_metrics_move_as_statements_pass_and_holds_are_decided(
         )
         assert value(during, "pgguard_upstream_connect_seconds_count") > value(
             before, "pgguard_upstream_connect_seconds_count"
+        )
+        # The same text again is answered by the cache: counted, not timed.
+        assert await conn.fetchval(unseen) == 1
+        again = await scrape(ops_api)
+        assert value(again, "pgguard_statements_total", action="allow", category="none") > value(
+            during, "pgguard_statements_total", action="allow", category="none"
+        )
+        assert value(again, "pgguard_classify_seconds_count") == value(
+            during, "pgguard_classify_seconds_count"
         )
         # A hold: pending while it waits, then approved through the API.
         held = asyncio.create_task(conn.execute("DROP TABLE hold_t"))

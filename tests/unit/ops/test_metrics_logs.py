@@ -34,9 +34,12 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
 
 def test_counts_reach_the_exposition(tmp_path: Path) -> None:
     counts = Counts()
-    counts.statement("allow", "none")
-    counts.statement("allow", "none")
-    counts.statement("hold", "ddl")
+    counts.statement("allow", ())
+    counts.statement("allow", ())
+    # Labelled by the first category: two category sets that start alike are one sample.
+    counts.statement("hold", ("ddl",))
+    counts.statement("hold", ("ddl", "privilege"))
+    counts.statement("hold", ("privilege", "ddl"))
     counts.error("42501")
     counts.decision("approve", "api")
     started = counts.hold_started()
@@ -49,7 +52,9 @@ def test_counts_reach_the_exposition(tmp_path: Path) -> None:
     counts.hold_ended(started, "approved")
     seen = families(counts, gauges)
     assert seen["pgguard_statements_total"][("action=allow", "category=none")] == 2
-    assert seen["pgguard_statements_total"][("action=hold", "category=ddl")] == 1
+    assert seen["pgguard_statements_total"][("action=hold", "category=ddl")] == 2
+    assert seen["pgguard_statements_total"][("action=hold", "category=privilege")] == 1
+    assert ("action=deny", "category=none") not in seen["pgguard_statements_total"]
     assert seen["pgguard_errors_total"][("sqlstate=42501",)] == 1
     assert seen["pgguard_approval_decisions_total"][("channel=api", "verdict=approve")] == 1
     assert seen["pgguard_sessions"][("agent=etl",)] == 3

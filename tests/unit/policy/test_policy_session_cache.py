@@ -133,3 +133,22 @@ def test_wire_buffers_are_accepted(fresh: PolicyEngine) -> None:
     data = bytearray(b"DROP TABLE t")
     assert fresh.classify(data, ctx).action == "hold"  # type: ignore[arg-type]
     assert fresh.classify(memoryview(b"SELECT 1"), ctx).action == "allow"  # type: ignore[arg-type]
+
+
+def test_on_read_times_only_texts_no_cache_answered(fresh: PolicyEngine) -> None:
+    """pgguard_classify_seconds observes through `on_read`: a miss is timed, a hit is not."""
+    seen: list[float] = []
+    fresh.on_read = seen.append
+    ctx = Context("a", "d")
+    first = fresh.classify(b"SELECT abalance FROM accounts WHERE aid = 1", ctx)
+    assert len(seen) == 1  # read with the parser: timed
+    assert seen[0] > 0
+    assert fresh.classify(b"SELECT abalance FROM accounts WHERE aid = 1", ctx) is first
+    assert fresh.classify(b"SELECT abalance FROM accounts WHERE aid = 2", ctx) is first
+    assert len(seen) == 1  # the exact text, then the literal-blind key: cache hits, not timed
+    assert fresh.classify(b"DROP TABLE accounts", ctx).action == "hold"
+    assert fresh.classify(b"SELEKT 1", ctx).action == "deny"
+    assert len(seen) == 3  # every text the caches did not answer, unparseable ones too
+    fresh.on_read = None
+    fresh.classify(b"DROP TABLE other", ctx)
+    assert len(seen) == 3
