@@ -26,6 +26,14 @@ a missing name succeeds. A ReadyForQuery that reports no transaction ('I') means
 gone. A simple Query drops the unnamed statement, and may DEALLOCATE or DISCARD named ones (SQL
 ``PREPARE``d names are the gate's business: `pgguard.policy.session`).
 
+The server also drops names the model never sees go: a transaction's end drops every portal
+(``COMMIT; BEGIN`` answers 'T'; an Execute of COMMIT mid-pipeline), ``ROLLBACK TO SAVEPOINT``
+those made since, SQL ``CLOSE`` a protocol portal, an Execute of ``DEALLOCATE`` a statement. So
+a name the model holds may be free on the server, and the model never concludes that a Parse or
+Bind failed *because* its name was in use: one that succeeded leaves its new text whatever the
+name held, one that may have run adds its new text to the old. (What the server holds is still
+among the candidates: a stale name only makes a Bind or Execute of it fail on the server.)
+
 Invariant (the proxy's promise): the set of candidates for a name always contains what the
 server really holds. Callers judge the strictest candidate, and refuse to show a reviewer one
 text while the server may run another.
@@ -524,8 +532,7 @@ def _apply_failure(
 def _statement_after(before: Possible, name: str, op: _Op, succeeded: bool | None) -> Possible:
     """What statement ``name`` may hold after ``op`` (True: it succeeded; None: unknown)."""
     if op.kind == "parse":
-        after = _parsed(before, name, op.sql, succeeded)
-        return after if after else before  # "succeeded" but could not have: keep
+        return _parsed(before, name, op.sql, succeeded)
     if op.kind == "close_s":
         return _NOTHING if succeeded else before | _NOTHING
     # A simple Query drops the unnamed statement, and may DEALLOCATE or DISCARD named ones.
@@ -539,9 +546,10 @@ def _portal_after(
 ) -> PossiblePortal:
     """What a portal may hold after ``op`` (a Bind of it, a Close of it, or a simple Query)."""
     if op.kind == "bind":
+        # Even a named portal the model takes for still in use: the server may have dropped
+        # it unseen (a transaction's end, ROLLBACK TO SAVEPOINT, SQL CLOSE), and then the
+        # Bind succeeds. When it really was in use, the Bind fails and its group is skipped.
         made = frozenset(Bound(op.statement, t, op.bind) for t in texts)
-        if op.name and None not in before:
-            made = frozenset()  # a named portal still in use: this Bind fails
         if succeeded:
             return made if made else before
         return before | made
@@ -550,16 +558,18 @@ def _portal_after(
 
 
 def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> Possible:
-    """What a Parse of ``name`` leaves, from each thing the name may have held."""
-    after: set[bytes | None] = set()
+    """What a Parse of ``name`` leaves, from each thing the name may have held.
+
+    A Parse that succeeded leaves its text, whatever the name held before: a named statement
+    the model takes for still in use may have been dropped unseen (an Execute of
+    ``DEALLOCATE``), and then the server takes the new text. (When it really was in use, the
+    Parse fails with 42P05 and the server skips the rest of its group.)"""
+    if succeeded:
+        return frozenset((sql,))
+    after: set[bytes | None] = {sql}  # ran and succeeded
     for held in before:
-        if name == "" or held is None:
-            after.add(sql)  # success
-            if succeeded is None:
-                after.add(None if name == "" else held)  # failed (unnamed: dropped first)
-                after.add(held)  # or skipped
-        elif succeeded is None:
-            after.add(held)  # a name in use: the Parse fails (or is skipped)
+        after.add(None if name == "" else held)  # failed (unnamed: dropped first)
+        after.add(held)  # or skipped
     return frozenset(after)
 
 
