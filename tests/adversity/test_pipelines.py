@@ -25,6 +25,7 @@ import pytest
 from tests.support import PgguardThread, agent_settings
 
 ROWS = 5000
+SYNC = b"S\0\0\0\4"
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,39 @@ def test_executemany_of_thousands_of_rows_keeps_everyone_served(
     recorded = ledger_rows(guarded, application_name)
     assert len(recorded) == ROWS
     assert {tag for _, tag in recorded} == {"INSERT 0 1"}
+
+
+HELD_NAMES = 4000
+
+
+def test_simple_queries_while_thousands_of_statements_are_held_keep_everyone_served(
+    guarded: PgguardThread,
+) -> None:
+    """Every simple Query's answer used to touch every named statement the session held (it
+    may have DEALLOCATEd them): 4,000 names and 4,000 pipelined Queries took the loop 17 s of
+    CPU, and another session's SELECT 1 waited 11.8 s."""
+    from pgguard.wire import messages as m
+    from tests.support import RawClient
+
+    raw = RawClient.connect(guarded.port, timeout=120)
+    raw.login()
+    raw.send(b"".join(m.parse(f"held_{i}", "SELECT 1") for i in range(HELD_NAMES)) + SYNC)
+    replies = raw.recv_until("Z")
+    assert [t for t, _ in replies].count("1") == HELD_NAMES
+    latencies: list[float] = []
+    stop = threading.Event()
+    prober = threading.Thread(target=probe_latencies, args=(guarded.dsn(), stop, latencies))
+    prober.start()
+    try:
+        time.sleep(0.2)
+        started = time.perf_counter()
+        raw.send(m.query("SELECT 1") * HELD_NAMES)
+        for _ in range(HELD_NAMES):
+            assert raw.recv_until("Z")[-1] == ("Z", b"I")
+        elapsed = time.perf_counter() - started
+    finally:
+        stop.set()
+        prober.join(30)
+    assert elapsed < 30, elapsed
+    assert latencies
+    assert max(latencies) < 2.0, max(latencies)
