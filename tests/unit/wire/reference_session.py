@@ -297,10 +297,11 @@ def _statement_after(before: Possible, name: str, op: _Op, succeeded: bool | Non
         return _parsed(before, name, op.sql, succeeded)
     if op.kind == "close_s":
         return _NOTHING if succeeded else before | _NOTHING
-    # A simple Query drops the unnamed statement, and may DEALLOCATE or DISCARD named ones.
+    # A simple Query drops the unnamed statement. It may DEALLOCATE or DISCARD named ones too,
+    # but a name the model holds that the server dropped is harmless (see _parsed): unchanged.
     if name == "":
         return _NOTHING if succeeded else before | _NOTHING
-    return before | _NOTHING
+    return before
 
 
 def _portal_after(
