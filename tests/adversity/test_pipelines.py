@@ -140,3 +140,48 @@ def test_simple_queries_while_thousands_of_statements_are_held_keep_everyone_ser
     assert elapsed < 30, elapsed
     assert latencies
     assert max(latencies) < 2.0, max(latencies)
+
+
+REBINDS = 4000
+
+
+def test_a_named_portal_rebound_in_thousands_of_pipelined_groups_is_served(
+    guarded: PgguardThread,
+) -> None:
+    """[Bind p; Sync; Execute p; Close p; Sync] x 4,000, sent at once behind a pg_sleep: every
+    Execute's lookup used to walk every unanswered Bind and Close of p again (0.77 s of the
+    loop's CPU for 1,000, another session's SELECT 1 waited 2.3 s), and past 1,024 of them
+    the session was cut off (08P01). A lookup now walks only what was filed since the last."""
+    import struct
+
+    from pgguard.wire import messages as m
+    from tests.support import RawClient
+
+    bind = m.message(ord("B"), b"p\0s\0" + struct.pack("!hhh", 0, 0, 0))
+    execute = m.message(ord("E"), b"p\0" + struct.pack("!i", 0))
+    close = m.message(ord("C"), b"Pp\0")
+    raw = RawClient.connect(guarded.port, timeout=120)
+    raw.login()
+    raw.send(m.query("BEGIN") + m.parse("s", "SELECT 1") + SYNC)
+    raw.recv_until("Z")
+    raw.recv_until("Z")
+    latencies: list[float] = []
+    stop = threading.Event()
+    prober = threading.Thread(target=probe_latencies, args=(guarded.dsn(), stop, latencies))
+    prober.start()
+    sender = threading.Thread(
+        target=raw.send,
+        args=(m.query("SELECT pg_sleep(0.5)") + (bind + SYNC + execute + close + SYNC) * REBINDS,),
+    )
+    try:
+        time.sleep(0.2)
+        sender.start()
+        replies = [raw.recv_until("Z") for _ in range(1 + 2 * REBINDS)]
+    finally:
+        stop.set()
+        prober.join(30)
+        sender.join(30)
+    assert all(kind != "E" for group in replies for kind, _ in group)
+    assert sum(("C", b"SELECT 1\0") in group for group in replies[1:]) == REBINDS
+    assert latencies
+    assert max(latencies) < 2.0, max(latencies)
