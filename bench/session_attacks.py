@@ -133,6 +133,25 @@ def unnamed_reparse_across_groups(n: int) -> tuple[bytes, bytes, int]:
     return b"", payload, n + 1
 
 
+def closes_then_one_execute(n: int) -> tuple[bytes, bytes, int]:
+    """[Close s x 100; Bind p s; Sync] x n/100, then Execute p: n Closes, n/100 Binds."""
+    unit = close("S", "s") * 100 + bind("p", "s") + SYNC
+    setup_ = m.query("BEGIN") + m.parse("s", "SELECT 1") + SYNC
+    return setup_, unit * (n // 100) + execute("p") + SYNC, n // 100 + 1
+
+
+def closes_behind_sleep(n: int) -> tuple[bytes, bytes, int]:
+    """The same behind pg_sleep(1), so none of it is answered while pgguard reads it."""
+    setup_, payload, owed = closes_then_one_execute(n)
+    return setup_, m.query("SELECT pg_sleep(1)") + payload, owed + 1
+
+
+def rebind_behind_sleep(n: int) -> tuple[bytes, bytes, int]:
+    """rebind-portal-across-groups behind pg_sleep(1)."""
+    setup_, payload, owed = rebind_named_portal_across_groups(n)
+    return setup_, m.query("SELECT pg_sleep(1)") + payload, owed + 1
+
+
 def describe_flood(n: int) -> tuple[bytes, bytes, int]:
     """n Describes of a statement and a portal before one Sync."""
     unit = describe("S", "s") + describe("P", "")
@@ -160,6 +179,9 @@ ATTACKS: dict[str, Attack] = {
     "rebind-portal-across-groups": rebind_named_portal_across_groups,
     "executes-across-groups": executes_across_groups,
     "unnamed-reparse-across-groups": unnamed_reparse_across_groups,
+    "closes-then-one-execute": closes_then_one_execute,
+    "closes-behind-sleep": closes_behind_sleep,
+    "rebind-behind-sleep": rebind_behind_sleep,
     "describe-flood": describe_flood,
     "close-flood": close_flood,
     "executes-one-group": executes_one_group,

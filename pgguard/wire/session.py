@@ -102,7 +102,10 @@ class SessionModel:
     one of the judged group that fixes the name whatever it held before (a Close, a Parse, a
     Bind of a known statement; a simple Query dropping the unnamed statement): a pipeline of
     thousands of Parse/Bind/Execute before one Sync (psycopg's ``executemany``) costs O(1) per
-    message, not a walk over the whole pipeline on the proxy's shared loop.
+    message, not a walk over the whole pipeline on the proxy's shared loop. What a walk over
+    earlier groups learns is kept until the next answer, so a name touched in every group of a
+    long pipeline (a named portal re-bound before each Sync) is not walked again from its
+    start at each lookup, and a name's answered operations leave its index in bulk.
     """
 
     __slots__ = (
@@ -111,6 +114,8 @@ class SessionModel:
         "_by_portal",
         "_by_statement",
         "_errored",
+        "_memo_portal",
+        "_memo_statement",
         "_ops",
         "_parses",
         "_portals",
@@ -126,9 +131,18 @@ class SessionModel:
         self._ops: deque[_Op] = deque()  # forwarded, their group not answered yet, in order
         self._seq = 0  # operations ever filed
         # The same unanswered operations, by the name they touch (in order), and the Queries
-        # (which touch every name) by their place, for bisecting.
+        # (which touch every name) by their place, for bisecting. A name's list may start with
+        # answered operations (trimmed when they are half of it: `_forget_pending`); its last
+        # one is always unanswered (else the name is not in the index).
         self._by_statement: dict[str, list[_Op]] = {}
         self._by_portal: dict[str, list[_Op]] = {}
+        # What a lookup learnt, for the next one while no answer arrives: per name, (answers
+        # seen, the judged group, seq, possible) - what the name may hold after every
+        # unanswered operation of it up to ``seq``, all of groups before the judged one
+        # ("ran or not", whatever later group asks). So a lookup walks only what was filed
+        # since the last one, not every unanswered operation of the name again.
+        self._memo_statement: dict[str, tuple[int, int, int, Possible]] = {}
+        self._memo_portal: dict[str, tuple[int, int, int, PossiblePortal]] = {}
         self._queries: list[_Op] = []
         self._queries_head = 0  # answered Queries at the front of _queries
         # Unanswered Parses per statement name: [all, the newest group's number, its Parses].
@@ -228,6 +242,10 @@ class SessionModel:
     def ready(self, txn_status: bytes) -> None:
         """ReadyForQuery: the group being answered is over; its operations become confirmed."""
         self._answered += 1
+        if self._memo_statement:
+            self._memo_statement.clear()  # made from the confirmed state this answer changes
+        if self._memo_portal:
+            self._memo_portal.clear()
         ops = self._ops
         if ops:
             answered = self._answered
@@ -261,17 +279,26 @@ class SessionModel:
             self._portals.clear()  # portals live until the end of their transaction
 
     def _forget_pending(self, done: list[_Op]) -> None:
-        """Take the answered operations ``done`` (the oldest pending ones) out of the indexes."""
+        """Take the answered operations ``done`` (the oldest pending ones) out of the indexes.
+
+        A name's list keeps its answered head until it is half of the list (amortised O(1)
+        per operation: deleting the first of thousands one by one was a copy of the list each).
+        """
+        oldest = self._ops[0].seq if self._ops else self._seq  # the oldest still unanswered
         for op in done:
             kind = op.kind
             if kind == "query":
                 self._queries_head += 1
                 continue
             index = self._by_portal if kind == "bind" or kind == "close_p" else self._by_statement
-            same_name = index[op.name]
-            del same_name[0]  # the oldest of its name: operations are answered in order
-            if not same_name:
-                del index[op.name]
+            same_name = index.get(op.name)
+            if same_name is not None:
+                if same_name[-1].seq < oldest:
+                    del index[op.name]  # all of its name answered
+                elif len(same_name) > 64:
+                    head = bisect_left(same_name, oldest, key=_seq_of)
+                    if head * 2 > len(same_name):
+                        del same_name[:head]
             if kind == "parse":
                 counts = self._parses[op.name]
                 counts[0] -= 1
@@ -350,32 +377,51 @@ class SessionModel:
         walked: list[_Op] = []
         possible = None  # what the newest operation that fixes the name left
         since = -1  # ... and its seq
-        for op in reversed(self._by_statement.get(name, ())):
-            if op.seq >= before:
-                continue
-            if op.group == group:
-                # A Close or Parse that succeeded (else the judged message is skipped): the
-                # name held exactly this, whatever it held before (see _parsed).
-                possible = _NOTHING if op.kind == "close_s" else frozenset((op.sql,))
-                since = op.seq
-                break
-            walked.append(op)
-            if len(walked) > MAX_WALK:
-                raise TooManyPossibilities(
-                    f"prepared statement {name!r} was touched by more than {MAX_WALK} "
-                    "unanswered messages; wait for the server's answers (Sync) first"
-                )
+        memo = None
+        same_name = self._by_statement.get(name)
+        if same_name is not None:
+            memo = self._memo_statement.get(name)
+            floor = -1
+            if memo is not None and memo[0] == self._answered and memo[1] <= group:
+                floor = memo[2] if memo[2] < before else -1
+            if floor < 0:
+                memo = None
+            lo = bisect_left(same_name, self._ops[0].seq, key=_seq_of)
+            for at in range(bisect_left(same_name, before, lo=lo, key=_seq_of) - 1, lo - 1, -1):
+                op = same_name[at]
+                if op.seq <= floor:
+                    break  # the memo covers it and everything older
+                if op.group == group:
+                    # A Close or Parse that succeeded (else the judged message is skipped): the
+                    # name held exactly this, whatever it held before (see _parsed).
+                    possible = _NOTHING if op.kind == "close_s" else frozenset((op.sql,))
+                    since = op.seq
+                    break
+                walked.append(op)
+                if len(walked) > MAX_WALK:
+                    raise TooManyPossibilities(
+                        f"prepared statement {name!r} was touched by more than {MAX_WALK} "
+                        "unanswered messages; wait for the server's answers (Sync) first"
+                    )
         if name == "" and self._query_of_group_since(group, since, before):
             return _NOTHING  # a Query of this group ran: it dropped the unnamed statement
         if possible is None:
-            possible = self._statements.get(name, _NOTHING)
-        # Oldest first; a Query between two operations (or after the last) did drop the unnamed
-        # statement (a named one it may have DEALLOCATEd stays: see _statement_after).
+            if memo is not None:
+                since, possible = memo[2], memo[3]
+            else:
+                possible = self._statements.get(name, _NOTHING)
+        # Oldest first (each of a group before ``group``: a Close or Parse of ``group`` itself
+        # ended the walk); a Query between two operations (or after the last) did drop the
+        # unnamed statement (a named one it may have DEALLOCATEd stays: see _statement_after).
         for op in reversed(walked):
             if name == "" and self._query_between(since, op.seq):
                 possible = possible | _NOTHING
-            possible = _statement_after(possible, name, op, True if op.group == group else None)
+            possible = _statement_after(possible, name, op, None)
             since = op.seq
+        if walked:
+            kept = self._memo_statement.get(name)
+            if kept is None or kept[0] != self._answered or kept[2] < since:
+                self._memo_statement[name] = (self._answered, group, since, possible)
         if name == "" and self._query_between(since, before):
             possible = possible | _NOTHING
         return possible
@@ -386,30 +432,45 @@ class SessionModel:
         walked: list[_Op] = []
         possible = None
         since = -1
-        for op in reversed(self._by_portal.get(name, ())):
-            if op.seq >= before:
-                continue
-            if op.group == group:
-                if op.kind == "close_p":
-                    possible, since = _NO_PORTAL, op.seq
+        memo = None
+        same_name = self._by_portal.get(name)
+        if same_name is not None:
+            memo = self._memo_portal.get(name)
+            floor = -1
+            if memo is not None and memo[0] == self._answered and memo[1] <= group:
+                floor = memo[2] if memo[2] < before else -1
+            if floor < 0:
+                memo = None
+            lo = bisect_left(same_name, self._ops[0].seq, key=_seq_of)
+            for at in range(bisect_left(same_name, before, lo=lo, key=_seq_of) - 1, lo - 1, -1):
+                op = same_name[at]
+                if op.seq <= floor:
                     break
-                texts = _texts(self._statement_at(op.statement, op.group, op.seq))
-                if texts:
-                    # The Bind succeeded (else the judged message is skipped), so the portal
-                    # holds one of these bindings, whatever it held before (_portal_after).
-                    possible = frozenset(Bound(op.statement, t, op.bind) for t in texts)
-                    since = op.seq
-                    break
-            walked.append(op)
-            if len(walked) > MAX_WALK:
-                raise TooManyPossibilities(
-                    f"portal {name!r} was touched by more than {MAX_WALK} unanswered "
-                    "messages; wait for the server's answers (Sync) first"
-                )
+                if op.group == group:
+                    if op.kind == "close_p":
+                        possible, since = _NO_PORTAL, op.seq
+                        break
+                    texts = _texts(self._statement_at(op.statement, op.group, op.seq))
+                    if texts:
+                        # The Bind succeeded (else the judged message is skipped), so the
+                        # portal holds one of these bindings, whatever it held before.
+                        possible = frozenset(Bound(op.statement, t, op.bind) for t in texts)
+                        since = op.seq
+                        break
+                walked.append(op)
+                if len(walked) > MAX_WALK:
+                    raise TooManyPossibilities(
+                        f"portal {name!r} was touched by more than {MAX_WALK} unanswered "
+                        "messages; wait for the server's answers (Sync) first"
+                    )
         if name == "" and self._query_of_group_since(group, since, before):
             return _NO_PORTAL  # a Query of this group ran in, then dropped, it
         if possible is None:
-            possible = self._portals.get(name, _NO_PORTAL)
+            if memo is not None:
+                since, possible = memo[2], memo[3]
+            else:
+                possible = self._portals.get(name, _NO_PORTAL)
+        learnt = None  # the state after the last operation of a group before ``group``
         for op in reversed(walked):
             if name == "" and self._query_between(since, op.seq):
                 possible = possible | _NO_PORTAL
@@ -418,8 +479,15 @@ class SessionModel:
                 if op.kind == "bind"
                 else ()
             )
-            possible = _portal_after(possible, op, texts, True if op.group == group else None)
+            earlier = op.group != group
+            possible = _portal_after(possible, op, texts, None if earlier else True)
             since = op.seq
+            if earlier:
+                learnt = (self._answered, group, since, possible)
+        if learnt is not None:
+            kept = self._memo_portal.get(name)
+            if kept is None or kept[0] != self._answered or kept[2] < learnt[2]:
+                self._memo_portal[name] = learnt
         if name == "" and self._query_between(since, before):
             possible = possible | _NO_PORTAL
         return possible
