@@ -13,7 +13,9 @@ latency while the pipeline goes through, and the ledger must record every row.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import struct
 import tempfile
 import threading
 import time
@@ -22,10 +24,11 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.support import PgguardThread, agent_settings
+from pgguard.wire import messages as m
+from tests.support import PgguardThread, RawClient, agent_settings, error_fields
 
 ROWS = 5000
-SYNC = b"S\0\0\0\4"
+SYNC = m.message(ord("S"))
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +118,6 @@ def test_simple_queries_while_thousands_of_statements_are_held_keep_everyone_ser
     """Every simple Query's answer used to touch every named statement the session held (it
     may have DEALLOCATEd them): 4,000 names and 4,000 pipelined Queries took the loop 17 s of
     CPU, and another session's SELECT 1 waited 11.8 s."""
-    from pgguard.wire import messages as m
-    from tests.support import RawClient
-
     raw = RawClient.connect(guarded.port, timeout=120)
     raw.login()
     raw.send(b"".join(m.parse(f"held_{i}", "SELECT 1") for i in range(HELD_NAMES)) + SYNC)
@@ -152,11 +152,6 @@ def test_a_named_portal_rebound_in_thousands_of_pipelined_groups_is_served(
     Execute's lookup used to walk every unanswered Bind and Close of p again (0.77 s of the
     loop's CPU for 1,000, another session's SELECT 1 waited 2.3 s), and past 1,024 of them
     the session was cut off (08P01). A lookup now walks only what was filed since the last."""
-    import struct
-
-    from pgguard.wire import messages as m
-    from tests.support import RawClient
-
     bind = m.message(ord("B"), b"p\0s\0" + struct.pack("!hhh", 0, 0, 0))
     execute = m.message(ord("E"), b"p\0" + struct.pack("!i", 0))
     close = m.message(ord("C"), b"Pp\0")
@@ -185,3 +180,40 @@ def test_a_named_portal_rebound_in_thousands_of_pipelined_groups_is_served(
     assert sum(("C", b"SELECT 1\0") in group for group in replies[1:]) == REBINDS
     assert latencies
     assert max(latencies) < 2.0, max(latencies)
+
+
+def test_thousands_of_parses_of_one_name_before_a_sync_are_cut_off(
+    guarded: PgguardThread,
+) -> None:
+    """Parse s x 8,000 before one Sync, each naming another relation. The server refuses every
+    one after the first (42P05), but pgguard judges each text and the gate remembers it under s
+    (the union grows with each): 16,000 took the loop 9.3 s of CPU and another session waited
+    19.8 s. Named Parses of its own group count towards the 64-text limit again (08P01)."""
+    raw = RawClient.connect(guarded.port, timeout=120)
+    raw.login()
+    latencies: list[float] = []
+    stop = threading.Event()
+    prober = threading.Thread(target=probe_latencies, args=(guarded.dsn(), stop, latencies))
+    prober.start()
+    payload = b"".join(m.parse("s", f"SELECT * FROM pg_class_r{i}") for i in range(8000))
+    sender = threading.Thread(target=lambda: _send_quietly(raw, payload + SYNC))
+    try:
+        time.sleep(0.2)
+        sender.start()
+        errors = []
+        with contextlib.suppress(ConnectionError, OSError):  # closed by the cut-off
+            while (message := raw.recv_message())[0] != "Z":
+                if message[0] == "E":
+                    errors.append(error_fields(message[1]))
+    finally:
+        stop.set()
+        prober.join(30)
+        sender.join(30)
+    assert any(e.sqlstate == "08P01" and "may stand for 64 texts" in e.message for e in errors)
+    assert latencies
+    assert max(latencies) < 2.0, max(latencies)
+
+
+def _send_quietly(raw: RawClient, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # cut off mid-send
+        raw.send(data)
