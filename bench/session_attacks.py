@@ -91,6 +91,12 @@ def sql_prepare_one_name(n: int) -> tuple[bytes, bytes, int]:
     return b"", payload, n
 
 
+def reparse_named_same_group(n: int) -> tuple[bytes, bytes, int]:
+    """Parse s (a new relation each time) n times before one Sync."""
+    payload = b"".join(m.parse("s", f"SELECT * FROM pg_class_r{i}") for i in range(n))
+    return b"", payload + SYNC, 1
+
+
 def distinct_names(n: int) -> tuple[bytes, bytes, int]:
     """n distinct statement names, each with its own text, then Close of each, one Sync."""
     parses = b"".join(m.parse(f"n{i}", f"SELECT {i}") for i in range(n))
@@ -172,6 +178,7 @@ ATTACKS: dict[str, Attack] = {
     "names-then-queries": names_then_queries,
     "reparse-one-name": reparse_one_name,
     "sql-prepare-one-name": sql_prepare_one_name,
+    "reparse-named-same-group": reparse_named_same_group,
     "distinct-names": distinct_names,
     "syncs": syncs,
     "queries-behind-sleep": queries_behind_sleep,

@@ -158,8 +158,9 @@ class SessionModel:
 
         Legitimate clients Close a name before they Parse it again; re-Parses that may not
         have taken effect (in groups the server has not answered) only grow what every Execute
-        of the name must be judged against. Parses earlier in this same group do not: if a
-        later message of the group runs, they ran and succeeded.
+        of the name must be judged against. Unnamed Parses earlier in this same group do not
+        count: if a later message of the group runs, they ran and succeeded (psycopg's
+        ``executemany`` without prepared statements sends thousands). Named ones do.
         """
         counts = self._parses.get(name)
         if counts is None:
@@ -170,7 +171,10 @@ class SessionModel:
         else:
             if counts[1] != group:
                 counts[1], counts[2] = group, 0
-            self._refuse_too_many(name, counts[0] - counts[2])
+            # Named: every unanswered Parse counts, its own group's too. The server refuses a
+            # second Parse of a name in use, so no client sends thousands before a Sync - but
+            # each one's text is judged and remembered by the gate (pgguard.policy.session).
+            self._refuse_too_many(name, counts[0] - counts[2] if name == "" else counts[0])
             counts[0] += 1
             counts[2] += 1
         # Filed by hand (see _file): one frame fewer on the hot path.
