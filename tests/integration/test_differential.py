@@ -10,7 +10,9 @@ server that logs every statement it executes (``log_statement = 'all'``). After 
   a command tag or an error), marker for marker, and nothing the ledger calls skipped or refused
   ran.
 
-Each statement carries a unique marker (``m<k>``, an identifier, so masking keeps it). The run is
+Each statement carries a unique marker (``m<k>``, an identifier, so masking keeps it), except
+those that only drop names (COMMIT, DEALLOCATE ALL, CLOSE ALL: no identifier to carry one), which
+are in the programs for what they do to the session's names, not to be counted. The run is
 bounded in CI; ``PGGUARD_DIFF_EXAMPLES=2000 pytest tests/integration/test_differential.py`` is the
 long mode.
 """
