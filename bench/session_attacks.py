@@ -158,6 +158,29 @@ def rebind_behind_sleep(n: int) -> tuple[bytes, bytes, int]:
     return setup_, m.query("SELECT pg_sleep(1)") + payload, owed + 1
 
 
+def big_row_behind_refusal(n: int) -> tuple[bytes, bytes, int]:
+    """A reply of one n-KiB row, then a refused statement pipelined behind it (its error is
+    rewritten, so the row's bytes pass while a replacement is pending)."""
+    big = m.query(f"SELECT repeat('x', {n * 1024})")
+    return b"", big + m.query("DROP TABLE pg_attacks_victim"), 2
+
+
+def big_row_alone(n: int) -> tuple[bytes, bytes, int]:
+    """The same reply of one n-KiB row, nothing refused behind it (the baseline)."""
+    big = m.query(f"SELECT repeat('x', {n * 1024})")
+    return b"", big + m.query("SELECT 1"), 2
+
+
+def refusals_between_errors(n: int) -> tuple[bytes, bytes, int]:
+    """Behind pg_sleep(1): [refused Execute; Sync; Parse of a missing table; Sync] x n/2, so
+    every server error meets every pending replacement."""
+    payload = m.query("SELECT pg_sleep(1)") + b"".join(
+        bind("", "d") + execute() + SYNC + m.parse(f"q{i}", "SELECT * FROM pg_nothing") + SYNC
+        for i in range(n // 2)
+    )
+    return m.parse("d", "DROP TABLE pg_attacks_victim") + SYNC, payload, 2 * (n // 2) + 1
+
+
 def describe_flood(n: int) -> tuple[bytes, bytes, int]:
     """n Describes of a statement and a portal before one Sync."""
     unit = describe("S", "s") + describe("P", "")
@@ -189,6 +212,9 @@ ATTACKS: dict[str, Attack] = {
     "closes-then-one-execute": closes_then_one_execute,
     "closes-behind-sleep": closes_behind_sleep,
     "rebind-behind-sleep": rebind_behind_sleep,
+    "big-row-behind-refusal": big_row_behind_refusal,
+    "big-row-alone": big_row_alone,
+    "refusals-between-errors": refusals_between_errors,
     "describe-flood": describe_flood,
     "close-flood": close_flood,
     "executes-one-group": executes_one_group,

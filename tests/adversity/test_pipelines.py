@@ -217,3 +217,62 @@ def test_thousands_of_parses_of_one_name_before_a_sync_are_cut_off(
 def _send_quietly(raw: RawClient, data: bytes) -> None:
     with contextlib.suppress(OSError):  # cut off mid-send
         raw.send(data)
+
+
+BIG_ROW = 128 * 1024 * 1024
+
+
+def replies_until_ready(raw: RawClient, count: int) -> list[tuple[str, bytes]]:
+    """Messages up to ``count`` ReadyForQuery, read into one growing buffer (RawClient's
+    bytes += would itself take quadratic time over a 128 MiB row)."""
+    buffer = bytearray(raw.buffer)
+    pos = 0
+    out: list[tuple[str, bytes]] = []
+    chunk = bytearray(1 << 20)
+    while count:
+        while (
+            len(buffer) - pos < 5
+            or len(buffer) - pos < 1 + struct.unpack_from("!I", buffer, pos + 1)[0]
+        ):
+            got = raw.sock.recv_into(chunk)
+            assert got, "closed"
+            buffer += chunk[:got]
+        end = pos + 1 + struct.unpack_from("!I", buffer, pos + 1)[0]
+        kind = chr(buffer[pos])
+        out.append((kind, bytes(buffer[pos + 5 : end]) if kind != "D" else b""))
+        count -= kind == "Z"
+        pos = end
+    return out
+
+
+def test_a_large_reply_ahead_of_a_refused_statement_is_relayed_in_linear_time(
+    guarded: PgguardThread, direct_dsn: str
+) -> None:
+    """A refused statement pipelined behind a SELECT of one 128 MiB row: pgguard rewrites the
+    refusal's ErrorResponse, and while that rewrite was pending every chunk of the row was
+    joined to all the bytes before it (the whole message was held until complete): 64 MiB took
+    the loop 5.8 s of CPU (0.06 s with nothing refused behind it)."""
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS pipeline_victim (id int)")
+    raw = RawClient.connect(guarded.port, timeout=120)
+    raw.login()
+    latencies: list[float] = []
+    stop = threading.Event()
+    prober = threading.Thread(target=probe_latencies, args=(guarded.dsn(), stop, latencies))
+    prober.start()
+    try:
+        time.sleep(0.2)
+        started = time.perf_counter()
+        raw.send(m.query(f"SELECT repeat('x', {BIG_ROW})") + m.query("DROP TABLE pipeline_victim"))
+        replies = replies_until_ready(raw, 2)
+        elapsed = time.perf_counter() - started
+    finally:
+        stop.set()
+        prober.join(30)
+    assert [kind for kind, _ in replies] == ["T", "D", "C", "Z", "E", "Z"]
+    assert error_fields(replies[4][1]).sqlstate == "42501"
+    assert elapsed < 10, elapsed
+    assert max(latencies) < 2.0, max(latencies)
+    with psycopg.connect(direct_dsn) as conn:
+        exists = conn.execute("SELECT to_regclass('pipeline_victim') IS NOT NULL").fetchone()
+    assert exists == (True,)
