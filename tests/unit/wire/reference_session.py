@@ -1,6 +1,9 @@
 """The session model as it was before it kept per-name indexes (at 54959e3): a walk over every
 unanswered operation per lookup, quadratic on a long pipeline, kept only as the oracle the
 indexed `pgguard.wire.session.SessionModel` is checked against (test_session_index.py).
+
+One change since, made in both: a Parse or Bind that succeeded leaves its new text even when the
+model took the name for in use (the server may have dropped it unseen: `_parsed`, `_portal_after`).
 """
 
 from __future__ import annotations
@@ -291,14 +294,14 @@ def _apply_failure(
 def _statement_after(before: Possible, name: str, op: _Op, succeeded: bool | None) -> Possible:
     """What statement ``name`` may hold after ``op`` (True: it succeeded; None: unknown)."""
     if op.kind == "parse":
-        after = _parsed(before, name, op.sql, succeeded)
-        return after if after else before  # "succeeded" but could not have: keep
+        return _parsed(before, name, op.sql, succeeded)
     if op.kind == "close_s":
         return _NOTHING if succeeded else before | _NOTHING
-    # A simple Query drops the unnamed statement, and may DEALLOCATE or DISCARD named ones.
+    # A simple Query drops the unnamed statement. It may DEALLOCATE or DISCARD named ones too,
+    # but a name the model holds that the server dropped is harmless (see _parsed): unchanged.
     if name == "":
         return _NOTHING if succeeded else before | _NOTHING
-    return before | _NOTHING
+    return before
 
 
 def _portal_after(
@@ -306,9 +309,10 @@ def _portal_after(
 ) -> PossiblePortal:
     """What a portal may hold after ``op`` (a Bind of it, a Close of it, or a simple Query)."""
     if op.kind == "bind":
+        # Even a named portal the model takes for still in use: the server may have dropped
+        # it unseen (a transaction's end, ROLLBACK TO SAVEPOINT, SQL CLOSE), and then the
+        # Bind succeeds. When it really was in use, the Bind fails and its group is skipped.
         made = frozenset(Bound(op.statement, t, op.bind) for t in texts)
-        if op.name and None not in before:
-            made = frozenset()  # a named portal still in use: this Bind fails
         if succeeded:
             return made if made else before
         return before | made
@@ -317,16 +321,18 @@ def _portal_after(
 
 
 def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> Possible:
-    """What a Parse of ``name`` leaves, from each thing the name may have held."""
-    after: set[bytes | None] = set()
+    """What a Parse of ``name`` leaves, from each thing the name may have held.
+
+    A Parse that succeeded leaves its text, whatever the name held before: a named statement
+    the model takes for still in use may have been dropped unseen (an Execute of
+    ``DEALLOCATE``), and then the server takes the new text. (When it really was in use, the
+    Parse fails with 42P05 and the server skips the rest of its group.)"""
+    if succeeded:
+        return frozenset((sql,))
+    after: set[bytes | None] = {sql}  # ran and succeeded
     for held in before:
-        if name == "" or held is None:
-            after.add(sql)  # success
-            if succeeded is None:
-                after.add(None if name == "" else held)  # failed (unnamed: dropped first)
-                after.add(held)  # or skipped
-        elif succeeded is None:
-            after.add(held)  # a name in use: the Parse fails (or is skipped)
+        after.add(None if name == "" else held)  # failed (unnamed: dropped first)
+        after.add(held)  # or skipped
     return frozenset(after)
 
 

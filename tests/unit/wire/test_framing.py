@@ -194,6 +194,30 @@ def test_tracker_switches_to_rewriting_mid_message() -> None:
     assert not tracker.rewriting
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 5, 6, 4096])
+def test_while_rewriting_only_an_error_is_held_until_whole(chunk: int) -> None:
+    """A reply streams through as it arrives while a refusal's error waits to be replaced
+    (holding a 64 MiB DataRow whole joined every chunk to the bytes before it); acks,
+    ReadyForQuery and the replacement still come out right at any chunking."""
+    row = m.message(ord("D"), b"\x00\x01" + struct.pack("!I", 50_000) + b"x" * 50_000)
+    ours = m.error_response("ERROR", "42501", "refused by pgguard")
+    marked = m.error_response("ERROR", "42601", 'syntax error at or near "pgguard_refused_cd34"')
+    first = row + m.message(m.B_COMMAND_COMPLETE, b"SELECT 1\x00") + m.ready_for_query(b"I")
+    stream = first + marked + m.ready_for_query(b"I")
+    tracker = BackendTracker()
+    tracker.replace_error(b"pgguard_refused_cd34", ours, group=1)
+    out = b""
+    held_most = 0
+    for start in range(0, len(stream), chunk):
+        piece = stream[start : start + chunk]
+        out += tracker.feed(piece)
+        held_most = max(held_most, start + len(piece) - len(out))
+    assert out == first + ours + m.ready_for_query(b"I")
+    assert held_most < len(marked) + 5  # never more than an error (and a header) held back
+    assert tracker.ready_count == 2
+    assert not tracker.rewriting
+
+
 def test_tracker_rejects_a_lying_length() -> None:
     with pytest.raises(ProtocolViolation):
         BackendTracker().feed(b"Z\x00\x00\x00\x01")

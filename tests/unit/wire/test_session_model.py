@@ -34,10 +34,27 @@ def test_a_reparse_of_a_name_in_use_fails_and_the_old_text_stays() -> None:
     model.parse(1, "s", DROP)
     confirmed(model)
     model.parse(2, "s", CREATE)
-    assert model.statement_texts("s", 2) == (DROP,)  # later in its own group
-    assert model.statement_texts("s", 3) == (DROP,)  # a later group
-    confirmed(model, error=True)
+    model.error(0)  # the server says the Parse failed (42P05): the name keeps its text
+    model.ready(b"I")
     assert model.statement_texts("s", 3) == (DROP,)
+
+
+def test_a_reparse_of_a_name_taken_for_in_use_may_succeed() -> None:
+    """The server may have dropped the name unseen (an Execute of DEALLOCATE): a later message
+    of the Parse's own group runs only if it succeeded, so it meets the new text; a later group
+    meets either until the server answers."""
+    model = SessionModel()
+    model.parse(1, "s", DROP)
+    confirmed(model)
+    model.parse(2, "s", CREATE)
+    assert model.statement_texts("s", 2) == (CREATE,)  # later in its own group
+    assert set(model.statement_texts("s", 3)) == {DROP, CREATE}  # a later group
+    confirmed(model, error=True)  # an error, not saying which message failed
+    assert set(model.statement_texts("s", 3)) == {DROP, CREATE}
+    model.parse(3, "t", DROP)
+    model.parse(3, "t", SELECT)  # ParseComplete for both: the first was dropped unseen
+    confirmed(model)
+    assert model.statement_texts("t", 4) == (SELECT,)
 
 
 def test_messages_skipped_after_an_error_change_nothing_for_sure() -> None:
@@ -110,8 +127,23 @@ def test_a_named_portal_in_use_cannot_be_bound_again() -> None:
     model.bind(1, "p", "a", b"")
     confirmed(model, status=b"T")
     model.bind(2, "p", "b", b"")
+    model.error(0)  # the server says the Bind failed (42P03): the portal keeps its binding
+    model.ready(b"E")
+    assert [b.sql for b in model.portal("p", 3)] == [DROP]
+
+
+def test_a_named_portal_taken_for_in_use_may_be_bound_again() -> None:
+    """The server may have dropped it unseen (COMMIT; BEGIN, ROLLBACK TO SAVEPOINT, SQL
+    CLOSE): a later message of the Bind's group meets the new binding, a later group either."""
+    model = SessionModel()
+    model.parse(1, "a", SELECT)
+    model.parse(1, "b", DROP)
+    model.bind(1, "p", "a", b"")
+    confirmed(model, status=b"T")
+    model.bind(2, "p", "b", b"")
     assert [b.sql for b in model.portal("p", 2)] == [DROP]
-    confirmed(model, error=True, status=b"E")
+    assert sorted(b.sql for b in model.portal("p", 3)) == sorted([DROP, SELECT])
+    confirmed(model, status=b"T")  # BindComplete: it was free
     assert [b.sql for b in model.portal("p", 3)] == [DROP]
 
 
