@@ -181,10 +181,7 @@ def suite_command(
     else:
         # The checkout's asyncpg/ is the package without its compiled modules; only tests/ is
         # taken, so the installed asyncpg (and its _testbase) is what runs.
-        cwd = workdir / "asyncpg-tests"
-        if not cwd.exists():
-            shutil.copytree(source / "tests", cwd / "tests")
-            shutil.copy(source / "pyproject.toml", cwd / "pyproject.toml")
+        cwd = asyncpg_tests(source, workdir)
         env.update(
             PGHOST="127.0.0.1",  # asyncpg._testbase: PGHOST set means "use this running server"
             PGPORT=str(port),
@@ -200,6 +197,15 @@ def suite_command(
     return [sys.executable, "-m", "pytest", *args, *tests], cwd, env
 
 
+def asyncpg_tests(source: Path, workdir: Path) -> Path:
+    """The checkout's tests/ (and pytest settings) copied out, once, before any run starts."""
+    cwd = workdir / "asyncpg-tests"
+    if not cwd.exists():
+        shutil.copytree(source / "tests", cwd / "tests")
+        shutil.copy(source / "pyproject.toml", cwd / "pyproject.toml")
+    return cwd
+
+
 def run_suite(
     name: str,
     suite: str,
@@ -210,9 +216,7 @@ def run_suite(
     time_limit: float,
     test_timeout: int,
 ) -> Run:
-    argv, cwd, env = suite_command(
-        name, suite, source, workdir, port, keyword, test_timeout
-    )
+    argv, cwd, env = suite_command(name, suite, source, workdir, port, keyword, test_timeout)
     junit, log = workdir / f"{name}.xml", workdir / f"{name}.log"
     argv.append(f"--junitxml={junit}")
     print(f"{name}: {suite}'s suite against 127.0.0.1:{port} ...", flush=True)
@@ -220,7 +224,12 @@ def run_suite(
     interrupted = False
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -366,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             direct_pg = start_cluster(stack, workdir, "pg-direct")
             guarded_pg = start_cluster(stack, workdir, "pg-guarded")
             target = start_pgguard(stack, workdir, guarded_pg)
+            if options.suite == "asyncpg":
+                asyncpg_tests(source, workdir)
             plan = [("direct", direct_pg.port), ("through-pgguard", target.port)]
             runs: dict[str, Run] = {}
             errors: list[BaseException] = []
@@ -396,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                     one(*step)
             if errors:
                 raise errors[0]
-            return report(
-                options.suite, source, runs["direct"], runs["through-pgguard"], output
-            )
+            return report(options.suite, source, runs["direct"], runs["through-pgguard"], output)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
