@@ -41,6 +41,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -291,7 +292,25 @@ def compare(direct: Run, guarded: Run) -> tuple[list[str], list[str]]:
     return worse, better
 
 
-def report(suite: str, source: Path, direct: Run, guarded: Run, output: Path) -> int:
+# pgguard's log at WARNING: observe mode logs every would-be hold or deny, and start-up says what
+# it created; anything else (an internal error, a session ended by a protocol violation, an
+# upstream failure) is worth reading next to the differences.
+_ROUTINE_LOG = re.compile(
+    r"observe mode: session .* would (?:hold|deny) |OBSERVE MODE|no approvers configured|"
+    r"created the ledger signing key"
+)
+
+
+def noteworthy_log(log: Path) -> list[str]:
+    if not log.exists():
+        return []
+    lines = log.read_text(errors="replace").splitlines()
+    return [line for line in lines if line.strip() and not _ROUTINE_LOG.search(line)]
+
+
+def report(
+    suite: str, source: Path, direct: Run, guarded: Run, pgguard_log: Path, output: Path
+) -> int:
     worse, better = compare(direct, guarded)
     lines = [
         f"# {suite}'s own test suite, directly and through pgguard",
@@ -318,6 +337,9 @@ def report(suite: str, source: Path, direct: Run, guarded: Run, output: Path) ->
     for test in better:
         result = direct.results.get(test, Result("not run"))
         lines.append(f"- `{test}`: directly **{result.outcome}** {result.message}")
+    noteworthy = noteworthy_log(pgguard_log)
+    lines += ["", f"## pgguard's log beyond observe mode's notes: {len(noteworthy)} lines", ""]
+    lines += [f"    {line[:300]}" for line in noteworthy[:50]]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -407,7 +429,14 @@ def main(argv: list[str] | None = None) -> int:
                     one(*step)
             if errors:
                 raise errors[0]
-            return report(options.suite, source, runs["direct"], runs["through-pgguard"], output)
+            return report(
+                options.suite,
+                source,
+                runs["direct"],
+                runs["through-pgguard"],
+                workdir / "pgguard.log",
+                output,
+            )
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
