@@ -567,18 +567,40 @@ class Connection:
         return self._zcount + self._scanner.syncs + 1
 
     def _refuse_unsynced(self, what: str) -> None:
-        """A Query or FunctionCall right after unsynced extended messages is refused.
+        """A Query or FunctionCall after unsynced extended messages is refused unless the server
+        has already answered every one of them, none with an error.
 
         If one of those messages fails, the server skips everything up to Sync - this Query too,
         which then gets no ReadyForQuery (postgres.c ignore_till_sync) - so neither the judged
-        statement nor the ledger's numbering of replies could be trusted. libpq, JDBC, asyncpg
-        and psycopg always send Sync first.
+        statement nor the ledger's numbering of replies could be trusted while an answer is
+        outstanding. Once all are answered successfully the Query runs, and its ReadyForQuery
+        ends their group too (the group numbers already agree: the Query is counted into
+        ``_zcount``, so it is filed under the open group's number). asyncpg relies on this:
+        its prepare is Parse, Describe, Flush, and ``Connection.execute`` without arguments or
+        ``copy_records_to_table`` then sends a simple Query with no Sync in between.
         """
-        if self._scanner.unsynced:
-            raise ProtocolViolation(
-                f"pgguard refuses {what} sent after extended-protocol messages without a Sync",
-                hint="Send Sync to end the extended-protocol pipeline first.",
-            )
+        if not self._scanner.unsynced:
+            return
+        if self._unsynced_answered():
+            scanner = self._scanner
+            scanner.unsynced = False
+            scanner.describes = 0
+            return
+        raise ProtocolViolation(
+            f"pgguard refuses {what} sent after extended-protocol messages without a Sync"
+            " before the server answered them",
+            hint="Send Sync to end the extended-protocol pipeline first.",
+        )
+
+    def _unsynced_answered(self) -> bool:
+        """Every earlier group is over and each message of the open one got its success answer
+        (an ErrorResponse takes the place of the failing message's answer, so after an error
+        the count stays short)."""
+        tracker = self._session().tracker
+        return (
+            tracker.ready_count == self._zcount + self._scanner.syncs
+            and tracker.acks == self._acks_before()
+        )
 
     def _decide_execute(self, session: Session, portal_name: str) -> g.Verdict:
         group = self._extended_group()

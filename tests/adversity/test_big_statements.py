@@ -221,3 +221,30 @@ async def test_holding_a_long_statement_does_not_stall_others(
         assert max(latencies) < 1.0, (max(latencies), statistics.median(latencies))
     finally:
         await asyncio.to_thread(thread.stop)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="masking's email pattern (pgguard/masking/rules.py _EMAIL) is searched from every "
+    "position of a long run of name characters with no '@': quadratic, 7 s of CPU for "
+    "100 KB of digits, so the worker exceeds the default 2 s budget (found by asyncpg's "
+    "test_prepare_09_raise_error through pgguard)",
+)
+async def test_a_100_kb_literal_is_judged_within_the_default_budget(
+    upstream_dsn: str, state_dsn: str
+) -> None:
+    schema = f"pgguard_literal_{secrets.token_hex(4)}"
+    settings = hold_settings(
+        upstream_dsn, state_dsn, Path(SHIPPED_RULES_DIR), schema, limits={"parse_workers": 1}
+    )
+    assert settings.limits.parse_budget == 2.0  # the default, what every deployment has
+    thread = await asyncio.to_thread(lambda: PgguardThread(settings).start())
+    try:
+        conn = await asyncpg.connect(thread.dsn())
+        try:
+            value = "0" * 100 * 1024
+            assert await conn.fetchval(f"SELECT '{value}'::text") == value
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(thread.stop)

@@ -282,3 +282,41 @@ def test_what_ran_is_what_was_judged_and_recorded(
     never_run = set(not_run) - set(succeeded + failed)
     assert not (never_run & set(ran_on_server))
     assert victim_exists(oracle_pg)
+
+
+FLUSH = m.message(ord("H"))
+
+
+@pytest.mark.parametrize("query_kind", ["ok", "fails"])
+def test_a_query_ending_an_answered_unsynced_group_is_recorded_as_the_server_ran_it(
+    oracle_pg: EmbeddedPostgres, guarded: PgguardThread, query_kind: str
+) -> None:
+    """asyncpg's pattern (Parse, Describe, Flush, answers, then a simple Query without Sync),
+    with an Execute in the group too: the Query's ReadyForQuery ends the whole group, and the
+    ledger attributes the Execute's and the Query's results as the server's log says."""
+    application_name = f"diff-{secrets.token_hex(6)}"
+    raw = RawClient.connect(guarded.port)
+    welcome = raw.login(application_name=application_name)
+    pid = struct.unpack("!i", next(body for kind, body in welcome if kind == "K")[:4])[0]
+    first, second, third = next(_counter), next(_counter), next(_counter)
+    raw.send(
+        m.parse("s", text("ok", first))
+        + m.message(ord("D"), b"Ss\0")
+        + bind("", "s")
+        + execute("")
+        + m.parse("", text("ok", second))
+        + FLUSH
+    )
+    answers = raw.recv_until("1") + raw.recv_until("C") + raw.recv_until("1")
+    assert "".join(t for t, _ in answers) == "1tT2DC1"
+    raw.send(m.query(text(query_kind, third)))
+    replies = raw.recv_until("Z")
+    assert ("E" in [t for t, _ in replies]) == (query_kind == "fails")
+    raw.send(m.message(ord("X")))
+    time.sleep(0.05)
+    ran_on_server = executed_markers(oracle_pg, pid)
+    succeeded, failed, not_run = ledger_markers(guarded, application_name)
+    assert ran_on_server == Counter({first: 1, third: 1})
+    assert succeeded + failed == ran_on_server
+    assert (third in failed) == (query_kind == "fails")
+    assert not set(not_run) & set(ran_on_server)

@@ -12,6 +12,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -144,6 +145,78 @@ def test_a_query_after_unsynced_extended_messages_is_refused(
     errors = [error_fields(b) for t, b in replies if t == "E"]
     assert any(e.sqlstate == "08P01" and "without a Sync" in e.message for e in errors)
     assert victim_exists(direct_dsn)
+
+
+DESCRIBE_S1 = m.message(ord("D"), b"Ss1\0")
+FLUSH = m.message(ord("H"))
+
+
+def test_a_query_after_answered_unsynced_messages_runs(guarded: ProxyThread) -> None:
+    """asyncpg's prepare is Parse, Describe, Flush; once the answers are in, it sends a simple
+    Query with no Sync in between (``execute()`` without arguments, ``copy_records_to_table``).
+    The server runs it, and its ReadyForQuery ends the extended group too."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s1", "SELECT 41 + 1") + DESCRIBE_S1 + FLUSH)
+    assert types(raw.recv_until("T")) == ["1", "t", "T"]
+    raw.send(m.query("SELECT 'after'"))
+    replies = raw.recv_until("Z")
+    assert types(replies) == ["T", "D", "C", "Z"]
+    assert replies[1][1].endswith(b"after")
+    # The statement parsed before the Query is still the server's, and pgguard knows it.
+    raw.send(bind("", "s1") + execute() + SYNC)
+    replies = raw.recv_until("Z")
+    assert types(replies) == ["2", "D", "C", "Z"]
+    assert replies[1][1].endswith(b"42")
+
+
+def test_a_query_pipelined_before_the_answers_is_still_refused(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """The nearest variant: the same messages in one write, so the Query reaches pgguard before
+    the server has answered the Parse - it could still be skipped, so it is refused."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s1", "SELECT 1") + DESCRIBE_S1 + FLUSH + m.query("DROP TABLE model_victim"))
+    replies = read_until_closed(raw)
+    errors = [error_fields(b) for t, b in replies if t == "E"]
+    assert any(e.sqlstate == "08P01" and "without a Sync" in e.message for e in errors)
+    assert victim_exists(direct_dsn)
+
+
+def test_a_query_after_an_answered_failure_is_refused(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """All answered, but one with an error: the server would skip the Query (ignore_till_sync),
+    so the ledger could not number its replies; refused as before."""
+    raw = RawClient.connect(guarded.port)
+    raw.login()
+    raw.send(m.parse("s1", "SELEC broken") + FLUSH)
+    assert types(raw.recv_until("E")) == ["E"]
+    raw.send(m.query("DROP TABLE model_victim"))
+    replies = read_until_closed(raw)
+    errors = [error_fields(b) for t, b in replies if t == "E"]
+    assert any(e.sqlstate == "08P01" and "without a Sync" in e.message for e in errors)
+    assert victim_exists(direct_dsn)
+
+
+async def test_asyncpg_execute_and_copy_after_prepare(
+    guarded: ProxyThread, direct_dsn: str
+) -> None:
+    """Found by asyncpg's own suite through pgguard (bench/driver_suites.py): both used to end
+    the session with 08P01."""
+    with psycopg.connect(direct_dsn, autocommit=True) as setup:  # DDL would be held
+        setup.execute("CREATE TABLE model_scratch (a int, b text)")
+    conn = await asyncpg.connect(guarded.dsn())
+    try:
+        stmt = await conn.prepare("SELECT $1::int + 1")
+        assert await conn.execute("SELECT 2") == "SELECT 1"
+        assert await stmt.fetchval(1) == 2
+        records = [(i, f"row {i}") for i in range(100)]
+        assert await conn.copy_records_to_table("model_scratch", records=records) == "COPY 100"
+        assert await conn.fetchval("SELECT sum(a) FROM model_scratch") == sum(range(100))
+    finally:
+        await conn.close()
 
 
 def _bound_in_a_transaction(raw: RawClient, portal: str, sql: str) -> None:
