@@ -223,13 +223,6 @@ async def test_holding_a_long_statement_does_not_stall_others(
         await asyncio.to_thread(thread.stop)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="masking's email pattern (pgguard/masking/rules.py _EMAIL) is searched from every "
-    "position of a long run of name characters with no '@': quadratic, 7 s of CPU for "
-    "100 KB of digits, so the worker exceeds the default 2 s budget (found by asyncpg's "
-    "test_prepare_09_raise_error through pgguard)",
-)
 async def test_a_100_kb_literal_is_judged_within_the_default_budget(
     upstream_dsn: str, state_dsn: str
 ) -> None:
