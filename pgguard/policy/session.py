@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, replace
 
 from pgguard.sql.classify import StatementFacts
-from pgguard.sql.kinds import EXECUTE
+from pgguard.sql.kinds import EXECUTE, UNPARSEABLE
 
 _UNKNOWN_REASON = "EXECUTE of a prepared statement pgguard has not seen"
 
@@ -34,14 +34,18 @@ class PreparedSummary:
     state_refs: tuple[str, ...] = ()
 
 
-# How many distinct entries (reasons, kinds, functions, relations...) one name's union keeps.
-# Past it the name is judged as opaque code: still the strictest answer, in bounded memory, and
-# each PREPARE costs the same however many came before (invariant 5).
+# How many distinct entries (reasons, kinds, functions, relations...) one name's union keeps, so
+# that each PREPARE costs the same however many came before and a session's memory stays bounded
+# (invariant 5). Past it pgguard can no longer say what the name may run, so EXECUTE of it is
+# judged as text pgguard cannot read (category ``unparseable``: denied by the shipped rules),
+# keeping the categories it had and whether a body named pgguard's state (denied whatever the
+# rules say).
 MAX_UNION_ENTRIES = 4096
 _OVERFLOW_REASON = (
-    f"EXECUTE of a prepared statement whose name has held more than {MAX_UNION_ENTRIES} "
-    "distinct parts; pgguard judges it as opaque code"
+    f"more than {MAX_UNION_ENTRIES} distinct parts were prepared under this name in this "
+    "session, so pgguard can no longer tell what it runs; prepare it under a new name"
 )
+_OVERFLOW_STATE_REF = "one of the statements prepared under this name names pgguard's state"
 
 
 def _union(*parts: tuple[str, ...]) -> tuple[str, ...]:
@@ -74,9 +78,11 @@ class _Union:
     def add(self, body: StatementFacts) -> None:
         self._summary = None
         if self.overflowed:
-            # The categories stay exact (a fixed, small set); the rest no longer matters,
-            # since the name is judged as opaque code from now on.
+            # The categories stay exact (a fixed, small set) and a body naming pgguard's state
+            # still leaves its mark; the rest no longer matters (see MAX_UNION_ENTRIES).
             self.fields[0].update(dict.fromkeys(body.categories))
+            if body.state_refs:
+                self.fields[6][_OVERFLOW_STATE_REF] = None
             return
         for store, field in zip(self.fields, self.FIELDS, strict=True):
             before = len(store)
@@ -85,8 +91,9 @@ class _Union:
         if self.size > MAX_UNION_ENTRIES:
             self.overflowed = True
             categories = self.fields[0]
-            categories[EXECUTE] = None
-            self.fields = (categories, {_OVERFLOW_REASON: None}, {}, {}, {}, {}, {})
+            categories[UNPARSEABLE] = None
+            state = {_OVERFLOW_STATE_REF: None} if self.fields[6] else {}
+            self.fields = (categories, {_OVERFLOW_REASON: None}, {}, {}, {}, {}, state)
 
     def summary(self) -> PreparedSummary:
         if self._summary is None:
