@@ -120,6 +120,12 @@ class TooManyConnections(PgGuardError):
     severity = "FATAL"
 
 
+class PortalDoesNotExist(PgGuardError):
+    """An Execute of a portal the server does not hold, answered by pgguard as PostgreSQL does."""
+
+    sqlstate = "34000"  # invalid_cursor_name
+
+
 class InternalError(PgGuardError):
     """A bug in pgguard met a session: that session ends (nothing of it is forwarded)."""
 

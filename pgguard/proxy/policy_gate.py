@@ -45,6 +45,7 @@ from pgguard.errors import (
     AdminShutdown,
     PgGuardError,
     PolicyDenied,
+    PortalDoesNotExist,
     QueryCanceled,
     StatementTooComplex,
 )
@@ -393,7 +394,7 @@ class PolicyGate(Gate):
     ) -> Verdict:
         if not event.candidates:
             if event.statement == "" and not event.portal and not event.sql:
-                return ALLOW  # an Execute of a portal nobody bound: the server rejects it
+                return self._no_unnamed_portal(session, ctx, event)
             # A statement prepared with SQL PREPARE and bound through the protocol: judge it
             # as the EXECUTE it amounts to, so the session tracker supplies what it runs.
             decision = self.engine.classify(f'EXECUTE "{_quote_ident(event.statement)}"', ctx)
@@ -415,6 +416,21 @@ class PolicyGate(Gate):
         if ambiguous and strictest.action != "allow" and not strictest.observe:
             return self._refuse_ambiguous(session, state, strictest, event)
         return self._verdict(session, state, strictest, event)
+
+    def _no_unnamed_portal(self, session: SessionView, ctx: Context, event: SqlEvent) -> Deny:
+        """An Execute of the unnamed portal where the session model says none exists (nothing
+        was bound, or a simple Query destroyed it: protocol docs, "Extended Query") is answered
+        here with the server's own error and never forwarded. PostgreSQL 16.2 keeps the portal
+        of a failed ``ROLLBACK TO SAVEPOINT`` Query past its memory, and an Execute of it in the
+        aborted transaction can crash the backend, and with it every session of the cluster
+        (tests/integration/test_upstream_crash_guard.py). The ledger records it as the server
+        would have: allowed, failed with 34000."""
+        error = PortalDoesNotExist('portal "" does not exist')
+        if self.ledger is not None:
+            decision = self.engine.classify(b"", ctx)
+            record = StatementRecord(event.kind, event.sql, decision)
+            self.ledger.refused(session, record, error.sqlstate, error.message)
+        return Deny(error)
 
     def _with_fetched_portals(
         self, session: SessionView, ctx: Context, decision: Decision, sql: bytes

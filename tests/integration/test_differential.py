@@ -246,6 +246,49 @@ _counter = itertools.count(1)
     ],
     pipelined=True,
 )
+@example(
+    program=[
+        ("txn", "COMMIT; BEGIN"),
+        ("query", "drops"),
+        ("txn", "BEGIN"),
+        (
+            "pipeline",
+            [
+                ("execute", ""),
+                ("parse", "s", "drops"),
+                ("parse", "s", "privileged"),
+                ("close", "P", ""),
+                ("execute", ""),
+                ("parse", "", "privileged"),
+            ],
+        ),
+        ("txn", "ROLLBACK TO sp"),
+        ("query", "missing"),
+        (
+            "pipeline",
+            [
+                ("execute", ""),
+                ("execute", ""),
+                ("close", "P", ""),
+                ("parse", "s", "privileged"),
+                ("execute", ""),
+                ("parse", "", "privileged"),
+            ],
+        ),
+        (
+            "pipeline",
+            [
+                ("execute", ""),
+                ("execute", ""),
+                ("close", "P", ""),
+                ("parse", "s", "privileged"),
+                ("execute", ""),
+                ("parse", "", "privileged"),
+            ],
+        ),
+    ],
+    pipelined=True,
+)
 def test_what_ran_is_what_was_judged_and_recorded(
     oracle_pg: EmbeddedPostgres,
     guarded: PgguardThread,
