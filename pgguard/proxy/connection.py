@@ -604,11 +604,15 @@ class Connection:
 
     def _decide_execute(self, session: Session, portal_name: str) -> g.Verdict:
         group = self._extended_group()
-        bindings = self._model.portal(portal_name, group)
-        if len(bindings) > 1 and self._model.unanswered_before(group):
+        bindings, may_be_missing = self._model.portal_states(portal_name, group)
+        if (len(bindings) > 1 or (may_be_missing and bindings)) and self._model.unanswered_before(
+            group
+        ):
             # What the portal runs depends on answers the server has not sent yet: wait for
             # them (only this session waits; the earlier groups' Syncs are already upstream),
-            # then judge the one text it will run.
+            # then judge the one text it will run. Whether it exists at all waits too: an
+            # Execute of a portal that does not exist is answered by pgguard, never forwarded
+            # (see PolicyGate._no_unnamed_portal).
             loop = asyncio.get_running_loop()
             return g.Hold(loop.create_task(self._decide_when_answered(session, portal_name)))
         event = self._execute_event(portal_name, bindings)

@@ -329,20 +329,26 @@ class SessionModel:
 
     def portal(self, name: str, group: int) -> tuple[Bound, ...]:
         """Every binding the server may hold under portal ``name`` for a message in ``group``."""
+        return self.portal_states(name, group)[0]
+
+    def portal_states(self, name: str, group: int) -> tuple[tuple[Bound, ...], bool]:
+        """`portal`, and whether the server may also hold no portal of that name (an earlier
+        group that may or may not have dropped it). Both together: the server's answers to
+        those groups decide which, so an Execute waits for them (see `unanswered_before`)."""
         quick = self._bound_just_now(name, group)
         if quick is not None:
-            return quick
+            return quick, False
         possible = self._portal_at(name, group, self._before_group(group))
         if len(possible) == 1:
             (only,) = possible
-            return () if only is None else (only,)
+            return ((), True) if only is None else ((only,), False)
         bindings = sorted((b for b in possible if b is not None), key=_key)
         if len(bindings) > MAX_POSSIBILITIES:
             raise TooManyPossibilities(
                 f"portal {name!r} may stand for {len(bindings)} statements; wait for the "
                 "server's answers (Sync) before executing it"
             )
-        return tuple(bindings)
+        return tuple(bindings), len(bindings) < len(possible)
 
     def _bound_just_now(self, name: str, group: int) -> tuple[Bound] | None:
         """The usual case, answered without the general walk: the unnamed portal was bound

@@ -24,7 +24,7 @@ import pytest
 
 from pgguard.embedded import EmbeddedPostgres
 from pgguard.wire import messages as m
-from tests.integration.test_session_model import SYNC, execute, first_error, types
+from tests.integration.test_session_model import SYNC, bind, execute, first_error, types
 from tests.support import PgguardThread, RawClient, agent_settings
 
 
@@ -64,24 +64,33 @@ def _run(raw: RawClient, sql: str) -> list[tuple[str, bytes]]:
     return raw.recv_until("Z")
 
 
+@pytest.mark.parametrize("bound_before", [False, True])
 @pytest.mark.parametrize("then", ["SELECT 2 AS m2", "SELECT m2 FROM no_such_table"])
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_execute_of_a_destroyed_unnamed_portal_is_answered_by_pgguard(
-    guarded: PgguardThread, own_cluster: EmbeddedPostgres, then: str, pipelined: bool
+    guarded: PgguardThread,
+    own_cluster: EmbeddedPostgres,
+    then: str,
+    pipelined: bool,
+    bound_before: bool,
 ) -> None:
     bystander = psycopg.connect(own_cluster.unix_dsn(), autocommit=True)
     raw = _session(guarded)
     try:
-        sequence = [m.query("BEGIN"), m.query("ROLLBACK TO sp"), m.query(then), execute("") + SYNC]
+        begin = m.query("BEGIN")
+        if bound_before:  # an unnamed portal the server confirmed, which the failed Query drops
+            begin += m.parse("", "SELECT 1") + bind("", "") + SYNC
+        sequence = [begin, m.query("ROLLBACK TO sp"), m.query(then), execute("") + SYNC]
         if pipelined:  # as the differential test sent it when the server crashed
             raw.send(b"".join(sequence))
-            answers = [raw.recv_until("Z") for _ in sequence]
-        else:
-            answers = []
-            for message in sequence:
+        answers = []
+        for message in sequence:
+            if not pipelined:
                 raw.send(message)
-                answers.append(raw.recv_until("Z"))
-        assert types(answers[0]) == ["C", "Z"]
+            answers.append(raw.recv_until("Z"))
+            if bound_before and message is begin:
+                answers[-1] += raw.recv_until("Z")
+        assert types(answers[0]) == ["C", "Z"] + (["1", "2", "Z"] if bound_before else [])
         assert first_error(answers[1])[0] == "3B001"
         assert first_error(answers[2])[0] == "25P02"
         assert types(answers[3]) == ["E", "Z"]
