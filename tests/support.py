@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import secrets
 import shutil
 import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,3 +271,20 @@ def shipped_rules_with(directory: Path, name: str, text: str) -> Path:
         shutil.copy(path, directory / path.name)
     (directory / name).write_text(text)
     return directory
+
+
+@contextmanager
+def ledgered_pgguard(upstream_dsn: str, state_dsn: str, name: str) -> Iterator[PgguardThread]:
+    """A running pgguard in front of ``upstream_dsn`` with the ledger on, in a state schema and
+    a spool directory of its own (``name`` tells whose), stopped on the way out."""
+    settings = agent_settings(
+        upstream_dsn,
+        state_dsn,
+        state={"schema": f"pgguard_{name}_{secrets.token_hex(4)}"},
+        ledger={"spool_dir": tempfile.mkdtemp(prefix="pgguard-spool-")},
+    )
+    thread = PgguardThread(settings).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()

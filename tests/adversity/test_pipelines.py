@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import psycopg
 import pytest
 
 from pgguard.wire import messages as m
-from tests.support import PgguardThread, RawClient, agent_settings, error_fields
+from tests.support import PgguardThread, RawClient, error_fields, ledgered_pgguard
 
 ROWS = 5000
 SYNC = m.message(ord("S"))
@@ -33,17 +32,8 @@ SYNC = m.message(ord("S"))
 
 @pytest.fixture(scope="module")
 def guarded(upstream_dsn: str, state_dsn: str) -> Iterator[PgguardThread]:
-    settings = agent_settings(
-        upstream_dsn,
-        state_dsn,
-        state={"schema": f"pgguard_pipe_{secrets.token_hex(4)}"},
-        ledger={"spool_dir": tempfile.mkdtemp(prefix="pgguard-spool-")},
-    )
-    thread = PgguardThread(settings).start()
-    try:
+    with ledgered_pgguard(upstream_dsn, state_dsn, "pipe") as thread:
         yield thread
-    finally:
-        thread.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ Each statement carries a unique marker (``m<k>``, an identifier, so masking keep
 those that only drop names (COMMIT, DEALLOCATE ALL, CLOSE ALL: no identifier to carry one), which
 are in the programs for what they do to the session's names, not to be counted. The run is
 bounded in CI; ``PGGUARD_DIFF_EXAMPLES=2000 pytest tests/integration/test_differential.py`` is the
-long mode.
+long mode (its time limit grows with the number of examples: about 0.1 s each here).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from pgguard.embedded import EmbeddedPostgres
 from pgguard.wire import messages as m
-from tests.support import PgguardThread, RawClient, agent_settings
+from tests.support import PgguardThread, RawClient, ledgered_pgguard
 
 EXAMPLES = int(os.environ.get("PGGUARD_DIFF_EXAMPLES", "25"))
 VICTIM = "diff_victim"
@@ -66,17 +66,8 @@ def oracle_pg() -> Iterator[EmbeddedPostgres]:
 
 @pytest.fixture(scope="module")
 def guarded(oracle_pg: EmbeddedPostgres, state_dsn: str) -> Iterator[PgguardThread]:
-    settings = agent_settings(
-        oracle_pg.unix_dsn(),
-        state_dsn,
-        state={"schema": f"pgguard_diff_{secrets.token_hex(4)}"},
-        ledger={"spool_dir": tempfile.mkdtemp(prefix="pgguard-spool-")},
-    )
-    thread = PgguardThread(settings).start()
-    try:
+    with ledgered_pgguard(oracle_pg.unix_dsn(), state_dsn, "diff") as thread:
         yield thread
-    finally:
-        thread.stop()
 
 
 # --- programs -------------------------------------------------------------------------------
@@ -218,6 +209,7 @@ def victim_exists(pg: EmbeddedPostgres) -> bool:
 _counter = itertools.count(1)
 
 
+@pytest.mark.timeout(120 + EXAMPLES // 2)  # the suite's 120 s is for one example set, not 2,000
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -14,7 +14,6 @@ have said. Each test runs against a cluster of its own, so a crash cannot reach 
 
 from __future__ import annotations
 
-import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from pgguard.embedded import EmbeddedPostgres
 from pgguard.wire import messages as m
 from tests.integration.test_session_model import SYNC, bind, execute, first_error, types
-from tests.support import PgguardThread, RawClient, agent_settings
+from tests.support import PgguardThread, RawClient, ledgered_pgguard
 
 
 @pytest.fixture
@@ -40,17 +39,8 @@ def own_cluster() -> Iterator[EmbeddedPostgres]:
 
 @pytest.fixture
 def guarded(own_cluster: EmbeddedPostgres, state_dsn: str) -> Iterator[PgguardThread]:
-    settings = agent_settings(
-        own_cluster.unix_dsn(),
-        state_dsn,
-        state={"schema": f"pgguard_crash_{secrets.token_hex(4)}"},
-        ledger={"spool_dir": tempfile.mkdtemp(prefix="pgguard-spool-")},
-    )
-    thread = PgguardThread(settings).start()
-    try:
+    with ledgered_pgguard(own_cluster.unix_dsn(), state_dsn, "crash") as thread:
         yield thread
-    finally:
-        thread.stop()
 
 
 def _session(guarded: PgguardThread) -> RawClient:
