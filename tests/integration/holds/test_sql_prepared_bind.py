@@ -160,3 +160,26 @@ async def test_a_name_the_model_knows_re_prepared_in_sql_is_never_shown_as_the_o
     pending = await api.get("/api/requests", params={"state": "pending"}, headers=auth("dba1"))
     assert not [r for r in pending.json() if "$1::oid" in r["statement"]]
     assert not _large_object_exists(direct_dsn, 424205)
+
+
+async def test_an_approved_run_of_a_sql_prepared_name_runs_once_with_its_parameter(
+    pgguard: PgguardThread, api: httpx.AsyncClient, direct_dsn: str
+) -> None:
+    """Approving the held ``EXECUTE "imp6"`` lets that Bind/Execute run (the fix holds, it does
+    not break the statement); the next run is held again."""
+    raw = RawClient.connect(pgguard.port)
+    raw.login()
+    await _approved_prepare(raw, api, 6)
+    raw.send(_bind("", "imp6", 424206) + _execute() + SYNC)
+    request = await wait_for_request(api, "imp6")
+    assert str(request["statement"]).startswith('EXECUTE "imp6"')
+    url = f"/api/requests/{request['id']}/approve"
+    assert (await api.post(url, json={}, headers=auth("dba1"))).status_code == 200
+    replies = await asyncio.to_thread(raw.recv_until, "Z")
+    assert [t for t, _ in replies if t != "N"] == ["2", "D", "C", "Z"], replies
+    assert _large_object_exists(direct_dsn, 424206)
+    raw.send(_bind("", "imp6", 424207) + _execute() + SYNC)
+    await _deny_next(api, "imp6")
+    replies = await asyncio.to_thread(raw.recv_until, "Z")
+    assert [error_fields(b).sqlstate for t, b in replies if t == "E"] == ["42501"], replies
+    assert not _large_object_exists(direct_dsn, 424207)
