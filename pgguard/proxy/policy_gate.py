@@ -59,6 +59,7 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
+from pgguard.policy.session import TOO_MANY_NAMES_REASON
 from pgguard.proxy import hold_notices
 from pgguard.proxy.catalog import function_name
 from pgguard.proxy.estimates import estimate_rows
@@ -310,8 +311,8 @@ class PolicyGate(Gate):
             )
         if ctx.session is not None:  # what the worker's empty tracker remembered
             for facts in decision.facts:
-                if facts.prepares is not None:
-                    ctx.session.remember(facts.prepares, facts)
+                if facts.prepares is not None and not ctx.session.remember(facts.prepares, facts):
+                    raise StatementTooComplex(TOO_MANY_NAMES_REASON)
         if decision.fetches:
             decision = self._with_fetched_portals(session, ctx, decision, text)
         # The literal-blind key stands for the text in the ledger; an Execute's is not kept
