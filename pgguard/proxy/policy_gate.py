@@ -426,10 +426,15 @@ class PolicyGate(Gate):
         Execute of such a name is refused as ambiguous rather than shown to a reviewer as the
         one the model knows."""
         tracker = state.tracker
-        names = event.statements or (event.statement,)
-        prepared = [name for name in names if name and tracker.sql_prepared(name)]
-        if not prepared:
-            return event.candidates, False
+        if not event.statements:  # the usual case: one binding
+            name = event.statement
+            if not name or not tracker.sql_prepared(name):
+                return event.candidates, False
+            prepared = [name]
+        else:
+            prepared = [name for name in event.statements if name and tracker.sql_prepared(name)]
+            if not prepared:
+                return event.candidates, False
         extra = [sql_prepared_text(name) for name in prepared]
         return (*event.candidates, *(t for t in extra if t not in event.candidates)), True
 
