@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -131,12 +131,16 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _find_card(value: str) -> str | None:
+# Every detector is written as the list of what it finds in a value, in one pass from left to
+# right (linear: `pgguard.masking.freetext` masks every one of them); finding the first is
+# taking the first of those.
+
+
+def _all_cards(value: str) -> Iterator[str]:
     for found in _CARD.finditer(value):
         digits = re.sub(r"\D", "", found.group())
         if 13 <= len(digits) <= 19 and _luhn(digits):
-            return found.group()
-    return None
+            yield found.group()
 
 
 def _iban_ok(candidate: str) -> bool:
@@ -146,17 +150,34 @@ def _iban_ok(candidate: str) -> bool:
     return 15 <= len(compact) <= 34 and int(number) % 97 == 1
 
 
-def _find_iban(value: str) -> str | None:
+def _all_ibans(value: str) -> Iterator[str]:
     for found in _IBAN.finditer(value):
         if _iban_ok(found.group()):
-            return found.group()
-    return None
+            yield found.group()
+
+
+# The e-mail pattern without its lookbehind, tried only where the previous address ended: what
+# follows one address may start the next ("a@b.example+c@d.example": masking the first used to
+# leave "<email>+c@d.example", where the plain search found the second).
+_EMAIL_HERE = re.compile(_EMAIL.pattern.removeprefix(r"(?<![A-Za-z0-9._%+'-])"))
+
+
+def _all_emails(value: str) -> Iterator[str]:
+    pos = 0
+    while True:
+        found = _EMAIL_HERE.match(value, pos) if pos else None
+        if found is None:
+            found = _EMAIL.search(value, pos)
+        if found is None:
+            return
+        yield found.group()
+        pos = found.end()
 
 
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9_-]*")
 
 
-def _find_jwt(value: str) -> str | None:
+def _all_jwts(value: str) -> Iterator[str]:
     # Tried only at the first "eyJ" of each run of token characters: a later one in the same run
     # fails exactly where the first did, and searching from every "eyJ" of a long run made the
     # search quadratic (90 KB of "eyJeyJ..." took 2 s).
@@ -164,10 +185,25 @@ def _find_jwt(value: str) -> str | None:
     while start != -1:
         found = _JWT.match(value, start)
         if found:
-            return found.group()
+            yield found.group()
+            start = value.find("eyJ", found.end())
+            continue
         run = _TOKEN_RUN.match(value, start)
         start = value.find("eyJ", run.end() if run else start + 3)
-    return None
+
+
+def _all_matches(pattern: re.Pattern[str]) -> Callable[[str], Iterator[str]]:
+    def find_all(value: str) -> Iterator[str]:
+        return (found.group() for found in pattern.finditer(value))
+
+    return find_all
+
+
+def _first(find_all: Callable[[str], Iterator[str]]) -> Callable[[str], str | None]:
+    def find(value: str) -> str | None:
+        return next(find_all(value), None)
+
+    return find
 
 
 def _finder(pattern: re.Pattern[str]) -> Callable[[str], str | None]:
@@ -178,15 +214,19 @@ def _finder(pattern: re.Pattern[str]) -> Callable[[str], str | None]:
     return find
 
 
+# What each built-in detector finds: all of it, and the first.
+_BUILTIN_ALL: dict[str, Callable[[str], Iterator[str]]] = {
+    "email": _all_emails,
+    "card": _all_cards,
+    "iban": _all_ibans,
+    "ssn": _all_matches(_SSN),
+    "jwt": _all_jwts,
+    "aws_access_key": _all_matches(_AWS),
+    "private_key": _all_matches(_PRIVATE_KEY),
+    "connection_string": _all_matches(_CONNECTION),
+}
 _BUILTIN: dict[str, Callable[[str], str | None]] = {
-    "email": _finder(_EMAIL),
-    "card": _find_card,
-    "iban": _find_iban,
-    "ssn": _finder(_SSN),
-    "jwt": _find_jwt,
-    "aws_access_key": _finder(_AWS),
-    "private_key": _finder(_PRIVATE_KEY),
-    "connection_string": _finder(_CONNECTION),
+    name: _first(find_all) for name, find_all in _BUILTIN_ALL.items()
 }
 
 
@@ -202,6 +242,9 @@ class _CompiledValueRule:
     find: Callable[[str], str | None]
     label: str
     keep_last: int
+    # Everything it finds, in one pass (the built-in detectors; None for a rule's own regex,
+    # whose lookarounds may see what masking an earlier find changed).
+    find_all: Callable[[str], Iterator[str]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,12 +274,15 @@ class MaskingRules:
     def from_file_model(cls, parsed: MaskingFile, source: str = "(built in)") -> MaskingRules:
         values = tuple(
             _CompiledValueRule(
+                rule.id, _finder(re.compile(rule.pattern)), rule.label, rule.keep_last
+            )
+            if rule.detector == "regex" and rule.pattern is not None
+            else _CompiledValueRule(
                 rule.id,
-                _finder(re.compile(rule.pattern))
-                if rule.detector == "regex" and rule.pattern is not None
-                else _BUILTIN[rule.detector],
+                _BUILTIN[rule.detector],
                 rule.label,
                 rule.keep_last,
+                _BUILTIN_ALL[rule.detector],
             )
             for rule in parsed.values
         )

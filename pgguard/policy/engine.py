@@ -34,7 +34,7 @@ from pgguard.policy.decision import ActionName, Context, Decision, Mode, Stateme
 from pgguard.policy.loader import LoadedPolicy, load_policy
 from pgguard.policy.models import HoldMode
 from pgguard.policy.rules import STATE_SCHEMA_RULE, Judgement, judge_statement, stricter
-from pgguard.policy.session import SessionTracker
+from pgguard.policy.session import SessionTracker, too_many_names
 from pgguard.sql.classify import StatementFacts, classify_text, unparseable_facts
 from pgguard.sql.fastkey import literal_blind_key
 from pgguard.sql.kinds import UNPARSEABLE
@@ -246,9 +246,9 @@ class PolicyEngine:
         resolved_all: list[StatementFacts] = []
         for item in facts:
             resolved = session.resolve(item)
+            if item.prepares is not None and not session.remember(item.prepares, item):
+                resolved = too_many_names(resolved)  # a new name the tracker cannot keep
             judgement = judge_statement(self.policy.rules, resolved, ctx.agent, ctx.database)
-            if item.prepares is not None:
-                session.remember(item.prepares, item)
             resolved_all.append(resolved)
             judgements.append(judgement)
             verdicts.append(_verdict(resolved, judgement))

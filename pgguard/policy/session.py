@@ -8,6 +8,13 @@ PREPARE when it is classified, before the server has run (or rejected) it, so it
 whether a later PREPARE or DEALLOCATE of the same name took effect. Keeping the union of every
 body ever prepared under a name means `EXECUTE name` is never judged by a harmless body while the
 server holds a privileged one. An unknown name is treated as opaque code.
+
+Bounded (invariant 5): at most `MAX_NAMES` names and about `MAX_SESSION_ENTRIES` parts per
+session, however many PREPAREs (even ones the server rejects) and Parses a client sends. What does
+not fit fails closed: the oldest protocol-only names are forgotten first (a SQL ``EXECUTE`` of a
+driver's protocol name is then judged as a name never seen: opaque code); a SQL-prepared name is
+never forgotten (a protocol Bind of it is judged by it), so its union is judged as text pgguard
+cannot read once the parts run out, and a SQL PREPARE of a new name past `MAX_NAMES` is refused.
 """
 
 from __future__ import annotations
@@ -41,11 +48,33 @@ class PreparedSummary:
 # keeping the categories it had and whether a body named pgguard's state (denied whatever the
 # rules say).
 MAX_UNION_ENTRIES = 4096
+# The same for one session, over all its names: 300 PREPAREs of 4,000 (missing) relations each
+# under new names kept 100 MB, ten times their text, for the session's life. Past
+# MAX_SESSION_ENTRIES, protocol-only names are forgotten (oldest first), then a SQL-prepared
+# name's union overflows as above; past MAX_NAMES, a SQL PREPARE of a new name is refused.
+MAX_SESSION_ENTRIES = 65_536
+MAX_NAMES = 4096
+TOO_MANY_NAMES_REASON = (
+    f"this session has used {MAX_NAMES} SQL prepared statement names, the most pgguard keeps "
+    "(DEALLOCATE does not free them: pgguard cannot know it took effect); reuse a name or "
+    "reconnect"
+)
 _OVERFLOW_REASON = (
     f"more than {MAX_UNION_ENTRIES} distinct parts were prepared under this name in this "
     "session, so pgguard can no longer tell what it runs; prepare it under a new name"
 )
 _OVERFLOW_STATE_REF = "one of the statements prepared under this name names pgguard's state"
+
+
+def too_many_names(facts: StatementFacts) -> StatementFacts:
+    """A SQL PREPARE of a new name the tracker has no room for (`MAX_NAMES`), judged as text
+    pgguard cannot read: denied by the shipped rules, so the server never holds a name whose
+    body pgguard does not know."""
+    return replace(
+        facts,
+        categories=_union(facts.categories, (UNPARSEABLE,)),
+        reasons=_union(facts.reasons, (TOO_MANY_NAMES_REASON,)),
+    )
 
 
 def _union(*parts: tuple[str, ...]) -> tuple[str, ...]:
@@ -83,17 +112,24 @@ class _Union:
             self.fields[0].update(dict.fromkeys(body.categories))
             if body.state_refs:
                 self.fields[6][_OVERFLOW_STATE_REF] = None
+            self.size = sum(map(len, self.fields))
             return
         for store, field in zip(self.fields, self.FIELDS, strict=True):
             before = len(store)
             store.update(dict.fromkeys(getattr(body, field)))
             self.size += len(store) - before
         if self.size > MAX_UNION_ENTRIES:
-            self.overflowed = True
-            categories = self.fields[0]
-            categories[UNPARSEABLE] = None
-            state = {_OVERFLOW_STATE_REF: None} if self.fields[6] else {}
-            self.fields = (categories, {_OVERFLOW_REASON: None}, {}, {}, {}, {}, state)
+            self.overflow()
+
+    def overflow(self) -> None:
+        """Forget the parts, keep the verdict (see MAX_UNION_ENTRIES)."""
+        self._summary = None
+        self.overflowed = True
+        categories = self.fields[0]
+        categories[UNPARSEABLE] = None
+        state = {_OVERFLOW_STATE_REF: None} if self.fields[6] else {}
+        self.fields = (categories, {_OVERFLOW_REASON: None}, {}, {}, {}, {}, state)
+        self.size = sum(map(len, self.fields))
 
     def summary(self) -> PreparedSummary:
         if self._summary is None:
@@ -107,21 +143,72 @@ class SessionTracker:
     def __init__(self) -> None:
         self._prepared: dict[str, _Union] = {}
         self._sql_prepared: set[str] = set()  # names a SQL PREPARE may have taken
+        self._protocol_only: dict[str, None] = {}  # the other names, oldest first
+        self._entries = 0  # the sizes of every union in _prepared
         self._lock = threading.Lock()
 
-    def remember(self, name: str, body: StatementFacts, *, sql_prepare: bool = True) -> None:
+    def remember(self, name: str, body: StatementFacts, *, sql_prepare: bool = True) -> bool:
         """Record that `name` was (or may have been) prepared with this body.
 
         ``sql_prepare`` is False for a protocol-level Parse, whose texts the connection's
-        server-confirmed model (`pgguard.wire.session`) knows exactly.
+        server-confirmed model (`pgguard.wire.session`) knows exactly. False when a SQL
+        PREPARE of a new name does not fit (`MAX_NAMES`): the caller must refuse it.
         """
         with self._lock:
-            if sql_prepare:
-                self._sql_prepared.add(name)
             union = self._prepared.get(name)
             if union is None:
+                if len(self._prepared) >= MAX_NAMES:
+                    self._forget_protocol_names(keep="")
+                if len(self._prepared) >= MAX_NAMES:
+                    return not sql_prepare  # a protocol name is simply not kept
                 union = self._prepared[name] = _Union()
+            elif not sql_prepare and name in self._protocol_only:
+                del self._protocol_only[name]  # re-filed below as the most recent
+            if not sql_prepare and name not in self._sql_prepared:
+                self._protocol_only[name] = None
+            if sql_prepare:
+                self._sql_prepared.add(name)
+                self._protocol_only.pop(name, None)
+            before = union.size
             union.add(body)
+            self._entries += union.size - before
+            if self._entries > MAX_SESSION_ENTRIES:
+                self._forget_protocol_names(keep=name)
+                if self._entries > MAX_SESSION_ENTRIES and name in self._prepared:
+                    if sql_prepare or name in self._sql_prepared:
+                        before = union.size
+                        union.overflow()
+                        self._entries += union.size - before
+                    else:
+                        self._forget(name)
+            return True
+
+    def _forget_protocol_names(self, keep: str) -> None:
+        """Forget protocol-only names, least recently parsed first (not ``keep``), until there
+        is room."""
+        protocol_only = self._protocol_only
+        while protocol_only and (
+            self._entries > MAX_SESSION_ENTRIES or len(self._prepared) >= MAX_NAMES
+        ):
+            oldest = next(iter(protocol_only))
+            if oldest == keep:
+                if len(protocol_only) == 1:
+                    return
+                del protocol_only[keep]
+                protocol_only[keep] = None  # the newest: it is being parsed now
+                continue
+            self._forget(oldest)
+
+    def _forget(self, name: str) -> None:
+        union = self._prepared.pop(name)
+        self._protocol_only.pop(name, None)
+        self._entries -= union.size
+
+    @property
+    def entries(self) -> int:
+        """The parts kept over every name (bounded by about `MAX_SESSION_ENTRIES`)."""
+        with self._lock:
+            return self._entries
 
     def summary(self, name: str) -> PreparedSummary | None:
         """The union of what ``name`` may run, or None for a name never prepared."""

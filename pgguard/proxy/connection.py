@@ -44,7 +44,7 @@ from pgguard.wire import messages as m
 from pgguard.wire.backend import BackendTracker
 from pgguard.wire.framing import Frame, FrontendScanner
 from pgguard.wire.outcomes import OutcomeTracker
-from pgguard.wire.session import Bound, SessionModel
+from pgguard.wire.session import Bound, SessionModel, sql_prepared_text
 
 if TYPE_CHECKING:
     from pgguard.proxy.server import ProxyContext
@@ -534,9 +534,15 @@ class Connection:
         return g.ALLOW
 
     def _portal_texts(self, name: str) -> tuple[bytes, ...]:
-        """What portal ``name`` may run for a message forwarded now (SQL FETCH/MOVE of it)."""
+        """What portal ``name`` may run for a message forwarded now (SQL FETCH/MOVE of it).
+
+        With ``EXECUTE "s"`` for each named statement ``s`` it may be bound from: the server
+        may hold under ``s`` a body a SQL PREPARE made instead of the text the model knows
+        (the gate judges that by every body prepared under the name: stricter, never laxer)."""
         bindings = self._model.portal(name, self._extended_group())
-        return tuple(dict.fromkeys(b.sql for b in bindings))
+        texts = [b.sql for b in bindings]
+        texts.extend(sql_prepared_text(b.statement) for b in bindings if b.statement)
+        return tuple(dict.fromkeys(texts))
 
     def _answered_one(self) -> tuple[int, int]:
         """An extended message the server answers one for one goes upstream now: its group (the
@@ -648,8 +654,9 @@ class Connection:
                 bind=only.bind,
             )
         if not bindings:
-            # Unknown to us means unknown to the server too (it will raise "portal does not
-            # exist"); judge it as an empty statement so the gate still sees the Execute.
+            # No Bind made it (a Bind of a statement only a SQL PREPARE made is bound as the
+            # EXECUTE it amounts to: pgguard.wire.session.sql_prepared_text), so the server has
+            # no such portal either - or a SQL cursor of that name, which the gate refuses.
             event = g.SqlEvent("execute", b"", portal=portal_name)
         else:
             # Should the model ever be unsure, every binding the server may hold: the gate
@@ -662,6 +669,7 @@ class Connection:
                 portal=portal_name,
                 candidates=texts,
                 ambiguous=True,
+                statements=tuple(dict.fromkeys(b.statement for b in bindings)),
             )
         return event
 

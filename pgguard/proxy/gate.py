@@ -63,6 +63,9 @@ class SqlEvent:
     # The portal may hold more than one binding (an unanswered pipeline may not have run
     # as sent): never shown to a reviewer as one text (pgguard.wire.session).
     ambiguous: bool = False
+    # Every statement name those bindings come from, when more than ``statement``: each may
+    # also hold what a SQL PREPARE put there.
+    statements: tuple[str, ...] = ()
 
 
 class SessionView(Protocol):

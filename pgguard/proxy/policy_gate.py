@@ -60,6 +60,7 @@ from pgguard.policy import (
     PolicyEngine,
     SessionTracker,
 )
+from pgguard.policy.session import TOO_MANY_NAMES_REASON
 from pgguard.proxy import hold_notices
 from pgguard.proxy.catalog import function_name
 from pgguard.proxy.estimates import estimate_rows
@@ -84,6 +85,7 @@ from pgguard.proxy.session_timeouts import StatementTimeout, server_default_ms
 from pgguard.settings import UpstreamSettings
 from pgguard.sql.cursors import fetched_portals
 from pgguard.wire.outcomes import Outcome
+from pgguard.wire.session import sql_prepared_text
 from pgguard.wire.startup_options import StartupOptionError, settings_from_startup
 
 log = logging.getLogger(__name__)
@@ -267,7 +269,7 @@ class PolicyGate(Gate):
         if event.kind == "query":
             return self._offloaded(session, state, ctx, event, event.sql)
         single = len(event.candidates) == 1 and not event.ambiguous
-        if single and not (event.statement and state.tracker.sql_prepared(event.statement)):
+        if single and not self._with_sql_prepared(state, event)[1]:
             return self._offloaded(session, state, ctx, event, event.candidates[0])
         return None
 
@@ -310,8 +312,8 @@ class PolicyGate(Gate):
             )
         if ctx.session is not None:  # what the worker's empty tracker remembered
             for facts in decision.facts:
-                if facts.prepares is not None:
-                    ctx.session.remember(facts.prepares, facts)
+                if facts.prepares is not None and not ctx.session.remember(facts.prepares, facts):
+                    raise StatementTooComplex(TOO_MANY_NAMES_REASON)
         if decision.fetches:
             decision = self._with_fetched_portals(session, ctx, decision, text)
         # The literal-blind key stands for the text in the ledger; an Execute's is not kept
@@ -395,22 +397,17 @@ class PolicyGate(Gate):
         if not event.candidates:
             if event.statement == "" and not event.portal and not event.sql:
                 return self._no_unnamed_portal(session, ctx, event)
-            # A statement prepared with SQL PREPARE and bound through the protocol: judge it
-            # as the EXECUTE it amounts to, so the session tracker supplies what it runs.
+            # A named portal no Bind made: only a SQL DECLARE can have (a cursor, judged when
+            # declared). Judged as the EXECUTE of an empty name, which does not parse: denied.
             decision = self.engine.classify(f'EXECUTE "{_quote_ident(event.statement)}"', ctx)
             return self._verdict(session, state, decision, event)
-        candidates = event.candidates
-        sql_prepared = bool(event.statement) and state.tracker.sql_prepared(event.statement)
+        candidates, sql_prepared = self._with_sql_prepared(state, event)
         if len(candidates) == 1 and not sql_prepared and not event.ambiguous:
             decision = self._classify_remembered(state, candidates[0], ctx)
             if decision.fetches:
                 decision = self._with_fetched_portals(session, ctx, decision, candidates[0])
             return self._verdict(session, state, decision, event)
         decisions = [self.engine.classify(text, ctx) for text in candidates]
-        if sql_prepared:
-            # The name may also hold what a SQL PREPARE (they share one namespace) put there.
-            name = _quote_ident(event.statement)
-            decisions.append(self.engine.classify(f'EXECUTE "{name}"', ctx))
         strictest = max(decisions, key=lambda d: _ACTION_ORDER[d.action])
         ambiguous = event.ambiguous or len(candidates) > 1
         if ambiguous and strictest.action != "allow" and not strictest.observe:
@@ -431,6 +428,31 @@ class PolicyGate(Gate):
             record = StatementRecord(event.kind, event.sql, decision)
             self.ledger.refused(session, record, error.sqlstate, error.message)
         return Deny(error)
+
+    @staticmethod
+    def _with_sql_prepared(
+        state: _SessionPolicy, event: SqlEvent
+    ) -> tuple[tuple[bytes, ...], bool]:
+        """The event's candidates, and ``EXECUTE "name"`` for each statement name the portal
+        may be bound from that a SQL PREPARE may have taken: the two share one namespace, and
+        the connection's model (`pgguard.wire.session`) knows only the texts Parses put there.
+
+        With whether any SQL PREPARE may be involved. A text the model
+        knows and a SQL-prepared body are two texts the portal may run, so a privileged
+        Execute of such a name is refused as ambiguous rather than shown to a reviewer as the
+        one the model knows."""
+        tracker = state.tracker
+        if not event.statements:  # the usual case: one binding
+            name = event.statement
+            if not name or not tracker.sql_prepared(name):
+                return event.candidates, False
+            prepared = [name]
+        else:
+            prepared = [name for name in event.statements if name and tracker.sql_prepared(name)]
+            if not prepared:
+                return event.candidates, False
+        extra = [sql_prepared_text(name) for name in prepared]
+        return (*event.candidates, *(t for t in extra if t not in event.candidates)), True
 
     def _with_fetched_portals(
         self, session: SessionView, ctx: Context, decision: Decision, sql: bytes

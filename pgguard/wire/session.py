@@ -22,9 +22,11 @@ successes: if one of those failed, the server skips the message being judged, so
 What each operation does (PostgreSQL's postgres.c): a named Parse of a name already in use fails
 (42P05); the unnamed Parse drops the old unnamed statement first; any Parse may fail on the
 server (analysis errors), leaving the name empty. A Bind of a named portal in use fails; Close of
-a missing name succeeds. A ReadyForQuery that reports no transaction ('I') means every portal is
-gone. A simple Query drops the unnamed statement (and may DEALLOCATE or DISCARD named ones: SQL
-``PREPARE``d names are the gate's business, `pgguard.policy.session`).
+a missing name succeeds. A Bind of a named statement the model holds no text for binds what a SQL
+``PREPARE`` may have put there, taken as the text ``EXECUTE "name"`` (`sql_prepared_text`). A
+ReadyForQuery that reports no transaction ('I') means every portal is gone. A simple Query drops
+the unnamed statement (and may DEALLOCATE or DISCARD named ones: SQL ``PREPARE``d names are the
+gate's business, `pgguard.policy.session`).
 
 The server also drops names the model never sees go: a transaction's end drops every portal
 (``COMMIT; BEGIN`` answers 'T'; an Execute of COMMIT mid-pipeline), ``ROLLBACK TO SAVEPOINT``
@@ -460,7 +462,9 @@ class SessionModel:
                     if op.kind == "close_p":
                         possible, since = _NO_PORTAL, op.seq
                         break
-                    texts = _texts(self._statement_at(op.statement, op.group, op.seq))
+                    texts = _bindable(
+                        self._statement_at(op.statement, op.group, op.seq), op.statement
+                    )
                     if texts:
                         # The Bind succeeded (else the judged message is skipped), so the
                         # portal holds one of these bindings, whatever it held before.
@@ -485,7 +489,7 @@ class SessionModel:
             if name == "" and self._query_between(since, op.seq):
                 possible = possible | _NO_PORTAL
             texts = (
-                _texts(self._statement_at(op.statement, op.group, op.seq))
+                _bindable(self._statement_at(op.statement, op.group, op.seq), op.statement)
                 if op.kind == "bind"
                 else ()
             )
@@ -584,7 +588,11 @@ class SessionModel:
         for op in ops:
             kind = op.kind
             if kind == "bind" or kind == "close_p":
-                texts = _texts(statements.get(op.statement, _NOTHING)) if kind == "bind" else ()
+                texts = (
+                    _bindable(statements.get(op.statement, _NOTHING), op.statement)
+                    if kind == "bind"
+                    else ()
+                )
                 portals[op.name] = _portal_after(
                     portals.get(op.name, _NO_PORTAL), op, texts, succeeded
                 )
@@ -657,6 +665,28 @@ def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> 
 
 def _texts(possible: Possible) -> tuple[bytes, ...]:
     return tuple(sorted(t for t in possible if t is not None))
+
+
+def sql_prepared_text(name: str) -> bytes:
+    """What a Bind of statement ``name`` runs when no Parse the model knows of put a text there.
+
+    SQL ``PREPARE`` and protocol Parse share one namespace on the server, and this model sees
+    Parses only: a named statement it holds no text for may hold a body a SQL ``PREPARE`` made
+    (or one made where no proxy sees it). Bound with parameters, that is ``EXECUTE "name"(...)``,
+    and it is judged as that: by what the gate's session tracker saw prepared under the name
+    (`pgguard.policy.session`), an unknown name as opaque code. (Taking such a Bind for one that
+    fails let the unnamed portal run a SQL-prepared body unjudged, and a portal in a transaction
+    run its previous binding's verdict.)"""
+    return b'EXECUTE "' + name.encode("utf-8", "surrogateescape").replace(b'"', b'""') + b'"'
+
+
+def _bindable(possible: Possible, statement: str) -> tuple[bytes, ...]:
+    """The texts a Bind of ``statement`` may bind, given what the name may hold."""
+    texts = _texts(possible)
+    if texts or statement == "":
+        # The unnamed statement only a Parse makes (SQL cannot name it): none, the Bind fails.
+        return texts
+    return (sql_prepared_text(statement),)
 
 
 _seq_of = attrgetter("seq")

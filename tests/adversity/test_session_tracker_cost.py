@@ -13,11 +13,17 @@ is judged as text pgguard cannot read, and denied by the shipped rules).
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import pytest
 
 from pgguard.policy import Context, PolicyEngine
-from pgguard.policy.session import MAX_UNION_ENTRIES, SessionTracker
+from pgguard.policy.session import (
+    MAX_NAMES,
+    MAX_SESSION_ENTRIES,
+    MAX_UNION_ENTRIES,
+    SessionTracker,
+)
 from pgguard.sql.classify import StatementFacts
 from pgguard.sql.kinds import UNPARSEABLE
 
@@ -110,3 +116,66 @@ def test_below_the_cap_the_union_is_exact_and_ordered() -> None:
     assert summary.relations == ("r3", "r1", "r2")
     assert summary.kinds == ("SelectStmt",)
     assert tracker.summary("other") is None
+
+
+def _wide_prepare(name: str, width: int = 4000) -> str:
+    """A PREPARE naming ``width`` relations that do not exist: the server rejects it (nothing
+    is held there), but pgguard learns of it before the server answers, and keeps it."""
+    return f"PREPARE {name} AS SELECT 1 FROM " + ", ".join(f"{name}_t{i}" for i in range(width))
+
+
+def test_many_names_keep_the_trackers_memory_bounded() -> None:
+    """Each name's union is capped, but the names were not: 300 PREPAREs of 35 KB under new
+    names kept 100 MB (334 KB each, ten times the text), for the session's life, though the
+    server held nothing (found by the third attack pass). The tracker now keeps a bounded
+    number of names and parts per session; what it can no longer keep fails closed."""
+    engine = PolicyEngine.load()
+    ctx = Context("a", "d", session=engine.new_session())
+    tracemalloc.start()
+    try:
+        for k in range(300):
+            engine.classify(_wide_prepare(f"w{k}"), ctx)
+            engine.classify(f"DEALLOCATE w{k}", ctx)
+        kept, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 30_000_000, kept
+    assert ctx.session is not None
+    assert ctx.session.entries <= MAX_SESSION_ENTRIES + MAX_NAMES * 16
+    # The first are kept exactly (a plain SELECT: allowed); past the budget, a name is judged
+    # as text pgguard cannot read (denied), never by a part of what it ran.
+    assert engine.classify("EXECUTE w0", ctx).action == "allow"
+    late = engine.classify("EXECUTE w299", ctx)
+    assert late.action == "deny"
+    assert any("can no longer tell what it runs" in r for r in late.reasons)
+
+
+def test_protocol_names_make_room_and_sql_names_past_the_limit_are_refused() -> None:
+    """A driver's protocol-level names (asyncpg's __asyncpg_stmt_N__, psycopg's _pg3_N) come
+    and go: the oldest are forgotten (a SQL EXECUTE of one is then judged as a name pgguard has
+    not seen: held). A SQL-prepared name is never forgotten (a protocol Bind of it is judged by
+    it), so a SQL PREPARE of one more name than `MAX_NAMES` is refused instead."""
+    engine = PolicyEngine.load()
+    tracker = engine.new_session()
+    ctx = Context("a", "d", session=tracker)
+    assert engine.classify("PREPARE imp AS SELECT lo_import('/etc/hostname')", ctx).action == "hold"
+    harmless = StatementFacts("SelectStmt", "", (), (), ("SelectStmt",), (), ("t",))
+    for i in range(MAX_NAMES * 3):
+        tracker.remember_all(f"__asyncpg_stmt_{i}__", (harmless,))
+    assert len(tracker.names()) <= MAX_NAMES
+    assert tracker.summary("__asyncpg_stmt_0__") is None  # the oldest, forgotten
+    forgotten = engine.classify('EXECUTE "__asyncpg_stmt_0__"', ctx)
+    assert forgotten.action == "hold"
+    assert "execute" in forgotten.categories
+    kept = engine.classify("EXECUTE imp", ctx)
+    assert kept.action == "hold"
+    assert any("lo_import" in r for r in kept.reasons)
+    assert tracker.sql_prepared("imp")
+    for i in range(MAX_NAMES):
+        engine.classify(f"PREPARE many{i} AS SELECT 1", ctx)
+    refused = engine.classify("PREPARE one_more AS SELECT 1", ctx)
+    assert refused.action == "deny"
+    assert any("prepared statement names" in r for r in refused.reasons)
+    assert engine.classify("PREPARE many0 AS SELECT 2", ctx).action == "allow"  # a known name
+    assert len(tracker.names()) <= MAX_NAMES
+    assert engine.classify("EXECUTE imp", ctx).action == "hold"

@@ -2,8 +2,10 @@
 unanswered operation per lookup, quadratic on a long pipeline, kept only as the oracle the
 indexed `pgguard.wire.session.SessionModel` is checked against (test_session_index.py).
 
-One change since, made in both: a Parse or Bind that succeeded leaves its new text even when the
-model took the name for in use (the server may have dropped it unseen: `_parsed`, `_portal_after`).
+Two changes since, made in both: a Parse or Bind that succeeded leaves its new text even when the
+model took the name for in use (the server may have dropped it unseen: `_parsed`, `_portal_after`);
+a Bind of a named statement the model holds no text for binds ``EXECUTE "name"`` (what a SQL
+PREPARE may have put there: `pgguard.wire.session.sql_prepared_text`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from pgguard.errors import ProtocolViolation
+from pgguard.wire.session import sql_prepared_text
 
 MAX_POSSIBILITIES = 64  # texts one name may stand for before the client is cut off (08P01)
 
@@ -159,7 +162,7 @@ class ReferenceSessionModel:
                 continue
             succeeded = True if op.group == group else None
             texts = (
-                _texts(self._statement_at(op.statement, op.group, index))
+                _bindable(self._statement_at(op.statement, op.group, index), op.statement)
                 if op.kind == "bind"
                 else ()
             )
@@ -267,7 +270,11 @@ class ReferenceSessionModel:
         for op in ops:
             kind = op.kind
             if kind == "bind" or kind == "close_p":
-                texts = _texts(statements.get(op.statement, _NOTHING)) if kind == "bind" else ()
+                texts = (
+                    _bindable(statements.get(op.statement, _NOTHING), op.statement)
+                    if kind == "bind"
+                    else ()
+                )
                 portals[op.name] = _portal_after(
                     portals.get(op.name, _NO_PORTAL), op, texts, succeeded
                 )
@@ -338,6 +345,11 @@ def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> 
 
 def _texts(possible: Possible) -> tuple[bytes, ...]:
     return tuple(sorted(t for t in possible if t is not None))
+
+
+def _bindable(possible: Possible, statement: str) -> tuple[bytes, ...]:
+    texts = _texts(possible)
+    return texts if texts or statement == "" else (sql_prepared_text(statement),)
 
 
 def _key(bound: Bound) -> tuple[str, bytes, bytes]:

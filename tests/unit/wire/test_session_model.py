@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from pgguard.wire.session import MAX_POSSIBILITIES, SessionModel, TooManyPossibilities
+from pgguard.wire.session import (
+    MAX_POSSIBILITIES,
+    Bound,
+    SessionModel,
+    TooManyPossibilities,
+    sql_prepared_text,
+)
 
 DROP, SELECT, CREATE = b"DROP TABLE t", b"SELECT 1", b"CREATE TABLE u (x int)"
 
@@ -228,3 +234,30 @@ def test_an_execute_that_failed_leaves_the_messages_before_it_done() -> None:
     model.error(2)
     model.ready(b"I")
     assert model.statement_texts("s", 2) == (SELECT,)
+
+
+def test_a_bind_of_a_statement_no_parse_made_binds_what_a_sql_prepare_made() -> None:
+    """SQL PREPARE and Parse share one namespace: Bind "" or "p" of a name the model never saw
+    parsed runs the SQL-prepared body, so the portal holds ``EXECUTE "name"`` - in its own group,
+    after the answer, and in a transaction where the unnamed portal held a harmless binding
+    (which must not be what the Execute is judged by)."""
+    model = SessionModel()
+    quoted = 'we"ird'
+    assert sql_prepared_text(quoted) == b'EXECUTE "we""ird"'
+    model.bind(1, "", "imp", b"b1")
+    model.bind(1, "p", quoted, b"b2")
+    expected = (Bound("imp", b'EXECUTE "imp"', b"b1"),)
+    assert model.portal("", 1) == expected
+    assert model.portal("p", 1) == (Bound(quoted, sql_prepared_text(quoted), b"b2"),)
+    confirmed(model, status=b"T")
+    assert model.portal("", 2) == expected
+    model.parse(2, "", SELECT)
+    model.bind(2, "", "", b"")
+    confirmed(model, status=b"T")
+    assert model.portal("", 3) == (Bound("", SELECT, b""),)
+    model.bind(3, "", "imp", b"b1")
+    assert model.portal("", 3) == expected
+    # The unnamed statement only a Parse makes: a Bind of it when none is held fails.
+    model.close(3, b"S", "")
+    model.bind(3, "q", "", b"")
+    assert model.portal("q", 3) == ()
