@@ -109,7 +109,6 @@ class MaskingFile(_Strict):
 # The lookbehind starts a match only where a run of local-part characters starts: without it
 # the search retried from every position of a long run with no '@' (100 KB of digits: 7 s).
 _EMAIL = re.compile(r"(?<![A-Za-z0-9._%+'-])[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_CARD = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -121,25 +120,53 @@ _CONNECTION = re.compile(
 )
 
 
-def _luhn(digits: str) -> bool:
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2:
-            value = value * 2 - 9 if value > 4 else value * 2
-        total += value
-    return total % 10 == 0
-
-
 # Every detector is written as the list of what it finds in a value, in one pass from left to
 # right (linear: `pgguard.masking.freetext` masks every one of them); finding the first is
 # taking the first of those.
 
 
+# A run of 13 or more digits (single spaces or dashes between them). The run holds a card when
+# it is one (13-19 digits, Luhn), or when one starts or ends it at a separator: a card number
+# followed or preceded by other digits ("4111 1111 1111 1111 12/27") used to fail the check as a
+# whole and pass unmasked. Only windows at separators, so that a 16-digit reference number is not
+# taken for a card by a 13-digit piece of it. The whole run is masked (no digit of the card left
+# beside its placeholder), and a run too long to be a card with a few digits around it is masked
+# whole as well.
+_CARD_RUN = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,}(?!\d)")
+_MAX_CARD_RUN = 64
+
+
+def _holds_card(run: str) -> bool:
+    """Whether the digit run is a Luhn-valid card number of 13-19 digits, or one starts or ends
+    it at a separator."""
+    digits: list[int] = []
+    cuts = [0]  # digit counts at which a separator falls, and the end
+    for char in run:
+        if char.isdigit():
+            digits.append(int(char))
+        elif digits and cuts[-1] != len(digits):
+            cuts.append(len(digits))
+    n = len(digits)
+    if n > _MAX_CARD_RUN:
+        return True
+    cuts.append(n)
+    windows = {(0, cut) for cut in cuts if 13 <= cut <= 19}
+    windows |= {(cut, n) for cut in cuts if 13 <= n - cut <= 19}
+    return any(_luhn_valid(digits[start:end]) for start, end in windows)
+
+
+def _luhn_valid(digits: list[int]) -> bool:
+    total = 0
+    for index, digit in enumerate(reversed(digits)):
+        if index % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
 def _all_cards(value: str) -> Iterator[str]:
-    for found in _CARD.finditer(value):
-        digits = re.sub(r"\D", "", found.group())
-        if 13 <= len(digits) <= 19 and _luhn(digits):
+    for found in _CARD_RUN.finditer(value):
+        if _holds_card(found.group()):
             yield found.group()
 
 

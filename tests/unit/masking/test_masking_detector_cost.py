@@ -8,6 +8,7 @@ suite through pgguard), 90 KB of "eyJeyJ..." took the JWT detector 2 s.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 
@@ -63,9 +64,54 @@ def test_jwt_detector_finds_what_the_plain_search_finds(value: str) -> None:
     assert rules._BUILTIN["jwt"](value) == (plain.group() if plain else None)
 
 
+def _luhn(digits: str) -> bool:
+    """The Luhn check, digit by digit: the reference for the detector's prefix sums."""
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
 def _card(i: int) -> str:
     base = f"4{i:014d}"
-    return next(base + d for d in "0123456789" if rules._luhn(base + d))
+    return next(base + d for d in "0123456789" if _luhn(base + d))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.integers(1, 9).map(lambda n: "7" * n), min_size=1, max_size=8), st.data())
+def test_card_detector_checks_the_run_and_its_windows_at_separators(
+    groups: list[str], data: st.DataObject
+) -> None:
+    """Whether a run holds a card is the digit-by-digit Luhn check of the whole run and of its
+    windows of 13-19 digits that start or end it at a separator (a run of more than 64 digits
+    always counts)."""
+    groups = ["".join(data.draw(st.sampled_from("0123456789")) for _ in group) for group in groups]
+    separators = [data.draw(st.sampled_from(" -")) for _ in groups[1:]]
+    run = groups[0] + "".join(s + g for s, g in zip(separators, groups[1:], strict=True))
+    digits = "".join(groups)
+    cuts = [0, *itertools.accumulate(len(g) for g in groups)]
+    windows = [digits[:c] for c in cuts if 13 <= c <= 19]
+    windows += [digits[c:] for c in cuts if 13 <= len(digits) - c <= 19]
+    expected = len(digits) > 64 or any(_luhn(w) for w in windows)
+    assert rules._holds_card(run) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "paid with 4111 1111 1111 1111 12/27",
+        "card 4111-1111-1111-1111-7 on file",
+        "ref 7 4111 1111 1111 1111 ok",
+        "4111111111111111",
+    ],
+)
+def test_a_card_with_digits_beside_it_is_masked(text: str) -> None:
+    masked = mask_text(text, MaskingRules.load())
+    assert "4111" not in masked, masked
+    assert "1111" not in masked, masked
 
 
 def test_masking_free_text_costs_one_pass_per_detector() -> None:
