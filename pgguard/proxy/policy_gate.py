@@ -401,7 +401,10 @@ class PolicyGate(Gate):
             # declared). Judged as the EXECUTE of an empty name, which does not parse: denied.
             decision = self.engine.classify(f'EXECUTE "{_quote_ident(event.statement)}"', ctx)
             return self._verdict(session, state, decision, event)
-        candidates, sql_prepared = self._with_sql_prepared(state, event)
+        if event.statement or event.statements:
+            candidates, sql_prepared = self._with_sql_prepared(state, event)
+        else:  # the unnamed statement, the usual case: no SQL PREPARE can name it
+            candidates, sql_prepared = event.candidates, False
         if len(candidates) == 1 and not sql_prepared and not event.ambiguous:
             decision = self._classify_remembered(state, candidates[0], ctx)
             if decision.fetches:
