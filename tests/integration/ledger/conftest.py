@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from pgguard.ledger import LedgerEntry, LedgerWriter
+from pgguard.ledger import KeyRing, LedgerEntry, LedgerWriter
+from pgguard.ledger.keys import load_or_create_signing_key
 from pgguard.ledger.packed import epoch_us, session_record, text_record
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -92,3 +94,20 @@ async def admin(ledger_dsn: str, state_schema: str) -> AsyncIterator[asyncpg.Con
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{state_schema}" CASCADE', timeout=10)
         await conn.close(timeout=10)
+
+
+@dataclass
+class Ledger:
+    """A signed chain made for a test: its entry ids by seq - 1, its anchors and keys."""
+
+    chain_id: str
+    ids: list[str]
+    anchor_file: Path
+    keys: KeyRing
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "data" / "ledger-signing.pem"
+    load_or_create_signing_key(path)
+    return path

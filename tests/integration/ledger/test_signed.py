@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,22 +26,7 @@ from pgguard.ledger.checkpoint import CheckpointSigner
 from pgguard.ledger.keys import load_or_create_signing_key
 from pgguard.ledger.store import checkpoint_values
 from tests.integration.ledger.attacker import Item, rewrite_chain
-from tests.integration.ledger.conftest import entry, record_packed
-
-
-@dataclass
-class Ledger:
-    chain_id: str
-    ids: list[str]  # entry ids by seq - 1
-    anchor_file: Path
-    keys: KeyRing
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("keys") / "data" / "ledger-signing.pem"
-    load_or_create_signing_key(path)
-    return path
+from tests.integration.ledger.conftest import Ledger, entry, record_packed
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ fall inside one run of expanded rows, #2..#21.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,25 +23,10 @@ from pgguard.ledger.chain import envelope_hash
 from pgguard.ledger.expander import backlog, expand_all
 from pgguard.ledger.keys import load_or_create_signing_key
 from pgguard.ledger.packed import SESSION_KEYS, record_ref
-from tests.integration.ledger.conftest import entry, record_packed
+from tests.integration.ledger.conftest import Ledger, entry, record_packed
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 US = timedelta(microseconds=1)
-
-
-@dataclass
-class Ledger:
-    chain_id: str
-    ids: list[str]  # entry ids by seq - 1
-    anchor_file: Path
-    keys: KeyRing
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("keys") / "data" / "ledger-signing.pem"
-    load_or_create_signing_key(path)
-    return path
 
 
 @pytest.fixture
