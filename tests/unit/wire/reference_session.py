@@ -2,10 +2,9 @@
 unanswered operation per lookup, quadratic on a long pipeline, kept only as the oracle the
 indexed `pgguard.wire.session.SessionModel` is checked against (test_session_index.py).
 
-Two changes since, made in both: a Parse or Bind that succeeded leaves its new text even when the
-model took the name for in use (the server may have dropped it unseen: `_parsed`, `_portal_after`);
-a Bind of a named statement the model holds no text for binds ``EXECUTE "name"`` (what a SQL
-PREPARE may have put there: `pgguard.wire.session.sql_prepared_text`).
+What one operation does to a name (`_statement_after`, `_portal_after`, `_bindable`...) is
+imported from the model itself, so a change to those semantics is made once; what stays here is
+the old way of finding the operations a lookup must apply.
 """
 
 from __future__ import annotations
@@ -14,24 +13,23 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from pgguard.errors import ProtocolViolation
-from pgguard.wire.session import sql_prepared_text
 
-MAX_POSSIBILITIES = 64  # texts one name may stand for before the client is cut off (08P01)
-
-
-class Bound(NamedTuple):
-    """What a portal runs: the statement name it was bound from, the text, the Bind body."""
-
-    statement: str
-    sql: bytes
-    bind: bytes
-
-
-Possible = frozenset[bytes | None]
-PossiblePortal = frozenset[Bound | None]
-
-_NOTHING: Possible = frozenset({None})
-_NO_PORTAL: PossiblePortal = frozenset({None})
+# What each operation does to a name is the model's own (one definition, not a copy that could
+# drift): this oracle checks how the indexed model finds the operations a lookup must apply.
+from pgguard.wire.session import (
+    _NO_PORTAL,
+    _NOTHING,
+    MAX_POSSIBILITIES,
+    Bound,
+    Possible,
+    PossiblePortal,
+    _apply_failure,
+    _bindable,
+    _key,
+    _portal_after,
+    _statement_after,
+    _texts,
+)
 
 
 class _Op(NamedTuple):  # a tuple: made for every extended message, so it must be cheap
@@ -285,72 +283,3 @@ class ReferenceSessionModel:
             else:
                 before = statements.get(op.name, _NOTHING)
                 statements[op.name] = _statement_after(before, op.name, op, succeeded)
-
-
-def _apply_failure(
-    statements: dict[str, Possible], portals: dict[str, PossiblePortal], op: _Op
-) -> None:
-    """What a Parse, Bind or Close that the server answered with an error leaves behind."""
-    if op.kind == "parse" and op.name == "":
-        statements[""] = _NOTHING  # the old unnamed statement is dropped before parsing
-    elif op.kind == "bind":
-        # Depending on where it failed, the unnamed portal may have been replaced and dropped.
-        portals[op.name] = portals.get(op.name, _NO_PORTAL) | _NO_PORTAL
-
-
-def _statement_after(before: Possible, name: str, op: _Op, succeeded: bool | None) -> Possible:
-    """What statement ``name`` may hold after ``op`` (True: it succeeded; None: unknown)."""
-    if op.kind == "parse":
-        return _parsed(before, name, op.sql, succeeded)
-    if op.kind == "close_s":
-        return _NOTHING if succeeded else before | _NOTHING
-    # A simple Query drops the unnamed statement. It may DEALLOCATE or DISCARD named ones too,
-    # but a name the model holds that the server dropped is harmless (see _parsed): unchanged.
-    if name == "":
-        return _NOTHING if succeeded else before | _NOTHING
-    return before
-
-
-def _portal_after(
-    before: PossiblePortal, op: _Op, texts: tuple[bytes, ...], succeeded: bool | None
-) -> PossiblePortal:
-    """What a portal may hold after ``op`` (a Bind of it, a Close of it, or a simple Query)."""
-    if op.kind == "bind":
-        # Even a named portal the model takes for still in use: the server may have dropped
-        # it unseen (a transaction's end, ROLLBACK TO SAVEPOINT, SQL CLOSE), and then the
-        # Bind succeeds. When it really was in use, the Bind fails and its group is skipped.
-        made = frozenset(Bound(op.statement, t, op.bind) for t in texts)
-        if succeeded:
-            return made if made else before
-        return before | made
-    # Close of the portal, or a simple Query (which runs in, then drops, the unnamed portal).
-    return _NO_PORTAL if succeeded else before | _NO_PORTAL
-
-
-def _parsed(before: Possible, name: str, sql: bytes, succeeded: bool | None) -> Possible:
-    """What a Parse of ``name`` leaves, from each thing the name may have held.
-
-    A Parse that succeeded leaves its text, whatever the name held before: a named statement
-    the model takes for still in use may have been dropped unseen (an Execute of
-    ``DEALLOCATE``), and then the server takes the new text. (When it really was in use, the
-    Parse fails with 42P05 and the server skips the rest of its group.)"""
-    if succeeded:
-        return frozenset((sql,))
-    after: set[bytes | None] = {sql}  # ran and succeeded
-    for held in before:
-        after.add(None if name == "" else held)  # failed (unnamed: dropped first)
-        after.add(held)  # or skipped
-    return frozenset(after)
-
-
-def _texts(possible: Possible) -> tuple[bytes, ...]:
-    return tuple(sorted(t for t in possible if t is not None))
-
-
-def _bindable(possible: Possible, statement: str) -> tuple[bytes, ...]:
-    texts = _texts(possible)
-    return texts if texts or statement == "" else (sql_prepared_text(statement),)
-
-
-def _key(bound: Bound) -> tuple[str, bytes, bytes]:
-    return (bound.statement, bound.sql, bound.bind)
