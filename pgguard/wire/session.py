@@ -272,11 +272,11 @@ class SessionModel:
                     done.append(ops.popleft())
                 self._forget_pending(done)
             if self._errored and self._acked >= 0:
-                self._apply_failed_at(self._statements, self._portals, done, self._acked)
+                _apply_failed_at(self._statements, self._portals, done, self._acked)
             elif self._errored:
-                self._apply_uncertain(self._statements, self._portals, done)
+                _apply_uncertain(self._statements, self._portals, done)
             else:
-                self._apply_succeeded(self._statements, self._portals, done, txn_status)
+                _apply_succeeded(self._statements, self._portals, done, txn_status)
             for op in done:  # forget closed names, so the state stays bounded
                 if op.kind != "bind" and self._statements.get(op.name) == _NOTHING:
                     del self._statements[op.name]
@@ -533,78 +533,78 @@ class SessionModel:
         at = bisect_left(queries, after + 1, lo=head, key=_seq_of)
         return at < len(queries) and queries[at].seq < before
 
-    # --- applying a group the server answered ----------------------------------------------------
 
-    def _apply_succeeded(
-        self,
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-        txn_status: bytes = b"T",
-    ) -> None:
-        if txn_status == b"I":
-            # The transaction is over, so every portal is gone: only statements need updating,
-            # and an unnamed Parse that ran simply replaced the unnamed statement.
-            for op in ops:
-                if op.kind == "parse" and op.name == "":
-                    statements[""] = frozenset((op.sql,))
-                elif op.kind != "bind" and op.kind != "close_p":
-                    self._apply(statements, portals, [op], True)
-            return
-        self._apply(statements, portals, ops, True)
+# --- applying a group the server answered (module functions: tests/unit/wire/reference_session.py
+# applies answers the same way) -------------------------------------------------------------------
 
-    def _apply_failed_at(
-        self,
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-        acked: int,
-    ) -> None:
-        """The group failed after ``acked`` answered messages: the operations before that ran,
-        the one answered by the error failed, the rest never ran."""
-        ran = [op for op in ops if op.ack < acked or op.kind == "query"]
-        self._apply(statements, portals, ran, True)
+
+def _apply_succeeded(
+    statements: dict[str, Possible],
+    portals: dict[str, PossiblePortal],
+    ops: list[_Op],
+    txn_status: bytes = b"T",
+) -> None:
+    if txn_status == b"I":
+        # The transaction is over, so every portal is gone: only statements need updating,
+        # and an unnamed Parse that ran simply replaced the unnamed statement.
         for op in ops:
-            if op.ack == acked and op.kind != "query":
-                _apply_failure(statements, portals, op)
+            if op.kind == "parse" and op.name == "":
+                statements[""] = frozenset((op.sql,))
+            elif op.kind != "bind" and op.kind != "close_p":
+                _apply(statements, portals, [op], True)
+        return
+    _apply(statements, portals, ops, True)
 
-    def _apply_uncertain(
-        self,
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-    ) -> None:
-        # Each operation either ran (and succeeded or failed) or was skipped; applying "or
-        # unchanged" to each in turn covers every prefix, for every name at once.
-        self._apply(statements, portals, ops, None)
 
-    @staticmethod
-    def _apply(
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-        succeeded: bool | None,
-    ) -> None:
-        for op in ops:
-            kind = op.kind
-            if kind == "bind" or kind == "close_p":
-                texts = (
-                    _bindable(statements.get(op.statement, _NOTHING), op.statement)
-                    if kind == "bind"
-                    else ()
-                )
-                portals[op.name] = _portal_after(
-                    portals.get(op.name, _NO_PORTAL), op, texts, succeeded
-                )
-            elif kind == "query":
-                # Only the unnamed statement (_statement_after): O(1), not O(names held) per
-                # Query - 4,000 held names and 4,000 Queries took the loop 17 s.
-                if "" in statements:
-                    statements[""] = _statement_after(statements[""], "", op, succeeded)
-                portals[""] = _portal_after(portals.get("", _NO_PORTAL), op, (), succeeded)
-            else:
-                before = statements.get(op.name, _NOTHING)
-                statements[op.name] = _statement_after(before, op.name, op, succeeded)
+def _apply_failed_at(
+    statements: dict[str, Possible],
+    portals: dict[str, PossiblePortal],
+    ops: list[_Op],
+    acked: int,
+) -> None:
+    """The group failed after ``acked`` answered messages: the operations before that ran,
+    the one answered by the error failed, the rest never ran."""
+    ran = [op for op in ops if op.ack < acked or op.kind == "query"]
+    _apply(statements, portals, ran, True)
+    for op in ops:
+        if op.ack == acked and op.kind != "query":
+            _apply_failure(statements, portals, op)
+
+
+def _apply_uncertain(
+    statements: dict[str, Possible],
+    portals: dict[str, PossiblePortal],
+    ops: list[_Op],
+) -> None:
+    # Each operation either ran (and succeeded or failed) or was skipped; applying "or
+    # unchanged" to each in turn covers every prefix, for every name at once.
+    _apply(statements, portals, ops, None)
+
+
+def _apply(
+    statements: dict[str, Possible],
+    portals: dict[str, PossiblePortal],
+    ops: list[_Op],
+    succeeded: bool | None,
+) -> None:
+    for op in ops:
+        kind = op.kind
+        if kind == "bind" or kind == "close_p":
+            texts = (
+                _bindable(statements.get(op.statement, _NOTHING), op.statement)
+                if kind == "bind"
+                else ()
+            )
+            portals[op.name] = _portal_after(portals.get(op.name, _NO_PORTAL), op, texts, succeeded)
+        elif kind == "query":
+            # Only the unnamed statement (_statement_after): O(1), not O(names held) per
+            # Query - 4,000 held names and 4,000 Queries took the loop 17 s.
+            if "" in statements:
+                statements[""] = _statement_after(statements[""], "", op, succeeded)
+            portals[""] = _portal_after(portals.get("", _NO_PORTAL), op, (), succeeded)
+        else:
+            before = statements.get(op.name, _NOTHING)
+            statements[op.name] = _statement_after(before, op.name, op, succeeded)
 
 
 def _apply_failure(

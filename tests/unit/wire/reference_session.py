@@ -23,7 +23,9 @@ from pgguard.wire.session import (
     Bound,
     Possible,
     PossiblePortal,
-    _apply_failure,
+    _apply_failed_at,
+    _apply_succeeded,
+    _apply_uncertain,
     _bindable,
     _key,
     _portal_after,
@@ -119,11 +121,11 @@ class ReferenceSessionModel:
                 done = [op for op in ops if op.group <= answered]
                 self._ops = [op for op in ops if op.group > answered]
             if self._errored and self._acked >= 0:
-                self._apply_failed_at(self._statements, self._portals, done, self._acked)
+                _apply_failed_at(self._statements, self._portals, done, self._acked)
             elif self._errored:
-                self._apply_uncertain(self._statements, self._portals, done)
+                _apply_uncertain(self._statements, self._portals, done)
             else:
-                self._apply_succeeded(self._statements, self._portals, done, txn_status)
+                _apply_succeeded(self._statements, self._portals, done, txn_status)
             for op in done:  # forget closed names, so the state stays bounded
                 if op.kind != "bind" and self._statements.get(op.name) == _NOTHING:
                     del self._statements[op.name]
@@ -212,74 +214,3 @@ class ReferenceSessionModel:
             if op.kind == "query" or (op.name == name and op.kind in ("parse", "close_s")):
                 possible = _statement_after(possible, name, op, True if op.group == group else None)
         return possible
-
-    # --- applying a group the server answered ----------------------------------------------------
-
-    def _apply_succeeded(
-        self,
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-        txn_status: bytes = b"T",
-    ) -> None:
-        if txn_status == b"I":
-            # The transaction is over, so every portal is gone: only statements need updating,
-            # and an unnamed Parse that ran simply replaced the unnamed statement.
-            for op in ops:
-                if op.kind == "parse" and op.name == "":
-                    statements[""] = frozenset((op.sql,))
-                elif op.kind != "bind" and op.kind != "close_p":
-                    self._apply(statements, portals, [op], True)
-            return
-        self._apply(statements, portals, ops, True)
-
-    def _apply_failed_at(
-        self,
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-        acked: int,
-    ) -> None:
-        """The group failed after ``acked`` answered messages: the operations before that ran,
-        the one answered by the error failed, the rest never ran."""
-        ran = [op for op in ops if op.ack < acked or op.kind == "query"]
-        self._apply(statements, portals, ran, True)
-        for op in ops:
-            if op.ack == acked and op.kind != "query":
-                _apply_failure(statements, portals, op)
-
-    def _apply_uncertain(
-        self,
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-    ) -> None:
-        # Each operation either ran (and succeeded or failed) or was skipped; applying "or
-        # unchanged" to each in turn covers every prefix, for every name at once.
-        self._apply(statements, portals, ops, None)
-
-    @staticmethod
-    def _apply(
-        statements: dict[str, Possible],
-        portals: dict[str, PossiblePortal],
-        ops: list[_Op],
-        succeeded: bool | None,
-    ) -> None:
-        for op in ops:
-            kind = op.kind
-            if kind == "bind" or kind == "close_p":
-                texts = (
-                    _bindable(statements.get(op.statement, _NOTHING), op.statement)
-                    if kind == "bind"
-                    else ()
-                )
-                portals[op.name] = _portal_after(
-                    portals.get(op.name, _NO_PORTAL), op, texts, succeeded
-                )
-            elif kind == "query":
-                for name, possible in list(statements.items()):
-                    statements[name] = _statement_after(possible, name, op, succeeded)
-                portals[""] = _portal_after(portals.get("", _NO_PORTAL), op, (), succeeded)
-            else:
-                before = statements.get(op.name, _NOTHING)
-                statements[op.name] = _statement_after(before, op.name, op, succeeded)
