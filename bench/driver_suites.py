@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import re
 import shutil
@@ -57,12 +56,10 @@ from pathlib import Path
 from pgbench_compare import (  # type: ignore[import-not-found]
     BenchError,
     Target,
-    spawn,
-    start_state_cluster,
-    wait_until_ready,
+    start_observing_pgguard,
 )
 
-from pgguard.embedded import SUPERUSER, EmbeddedPostgres, free_port, pgserver_bin_dir
+from pgguard.embedded import SUPERUSER, EmbeddedPostgres, pgserver_bin_dir
 
 BENCH_DIR = Path(__file__).resolve().parent
 PASSWORD = "driver-suites-password"  # the superuser's, directly, and the agent's, through pgguard
@@ -112,25 +109,7 @@ def start_cluster(stack: contextlib.ExitStack, workdir: Path, name: str) -> Embe
 
 
 def start_pgguard(stack: contextlib.ExitStack, workdir: Path, pg: EmbeddedPostgres) -> Target:
-    """pgguard in observe mode in front of ``pg``, the agent named like the superuser."""
-    port, config, log = free_port(), workdir / "pgguard.toml", workdir / "pgguard.log"
-    config.write_text(
-        f'log_level = "WARNING"\ndata_dir = {json.dumps(str(workdir / "data"))}\n'
-        '\n[policy]\nmode = "observe"\n'
-        f'\n[listen]\nhost = "127.0.0.1"\nport = {port}\n'
-        f"\n[upstream]\ndsn = {json.dumps(pg.superuser_dsn())}\n"
-        f'\n[[agents]]\nname = "{SUPERUSER}"\npassword = "{PASSWORD}"\n'
-        'owner = "drivers@example.com"\n'
-        f"\n[ledger]\nspool_dir = {json.dumps(str(workdir / 'spool'))}\n"
-        f"\n[state]\ndsn = {json.dumps(start_state_cluster(stack, workdir))}\n"
-        "\n[http]\nport = 0\n"
-    )
-    argv = [sys.executable, "-m", "pgguard.cli", "serve", "--config", str(config)]
-    print(f"starting pgguard on port {port} (observe mode, ledger on) ...", flush=True)
-    proc = spawn(stack, argv, log)
-    target = Target("pgguard", port, SUPERUSER, PASSWORD, proc.pid, log)
-    wait_until_ready(target, proc, pgserver_bin_dir() / "psql")
-    return target
+    return start_observing_pgguard(stack, workdir, pg, PASSWORD, "drivers@example.com")
 
 
 # --- the suites ---------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import re
@@ -43,12 +42,10 @@ from pathlib import Path
 from pgbench_compare import (  # type: ignore[import-not-found]
     BenchError,
     Target,
-    spawn,
-    start_state_cluster,
-    wait_until_ready,
+    start_observing_pgguard,
 )
 
-from pgguard.embedded import SUPERUSER, EmbeddedPostgres, free_port, pgserver_bin_dir
+from pgguard.embedded import SUPERUSER, EmbeddedPostgres, pgserver_bin_dir
 
 BENCH_DIR = Path(__file__).resolve().parent
 AGENT_PASSWORD = "regress-agent-password"
@@ -233,27 +230,10 @@ def run_pg_regress(
 
 
 def start_pgguard(stack: contextlib.ExitStack, workdir: Path, pg: EmbeddedPostgres) -> Target:
-    """pgguard in observe mode in front of ``pg``, the agent named like the superuser."""
-    port, config, log = free_port(), workdir / "pgguard.toml", workdir / "pgguard.log"
-    config.write_text(
-        f'log_level = "WARNING"\ndata_dir = {json.dumps(str(workdir / "data"))}\n'
-        '\n[policy]\nmode = "observe"\n'
-        f'\n[listen]\nhost = "127.0.0.1"\nport = {port}\n'
-        f"\n[upstream]\ndsn = {json.dumps(pg.superuser_dsn())}\n"
-        f'\n[[agents]]\nname = "{SUPERUSER}"\npassword = "{AGENT_PASSWORD}"\n'
-        'owner = "regress@example.com"\n'
-        f"\n[ledger]\nspool_dir = {json.dumps(str(workdir / 'spool'))}\n"
-        f"\n[state]\ndsn = {json.dumps(start_state_cluster(stack, workdir))}\n"
-        # The suite sends statements of hundreds of kilobytes (numeric_big, copy); the default
-        # budget is for a shared machine, not for the regression suite's intentionally huge texts.
-        "\n[limits]\nparse_budget = 30\n"
-    )
-    argv = [sys.executable, "-m", "pgguard.cli", "serve", "--config", str(config)]
-    print(f"starting pgguard on port {port} (observe mode, ledger on) ...", flush=True)
-    proc = spawn(stack, argv, log)
-    target = Target("pgguard", port, SUPERUSER, AGENT_PASSWORD, proc.pid, log)
-    wait_until_ready(target, proc, pgserver_bin_dir() / "psql")
-    return target
+    # The suite sends statements of hundreds of kilobytes (numeric_big, copy); the default
+    # budget is for a shared machine, not for the regression suite's intentionally huge texts.
+    extra = "\n[limits]\nparse_budget = 30\n"
+    return start_observing_pgguard(stack, workdir, pg, AGENT_PASSWORD, "regress@example.com", extra)
 
 
 # --- comparison ---------------------------------------------------------------------------------

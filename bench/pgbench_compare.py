@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 from pgguard.dsn import parse_dsn
-from pgguard.embedded import EmbeddedPostgres, free_port, pgserver_bin_dir
+from pgguard.embedded import SUPERUSER, EmbeddedPostgres, free_port, pgserver_bin_dir
 from pgguard.statedb import setup
 from pgguard.statedb.apply import apply
 
@@ -373,6 +373,37 @@ def start_state_cluster(stack: contextlib.ExitStack, workdir: Path) -> str:
     plan = setup.StatePlan(password=setup.new_password())
     asyncio.run(apply(plan, pg.superuser_dsn()))
     return setup.state_dsn(plan, parse_dsn(pg.superuser_dsn()))
+
+
+def start_observing_pgguard(
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    pg: EmbeddedPostgres,
+    password: str,
+    owner: str,
+    extra_toml: str = "",
+) -> Target:
+    """`pgguard serve` in observe mode in front of ``pg``, ledger on (state in a cluster of its
+    own), one agent named like ``pg``'s superuser: what a test suite that logs in as the
+    superuser runs through unchanged (driver_suites.py, pg_regress_compare.py)."""
+    port, config, log = free_port(), workdir / "pgguard.toml", workdir / "pgguard.log"
+    config.write_text(
+        f'log_level = "WARNING"\ndata_dir = {json.dumps(str(workdir / "data"))}\n'
+        '\n[policy]\nmode = "observe"\n'
+        f'\n[listen]\nhost = "127.0.0.1"\nport = {port}\n'
+        f"\n[upstream]\ndsn = {json.dumps(pg.superuser_dsn())}\n"
+        f'\n[[agents]]\nname = "{SUPERUSER}"\npassword = "{password}"\n'
+        f'owner = "{owner}"\n'
+        f"\n[ledger]\nspool_dir = {json.dumps(str(workdir / 'spool'))}\n"
+        f"\n[state]\ndsn = {json.dumps(start_state_cluster(stack, workdir))}\n"
+        "\n[http]\nport = 0\n" + extra_toml
+    )
+    argv = [sys.executable, "-m", "pgguard.cli", "serve", "--config", str(config)]
+    print(f"starting pgguard on port {port} (observe mode, ledger on) ...", flush=True)
+    proc = spawn(stack, argv, log)
+    target = Target("pgguard", port, SUPERUSER, password, proc.pid, log)
+    wait_until_ready(target, proc, pgserver_bin_dir() / "psql")
+    return target
 
 
 def start_bare_relay(
